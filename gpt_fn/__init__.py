@@ -1,0 +1,27 @@
+"""gpt_fn: GPT-2 as pure, shape-typed functions over a parameter dict.
+
+import gpt_fn
+config = gpt_fn.GPTConfig.from_preset("cpu-tiny")
+params = gpt_fn.init_params(config, seed=0)
+logits = gpt_fn.forward(params, tokens, config)      # (batch, seq, vocab)
+"""
+
+from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.model import check_params, check_tokens, forward, init_params, loss, param_shapes
+from gpt_fn.module import GPT
+from gpt_fn.typing import Logits, Params, Tokens
+
+__all__ = [
+    "GPT",
+    "PRESETS",
+    "GPTConfig",
+    "Logits",
+    "Params",
+    "Tokens",
+    "check_params",
+    "check_tokens",
+    "forward",
+    "init_params",
+    "loss",
+    "param_shapes",
+]

@@ -1,0 +1,205 @@
+"""The GPT-2 model as pure functions over a parameter dict: init, forward, loss, validation.
+
+`forward(params, tokens, config)` is the whole model: embeddings, `n_layer` pre-norm blocks
+(LayerNorm -> causal self-attention -> residual, LayerNorm -> 4x GELU MLP -> residual), a
+final LayerNorm and the LM head tied to the token embedding (Radford et al. 2019; nanoGPT
+`model.py`). Parameter names are GPT-2's (`h.3.attn.c_attn.weight`), without HF's
+`transformer.` prefix.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from gpt_fn.config import GPTConfig
+from gpt_fn.nn import Kernel, LayerCache, attention, dropout, embed, layer_norm, mlp
+from gpt_fn.typing import Params
+
+KVCache = tuple[LayerCache, ...]
+"""One `LayerCache` per block: keys/values of every position processed so far."""
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in a fixed order (the one vocabulary of names)."""
+    d, c = config.n_embd, config
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (c.vocab_size, d),
+        "wpe.weight": (c.block_size, d),
+    }
+
+    def linear(name: str, d_out: int, d_in: int) -> None:
+        shapes[f"{name}.weight"] = (d_out, d_in)
+        if c.bias:
+            shapes[f"{name}.bias"] = (d_out,)
+
+    def norm(name: str) -> None:
+        shapes[f"{name}.weight"] = (d,)
+        if c.bias:
+            shapes[f"{name}.bias"] = (d,)
+
+    for i in range(c.n_layer):
+        norm(f"h.{i}.ln_1")
+        linear(f"h.{i}.attn.c_attn", 3 * d, d)
+        linear(f"h.{i}.attn.c_proj", d, d)
+        norm(f"h.{i}.ln_2")
+        linear(f"h.{i}.mlp.c_fc", 4 * d, d)
+        linear(f"h.{i}.mlp.c_proj", d, 4 * d)
+    norm("ln_f")
+    return shapes
+
+
+def init_params(
+    config: GPTConfig,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Params:
+    """GPT-2 initialisation, the same numbers for a seed on every device.
+
+    Weights ~ N(0, 0.02); the projections that write into the residual stream (`c_proj`)
+    ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual's variance does not grow with depth (GPT-2
+    paper, section 2.3); biases 0; LayerNorm gains 1. `wte` doubles as the LM head.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    params: Params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            value = torch.zeros(shape)
+        elif len(shape) == 1:  # LayerNorm gain
+            value = torch.ones(shape)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            value = torch.randn(shape, generator=generator) * std
+        params[name] = value.to(device=device, dtype=dtype)
+    return params
+
+
+def check_params(params: Params, config: GPTConfig) -> None:
+    """Raise `KeyError`/`ValueError` naming the first missing, unexpected or misshapen key."""
+    expected = param_shapes(config)
+    missing = [name for name in expected if name not in params]
+    if missing:
+        raise KeyError(
+            f"params are missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
+        )
+    unexpected = [name for name in params if name not in expected]
+    if unexpected:
+        raise KeyError(f"params have unexpected key(s) for this config, e.g. {unexpected[0]!r}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(
+                f"param {name!r} has shape {tuple(params[name].shape)}, expected {shape} for this config"
+            )
+
+
+def check_tokens(tokens: Tensor, config: GPTConfig, *, position_offset: int = 0) -> None:
+    """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (batch, seq), got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    if position_offset + tokens.shape[1] > config.block_size:
+        raise ValueError(
+            f"sequence of {position_offset + tokens.shape[1]} positions is longer than "
+            f"block_size={config.block_size}"
+        )
+    # A data-dependent check: impossible (and skipped) while compiling or under vmap.
+    if tokens.numel() and not _is_traced(tokens):
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
+
+
+def _is_traced(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
+
+
+def _layer(params: Params, prefix: str) -> Params:
+    """The slice of `params` under `prefix`, keys made relative (`"h.0.attn."` -> `"c_attn.weight"`)."""
+    return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def transformer(
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    config: GPTConfig,
+    *,
+    attention_kernel: Kernel = "sdpa",
+    cache: KVCache | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Float[Tensor, "batch seq d_model"], KVCache]:
+    """Final-LayerNormed hidden states of `tokens` (after any cached positions), and the new cache.
+
+    `generator` switches dropout on (config.dropout > 0); without one the function is
+    deterministic. Inputs are not validated here: `forward`/`loss`/decoding do that once.
+    """
+    offset = 0 if cache is None else cache[0].k.shape[2]
+    x = embed(params["wte.weight"], params["wpe.weight"], tokens, position_offset=offset)
+    x = dropout(x, rate=config.dropout, generator=generator)
+    new_cache = []
+    for i in range(config.n_layer):
+        block = _layer(params, f"h.{i}.")
+        attn_out, layer_cache = attention(
+            _layer(block, "attn."),
+            layer_norm(_layer(block, "ln_1."), x, eps=config.layer_norm_eps),
+            n_head=config.n_head,
+            kernel=attention_kernel,
+            cache=None if cache is None else cache[i],
+        )
+        x = x + dropout(attn_out, rate=config.dropout, generator=generator)
+        mlp_out = mlp(
+            _layer(block, "mlp."), layer_norm(_layer(block, "ln_2."), x, eps=config.layer_norm_eps)
+        )
+        x = x + dropout(mlp_out, rate=config.dropout, generator=generator)
+        new_cache.append(layer_cache)
+    return layer_norm(_layer(params, "ln_f."), x, eps=config.layer_norm_eps), tuple(new_cache)
+
+
+def lm_head(
+    params: Params, hidden: Float[Tensor, "*batch d_model"]
+) -> Float[Tensor, "*batch vocab"]:
+    """Logits from hidden states through the token embedding (weight tying, GPT-2)."""
+    return F.linear(hidden, params["wte.weight"])
+
+
+def forward(
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    config: GPTConfig,
+    *,
+    attention: Kernel = "sdpa",
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "batch seq vocab"]:
+    """Next-token logits at every position: tokens in, logits out."""
+    check_params(params, config)
+    check_tokens(tokens, config)
+    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    return lm_head(params, hidden)
+
+
+def loss(
+    params: Params,
+    tokens: Int[Tensor, "batch seq"],
+    targets: Int[Tensor, "batch seq"],
+    config: GPTConfig,
+    *,
+    attention: Kernel = "sdpa",
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one)."""
+    check_params(params, config)
+    check_tokens(tokens, config)
+    if targets.shape != tokens.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
+        )
+    check_tokens(targets, config)
+    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    logits = lm_head(params, hidden)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -1,0 +1,77 @@
+"""`GPT`: a thin `nn.Module` over the same parameter dict, for the tools that want a Module.
+
+DDP, `torch.compile`, `state_dict`, `torch.func.functional_call` and the optimizers in
+`torch.optim` all speak `nn.Module`. `GPT` registers the dict's tensors as Parameters under
+the same dotted names (so `state_dict()` keys are the param-dict keys) and its `forward` is the
+pure `gpt_fn.model.forward` applied to whatever parameters the module holds at call time, which
+includes the ones `functional_call` swaps in.
+"""
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from gpt_fn import model
+from gpt_fn.config import GPTConfig
+from gpt_fn.nn import Kernel
+from gpt_fn.typing import Params
+
+
+class GPT(nn.Module):
+    """`GPT(config, seed=0)` initialises; `GPT.from_params(params, config)` wraps a dict."""
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        *,
+        seed: int = 0,
+        attention: Kernel = "sdpa",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        params: Params | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attention = attention
+        if params is None:
+            params = model.init_params(config, seed=seed, dtype=dtype, device=device)
+        model.check_params(params, config)
+        for name, value in params.items():
+            *path, leaf = name.split(".")
+            parent: nn.Module = self
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.register_parameter(leaf, nn.Parameter(value))
+
+    @classmethod
+    def from_params(cls, params: Params, config: GPTConfig, *, attention: Kernel = "sdpa") -> "GPT":
+        """Wrap `params` without copying: the module's Parameters share their storage."""
+        return cls(config, attention=attention, params=params)
+
+    def params(self) -> Params:
+        """The parameter dict (the module's own Parameters, by name)."""
+        return dict(self.named_parameters())
+
+    def forward(
+        self, tokens: Int[Tensor, "batch seq"], generator: torch.Generator | None = None
+    ) -> Float[Tensor, "batch seq vocab"]:
+        return model.forward(
+            self.params(), tokens, self.config, attention=self.attention, generator=generator
+        )
+
+    def loss(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        targets: Int[Tensor, "batch seq"],
+        generator: torch.Generator | None = None,
+    ) -> Float[Tensor, ""]:
+        return model.loss(
+            self.params(),
+            tokens,
+            targets,
+            self.config,
+            attention=self.attention,
+            generator=generator,
+        )

@@ -1,0 +1,55 @@
+"""Pure layer functions of GPT-2 other than attention: embeddings, LayerNorm, GELU MLP, dropout.
+
+Each takes the slice of the parameter dict it reads (`p`, keys relative to the layer, as
+`"c_fc.weight"`), the activations, and keyword-only configuration. Weights are stored
+`(out, in)` like `nn.Linear`, so `F.linear` applies them (nanoGPT, GPT-2 with its Conv1D
+transposed).
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from gpt_fn.typing import Params
+
+
+def embed(
+    wte: Float[Tensor, "vocab d_model"],
+    wpe: Float[Tensor, "block d_model"],
+    tokens: Int[Tensor, "batch seq"],
+    *,
+    position_offset: int = 0,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Token plus learned position embeddings; positions start at `position_offset` (KV cache)."""
+    positions = torch.arange(
+        position_offset, position_offset + tokens.shape[1], device=tokens.device
+    )
+    return F.embedding(tokens, wte) + F.embedding(positions, wpe)
+
+
+def layer_norm(
+    p: Params, x: Float[Tensor, "*batch d_model"], *, eps: float
+) -> Float[Tensor, "*batch d_model"]:
+    """LayerNorm over the last axis with gain `weight` and optional `bias`."""
+    return F.layer_norm(x, x.shape[-1:], p["weight"], p.get("bias"), eps)
+
+
+def mlp(p: Params, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+    """GPT-2's 4x MLP: c_fc, GELU with the tanh approximation (as GPT-2 was trained), c_proj."""
+    hidden = F.gelu(F.linear(x, p["c_fc.weight"], p.get("c_fc.bias")), approximate="tanh")
+    return F.linear(hidden, p["c_proj.weight"], p.get("c_proj.bias"))
+
+
+def dropout(
+    x: Float[Tensor, "*shape"], *, rate: float, generator: torch.Generator | None
+) -> Float[Tensor, "*shape"]:
+    """Inverted dropout drawing its mask from `generator`; identity when rate is 0 or no generator.
+
+    Passing a generator is what "training mode" means here: randomness is an argument, so the
+    same generator state gives the same mask (unlike `F.dropout`, which reads global RNG state).
+    """
+    if rate == 0.0 or generator is None:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= rate
+    return x * keep / (1.0 - rate)
