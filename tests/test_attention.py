@@ -1,0 +1,87 @@
+"""The two attention kernels agree, in forward and backward, with and without a cache."""
+
+import pytest
+import torch
+from jaxtyping import TypeCheckError
+
+from gpt_fn.nn import LayerCache, attention, manual_kernel, sdpa_kernel
+from gpt_fn.typing import shape_checks
+
+# fp32 attention with d_head <= 64: both kernels accumulate the same sums in a different
+# order; differences are ~1e-7, and 1e-5 leaves room for longer reductions.
+ATOL = 1e-5
+
+
+def _qkv(generator, batch=2, n_head=3, seq_q=7, seq_k=7, d_head=8):
+    q = torch.randn(batch, n_head, seq_q, d_head, generator=generator)
+    k = torch.randn(batch, n_head, seq_k, d_head, generator=generator)
+    v = torch.randn(batch, n_head, seq_k, d_head, generator=generator)
+    return q, k, v
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(7, 7), (1, 9), (4, 9)])
+def test_kernels_agree_forward_and_backward(generator, seq_q, seq_k):
+    q, k, v = (t.requires_grad_() for t in _qkv(generator, seq_q=seq_q, seq_k=seq_k))
+    out_sdpa = sdpa_kernel(q, k, v)
+    grads_sdpa = torch.autograd.grad(out_sdpa.square().sum(), (q, k, v))
+    out_manual = manual_kernel(q, k, v)
+    grads_manual = torch.autograd.grad(out_manual.square().sum(), (q, k, v))
+    torch.testing.assert_close(out_sdpa, out_manual, atol=ATOL, rtol=0)
+    for g_sdpa, g_manual in zip(grads_sdpa, grads_manual, strict=True):
+        torch.testing.assert_close(g_sdpa, g_manual, atol=ATOL, rtol=0)
+
+
+def test_first_position_attends_only_to_itself(generator):
+    q, k, v = _qkv(generator)
+    for kernel in (sdpa_kernel, manual_kernel):
+        torch.testing.assert_close(kernel(q, k, v)[:, :, 0], v[:, :, 0])
+
+
+def test_future_tokens_do_not_change_past_outputs(generator):
+    q, k, v = _qkv(generator)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1] += 5.0
+    v2[:, :, -1] -= 3.0
+    for kernel in (sdpa_kernel, manual_kernel):
+        torch.testing.assert_close(kernel(q, k, v)[:, :, :-1], kernel(q, k2, v2)[:, :, :-1])
+
+
+def _attn_params(generator, d_model=12):
+    return {
+        "c_attn.weight": torch.randn(3 * d_model, d_model, generator=generator) * 0.2,
+        "c_attn.bias": torch.randn(3 * d_model, generator=generator) * 0.1,
+        "c_proj.weight": torch.randn(d_model, d_model, generator=generator) * 0.2,
+        "c_proj.bias": torch.randn(d_model, generator=generator) * 0.1,
+    }
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "manual"])
+def test_cached_chunks_equal_one_full_pass(generator, kernel):
+    p = _attn_params(generator)
+    x = torch.randn(2, 9, 12, generator=generator)
+    full, full_cache = attention(p, x, n_head=3, kernel=kernel)
+    head, cache = attention(p, x[:, :4], n_head=3, kernel=kernel)
+    middle, cache = attention(p, x[:, 4:8], n_head=3, kernel=kernel, cache=cache)
+    last, cache = attention(p, x[:, 8:], n_head=3, kernel=kernel, cache=cache)
+    torch.testing.assert_close(torch.cat([head, middle, last], dim=1), full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache.k, full_cache.k)
+    torch.testing.assert_close(cache.v, full_cache.v)
+
+
+def test_cache_input_is_not_modified(generator):
+    p = _attn_params(generator)
+    cache = LayerCache(
+        torch.randn(1, 3, 5, 4, generator=generator), torch.randn(1, 3, 5, 4, generator=generator)
+    )
+    before = (cache.k.clone(), cache.v.clone())
+    _, new_cache = attention(p, torch.randn(1, 1, 12, generator=generator), n_head=3, cache=cache)
+    assert new_cache.k.shape == (1, 3, 6, 4)
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+
+
+def test_unknown_kernel_is_rejected_with_and_without_shape_checks(generator):
+    p, x = _attn_params(generator), torch.randn(1, 2, 12)
+    with pytest.raises(TypeCheckError, match="kernel"):
+        attention(p, x, n_head=3, kernel="flash")
+    with shape_checks(False), pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        attention(p, x, n_head=3, kernel="flash")

@@ -1,0 +1,95 @@
+"""The thin nn.Module wrapper: same dict, same names, and it works with the Module tools."""
+
+import copy
+
+import pytest
+import torch
+
+from gpt_fn import GPT, forward, init_params
+from gpt_fn.typing import shape_checks
+
+
+def _tokens(config, generator, batch=2):
+    return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=generator)
+
+
+def test_state_dict_keys_are_the_param_names(tiny_config):
+    module = GPT(tiny_config, seed=0)
+    params = init_params(tiny_config, seed=0)
+    state = module.state_dict()
+    assert list(state) == list(params)
+    assert all(torch.equal(state[k], params[k]) for k in params)
+
+
+def test_forward_equals_the_pure_function(tiny_config, generator):
+    module = GPT(tiny_config, seed=3)
+    tokens = _tokens(tiny_config, generator)
+    torch.testing.assert_close(
+        module(tokens), forward(module.params(), tokens, tiny_config), rtol=0, atol=0
+    )
+    manual = GPT.from_params(module.params(), tiny_config, attention="manual")
+    torch.testing.assert_close(manual(tokens), module(tokens), atol=1e-5, rtol=0)
+
+
+def test_from_params_shares_storage(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    module = GPT.from_params(params, tiny_config)
+    with torch.no_grad():
+        module.params()["wte.weight"][0, 0] = 42.0
+    assert params["wte.weight"][0, 0].item() == 42.0
+
+
+def test_load_state_dict_round_trip(tiny_config, generator):
+    source, target = GPT(tiny_config, seed=0), GPT(tiny_config, seed=1)
+    target.load_state_dict(source.state_dict())
+    tokens = _tokens(tiny_config, generator)
+    torch.testing.assert_close(target(tokens), source(tokens), rtol=0, atol=0)
+
+
+def test_backward_fills_grads_of_every_parameter(tiny_config, generator):
+    module = GPT(tiny_config, seed=0)
+    tokens = _tokens(tiny_config, generator)
+    module.loss(tokens, tokens).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_functional_call_and_func_grad_over_the_dict(tiny_config, generator):
+    module = GPT(tiny_config, seed=0)
+    other = init_params(tiny_config, seed=5)
+    tokens = _tokens(tiny_config, generator)
+    swapped = torch.func.functional_call(module, other, (tokens,))
+    torch.testing.assert_close(swapped, forward(other, tokens, tiny_config), rtol=0, atol=0)
+
+    def loss_of(params):
+        logits = torch.func.functional_call(module, params, (tokens,))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+    grads = torch.func.grad(loss_of)(other)
+    assert set(grads) == set(other)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_vmap_over_stacked_param_dicts(tiny_config, generator):
+    modules = [GPT(tiny_config, seed=s) for s in range(3)]
+    stacked, _ = torch.func.stack_module_state(modules)
+    base = copy.deepcopy(modules[0]).to("meta")
+    tokens = _tokens(tiny_config, generator)
+
+    def run(params):
+        return torch.func.functional_call(base, params, (tokens,))
+
+    batched = torch.func.vmap(run)(stacked)
+    for i, module in enumerate(modules):  # vmapped matmuls may reorder sums: fp32 noise only
+        torch.testing.assert_close(batched[i], module(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_logits(tiny_config, generator):
+    module = GPT(tiny_config, seed=0)
+    tokens = _tokens(tiny_config, generator)
+    with shape_checks(False):  # compiled code runs unchecked (jaxtyping under dynamo recompiles)
+        compiled = torch.compile(module)
+        eager = module(tokens)
+        out = compiled(tokens)
+    # Inductor fuses and reorders fp32 reductions: ~1e-6 apart.
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
