@@ -1,0 +1,69 @@
+"""Gradient clipping by global norm, equal to `torch.nn.utils.clip_grad_norm_`.
+
+The global norm is the L2 norm of all gradients seen as one vector (Pascanu et al. 2013,
+"On the difficulty of training recurrent neural networks"); when it exceeds `max_norm` every
+gradient is scaled by `max_norm / (norm + 1e-6)` (torch's formula, the 1e-6 guarding a zero
+norm). `clip_by_global_norm` is pure; `clip_by_global_norm_` scales the tensors in place.
+
+Non-finite gradients: the returned norm is then inf or NaN and the scaled gradients are
+meaningless (as with torch). Neither function inspects the norm by default, since reading it
+on the host would stall an accelerator every step; the caller checks it (the training loop
+stops on a non-finite norm before updating), or passes `error_if_nonfinite=True` to get a
+`FloatingPointError` here instead.
+"""
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from gpt_fn.typing import Params
+
+
+def global_norm(grads: Params) -> Float[Tensor, ""]:
+    """L2 norm of every tensor in `grads` concatenated, computed as torch's clipping does."""
+    if not grads:
+        raise ValueError("grads must not be empty")
+    tensors = list(grads.values())
+    # Per-tensor norms then the norm of those norms: torch's order, so the result is bitwise its.
+    norms = torch._foreach_norm(tensors, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]), 2.0)
+
+
+def clip_by_global_norm(
+    grads: Params, max_norm: float, *, error_if_nonfinite: bool = False
+) -> tuple[Params, Float[Tensor, ""]]:
+    """`grads` scaled down to global norm at most `max_norm` (new tensors), and the norm before."""
+    _check_max_norm(max_norm)
+    norm = global_norm(grads)
+    _check_finite(norm, error_if_nonfinite)
+    scaled = torch._foreach_mul(list(grads.values()), _clip_coefficient(norm, max_norm))
+    return dict(zip(grads, scaled, strict=True)), norm
+
+
+def clip_by_global_norm_(
+    grads: Params, max_norm: float, *, error_if_nonfinite: bool = False
+) -> Float[Tensor, ""]:
+    """Scale the tensors of `grads` in place to global norm at most `max_norm`; return the norm before."""
+    _check_max_norm(max_norm)
+    norm = global_norm(grads)
+    _check_finite(norm, error_if_nonfinite)
+    with torch.no_grad():
+        torch._foreach_mul_(list(grads.values()), _clip_coefficient(norm, max_norm))
+    return norm
+
+
+def _clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    # A tensor, not a Python float: no host sync, and the same multiply torch performs.
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def _check_max_norm(max_norm: float) -> None:
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+
+
+def _check_finite(norm: Tensor, error_if_nonfinite: bool) -> None:
+    if error_if_nonfinite and not torch.isfinite(norm):
+        raise FloatingPointError(f"gradient global norm is {norm.item()}; cannot clip")

@@ -1,0 +1,147 @@
+"""Learning-rate schedules: pure functions `step -> lr`, built by validated factories.
+
+A schedule needs no optimizer, so it can be plotted, tested and resumed on its own; the
+optimizer reads the step from its state and asks the schedule (optax's design: `optax.schedules`).
+`step` counts the updates already applied, so the first update uses `schedule(0)`.
+
+- `constant`, `linear_warmup`, `cosine_decay`: the pieces (optax's `constant_schedule`,
+  `linear_schedule`, `cosine_decay_schedule`).
+- `join`: pieces one after another; after a boundary the next piece sees `step - boundary`
+  (optax's `join_schedules`).
+- `warmup_cosine`: build-nanogpt's `get_lr` exactly (Karpathy, build-nanogpt `train_gpt2.py`):
+  linear warmup to `max_lr` reaching it at step `warmup_steps - 1`, cosine down to `min_lr` at
+  `decay_steps`, `min_lr` after.
+
+Factories raise `ValueError` naming the bad argument; a schedule raises `ValueError` on a
+negative step.
+"""
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+Schedule = Callable[[int], float]
+"""`step -> lr`: the learning rate for the update made after `step` updates."""
+
+
+def constant(lr: float) -> Schedule:
+    """The same `lr` at every step."""
+    lr = _check_lr("lr", lr)
+
+    def schedule(step: int) -> float:
+        _check_step(step)
+        return lr
+
+    return schedule
+
+
+def linear_warmup(init_lr: float, peak_lr: float, warmup_steps: int) -> Schedule:
+    """`init_lr` at step 0 rising linearly to `peak_lr` at `warmup_steps`, `peak_lr` after."""
+    init_lr, peak_lr = _check_lr("init_lr", init_lr), _check_lr("peak_lr", peak_lr)
+    if init_lr > peak_lr:
+        raise ValueError(f"init_lr ({init_lr}) must be <= peak_lr ({peak_lr}) for a warmup")
+    warmup_steps = _check_positive_int("warmup_steps", warmup_steps)
+
+    def schedule(step: int) -> float:
+        fraction = min(_check_step(step), warmup_steps) / warmup_steps
+        return init_lr + fraction * (peak_lr - init_lr)
+
+    return schedule
+
+
+def cosine_decay(init_lr: float, final_lr: float, decay_steps: int) -> Schedule:
+    """Half a cosine from `init_lr` at step 0 down to `final_lr` at `decay_steps`, `final_lr` after."""
+    init_lr, final_lr = _check_lr("init_lr", init_lr), _check_lr("final_lr", final_lr)
+    if final_lr > init_lr:
+        raise ValueError(f"final_lr ({final_lr}) must be <= init_lr ({init_lr}) for a decay")
+    decay_steps = _check_positive_int("decay_steps", decay_steps)
+
+    def schedule(step: int) -> float:
+        fraction = min(_check_step(step), decay_steps) / decay_steps
+        return final_lr + 0.5 * (1.0 + math.cos(math.pi * fraction)) * (init_lr - final_lr)
+
+    return schedule
+
+
+def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """`schedules[i]` from `boundaries[i-1]` on, seeing `step - boundaries[i-1]` (optax semantics)."""
+    schedules, boundaries = tuple(schedules), tuple(boundaries)
+    if not schedules:
+        raise ValueError("schedules must not be empty")
+    if len(boundaries) != len(schedules) - 1:
+        raise ValueError(
+            f"need len(schedules) - 1 = {len(schedules) - 1} boundaries, got {len(boundaries)}"
+        )
+    for i, boundary in enumerate(boundaries):
+        _check_positive_int(f"boundaries[{i}]", boundary)
+    if any(b >= c for b, c in pairwise(boundaries)):
+        raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)}")
+
+    def schedule(step: int) -> float:
+        step = _check_step(step)
+        # The last boundary at or below `step` picks the piece and where its clock starts.
+        start, piece = 0, schedules[0]
+        for boundary, next_piece in zip(boundaries, schedules[1:], strict=True):
+            if step < boundary:
+                break
+            start, piece = boundary, next_piece
+        return piece(step - start)
+
+    return schedule
+
+
+def warmup_cosine(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> Schedule:
+    """build-nanogpt's `get_lr`: `max_lr * (s+1) / warmup_steps`, then cosine to `min_lr` at `decay_steps`.
+
+    Written as in build-nanogpt rather than as `join(linear_warmup, cosine_decay)`: its warmup
+    is shifted by one step (`s + 1`, so step 0 already trains) and its float operations are
+    kept in the same order, so a run reproduces its learning rates bit for bit.
+    """
+    max_lr, min_lr = _check_lr("max_lr", max_lr), _check_lr("min_lr", min_lr)
+    if min_lr > max_lr:
+        raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
+    warmup_steps = _check_non_negative_int("warmup_steps", warmup_steps)
+    decay_steps = _check_positive_int("decay_steps", decay_steps)
+    # Equal steps would leave the cosine an empty interval (build-nanogpt divides by zero there).
+    if warmup_steps >= decay_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be < decay_steps ({decay_steps})")
+
+    def schedule(step: int) -> float:
+        step = _check_step(step)
+        if step < warmup_steps:
+            return max_lr * (step + 1) / warmup_steps
+        if step > decay_steps:
+            return min_lr
+        decay_ratio = (step - warmup_steps) / (decay_steps - warmup_steps)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+        return min_lr + coeff * (max_lr - min_lr)
+
+    return schedule
+
+
+def _check_lr(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_non_negative_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if _check_non_negative_int(name, value) == 0:
+        raise ValueError(f"{name} must be an int > 0, got {value!r}")
+    return value
+
+
+def _check_step(step: int) -> int:
+    # operator.index accepts any integer (numpy, 0-d integer tensors) and refuses floats.
+    step = operator.index(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step
