@@ -55,23 +55,21 @@ class GPT(nn.Module):
         return dict(self.named_parameters())
 
     def forward(
-        self, tokens: Int[Tensor, "batch seq"], generator: torch.Generator | None = None
-    ) -> Float[Tensor, "batch seq vocab"]:
-        return model.forward(
-            self.params(), tokens, self.config, attention=self.attention, generator=generator
-        )
-
-    def loss(
         self,
         tokens: Int[Tensor, "batch seq"],
-        targets: Int[Tensor, "batch seq"],
+        targets: Int[Tensor, "batch seq"] | None = None,
         generator: torch.Generator | None = None,
-    ) -> Float[Tensor, ""]:
+    ) -> Float[Tensor, "batch seq vocab"] | Float[Tensor, ""]:
+        """Logits of `tokens`; with `targets`, the mean cross-entropy loss instead.
+
+        The loss goes through `forward` (not a separate method) because DDP and
+        `torch.compile` wrap `forward` only; it never materialises the full logits.
+        """
+        params = self.params()
+        if targets is None:
+            return model.forward(
+                params, tokens, self.config, attention=self.attention, generator=generator
+            )
         return model.loss(
-            self.params(),
-            tokens,
-            targets,
-            self.config,
-            attention=self.attention,
-            generator=generator,
+            params, tokens, targets, self.config, attention=self.attention, generator=generator
         )

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from gpt_fn import GPT, forward, init_params
+from gpt_fn import GPT, forward, init_params, loss
 from gpt_fn.typing import shape_checks
 
 
@@ -46,10 +46,18 @@ def test_load_state_dict_round_trip(tiny_config, generator):
     torch.testing.assert_close(target(tokens), source(tokens), rtol=0, atol=0)
 
 
+def test_forward_with_targets_is_the_loss(tiny_config, generator):
+    module = GPT(tiny_config, seed=0)
+    tokens = _tokens(tiny_config, generator)
+    torch.testing.assert_close(
+        module(tokens, tokens), loss(module.params(), tokens, tokens, tiny_config)
+    )
+
+
 def test_backward_fills_grads_of_every_parameter(tiny_config, generator):
     module = GPT(tiny_config, seed=0)
     tokens = _tokens(tiny_config, generator)
-    module.loss(tokens, tokens).backward()
+    module(tokens, tokens).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
 
 
