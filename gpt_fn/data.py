@@ -95,9 +95,9 @@ def load_corpus(corpus: str | os.PathLike[str], *, cache_dir: str | os.PathLike[
     The built-in names win over a file of the same name; write `./shakespeare` for the file.
     `cache_dir` holds the tinyshakespeare download.
     """
-    if isinstance(corpus, str) and corpus == "shakespeare":
+    if corpus == "shakespeare":
         return Corpus("shakespeare", shakespeare_documents())
-    if isinstance(corpus, str) and corpus == "tinyshakespeare":
+    if corpus == "tinyshakespeare":
         path = fetch_tinyshakespeare(cache_dir)
         return Corpus("tinyshakespeare", (_read_text(path),))
     path = Path(corpus)
@@ -115,7 +115,7 @@ def load_corpus(corpus: str | os.PathLike[str], *, cache_dir: str | os.PathLike[
 
 
 def _read_text(path: Path) -> str:
-    # Bytes then decode: no newline translation, so the text hashes like the file.
+    # Bytes then decode, not read_text: no newline translation, the tokens decode to the file.
     data = path.read_bytes()
     if not data.strip():
         raise ValueError(f"corpus file {str(path)!r} is empty")
@@ -130,7 +130,7 @@ def fetch_tinyshakespeare(cache_dir: str | os.PathLike[str]) -> Path:
     path = Path(cache_dir) / "tinyshakespeare.txt"
     if path.is_file() and _is_tinyshakespeare(path.read_bytes()):
         return path
-    url = TINYSHAKESPEARE_URL  # read at call time, so tests can point it elsewhere
+    url = TINYSHAKESPEARE_URL  # a module constant, not a parameter: tests point it elsewhere
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read()
@@ -145,6 +145,7 @@ def fetch_tinyshakespeare(cache_dir: str | os.PathLike[str]) -> Path:
             f"sha256 {hashlib.sha256(data).hexdigest()}, expected {TINYSHAKESPEARE_BYTES} bytes "
             f"with sha256 {TINYSHAKESPEARE_SHA256}"
         )
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, data)
     return path
 
@@ -170,14 +171,14 @@ def shakespeare_documents() -> tuple[str, ...]:
     return tuple(play_text(path.read_text(encoding="utf-8")) for path in plays)
 
 
-_SPEAKER = re.compile(r"\*\*(?P<name>[^*]+)\*\*")
+# A speaker line; the edition puts the speech on the next line, but text after the name is kept.
+_SPEAKER = re.compile(r"\*\*(?P<name>[^*]+)\*\*(?P<rest>.*)")
 # An editorial insertion inside a verse line, `_\[Censorinus,]_`, or a lacuna, `__\[ ]_`.
 _INLINE_BRACKET = re.compile(r"_+\\?\[(?P<inner>[^\]]*)\]_")
 # A bracketed direction whose opening `_` the edition lost: `[Within]_`.
 _LOST_OPENING = re.compile(r"\\?\[[^\]]*\]_")
-_ESCAPE = re.compile(
-    r"\\(?P<char>[!-/:-@\[-`{-~])"
-)  # markdown's backslash escapes of ASCII punctuation
+# Markdown's backslash escapes of ASCII punctuation: `\--`, `1\.`.
+_ESCAPE = re.compile(r"\\(?P<char>[!-/:-@\[-`{-~])")
 _ENTITY = re.compile(r"&#?\w+;")
 
 
@@ -208,10 +209,13 @@ def play_text(markdown: str) -> str:
             speaker = None  # a new act or scene: nobody is speaking yet
             continue
         if match := _SPEAKER.fullmatch(line):
+            # A colon inside a name (`ROSENCRANTZ: & GUILDENSTERN:`) would read as two speakers.
             speaker = " ".join(match["name"].replace(":", " ").split())
             speeches.append((speaker, []))
-            continue
-        if line[0] in "_*":
+            line = match["rest"].strip()
+            if not line:
+                continue
+        if line[0] == "_" or (line[0] == "*" and not line.startswith("**")):
             if len(line) == 1 or not line.endswith(line[0]):
                 closing = line[0]
             continue
@@ -271,7 +275,6 @@ def prepare(
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     source = load_corpus(corpus, cache_dir=out)
     encoding = gpt2()
     if encoding.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
@@ -288,6 +291,7 @@ def prepare(
     existing = _read_meta(out)
     if existing is not None and _is_up_to_date(out, existing, settings):
         return Prepared(existing, rebuilt=False)
+    out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     encoded = encoding.encode_ordinary_batch(

@@ -54,6 +54,8 @@ lying asleep.
 
 **First Citizen**
 Before we proceed any further, hear me speak.
+
+**All** Speak, speak.
 """.replace("<br>", "  ")
 
 PLAY_TEXT = """\
@@ -74,6 +76,9 @@ No, no; he'll
 
 First Citizen:
 Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
 
 """
 
@@ -173,7 +178,8 @@ def test_folder_corpus_is_its_txt_files_in_name_order(tmp_path):
 
 def test_missing_or_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-corpus"):
-        data.load_corpus(tmp_path / "no-such-corpus", cache_dir=tmp_path)
+        data.prepare(tmp_path / "no-such-corpus", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         data.prepare(tmp_path / "empty.txt", tmp_path / "out")
