@@ -75,11 +75,15 @@ Split = Literal["train", "val"]
 
 
 class Corpus(NamedTuple):
+    """A corpus's name (built-in name or the path given) and its documents in a fixed order."""
+
     name: str
     documents: tuple[str, ...]
 
 
 class Prepared(NamedTuple):
+    """What `prepare` returns: the dataset's `meta.json` contents and whether it was rewritten."""
+
     meta: dict[str, object]
     rebuilt: bool
     """False when the dataset on disk already matched the source and settings."""
