@@ -1,0 +1,400 @@
+"""Logit transforms: pure functions `(logits, context) -> logits` that compose with `chain`.
+
+A transform takes next-token logits `(batch, vocab)` and the tokens seen so far `(batch, seq)`
+(prompt included, as HF does for decoder-only models) and returns new logits. Every transform
+
+- never changes its input in place and returns fp32 (fp16/bf16 logits are upcast first, so the
+  arithmetic is fp32);
+- keeps the logits it keeps bit-for-bit (filters only write −inf; penalties touch only the
+  tokens they name);
+- is built by a constructor that validates its arguments at once (`ValueError` naming the
+  argument), so `top_p(1.5)` fails where it is written, not at the 300th token.
+
+Semantics follow the references users know:
+
+- `temperature`, `top_k`, `top_p`, `min_p`, `typical_p`, `repetition_penalty`,
+  `no_repeat_ngram`: HF `transformers` `generation/logits_process.py` (`TemperatureLogitsWarper`,
+  `TopKLogitsWarper`, ...), with `min_tokens_to_keep=1`; tests hold them equal.
+- `frequency_penalty`, `presence_penalty`, `logit_bias`: the OpenAI completions API
+  (`logits - a * count`, `logits - a * [count > 0]`, `logits + bias`).
+- `chain`: optax's `chain`, a left-to-right fold.
+
+Ties are broken by token id (the lower id counts as the more probable) wherever a rule must pick
+among equal logits, matching `greedy`; `top_k` keeps all ties at its boundary by default (HF,
+nanoGPT) and that policy is an argument.
+"""
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from numbers import Real
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Transform = Callable[[Float[Tensor, "batch vocab"], Int[Tensor, "batch seq"]], Tensor]
+"""`(logits, context) -> logits`, both `(batch, ...)`; see the module docstring for the contract."""
+
+_NEG_INF = float("-inf")
+
+
+def temperature(t: float | int) -> Transform:
+    """Divide logits by `t > 0`; `t == 0` is greedy: only the argmax survives (lowest id on ties)."""
+    t = _check_real("temperature", t, low=0.0, low_inclusive=True)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        if t > 0:
+            return logits / t
+        # The limit t -> 0 of softmax(logits / t) puts all mass on the argmax; dividing by 0
+        # would give NaN (0/0) and ±inf instead.
+        return _keep(logits, _scatter_mask(logits.argmax(dim=-1, keepdim=True), logits))
+
+    return transform
+
+
+def top_k(k: int, *, keep_ties: bool = True) -> Transform:
+    """Keep the `k` largest logits per row (all of them when `k >= vocab`).
+
+    `keep_ties=True` (HF `TopKLogitsWarper`, nanoGPT): every logit equal to the k-th largest is
+    kept too, so more than `k` may survive. `keep_ties=False`: exactly `min(k, vocab)` survive,
+    ties at the boundary going to the lower token ids.
+    """
+    k = _check_int("top_k", k, low=1)
+    if not isinstance(keep_ties, bool):
+        raise ValueError(f"keep_ties must be a bool, got {keep_ties!r}")
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        kept = min(k, logits.shape[-1])
+        if keep_ties:
+            kth_largest = torch.topk(logits, kept, dim=-1).values[:, -1:]
+            return _keep(logits, logits >= kth_largest)
+        order = _sort_descending(logits).indices
+        return _keep(logits, _scatter_mask(order[:, :kept], logits))
+
+    return transform
+
+
+def top_p(p: float | int) -> Transform:
+    """Nucleus sampling (Holtzman et al. 2020) with HF's rule, `p` in (0, 1].
+
+    Keep the smallest set of most probable tokens whose probability mass is at least `p`; the
+    most probable token always survives. As in HF, the rule is evaluated from the least probable
+    end (drop tokens while the mass dropped so far is <= 1 - p), which is the same set up to
+    rounding and equal to HF's bit-for-bit on the same inputs.
+    """
+    p = _check_real("top_p", p, low=0.0, high=1.0, low_inclusive=False)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        ascending = _sort_descending(logits).indices.flip(-1)  # lowest-id argmax comes last
+        ascending_logits = logits.gather(-1, ascending)
+        mass_below = ascending_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = mass_below <= 1 - p
+        drop[:, -1] = False  # the argmax survives even when p is tiny
+        return _keep(logits, ~_scatter_values(ascending, drop))
+
+    return transform
+
+
+def min_p(p: float | int) -> Transform:
+    """Keep tokens whose probability is at least `p` times the top probability (HF `MinPLogitsWarper`).
+
+    `p` in [0, 1]: 0 keeps everything, 1 keeps only the argmax (and its ties).
+    """
+    p = _check_real("min_p", p, low=0.0, high=1.0)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
+        return _keep(logits, probs >= p * probs.amax(dim=-1, keepdim=True))
+
+    return transform
+
+
+def typical_p(mass: float | int) -> Transform:
+    """Locally typical sampling (Meister et al. 2023) with HF's rule, `mass` in (0, 1).
+
+    Sort tokens by how far their surprisal `-log p` lies from the entropy; keep the closest ones
+    until their probability mass reaches `mass`. The most probable token may be dropped; the
+    most typical one never is.
+    """
+    mass = _check_real(
+        "typical_p", mass, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        log_probs = logits.log_softmax(dim=-1)
+        # nansum: a -inf logit contributes 0 * -inf = nan, whose true limit is 0.
+        entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)
+        atypicality = (-log_probs - entropy).abs()
+        by_typicality, order = torch.sort(atypicality, dim=-1, stable=True)
+        mass_so_far = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (mass_so_far < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+        drop = by_typicality > by_typicality.gather(-1, last)
+        drop[:, 0] = False
+        return _keep(logits, ~_scatter_values(order, drop))
+
+    return transform
+
+
+def repetition_penalty(penalty: float | int) -> Transform:
+    """CTRL's repetition penalty (Keskar et al. 2019) as in HF: for tokens present in the context,
+    a negative logit is multiplied by `penalty`, a non-negative one divided by it.
+
+    `penalty > 1` discourages repeats (never raises a seen token's logit), `< 1` encourages them,
+    `1` changes nothing. Applied once per token however often it occurs.
+    """
+    penalty = _check_real("repetition_penalty", penalty, low=0.0, low_inclusive=False)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        seen = _token_counts(context, logits) > 0
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        return torch.where(seen, penalised, logits)
+
+    return transform
+
+
+def frequency_penalty(a: float | int) -> Transform:
+    """Subtract `a` times the number of times each token occurs in the context (OpenAI API)."""
+    a = _check_real("frequency_penalty", a)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        counts = _token_counts(context, logits)
+        return torch.where(counts > 0, logits - a * counts, logits)
+
+    return transform
+
+
+def presence_penalty(a: float | int) -> Transform:
+    """Subtract `a` from the logit of every token that occurs in the context (OpenAI API)."""
+    a = _check_real("presence_penalty", a)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        return torch.where(_token_counts(context, logits) > 0, logits - a, logits)
+
+    return transform
+
+
+def logit_bias(bias: Mapping[int, float | int]) -> Transform:
+    """Add `bias[id]` to the logit of each token `id` (OpenAI's `logit_bias`); others unchanged."""
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping {{token_id: bias}}, got {bias!r}")
+    ids = [_check_int("logit_bias token id", token, low=0) for token in bias]
+    values = [_check_real(f"logit_bias[{token}]", bias[token]) for token in bias]
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        _check_ids_in_vocab("logit_bias", ids, logits)
+        if not ids:
+            return logits
+        index = torch.tensor(ids, device=logits.device)
+        added = torch.tensor(values, device=logits.device).expand(logits.shape[0], -1)
+        return logits.index_add(-1, index, added)  # touches only the named ids
+
+    return transform
+
+
+def ban_tokens(ids: Iterable[int]) -> Transform:
+    """Set the logits of the given token ids to −inf, so they are never sampled."""
+    banned = [_check_int("ban_tokens id", token, low=0) for token in ids]
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        _check_ids_in_vocab("ban_tokens", banned, logits)
+        if not banned:
+            return logits
+        index = torch.tensor(banned, device=logits.device)
+        return logits.index_fill(-1, index, _NEG_INF)
+
+    return transform
+
+
+def no_repeat_ngram(n: int) -> Transform:
+    """Ban every token that would complete an `n`-gram already present in the context (HF).
+
+    With the last `n - 1` context tokens as prefix, each earlier occurrence of that prefix bans
+    the token that followed it; `n = 1` bans every token seen.
+    """
+    n = _check_int("no_repeat_ngram", n, low=1)
+
+    def transform(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        if context.shape[1] < n:  # no complete n-gram yet
+            return logits
+        _check_context(context, logits)
+        windows = context.long().unfold(dimension=1, size=n, step=1)  # (batch, window, n)
+        prefix = context[:, context.shape[1] - (n - 1) :].long()
+        matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
+        banned = torch.zeros_like(logits).scatter_add(-1, windows[..., -1], matches.float()) > 0
+        return logits.masked_fill(banned, _NEG_INF)
+
+    return transform
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Apply `transforms` left to right; `chain()` only upcasts to fp32."""
+    for position, transform in enumerate(transforms):
+        if not callable(transform):
+            raise ValueError(f"chain argument {position} is not a transform: {transform!r}")
+
+    def chained(
+        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        logits = logits.float()
+        for transform in transforms:
+            logits = transform(logits, context)
+        return logits
+
+    return chained
+
+
+def make_transform(
+    *,
+    temperature: float | int | None = None,
+    top_k: int | None = None,
+    top_p: float | int | None = None,
+    min_p: float | int | None = None,
+    typical_p: float | int | None = None,
+    repetition_penalty: float | int | None = None,
+    frequency_penalty: float | int | None = None,
+    presence_penalty: float | int | None = None,
+    no_repeat_ngram: int | None = None,
+    logit_bias: Mapping[int, float | int] | None = None,
+    ban_tokens: Iterable[int] | None = None,
+) -> Transform:
+    """One transform from sampling options, `None` meaning "off" (what a CLI's flags map to).
+
+    HF's order: token-level rules first (`logit_bias`, `ban_tokens`, `repetition_penalty`,
+    `frequency_penalty`, `presence_penalty`, `no_repeat_ngram`), then `temperature`, then the
+    truncations `top_k`, `top_p`, `min_p`, `typical_p`. With every option off it is `chain()`.
+    """
+    options = {  # in the order they apply
+        "logit_bias": logit_bias,
+        "ban_tokens": ban_tokens,
+        "repetition_penalty": repetition_penalty,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+        "no_repeat_ngram": no_repeat_ngram,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "typical_p": typical_p,
+    }
+    # The keyword names shadow the constructors here, hence the module-level table.
+    return chain(
+        *(_CONSTRUCTORS[name](value) for name, value in options.items() if value is not None)
+    )
+
+
+_CONSTRUCTORS: dict[str, Callable[..., Transform]] = {
+    "logit_bias": logit_bias,
+    "ban_tokens": ban_tokens,
+    "repetition_penalty": repetition_penalty,
+    "frequency_penalty": frequency_penalty,
+    "presence_penalty": presence_penalty,
+    "no_repeat_ngram": no_repeat_ngram,
+    "temperature": temperature,
+    "top_k": top_k,
+    "top_p": top_p,
+    "min_p": min_p,
+    "typical_p": typical_p,
+}
+
+
+def _keep(logits: Tensor, keep: Tensor) -> Tensor:
+    return logits.masked_fill(~keep, _NEG_INF)
+
+
+def _sort_descending(logits: Tensor) -> torch.return_types.sort:
+    # stable: equal logits stay in id order, so the lower id counts as more probable.
+    return torch.sort(logits, dim=-1, descending=True, stable=True)
+
+
+def _scatter_mask(index: Tensor, like: Tensor) -> Tensor:
+    """A `like`-shaped bool mask, True at `index` (per row)."""
+    return torch.zeros_like(like, dtype=torch.bool).scatter(-1, index, True)
+
+
+def _scatter_values(index: Tensor, values: Tensor) -> Tensor:
+    """Undo a sort: put `values[:, j]` at `index[:, j]`."""
+    return torch.empty_like(values).scatter(-1, index, values)
+
+
+def _token_counts(context: Tensor, logits: Tensor) -> Tensor:
+    """How often each vocab id occurs in each row of `context`, as fp32 `(batch, vocab)`."""
+    _check_context(context, logits)
+    counts = torch.zeros_like(logits)
+    return counts.scatter_add(-1, context.long(), torch.ones_like(context, dtype=logits.dtype))
+
+
+def _check_context(context: Tensor, logits: Tensor) -> None:
+    if context.shape[0] != logits.shape[0]:
+        raise ValueError(f"context has {context.shape[0]} rows but logits have {logits.shape[0]}")
+    if context.numel():
+        low, high = int(context.min()), int(context.max())
+        if low < 0 or high >= logits.shape[-1]:
+            bad = low if low < 0 else high
+            raise ValueError(f"context token id {bad} is outside [0, vocab={logits.shape[-1]})")
+
+
+def _check_ids_in_vocab(name: str, ids: list[int], logits: Tensor) -> None:
+    vocab = logits.shape[-1]
+    outside = [token for token in ids if token >= vocab]
+    if outside:
+        raise ValueError(f"{name}: token id {outside[0]} is outside [0, vocab={vocab})")
+
+
+def _check_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_real(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """`value` as a float, or a ValueError naming `name` unless it is finite and in range."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    above_low = value >= low if low_inclusive else value > low
+    below_high = value <= high if high_inclusive else value < high
+    if not (above_low and below_high):
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
