@@ -1,0 +1,371 @@
+"""GPT-2 weights both ways: Hugging Face `GPT2LMHeadModel` checkpoints <-> our parameter dict.
+
+Our names are HF's without the `transformer.` prefix (`h.3.attn.c_attn.weight`), so the
+conversion is a short list of differences (Radford et al. 2019; nanoGPT `from_pretrained`;
+HF `transformers/models/gpt2/modeling_gpt2.py`):
+
+- GPT-2's `Conv1D` stores its weight as `(in, out)`; we store `(out, in)` like `nn.Linear`, so
+  the `c_attn`, `c_proj` and `c_fc` weights are transposed.
+- The LM head is tied to the token embedding: `lm_head.weight` is `wte.weight`.
+- HF checkpoints may carry the old causal-mask buffers `h.{i}.attn.bias`/`attn.masked_bias`,
+  which are not parameters and are skipped.
+
+`load` reads a local HF GPT-2 directory (`config.json` + safetensors or `pytorch_model.bin`,
+sharded or not) without importing `transformers`, or a Hub model id through `huggingface_hub`;
+`save` writes a directory that `GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from gpt_fn.config import GPTConfig
+from gpt_fn.model import check_params, param_shapes
+from gpt_fn.typing import Params
+
+
+@runtime_checkable
+class HFConfigLike(Protocol):
+    """Anything with `to_dict()`, such as a `transformers.GPT2Config` (not imported here)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+StateDict = Mapping[str, Tensor]
+"""A HF state dict: tensors by HF name, with or without the `transformer.` prefix."""
+
+HF_PREFIX = "transformer."
+# Layers built from GPT-2's Conv1D, whose weights are stored (in, out).
+CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The causal-mask buffers older GPT-2 checkpoints saved next to the parameters.
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# GPT2Config's defaults (transformers 5.x `configuration_gpt2.py`): config.json files omit
+# fields left at their defaults, and `config_to_hf_dict` writes every field out.
+HF_GPT2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "summary_type": "cls_index",
+    "summary_use_proj": True,
+    "summary_activation": None,
+    "summary_proj_to_labels": True,
+    "summary_first_dropout": 0.1,
+    "scale_attn_weights": True,
+    "use_cache": True,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "pad_token_id": None,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+# Both name GELU with the tanh approximation, which is what `gpt_fn.nn.mlp` computes.
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# The token GPT-2's tokenizer uses for both <|endoftext|> markers.
+END_OF_TEXT = 50256
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def config_from_hf(
+    hf_config: HFConfigLike | Mapping[str, Any], *, dropout: float = 0.0
+) -> GPTConfig:
+    """Our config for a HF GPT-2 config (a `GPT2Config` or the dict read from `config.json`).
+
+    Fields missing from a dict take GPT2Config's defaults, as `transformers` does. Settings
+    our model does not compute raise `ValueError` naming the field. HF's dropout rates are not
+    carried over (our model has no dropout on attention probabilities, HF's `attn_pdrop`), so
+    the caller picks `dropout` for fine-tuning; it is 0 for inference.
+    """
+    fields = dict(hf_config.to_dict() if isinstance(hf_config, HFConfigLike) else hf_config)
+    fields = {**HF_GPT2_DEFAULTS, **fields}
+    model_type = fields.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"model_type must be 'gpt2', got {model_type!r}")
+    if fields["activation_function"] not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(
+            f"activation_function {fields['activation_function']!r} is not supported; "
+            f"choose one of {SUPPORTED_ACTIVATIONS} (GELU, tanh approximation)"
+        )
+    required = {
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+    }
+    for name, value in required.items():
+        if fields[name] != value:
+            raise ValueError(f"{name}={fields[name]!r} is not supported; only {name}={value}")
+    n_inner = fields["n_inner"]
+    if n_inner is not None and n_inner != 4 * fields["n_embd"]:
+        raise ValueError(
+            f"n_inner={n_inner!r} is not supported; only None or 4 * n_embd = {4 * fields['n_embd']}"
+        )
+    return GPTConfig(
+        vocab_size=fields["vocab_size"],
+        block_size=fields["n_positions"],
+        n_layer=fields["n_layer"],
+        n_head=fields["n_head"],
+        n_embd=fields["n_embd"],
+        bias=True,
+        dropout=dropout,
+        layer_norm_eps=float(fields["layer_norm_epsilon"]),
+    )
+
+
+def config_to_hf_dict(config: GPTConfig) -> dict[str, Any]:
+    """A complete `GPT2Config` dict (as `config.json` holds it) for `config`.
+
+    `resid_pdrop`/`embd_pdrop` are `config.dropout` and `attn_pdrop` is 0, the dropout our model
+    applies. The end-of-text token ids are GPT-2's only where the vocabulary contains them.
+    """
+    _require_bias(config)
+    end_of_text = END_OF_TEXT if config.vocab_size > END_OF_TEXT else None
+    return {
+        **HF_GPT2_DEFAULTS,
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "bos_token_id": end_of_text,
+        "eos_token_id": end_of_text,
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+    }
+
+
+def _require_bias(config: GPTConfig) -> None:
+    if not config.bias:
+        raise ValueError("GPTConfig.bias=False has no GPT-2 equivalent: GPT-2 always has biases")
+
+
+def _is_conv1d_weight(name: str) -> bool:
+    return name.endswith(".weight") and name.removesuffix(".weight").endswith(CONV1D_LAYERS)
+
+
+def hf_param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's HF name (without `transformer.`) and shape in HF's layout."""
+    return {
+        name: shape[::-1] if _is_conv1d_weight(name) else shape
+        for name, shape in param_shapes(config).items()
+    }
+
+
+def _strip_prefix(state_dict: StateDict) -> dict[str, Tensor]:
+    """Keys without `transformer.`; mask buffers dropped; `lm_head.weight` kept for a tie check."""
+    stripped: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(HF_PREFIX)
+        if MASK_BUFFER.fullmatch(name):
+            continue
+        if name in stripped:
+            raise ValueError(f"state dict has key {name!r} both with and without {HF_PREFIX!r}")
+        stripped[name] = value
+    return stripped
+
+
+def check_hf_state_dict(state_dict: StateDict, config: GPTConfig) -> None:
+    """Raise `KeyError`/`ValueError` naming the first missing, unexpected or misshapen HF key.
+
+    Mirrors `gpt_fn.model.check_params` in HF's layout and names.
+    """
+    _require_bias(config)
+    state = _strip_prefix(state_dict)
+    state.pop("lm_head.weight", None)
+    expected = hf_param_shapes(config)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise KeyError(
+            f"HF state dict is missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
+        )
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise KeyError(
+            f"HF state dict has unexpected key(s) for this config, e.g. {unexpected[0]!r}"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"HF tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} "
+                "(HF layout) for this config"
+            )
+
+
+def from_hf_state_dict(state_dict: StateDict, config: GPTConfig) -> Params:
+    """Our params from a HF GPT-2 state dict (keys with or without `transformer.`).
+
+    Conv1D weights are transposed into new contiguous tensors; the other tensors are returned
+    as they are (contiguous), so they may share storage with `state_dict`. An `lm_head.weight`,
+    if present, must equal `wte.weight`: untied heads are not supported.
+    """
+    check_hf_state_dict(state_dict, config)
+    state = _strip_prefix(state_dict)
+    head = state.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, state["wte.weight"]):
+        raise ValueError(
+            "'lm_head.weight' differs from 'wte.weight'; only a tied LM head is supported"
+        )
+    return {
+        name: (state[name].t() if _is_conv1d_weight(name) else state[name]).contiguous()
+        for name in param_shapes(config)
+    }
+
+
+def to_hf_state_dict(params: Params, config: GPTConfig) -> dict[str, Tensor]:
+    """A state dict that `GPT2LMHeadModel.load_state_dict` accepts (strict), tensors contiguous.
+
+    Keys carry the `transformer.` prefix; `lm_head.weight` is the same tensor as
+    `transformer.wte.weight` (tied). Untransposed tensors may share storage with `params`.
+    """
+    _require_bias(config)
+    check_params(params, config)
+    state = {
+        HF_PREFIX + name: (value.t() if _is_conv1d_weight(name) else value).contiguous()
+        for name, value in params.items()
+    }
+    state["lm_head.weight"] = state[HF_PREFIX + "wte.weight"]
+    return state
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a missing `name` was meant as a local path rather than a Hub id (`org/model`)."""
+    return name.startswith((".", "/", "~")) or os.sep in name or name.count("/") > 1
+
+
+def _local_fetch(directory: Path) -> Callable[[str], Path | None]:
+    def fetch(filename: str) -> Path | None:
+        path = directory / filename
+        return path if path.is_file() else None
+
+    return fetch
+
+
+def _hub_fetch(repo_id: str) -> Callable[[str], Path | None]:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    except ImportError as error:
+        raise OSError(
+            f"{repo_id!r} is not a local directory, and huggingface_hub is not installed to "
+            "download it from the Hugging Face Hub (pip install huggingface_hub)"
+        ) from error
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except RemoteEntryNotFoundError:  # the repository exists but lacks this file
+            return None
+        except Exception as error:
+            raise OSError(
+                f"{repo_id!r} is not a local directory, and downloading {filename!r} from the "
+                f"Hugging Face Hub failed ({type(error).__name__}). Offline? Pass a local "
+                "directory with config.json and model.safetensors or pytorch_model.bin."
+            ) from error
+
+    return fetch
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if path.name.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_checkpoint(
+    fetch: Callable[[str], Path | None], where: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config dict and merged weights of a checkpoint, preferring safetensors."""
+    config_path = fetch("config.json")
+    if config_path is None:
+        raise FileNotFoundError(f"{where} has no config.json")
+    hf_config = json.loads(config_path.read_text())
+    for filename in WEIGHT_FILES:
+        path = fetch(filename)
+        if path is None:
+            continue
+        if not filename.endswith(".index.json"):
+            return hf_config, _read_weights(path)
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            shard_path = fetch(shard)
+            if shard_path is None:
+                raise FileNotFoundError(f"{where} lists shard {shard!r} in {filename} but lacks it")
+            state.update(_read_weights(shard_path))
+        return hf_config, state
+    raise FileNotFoundError(f"{where} has none of the weight files {WEIGHT_FILES}")
+
+
+def load(
+    name_or_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Params, GPTConfig]:
+    """GPT-2 params and config from a local HF directory or a Hub model id (`"gpt2"`).
+
+    A local directory is read without `transformers`. A Hub id is downloaded (or read from the
+    cache) with `huggingface_hub`; without a network that fails with `OSError` (set
+    `HF_HUB_OFFLINE=1` to skip huggingface_hub's retries). A path that does not exist raises
+    `FileNotFoundError`.
+    """
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        fetch, where = _local_fetch(path), f"directory {str(path)!r}"
+    elif path.exists():
+        raise NotADirectoryError(f"{str(path)!r} is a file; pass the directory holding it")
+    elif isinstance(name_or_dir, os.PathLike) or _looks_like_path(str(name_or_dir)):
+        raise FileNotFoundError(f"no such directory: {str(path)!r}")
+    else:
+        fetch, where = _hub_fetch(str(name_or_dir)), f"Hub model {str(name_or_dir)!r}"
+    hf_config, state = _read_checkpoint(fetch, where)
+    config = config_from_hf(hf_config)
+    params = from_hf_state_dict(state, config)
+    return {name: value.to(device=device, dtype=dtype) for name, value in params.items()}, config
+
+
+def save(params: Params, config: GPTConfig, directory: str | os.PathLike[str]) -> None:
+    """Write `config.json` and `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads.
+
+    `lm_head.weight` is left out: safetensors refuses tensors that share storage, and
+    transformers re-ties the head to `wte` on load (`tie_word_embeddings=True`), as its own
+    `save_pretrained` does.
+    """
+    state = to_hf_state_dict(params, config)
+    del state["lm_head.weight"]
+    hf_config = {
+        **config_to_hf_dict(config),
+        "dtype": str(params["wte.weight"].dtype).removeprefix("torch."),
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
