@@ -8,6 +8,7 @@ random so that a dropped or misplaced tensor changes the logits.
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -32,9 +33,9 @@ from gpt_fn.hf import (
 )
 
 # Both sides compute the same fp32 math in a different order (fused QKV vs per-head matmuls,
-# SDPA vs eager softmax, einsum vs bmm), so logits (of order 1-10) differ by float rounding,
-# ~1e-6, accumulated over up to 12 layers; a layout bug (a missed transpose, a head split the
-# wrong way, a dropped bias) moves them by 1e-2 or more.
+# SDPA vs eager softmax, einsum vs bmm), so logits (std ~1, max ~5) differ by float rounding
+# accumulated over up to 12 layers: measured <= 4e-6. A layout bug (a missed transpose, a head
+# split the wrong way, a dropped bias) moves them by 1e-2 or more.
 LOGITS_ATOL = 1e-4
 
 CASES = {
@@ -142,6 +143,27 @@ def test_config_from_hf_reads_config_object_and_config_json_dict():
     assert config_from_hf(json.loads(hf.to_json_string())) == expected
     # A sparse config.json takes GPT2Config's defaults, as transformers does.
     assert config_from_hf({"model_type": "gpt2", "n_layer": 2}) == GPTConfig(n_layer=2)
+
+
+def test_config_from_hf_reads_the_hub_gpt2_config_json():
+    # openai-community/gpt2's config.json (abridged): legacy n_ctx, extra fields, 0.1 dropouts.
+    hub = {
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2",
+        "n_ctx": 1024,
+        "n_embd": 768,
+        "n_head": 12,
+        "n_layer": 12,
+        "n_positions": 1024,
+        "resid_pdrop": 0.1,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+        "vocab_size": 50257,
+    }
+    assert config_from_hf(hub) == GPTConfig.from_preset("gpt2")
 
 
 @pytest.mark.parametrize(
@@ -431,6 +453,13 @@ def test_load_hub_name_offline_fails_quickly_and_clearly(monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"'gpt2' is not a local directory.*Hugging Face Hub"):
         load("gpt2")
     assert time.monotonic() - start < 30, "offline load must fail, not hang"
+
+
+def test_load_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="pip install huggingface_hub"):
+        load("gpt2")
 
 
 def test_load_missing_path_and_incomplete_directory_raise_clearly(tmp_path):
