@@ -143,8 +143,8 @@ def typical_p(mass: float | int) -> Transform:
         by_typicality, order = torch.sort(atypicality, dim=-1, stable=True)
         mass_so_far = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
         last = (mass_so_far < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+        # The most typical token is never above the boundary, so at least one survives.
         drop = by_typicality > by_typicality.gather(-1, last)
-        drop[:, 0] = False
         return _keep(logits, ~_scatter_values(order, drop))
 
     return transform

@@ -1,0 +1,68 @@
+"""Logit transforms, samplers and KV-cache decoding for GPT-2 (layer 3).
+
+    from gpt_fn import sampling
+    transform = sampling.make_transform(temperature=0.8, top_k=200, top_p=0.95)
+    tokens = sampling.generate(params, prompt, config, max_new_tokens=100,
+                               transform=transform, seed=0)
+    for token in sampling.generate_stream(params, prompt, config, max_new_tokens=100,
+                                          greedy=True):
+        ...  # one token per row, as soon as it is chosen
+
+- `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
+- `samplers`: `greedy` and `categorical` (explicit generators).
+- `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+"""
+
+from gpt_fn.sampling.decoding import (
+    DecodeState,
+    decode_step,
+    generate,
+    generate_stream,
+    lm_head_matrix,
+    prefill,
+    row_generators,
+)
+from gpt_fn.sampling.samplers import categorical, check_logits, greedy
+from gpt_fn.sampling.transforms import (
+    Transform,
+    ban_tokens,
+    chain,
+    frequency_penalty,
+    logit_bias,
+    make_transform,
+    min_p,
+    no_repeat_ngram,
+    presence_penalty,
+    repetition_penalty,
+    temperature,
+    top_k,
+    top_p,
+    typical_p,
+)
+
+__all__ = [
+    "DecodeState",
+    "Transform",
+    "ban_tokens",
+    "categorical",
+    "chain",
+    "check_logits",
+    "decode_step",
+    "frequency_penalty",
+    "generate",
+    "generate_stream",
+    "greedy",
+    "lm_head_matrix",
+    "logit_bias",
+    "make_transform",
+    "min_p",
+    "no_repeat_ngram",
+    "prefill",
+    "presence_penalty",
+    "repetition_penalty",
+    "row_generators",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+]
