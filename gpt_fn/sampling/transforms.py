@@ -84,9 +84,10 @@ def top_p(p: float | int) -> Transform:
     """Nucleus sampling (Holtzman et al. 2020) with HF's rule, `p` in (0, 1].
 
     Keep the smallest set of most probable tokens whose probability mass is at least `p`; the
-    most probable token always survives. As in HF, the rule is evaluated from the least probable
-    end (drop tokens while the mass dropped so far is <= 1 - p), which is the same set up to
-    rounding and equal to HF's bit-for-bit on the same inputs.
+    most probable token always survives. As in HF, the rule runs from the least probable end
+    (drop tokens while the mass dropped so far is <= 1 - p): the same set up to rounding, and
+    HF's exactly (bit-for-bit on tie-free logits, tested). So `p = 1` drops only tokens whose
+    fp32 probability is 0, as HF does.
     """
     p = _check_real("top_p", p, low=0.0, high=1.0, low_inclusive=False)
 
