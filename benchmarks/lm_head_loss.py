@@ -1,0 +1,180 @@
+"""Benchmark: the fused LM head + cross-entropy against `F.linear` + `F.cross_entropy`.
+
+Times forward + backward of the mean next-token loss of GPT-2's LM head (d_model 384,
+vocab 50304, 2048 tokens: a 6-layer/384-wide model at block 256, batch 8) for
+`gpt_fn.nn.cross_entropy.linear_cross_entropy` at several chunk sizes and for the reference
+`F.cross_entropy(F.linear(h, W).float(), t)`, in fp32 and under bf16 autocast. The
+implementations take turns within each repeat, so load from other processes hits them
+alike; the table gives medians. Each run also checks the fused loss and gradients against
+the reference.
+
+    python benchmarks/lm_head_loss.py [--quick] [--out DIR]
+
+On a CPU without native bf16 matmuls (no AVX512-BF16/AMX) ATen's bf16 matmul is so slow that
+the reference under autocast takes minutes at 2048 tokens, so the bf16 comparison there uses
+fewer tokens (the `tokens` column says how many).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
+from gpt_fn.typing import shape_checks
+
+D_MODEL, VOCAB, TOKENS = 384, 50304, 2048
+
+
+def _native_bf16(device: torch.device) -> bool:
+    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _problem(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, D_MODEL, generator=generator).to(device).requires_grad_()
+    # GPT-2's init scale: logits of a few units, as at the start of training.
+    weight = (torch.randn(VOCAB, D_MODEL, generator=generator) * 0.02).to(device).requires_grad_()
+    targets = torch.randint(0, VOCAB, (tokens,), generator=generator).to(device)
+    return hidden, weight, targets
+
+
+def _reference(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w).float(), t)
+
+
+def _fused(chunk_size: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h, w, t, chunk_size=chunk_size)
+
+    return loss
+
+
+def _step(loss_fn, hidden, weight, targets, autocast_dtype):
+    """One forward + backward; returns the loss and the two gradients."""
+    hidden.grad = weight.grad = None
+    with torch.autocast(
+        hidden.device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
+    ):
+        loss = loss_fn(hidden, weight, targets)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[dict]:
+    hidden, weight, targets = _problem(tokens, device)
+    reference = _step(_reference, hidden, weight, targets, autocast_dtype)  # also warms up
+    times: dict[str, list[float]] = {label: [] for label in loss_fns}
+    errors = {}
+    for label, loss_fn in loss_fns.items():  # warm-up and correctness
+        result = _step(loss_fn, hidden, weight, targets, autocast_dtype)
+        errors[label] = [
+            float((a.float() - b.float()).abs().max())
+            for a, b in zip(result, reference, strict=True)
+        ]
+    for _ in range(repeats):
+        for label, loss_fn in loss_fns.items():  # taking turns spreads outside load evenly
+            _sync(device)
+            start = time.perf_counter()
+            _step(loss_fn, hidden, weight, targets, autocast_dtype)
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    reference_ms = 1e3 * statistics.median(times["reference"])
+    rows = []
+    for label, samples in times.items():
+        ms = 1e3 * statistics.median(samples)
+        rows.append(
+            {
+                "case": name,
+                "tokens": tokens,
+                "implementation": label,
+                "median_ms": ms,
+                "min_ms": 1e3 * min(samples),
+                "max_ms": 1e3 * max(samples),
+                "speedup_vs_reference": reference_ms / ms,
+                "max_abs_err_loss_grad_hidden_grad_weight": errors[label],
+            }
+        )
+    return rows
+
+
+def run(quick: bool, device: str = "cpu") -> dict:
+    """Time every implementation in fp32 and under bf16 autocast; the results as a dict."""
+    dev = torch.device(device)
+    torch.set_num_threads(2)
+    chunk_sizes = [DEFAULT_CHUNK_SIZE] if quick else [64, 128, 256, 512, 1024]
+    fused = {f"fused, chunk {c}": _fused(c) for c in chunk_sizes}
+    repeats = 3 if quick else 7
+    fp32_tokens = 512 if quick else TOKENS
+    bf16_tokens = fp32_tokens if _native_bf16(dev) else (32 if quick else 128)
+    rows = []
+    with shape_checks(False):
+        rows += _time_case(
+            "fp32", {"reference": _reference, **fused}, fp32_tokens, None, repeats, dev
+        )
+        bf16_fns = {
+            "reference": _reference,
+            f"fused, chunk {DEFAULT_CHUNK_SIZE}": _fused(DEFAULT_CHUNK_SIZE),
+        }
+        rows += _time_case(
+            "bf16 autocast", bf16_fns, bf16_tokens, torch.bfloat16, 1 if quick else 3, dev
+        )
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "d_model": D_MODEL,
+        "vocab": VOCAB,
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"LM head + cross-entropy, forward + backward: d_model {results['d_model']}, "
+        f"vocab {results['vocab']}, {results['device']}, {results['threads']} threads, "
+        f"torch {results['torch']}. Median of repeats (min-max).",
+        "",
+        "| case | tokens | implementation | ms | speed-up vs reference | max abs err (loss, dh, dW) |",
+        "| --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    for row in results["rows"]:
+        errors = ", ".join(f"{e:.1e}" for e in row["max_abs_err_loss_grad_hidden_grad_weight"])
+        lines.append(
+            f"| {row['case']} | {row['tokens']} | {row['implementation']} | "
+            f"{row['median_ms']:.0f} ({row['min_ms']:.0f}-{row['max_ms']:.0f}) | "
+            f"{row['speedup_vs_reference']:.2f}x | {errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens, repeats, chunk sizes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="directory for lm_head_loss.json and .md")
+    args = parser.parse_args()
+    results = run(args.quick, args.device)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "lm_head_loss.json").write_text(json.dumps(results, indent=2))
+        (args.out / "lm_head_loss.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
