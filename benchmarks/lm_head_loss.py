@@ -6,7 +6,8 @@ vocab 50304, 2048 tokens: a 6-layer/384-wide model at block 256, batch 8) for
 `F.cross_entropy(F.linear(h, W).float(), t)`, in fp32 and under bf16 autocast. The
 implementations take turns within each repeat, so load from other processes hits them
 alike; the table gives medians. Each run also checks the fused loss and gradients against
-the reference.
+the reference, and measures how much memory one fp32 forward + backward adds at its peak
+(growth of the peak resident set on CPU, `max_memory_allocated` on CUDA).
 
     python benchmarks/lm_head_loss.py [--quick] [--out DIR]
 
@@ -68,6 +69,31 @@ def _step(loss_fn, hidden, weight, targets, autocast_dtype):
     return loss.detach(), hidden.grad, weight.grad
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # reported in kB
+    raise KeyError(field)
+
+
+def _peak_growth_mb(loss_fn, tokens: int, device: torch.device) -> float:
+    """Peak memory one fp32 forward + backward adds on top of its inputs, in MB."""
+    hidden, weight, targets = _problem(tokens, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _step(loss_fn, hidden, weight, targets, None)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        return float("nan")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
+    before = _status_mb("VmRSS")
+    _step(loss_fn, hidden, weight, targets, None)
+    return _status_mb("VmHWM") - before
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -77,6 +103,7 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
     hidden, weight, targets = _problem(tokens, device)
     reference = _step(_reference, hidden, weight, targets, autocast_dtype)  # also warms up
     times: dict[str, list[float]] = {label: [] for label in loss_fns}
+    cpu_times: dict[str, list[float]] = {label: [] for label in loss_fns}
     errors = {}
     for label, loss_fn in loss_fns.items():  # warm-up and correctness
         result = _step(loss_fn, hidden, weight, targets, autocast_dtype)
@@ -87,10 +114,11 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
     for _ in range(repeats):
         for label, loss_fn in loss_fns.items():  # taking turns spreads outside load evenly
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             _step(loss_fn, hidden, weight, targets, autocast_dtype)
             _sync(device)
             times[label].append(time.perf_counter() - start)
+            cpu_times[label].append(time.process_time() - cpu_start)
     reference_ms = 1e3 * statistics.median(times["reference"])
     rows = []
     for label, samples in times.items():
@@ -103,6 +131,7 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
                 "median_ms": ms,
                 "min_ms": 1e3 * min(samples),
                 "max_ms": 1e3 * max(samples),
+                "median_cpu_ms": 1e3 * statistics.median(cpu_times[label]),
                 "speedup_vs_reference": reference_ms / ms,
                 "max_abs_err_loss_grad_hidden_grad_weight": errors[label],
             }
@@ -114,7 +143,7 @@ def run(quick: bool, device: str = "cpu") -> dict:
     """Time every implementation in fp32 and under bf16 autocast; the results as a dict."""
     dev = torch.device(device)
     torch.set_num_threads(2)
-    chunk_sizes = [DEFAULT_CHUNK_SIZE] if quick else [64, 128, 256, 512, 1024]
+    chunk_sizes = [DEFAULT_CHUNK_SIZE] if quick else [128, 256, 512, 1024, 2048]
     fused = {f"fused, chunk {c}": _fused(c) for c in chunk_sizes}
     repeats = 3 if quick else 7
     fp32_tokens = 512 if quick else TOKENS
@@ -124,6 +153,8 @@ def run(quick: bool, device: str = "cpu") -> dict:
         rows += _time_case(
             "fp32", {"reference": _reference, **fused}, fp32_tokens, None, repeats, dev
         )
+        for row, loss_fn in zip(rows, [_reference, *fused.values()], strict=True):
+            row["peak_growth_mb"] = _peak_growth_mb(loss_fn, fp32_tokens, dev)
         bf16_fns = {
             "reference": _reference,
             f"fused, chunk {DEFAULT_CHUNK_SIZE}": _fused(DEFAULT_CHUNK_SIZE),
@@ -146,17 +177,21 @@ def markdown(results: dict) -> str:
     lines = [
         f"LM head + cross-entropy, forward + backward: d_model {results['d_model']}, "
         f"vocab {results['vocab']}, {results['device']}, {results['threads']} threads, "
-        f"torch {results['torch']}. Median of repeats (min-max).",
+        f"torch {results['torch']}. Wall-clock median of repeats (min-max); CPU ms is the "
+        "median process CPU time (all threads), less sensitive to other processes' load.",
         "",
-        "| case | tokens | implementation | ms | speed-up vs reference | max abs err (loss, dh, dW) |",
-        "| --- | ---: | --- | ---: | ---: | --- |",
+        "| case | tokens | implementation | ms | CPU ms | speed-up vs reference "
+        "| peak memory added (MB) | max abs err (loss, dh, dW) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in results["rows"]:
+        memory = f"{row['peak_growth_mb']:.0f}" if "peak_growth_mb" in row else "-"
         errors = ", ".join(f"{e:.1e}" for e in row["max_abs_err_loss_grad_hidden_grad_weight"])
         lines.append(
             f"| {row['case']} | {row['tokens']} | {row['implementation']} | "
             f"{row['median_ms']:.0f} ({row['min_ms']:.0f}-{row['max_ms']:.0f}) | "
-            f"{row['speedup_vs_reference']:.2f}x | {errors} |"
+            f"{row['median_cpu_ms']:.0f} | "
+            f"{row['speedup_vs_reference']:.2f}x | {memory} | {errors} |"
         )
     return "\n".join(lines) + "\n"
 
