@@ -2,28 +2,29 @@
 
 `linear_cross_entropy(hidden, weight, targets)` equals
 `F.cross_entropy(F.linear(hidden, weight).float(), targets)` but walks the rows in chunks of
-`chunk_size`. For each chunk it computes the logits into one reused buffer, log-softmaxes
-them in place (max-subtracted log-sum-exp, so large logits give no inf/NaN), reads off the
-loss, turns the buffer into the gradient `softmax - onehot` and contracts it at once into the
-gradients of `hidden` (`g @ W`) and `weight` (`g^T @ h`, accumulated over chunks). Backward
-only scales those saved gradients by the incoming gradient. This is the Liger-Kernel
-"fused linear cross-entropy" (Hsu et al. 2024, arXiv:2410.10989) written with ATen ops.
+`chunk_size`. For each chunk it computes the logits into one reused buffer, softmaxes them in
+place (max-subtracted, so large logits give no inf/NaN), reads off the loss, turns the buffer
+into the gradient `softmax - onehot` and contracts it at once into the gradients of `hidden`
+(`g @ W`) and `weight` (`g^T @ h`, accumulated over chunks). Backward only hands over those
+gradients, scaled by the incoming gradient. This is Liger-Kernel's fused linear
+cross-entropy (Hsu et al. 2024, arXiv:2410.10989) written with ATen ops.
 
-Why it is faster on a CPU as well as leaner: the reference allocates and streams several
-fresh (n, vocab) fp32 tensors (logits, log-probabilities, their gradient; 824 MB each for
-2048 tokens of GPT-2's vocabulary), each one page-faulted in and swept through DRAM; here one
-chunk buffer is reused and the softmax passes run over it while it is still in cache. The
-three matmuls (2 n d vocab FLOPs each) are the same in both.
+Why it is faster on a CPU as well as leaner: the reference allocates and sweeps several
+fresh (n, vocab) fp32 tensors (logits, log-probabilities, their gradient: 824 MB each for
+2048 tokens of GPT-2's vocabulary), each one page-faulted in and streamed through DRAM; here
+one chunk buffer is reused, and backward allocates nothing. The three matmuls (2 n d vocab
+FLOPs each) are the same in both, and dominate.
 
-Dtypes follow autocast: under `torch.autocast` the matmuls run in the autocast dtype with
-the softmax in fp32, rounding where `F.linear(...).float()` rounds (logits, and their gradient
-before it re-enters the matmuls); `weight`'s gradient is accumulated over chunks in fp32.
-Gradients come back in the inputs' dtypes and the loss in fp32 (fp64 for fp64 inputs).
+Dtypes follow autocast: under `torch.autocast` the matmuls take operands in the autocast
+dtype and the softmax runs in fp32, rounding where `F.linear(...).float()` rounds (logits,
+and their gradient before it re-enters the matmuls); `weight`'s gradient is summed over
+chunks in fp32. Gradients come back in the inputs' dtypes and the loss in fp32 (fp64 for
+fp64 inputs).
 
-Transforms: `torch.func.grad` works (setup_context-style `autograd.Function`), and
-`torch.func.vmap` loops over the mapped axis (per-sample gradients). Derivatives of order
-two (`create_graph=True` followed by a second backward) and forward-mode AD are not
-supported: they raise.
+Transforms: `torch.func.grad` works (setup_context-style `autograd.Function`),
+`torch.func.vmap` loops over the mapped axis (per-sample gradients), and `torch.compile`
+traces it without graph breaks. Second derivatives (`create_graph=True` and a second
+backward, `grad` of `grad`) and forward-mode AD are not supported: they raise.
 """
 
 import dataclasses
