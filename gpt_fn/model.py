@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import Kernel, LayerCache, attention, dropout, embed, layer_norm, mlp
+from gpt_fn.nn.cross_entropy import linear_cross_entropy
 from gpt_fn.typing import Params
 
 KVCache = tuple[LayerCache, ...]
@@ -120,9 +121,25 @@ def _is_traced(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
 
 
-def _layer(params: Params, prefix: str) -> Params:
-    """The slice of `params` under `prefix`, keys made relative (`"h.0.attn."` -> `"c_attn.weight"`)."""
-    return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
+def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[str, Params]]]:
+    """One pass over the dict: top-level parts' params, and per block its parts' params.
+
+    `blocks[i]["attn"]` maps `"c_attn.weight"` to `params["h.{i}.attn.c_attn.weight"]` and
+    `top["ln_f"]` maps `"weight"` to `params["ln_f.weight"]`; the layer functions read relative
+    names, and a decode step pays O(params), not O(layers x params).
+    """
+    top: dict[str, Params] = {}
+    blocks: list[dict[str, Params]] = [
+        {"ln_1": {}, "attn": {}, "ln_2": {}, "mlp": {}} for _ in range(n_layer)
+    ]
+    for name, value in params.items():
+        if name.startswith("h."):
+            _, index, part, rest = name.split(".", 3)
+            blocks[int(index)][part][rest] = value
+        else:
+            part, rest = name.split(".", 1)
+            top.setdefault(part, {})[rest] = value
+    return top, blocks
 
 
 def transformer(
@@ -142,23 +159,22 @@ def transformer(
     offset = 0 if cache is None else cache[0].k.shape[2]
     x = embed(params["wte.weight"], params["wpe.weight"], tokens, position_offset=offset)
     x = dropout(x, rate=config.dropout, generator=generator)
+    top, blocks = _split(params, config.n_layer)
+    eps = config.layer_norm_eps
     new_cache = []
-    for i in range(config.n_layer):
-        block = _layer(params, f"h.{i}.")
+    for i, block in enumerate(blocks):
         attn_out, layer_cache = attention(
-            _layer(block, "attn."),
-            layer_norm(_layer(block, "ln_1."), x, eps=config.layer_norm_eps),
+            block["attn"],
+            layer_norm(block["ln_1"], x, eps=eps),
             n_head=config.n_head,
             kernel=attention_kernel,
             cache=None if cache is None else cache[i],
         )
         x = x + dropout(attn_out, rate=config.dropout, generator=generator)
-        mlp_out = mlp(
-            _layer(block, "mlp."), layer_norm(_layer(block, "ln_2."), x, eps=config.layer_norm_eps)
-        )
+        mlp_out = mlp(block["mlp"], layer_norm(block["ln_2"], x, eps=eps))
         x = x + dropout(mlp_out, rate=config.dropout, generator=generator)
         new_cache.append(layer_cache)
-    return layer_norm(_layer(params, "ln_f."), x, eps=config.layer_norm_eps), tuple(new_cache)
+    return layer_norm(top["ln_f"], x, eps=eps), tuple(new_cache)
 
 
 def lm_head(
@@ -201,5 +217,5 @@ def loss(
         )
     check_tokens(targets, config)
     hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
-    logits = lm_head(params, hidden)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    # Fused LM head + loss: never materialises the (batch*seq, vocab) logits.
+    return linear_cross_entropy(hidden.flatten(0, 1), params["wte.weight"], targets.flatten())

@@ -80,15 +80,17 @@ def attention(
     """
     if kernel not in _KERNEL_FNS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
-    q, k, v = einops.rearrange(
-        F.linear(x, p["c_attn.weight"], p.get("c_attn.bias")),
-        "batch seq (three n_head d_head) -> three batch n_head seq d_head",
-        three=3,
-        n_head=n_head,
+    batch, seq, d_model = x.shape
+    # "batch seq (three n_head d_head) -> three batch n_head seq d_head" as view + permute:
+    # einops.rearrange costs ~30 us of Python per call, a tenth of a one-token decode step.
+    q, k, v = (
+        F.linear(x, p["c_attn.weight"], p.get("c_attn.bias"))
+        .view(batch, seq, 3, n_head, d_model // n_head)
+        .permute(2, 0, 3, 1, 4)
     )
     if cache is not None:
         k = torch.cat([cache.k, k], dim=2)
         v = torch.cat([cache.v, v], dim=2)
     out = _KERNEL_FNS[kernel](q, k, v)
-    out = einops.rearrange(out, "batch n_head seq d_head -> batch seq (n_head d_head)")
+    out = out.transpose(1, 2).reshape(batch, seq, d_model)  # "b h s d -> b s (h d)"
     return F.linear(out, p["c_proj.weight"], p.get("c_proj.bias")), LayerCache(k, v)
