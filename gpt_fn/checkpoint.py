@@ -76,7 +76,10 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
     try:
         with safetensors.safe_open(str(source), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            # clone(): safetensors hands out views at 32-byte offsets; fresh 64-byte-aligned
+            # storage makes CPU kernels take the same code paths as in the run that saved it,
+            # so a resumed run matches an uninterrupted one to the last bit.
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own error types for a bad file
         raise CheckpointError(f"checkpoint {source} is corrupt or truncated: {error}") from error
     if metadata.get("format") != FORMAT:

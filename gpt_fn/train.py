@@ -12,7 +12,6 @@ The only carried state is the params and the optimizer state, both saved in the 
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time

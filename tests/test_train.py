@@ -1,0 +1,215 @@
+"""The training loop: exact resume, divergence handling, config checks, DDP, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt_fn.model
+from gpt_fn import cli
+from gpt_fn.checkpoint import CheckpointError, load_checkpoint
+from gpt_fn.train import TrainingDiverged, TrainSettings, read_metrics, train
+
+SPEECH = (
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n\n"
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+    "Deny thy father and refuse thy name.\n\n"
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(SPEECH * 40)
+    return path
+
+
+def _settings(corpus: Path, out_dir: Path, **overrides) -> TrainSettings:
+    fields = dict(
+        data=str(corpus),
+        data_dir=str(out_dir.parent / "tokens"),
+        out_dir=str(out_dir),
+        preset="cpu-tiny",
+        n_layer=1,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=1,
+        eval_interval=6,
+        eval_batches=2,
+        sample_tokens=8,
+        lr=3e-3,
+    )
+    return TrainSettings(**{**fields, **overrides})
+
+
+def _quiet(*args, **kwargs):
+    return None
+
+
+def test_resumed_run_equals_an_uninterrupted_run(corpus, tmp_path):
+    full = _settings(corpus, tmp_path / "full", max_steps=12)
+    train(full, log=_quiet)
+    half = _settings(corpus, tmp_path / "half", max_steps=6, lr_decay_steps=12)
+    train(half, log=_quiet)
+    assert load_checkpoint(tmp_path / "half").step == 6
+    train(_settings(corpus, tmp_path / "half", max_steps=12, resume=True), log=_quiet)
+
+    uninterrupted = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "half" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(12))
+    # Same batches, lr and state on the same CPU kernels: equal to the last bit; 1e-6 is the
+    # bound the issue asks for.
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+        assert a["lr"] == b["lr"]
+    end_a, end_b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "half")
+    # Params may differ by ~1e-7 after several resumed steps: MKL's GEMM picks code paths by
+    # the alignment of activation buffers, which depends on the process's allocation history
+    # (MKL "conditional numerical reproducibility"). Two uninterrupted runs are bit-equal.
+    for name in end_a.params:
+        torch.testing.assert_close(end_a.params[name], end_b.params[name], atol=1e-5, rtol=0)
+
+
+def test_metrics_plot_and_sample_are_written(corpus, tmp_path):
+    summary = train(_settings(corpus, tmp_path / "run", max_steps=6), log=_quiet)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert "val_loss" in records[5]
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns the repeated speech
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert summary["sample"].startswith("ROMEO:")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=6), log=_quiet)
+    real_loss = gpt_fn.model.loss
+
+    def poisoned(*args, **kwargs):
+        return real_loss(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(gpt_fn.model, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="diverged at step 6.*last good checkpoint"):
+        train(_settings(corpus, out, max_steps=12, resume=True), log=_quiet)
+    assert load_checkpoint(out).step == 6
+
+
+def test_resuming_with_another_model_config_names_the_difference(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=2, eval_interval=2), log=_quiet)
+    with pytest.raises(CheckpointError, match="n_embd=32 there, 48 here"):
+        train(_settings(corpus, out, max_steps=4, n_embd=48, resume=True), log=_quiet)
+
+
+def test_resuming_from_a_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=2, eval_interval=2), log=_quiet)
+    path = out / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(_settings(corpus, out, max_steps=4, resume=True), log=_quiet)
+
+
+def test_bf16_autocast_and_grad_accumulation_train(corpus, tmp_path):
+    settings = _settings(
+        corpus, tmp_path / "run", max_steps=2, eval_interval=2, dtype="bfloat16", grad_accum=2
+    )
+    summary = train(settings, log=_quiet)
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_bad_settings_are_rejected_when_built(corpus, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        _settings(corpus, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="unknown training settings: \\['lr_max'\\]"):
+        TrainSettings.from_dict({"lr_max": 1.0})
+
+
+def test_ddp_with_two_processes_equals_one_process(corpus, tmp_path):
+    common = [
+        f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}", "--preset=cpu-tiny", "--n-layer=1",
+        "--n-embd=32", "--block-size=16", "--batch-size=4", "--max-steps=4", "--warmup-steps=1",
+        "--eval-interval=4", "--eval-batches=1", "--sample-tokens=4",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "gpt_fn.cli", "train", f"--out-dir={tmp_path / 'one'}", *common],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "gpt_fn.train", f"--out-dir={tmp_path / 'two'}", *common],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    # The same global batch; DDP averages two half-batch means instead of one full mean, so
+    # fp32 rounding differs by ~1e-7 per step.
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_train_flags_override_the_config_file(corpus, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"max_steps": 50, "lr": 1e-3, "n_layer": 3}))
+    args = cli._parser().parse_args(
+        ["train", "--config", str(config), "--max-steps", "7", "--no-compile"]
+    )
+    settings = cli.settings_from_args(args)
+    assert (settings.max_steps, settings.lr, settings.n_layer, settings.compile) == (
+        7,
+        1e-3,
+        3,
+        False,
+    )
+
+
+def test_cli_bad_flags_exit_nonzero_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dtype", "float8"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+    assert cli.main(["train", "--batch-size", "0"]) == 1
+    assert "batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--top-p", "1.5"])
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_sample_streams_from_a_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=2, eval_interval=2), log=_quiet)
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(out),
+                "--max-new-tokens",
+                "5",
+                "--num-samples",
+                "2",
+                "--top-k",
+                "5",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert printed.count("ROMEO:") >= 2 and "--- sample 2 ---" in printed
+
+
+def test_cli_sample_without_weights_uses_a_random_tiny_model(capsys):
+    assert cli.main(["sample", "--prompt", "Hello", "--max-new-tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
