@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gpt_fn.config import GPTConfig
-from gpt_fn.model import check_params, param_shapes
+from gpt_fn.model import check_params, check_shapes, param_shapes
 from gpt_fn.typing import Params
 
 
@@ -199,23 +199,7 @@ def check_hf_state_dict(state_dict: StateDict, config: GPTConfig) -> None:
     _require_bias(config)
     state = _strip_prefix(state_dict)
     state.pop("lm_head.weight", None)
-    expected = hf_param_shapes(config)
-    missing = [name for name in expected if name not in state]
-    if missing:
-        raise KeyError(
-            f"HF state dict is missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
-        )
-    unexpected = [name for name in state if name not in expected]
-    if unexpected:
-        raise KeyError(
-            f"HF state dict has unexpected key(s) for this config, e.g. {unexpected[0]!r}"
-        )
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(
-                f"HF tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} "
-                "(HF layout) for this config"
-            )
+    check_shapes(state, hf_param_shapes(config), what="HF state dict (HF layout)")
 
 
 def from_hf_state_dict(state_dict: StateDict, config: GPTConfig) -> Params:

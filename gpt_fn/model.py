@@ -8,6 +8,7 @@ final LayerNorm and the LM head tied to the token embedding (Radford et al. 2019
 """
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -82,19 +83,26 @@ def init_params(
 
 def check_params(params: Params, config: GPTConfig) -> None:
     """Raise `KeyError`/`ValueError` naming the first missing, unexpected or misshapen key."""
-    expected = param_shapes(config)
-    missing = [name for name in expected if name not in params]
+    check_shapes(params, param_shapes(config), what="params")
+
+
+def check_shapes(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
+) -> None:
+    """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
+    missing = [name for name in expected if name not in tensors]
     if missing:
         raise KeyError(
-            f"params are missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
+            f"{what}: missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
         )
-    unexpected = [name for name in params if name not in expected]
+    unexpected = [name for name in tensors if name not in expected]
     if unexpected:
-        raise KeyError(f"params have unexpected key(s) for this config, e.g. {unexpected[0]!r}")
+        raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
     for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
+        if tuple(tensors[name].shape) != shape:
             raise ValueError(
-                f"param {name!r} has shape {tuple(params[name].shape)}, expected {shape} for this config"
+                f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                "for this config"
             )
 
 
