@@ -16,8 +16,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import Kernel, LayerCache, attention, dropout, embed, layer_norm, mlp
-from gpt_fn.nn.cross_entropy import linear_cross_entropy
+from gpt_fn.nn import (
+    Kernel,
+    LayerCache,
+    attention,
+    dropout,
+    embed,
+    layer_norm,
+    linear_cross_entropy,
+    mlp,
+)
 from gpt_fn.typing import Params
 
 KVCache = tuple[LayerCache, ...]
