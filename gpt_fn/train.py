@@ -54,7 +54,7 @@ class TrainSettings:
     attention: Literal["sdpa", "manual"] = "sdpa"
     batch_size: int = 16  # rows per micro-step, summed over DDP ranks
     grad_accum: int = 1
-    max_steps: int = 400
+    max_steps: int = 300
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 20
