@@ -368,9 +368,10 @@ def sample_text(
         top_k=200,
         ban_tokens=range(encoding.n_vocab, config.vocab_size),
     )
-    with torch.no_grad(), runtime.autocast():
+    # Weights cast once to the run's dtype: autocast would re-cast every matmul at every step.
+    with torch.no_grad():
         tokens = sampling.generate(
-            {k: v.detach() for k, v in params.items()},
+            {k: v.detach().to(runtime.dtype) for k, v in params.items()},
             prompt,
             config,
             max_new_tokens=settings.sample_tokens,
