@@ -1,0 +1,367 @@
+"""Attention kernels: `sdpa` against the manual einops kernel, eager and under torch.compile.
+
+Times `gpt_fn.nn.sdpa_kernel` (`F.scaled_dot_product_attention`: flash / memory-efficient
+kernels where the device has them), `gpt_fn.nn.manual_kernel` (einops scores, explicit causal
+mask, softmax: the textbook formula) and, for reference, the manual kernel compiled by
+`torch.compile` (inductor fuses scale, mask and softmax but still materialises the scores), in
+forward and forward + backward, at GPT-2 small's attention shape (12 heads of 64) over
+sequence lengths 64 to 2048, in fp32 and bf16. The kernels take turns within each repeat,
+so load from other processes hits them alike; the figures are medians over repeats after
+warm-up (FlashAttention, Dao et al. 2022, for why the scores need not be materialised).
+
+Every case also records:
+
+- the largest absolute difference from `sdpa` of the output (forward) or of the output and
+  the three input gradients (forward + backward), in the same dtype;
+- peak memory: on CUDA `torch.cuda.max_memory_allocated` above what was allocated before the
+  call; on CPU the growth of this process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) over one call. The CPU figure is honest about what the OS had to
+  provide but coarse: pages the allocator kept from earlier calls are not counted again, so
+  read it next to `scores MB`, the analytic size of one (batch, heads, seq, seq) score tensor,
+  which the manual kernel allocates several times over (scores, masked scores, weights, and
+  their gradients in backward) and flash-style kernels never allocate whole.
+
+    python benchmarks/attention.py [--quick] [--dtypes float32,bfloat16] [--no-compile]
+                                   [--batch N] [--threads N] [--device cpu|cuda] [--out DIR]
+
+`--quick` runs a small grid in well under a minute on two CPU cores: no compiled kernel
+(inductor takes seconds per graph), and no bf16 on CPUs without native bf16 matmuls (ATen's
+fallback there runs at a few GFLOP/s; the output says so). `run(quick)` returns the numbers as a dict, `markdown(result)` renders them and
+`plot(result, path)` draws time against sequence length (log-log, one line per kernel and
+dtype).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gpt_fn.nn import manual_kernel, sdpa_kernel
+from gpt_fn.typing import shape_checks
+
+N_HEAD, D_HEAD = 12, 64  # GPT-2 small
+SEQ_LENS = (64, 128, 256, 512, 1024, 2048)
+QUICK_SEQ_LENS = (64, 256, 1024)
+KERNELS = ("sdpa", "manual", "manual compiled")
+PASSES = ("forward", "forward+backward")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (every CUDA GPU we target does)."""
+    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def run(
+    quick: bool = False,
+    *,
+    device: str | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    seq_lens: tuple[int, ...] | None = None,
+    batch: int | None = None,
+    compile: bool | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Median ms, peak memory and max abs difference from sdpa for every case, as a dict.
+
+    Defaults: every dtype (quick: bf16 only where native), `SEQ_LENS` (quick:
+    `QUICK_SEQ_LENS`), the compiled kernel in the full run only, batch 4 on CUDA and 1 on CPU (the (1, 12, 2048, 2048) fp32 scores are
+    already 200 MB, and the manual backward holds several such tensors). `threads` sets
+    torch's intra-op CPU threads.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    batch = batch or (4 if dev.type == "cuda" else 1)
+    seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
+    skipped: list[str] = []
+    if dtypes is None:
+        dtypes = tuple(DTYPES)
+        if quick and not native_bf16(dev):
+            dtypes = ("float32",)
+            skipped.append(
+                "bfloat16 skipped (quick mode): this CPU has no native bf16 matmul "
+                "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+            )
+    unknown = [name for name in dtypes if name not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    if not seq_lens or min(seq_lens) < 1:
+        raise ValueError(f"seq_lens must be positive lengths, got {seq_lens!r}")
+    compile = (not quick) if compile is None else compile
+    warmup, repeats = (1, 3) if quick else (2, 7)
+
+    rows = []
+    with shape_checks(False):
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            # Fewer repeats where bf16 matmuls fall back to a slow path: minutes, not hours.
+            dtype_repeats = repeats if dtype == torch.float32 or native_bf16(dev) else 3
+            kernels: dict[str, Kernel] = {"sdpa": sdpa_kernel, "manual": manual_kernel}
+            if compile:
+                # dynamic=True: one graph serves every length (and the forward-only and
+                # forward + backward graphs), instead of one compile per case.
+                kernels["manual compiled"] = torch.compile(manual_kernel, dynamic=True)
+            for seq in seq_lens:
+                for pass_name in PASSES:
+                    rows += _time_case(
+                        kernels,
+                        pass_name,
+                        batch=batch,
+                        seq=seq,
+                        dtype=dtype,
+                        device=dev,
+                        warmup=warmup,
+                        repeats=dtype_repeats,
+                    )
+    return {
+        "benchmark": "attention",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "n_head": N_HEAD,
+        "d_head": D_HEAD,
+        "warmup": warmup,
+        "repeats": repeats,
+        "memory_method": (
+            "torch.cuda.max_memory_allocated above the allocation before the call"
+            if dev.type == "cuda"
+            else "growth of the process's peak resident set (VmHWM) over one call"
+        ),
+        "skipped": skipped,
+        "rows": rows,
+    }
+
+
+def _inputs(
+    batch: int, seq: int, dtype: torch.dtype, device: torch.device, *, requires_grad: bool
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v and an output gradient, the same numbers for every kernel and run."""
+    generator = torch.Generator().manual_seed(seq)
+    shape = (batch, N_HEAD, seq, D_HEAD)
+    q, k, v, grad_out = (
+        torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(4)
+    )
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, grad_out
+
+
+def _call(kernel: Kernel, pass_name: str, q, k, v, grad_out) -> tuple[torch.Tensor, ...]:
+    """One forward (no autograd graph) or forward + backward; returns output (and gradients)."""
+    if pass_name == "forward":
+        with torch.no_grad():
+            return (kernel(q, k, v),)
+    out = kernel(q, k, v)
+    # autograd.grad, not .backward(): nothing accumulates in q.grad between calls.
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_case(
+    kernels: dict[str, Kernel],
+    pass_name: str,
+    *,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> list[dict]:
+    q, k, v, grad_out = _inputs(
+        batch, seq, dtype, device, requires_grad=pass_name == "forward+backward"
+    )
+    reference = _call(kernels["sdpa"], pass_name, q, k, v, grad_out)
+    max_abs_diff = {}
+    for name, kernel in kernels.items():  # the first call also compiles
+        result = _call(kernel, pass_name, q, k, v, grad_out)
+        max_abs_diff[name] = max(
+            float((a.float() - b.float()).abs().max())
+            for a, b in zip(result, reference, strict=True)
+        )
+    del reference, result
+    seconds: dict[str, list[float]] = {name: [] for name in kernels}
+    names = list(kernels)
+    for repeat in range(warmup + repeats):
+        # Rotate who goes first so none always runs right after the same neighbour.
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            _call(kernels[name], pass_name, q, k, v, grad_out)
+            _sync(device)
+            if repeat >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    scores_mb = batch * N_HEAD * seq * seq * torch.finfo(dtype).bits / 8 / 2**20
+    sdpa_ms = 1e3 * statistics.median(seconds["sdpa"])
+    return [
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "pass": pass_name,
+            "seq": seq,
+            "kernel": name,
+            "median_ms": 1e3 * statistics.median(samples),
+            "min_ms": 1e3 * min(samples),
+            "over_sdpa": 1e3 * statistics.median(samples) / sdpa_ms,
+            "peak_mb": _peak_mb(kernels[name], pass_name, q, k, v, grad_out, device),
+            "scores_mb": scores_mb,
+            "max_abs_diff_vs_sdpa": max_abs_diff[name],
+        }
+        for name, samples in seconds.items()
+    ]
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # reported in kB
+    raise KeyError(field)
+
+
+def _peak_mb(kernel: Kernel, pass_name: str, q, k, v, grad_out, device: torch.device) -> float:
+    """Peak memory one call adds on top of its inputs, in MB (NaN where it cannot be read)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _call(kernel, pass_name, q, k, v, grad_out)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        return float("nan")
+    try:
+        clear_refs.write_text("5")  # resets the peak resident set (VmHWM) to the current one
+    except OSError:
+        return float("nan")
+    before = _status_mb("VmRSS")
+    _call(kernel, pass_name, q, k, v, grad_out)
+    # Pages freed right after the reset can leave the peak a few kB under `before`.
+    return max(0.0, _status_mb("VmHWM") - before)
+
+
+def markdown(result: dict) -> str:
+    """One table row per (dtype, pass, sequence length): each kernel's time and memory."""
+    kernels = [k for k in KERNELS if any(row["kernel"] == k for row in result["rows"])]
+    lines = [
+        f"Causal attention, batch {result['batch']} x {result['n_head']} heads x d_head "
+        f"{result['d_head']}, {result['device_name']}, {result['threads']} threads, torch "
+        f"{result['torch']}; median ms of {result['repeats']} repeats after {result['warmup']} "
+        f"warm-up (fewer for bf16 on CPUs without native bf16). Peak MB: "
+        f"{result['memory_method']}; scores MB: one (batch, heads, seq, seq) tensor. "
+        "Max |diff|: largest absolute difference from sdpa (output, and input gradients "
+        "for forward+backward).",
+        "",
+    ]
+    lines += [f"Note: {note}." for note in result["skipped"]]
+    if result["skipped"]:
+        lines.append("")
+    header = (
+        ["dtype", "pass", "seq", "scores MB"]
+        + [f"{k} ms" for k in kernels]
+        + [f"{k} / sdpa" for k in kernels[1:]]
+        + [f"{k} peak MB" for k in kernels]
+        + [f"{k} max abs diff" for k in kernels[1:]]
+    )
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |",
+    ]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        cases.setdefault((row["dtype"], row["pass"], row["seq"]), {})[row["kernel"]] = row
+    for (dtype, pass_name, seq), by_kernel in cases.items():
+        cells = [dtype, pass_name, str(seq), f"{by_kernel['sdpa']['scores_mb']:.0f}"]
+        cells += [f"{by_kernel[k]['median_ms']:.2f}" for k in kernels]
+        cells += [f"{by_kernel[k]['over_sdpa']:.2f}x" for k in kernels[1:]]
+        cells += [f"{by_kernel[k]['peak_mb']:.0f}" for k in kernels]
+        cells += [f"{by_kernel[k]['max_abs_diff_vs_sdpa']:.1e}" for k in kernels[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Median time against sequence length, log-log: one panel per pass, a line per kernel/dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PASSES), figsize=(11, 4.2), sharey=True)
+    for ax, pass_name in zip(axes, PASSES, strict=True):
+        lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for row in result["rows"]:
+            if row["pass"] == pass_name:
+                lines.setdefault((row["kernel"], row["dtype"]), []).append(
+                    (row["seq"], row["median_ms"])
+                )
+        for (kernel, dtype), points in lines.items():
+            seqs, ms = zip(*sorted(points), strict=True)
+            style = "-" if dtype == "float32" else "--"
+            ax.plot(seqs, ms, style, marker="o", label=f"{kernel}, {dtype}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(pass_name)
+        ax.set_xlabel("sequence length")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("median ms")
+    axes[-1].legend(fontsize="small")
+    fig.suptitle(
+        f"causal attention, batch {result['batch']} x {result['n_head']} heads x "
+        f"{result['d_head']}, {result['device_name']}, {result['threads']} threads"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid, fp32 on CPUs")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    parser.add_argument("--seq-lens", default=None, help="comma-separated lengths")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the manual kernel under torch.compile (default: on in the full run)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="write attention.json/.md/.png")
+    args = parser.parse_args(argv)
+    result = run(
+        args.quick,
+        device=args.device,
+        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        seq_lens=tuple(int(s) for s in args.seq_lens.split(",")) if args.seq_lens else None,
+        batch=args.batch,
+        compile=args.compile,
+        threads=args.threads,
+    )
+    table = markdown(result)
+    print(table, end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "attention.md").write_text(table)
+        plot(result, args.out / "attention.png")
+
+
+if __name__ == "__main__":
+    main()

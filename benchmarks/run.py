@@ -1,0 +1,173 @@
+"""Run every benchmark and write one markdown report, with the machine it was measured on.
+
+    python -m benchmarks [--quick] [--only attention,train_step,...] [--out bench-out]
+    python benchmarks/run.py ...                                    (the same)
+
+Each benchmark module exposes `run(quick) -> dict` and `markdown(result) -> str`, and some
+`plot(result, path)`. For each one the runner writes `<name>.json`, `<name>.md` (and
+`<name>.png`) into `--out`, then `REPORT.md`: the machine (CPU model, cores, torch and device),
+then every benchmark's table and plot. Benchmarks that set torch's thread count get the
+previous count restored after them, so the order of the list does not change the figures.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = ("attention", "train_step", "generate", "optimizer", "lm_head_loss")
+DEFAULT_OUT = Path("bench-out")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Where the figures come from: hardware, software and the commit measured."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+    ).stdout.strip()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "unknown",
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = "not installed"
+    return info
+
+
+def run_benchmarks(
+    names: Sequence[str] = BENCHMARKS, *, quick: bool = False, out: Path = DEFAULT_OUT
+) -> Path:
+    """Run `names` in order, write their files and `REPORT.md` into `out`; returns the report."""
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    sections = []
+    for name in names:
+        # Imported here: a benchmark's imports (transformers, matplotlib) cost only when it runs.
+        module = importlib.import_module(f"benchmarks.{name}")
+        threads = torch.get_num_threads()
+        print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        result = module.run(quick)
+        elapsed = time.perf_counter() - start
+        torch.set_num_threads(threads)
+        table = module.markdown(result)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.md").write_text(table)
+        plot_file = None
+        if hasattr(module, "plot"):
+            plot_file = f"{name}.png"
+            module.plot(result, out / plot_file)
+        sections.append(_section(name, module, table, plot_file, elapsed))
+        print(f"[benchmarks] {name} took {elapsed:.0f} s", file=sys.stderr, flush=True)
+    report = out / "REPORT.md"
+    report.write_text(_report(info, quick, sections))
+    return report
+
+
+def _section(name: str, module, table: str, plot_file: str | None, elapsed: float) -> str:
+    summary = (module.__doc__ or name).strip().splitlines()[0]
+    lines = [
+        f"## {name}",
+        "",
+        f"{summary} (`python benchmarks/{name}.py`; this run took {elapsed:.0f} s)",
+        "",
+        table.rstrip("\n"),
+    ]
+    if plot_file is not None:
+        lines += ["", f"![{name}]({plot_file})"]
+    return "\n".join(lines) + "\n"
+
+
+def _report(info: dict, quick: bool, sections: list[str]) -> str:
+    mode = "`--quick` (smoke-sized: the figures are not representative)" if quick else "full"
+    cores = f"{info['logical_cores']} logical cores, {info['cores_available']} available to it"
+    machine_rows = [
+        ("CPU", f"{info['cpu']} ({cores})"),
+        ("bf16 matmul on the CPU", "native" if info["cpu_native_bf16"] else "not native"),
+        ("device", info["device"]),
+        ("torch", f"{info['torch']} ({info['torch_threads']} threads by default)"),
+        ("transformers", info["transformers"]),
+        ("Python", f"{info['python']} on {info['platform']}"),
+    ]
+    lines = [
+        "# gpt_fn benchmarks",
+        "",
+        f"Measured {info['date']} at commit {info['commit']}, {mode} run of "
+        "`python -m benchmarks`. Timings are medians over repeats after warm-up; contenders "
+        "take turns within each repeat. Each benchmark's JSON holds every figure.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *(f"| {key} | {value} |" for key, value in machine_rows),
+        "",
+    ]
+    return "\n".join(lines) + "\n" + "\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke-sized runs: about a minute")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all, in that order)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+    names = BENCHMARKS if args.only is None else tuple(args.only.split(","))
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(BENCHMARKS)}")
+    report = run_benchmarks(names, quick=args.quick, out=args.out)
+    print(report.read_text(), end="")
+    print(f"[benchmarks] wrote {report}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ on the path; the package lives one level up.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

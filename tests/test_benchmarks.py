@@ -1,0 +1,105 @@
+"""Smoke test of the benchmark suite: every benchmark runs and the runner writes its report.
+
+The benchmarks run at toy sizes (each module's size constants patched down) so the file takes
+seconds; the figures are meaningless and never asserted. What is asserted: every table and
+plot reaches REPORT.md, and the numerical checks the benchmarks record hold (both train-step
+contenders compute the same loss; the attention kernels agree).
+"""
+
+import importlib
+import json
+
+import pytest
+
+from gpt_fn import GPTConfig
+
+# benchmarks/ is a folder next to gpt_fn, not an installed package: `python -m pytest` from the
+# repository root makes it importable.
+run = importlib.import_module("benchmarks.run")
+attention = importlib.import_module("benchmarks.attention")
+train_step = importlib.import_module("benchmarks.train_step")
+generate = importlib.import_module("benchmarks.generate")
+optimizer = importlib.import_module("benchmarks.optimizer")
+lm_head_loss = importlib.import_module("benchmarks.lm_head_loss")
+
+# Toy sizes: odd widths, a vocabulary without GPT-2's end-of-text id.
+TOY = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=16)
+TOY_SIZES = [
+    (attention, "QUICK_SEQ_LENS", (8, 32)),
+    (train_step, "QUICK_CONFIG", TOY),
+    (train_step, "QUICK_BATCH", 2),
+    (generate, "CONFIG", TOY),  # 16-token prompt + 32 new tokens fit its 64-token block
+    (optimizer, "CONFIG", TOY),
+    (lm_head_loss, "D_MODEL", 16),
+    (lm_head_loss, "VOCAB", 97),
+]
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    """One quick run of every benchmark through the runner, at toy sizes."""
+    out = tmp_path_factory.mktemp("bench-out")
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name, value in TOY_SIZES:
+            patch.setattr(module, name, value)
+        run.run_benchmarks(run.BENCHMARKS, quick=True, out=out)
+    return out
+
+
+def test_report_names_the_machine(out_dir):
+    report = (out_dir / "REPORT.md").read_text()
+    assert "## Machine" in report
+    for field in ("| CPU |", "| device |", "| torch |"):
+        assert field in report
+
+
+@pytest.mark.parametrize("name", run.BENCHMARKS)
+def test_report_holds_each_benchmarks_table(out_dir, name):
+    report = (out_dir / "REPORT.md").read_text()
+    table = (out_dir / f"{name}.md").read_text()
+    assert f"## {name}" in report
+    assert table.strip() in report
+    assert "| ---" in table  # a markdown table, not just a caption
+    json.loads((out_dir / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["attention", "train_step"])
+def test_plots_are_written_and_linked(out_dir, name):
+    assert (out_dir / f"{name}.png").stat().st_size > 0
+    assert f"![{name}]({name}.png)" in (out_dir / "REPORT.md").read_text()
+
+
+def test_train_step_contenders_compute_the_same_loss(out_dir):
+    result = json.loads((out_dir / "train_step.json").read_text())
+    (mode,) = result["modes"]  # quick: fp32 eager only
+    assert (mode["dtype"], mode["compile"]) == ("float32", False)
+    # Same weights and batch in fp32; the sums run in different orders (fused vs full-logits
+    # cross-entropy), ~1e-6 on a loss of ~4.6.
+    assert mode["first_loss_diff"] < 1e-4
+    # After identical AdamW updates on both sides the trajectories still agree.
+    assert mode["last_loss_diff"] < 1e-3
+
+
+def test_attention_kernels_agree_and_every_case_is_timed(out_dir):
+    result = json.loads((out_dir / "attention.json").read_text())
+    cases = {(row["pass"], row["seq"], row["kernel"]) for row in result["rows"]}
+    assert cases == {
+        (pass_name, seq, kernel)
+        for pass_name in attention.PASSES
+        for seq in (8, 32)
+        for kernel in ("sdpa", "manual")  # quick: no compiled kernel
+    }
+    # fp32, d_head 64: both kernels sum the same terms in different orders (see test_attention).
+    assert all(row["max_abs_diff_vs_sdpa"] < 1e-4 for row in result["rows"])
+
+
+def test_runner_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        run.run_benchmarks(["nope"], out=tmp_path)
+    with pytest.raises(SystemExit):
+        run.main(["--only", "attention,nope", "--out", str(tmp_path)])
+
+
+def test_attention_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="float8"):
+        attention.run(quick=True, dtypes=("float8",))
