@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gpt_fn import data, flops, hf, sampling
 from gpt_fn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from gpt_fn.config import GPTConfig
+from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import Optimizer, OptState, adamw, clip_by_global_norm_, warmup_cosine
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
@@ -98,17 +99,16 @@ class TrainSettings:
     def decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.model_config().block_size
-
-    def model_config(self) -> GPTConfig:
+    def model_config(self, base: GPTConfig | None = None) -> GPTConfig:
+        """The preset (or `base`, e.g. GPT-2 weights' config) with this run's overrides."""
         overrides = {
             name: getattr(self, name)
             for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
             if getattr(self, name) is not None
         }
-        return GPTConfig.from_preset(self.preset, **overrides)
+        if base is None:
+            return GPTConfig.from_preset(self.preset, **overrides)
+        return dataclasses.replace(base, **overrides)
 
     def data_path(self) -> Path:
         if self.data_dir is not None:
@@ -184,9 +184,10 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: Any, settings: TrainSettings, runtime: Runtime) -> float:
+def evaluate(
+    model: nn.Module, tokens: Any, settings: TrainSettings, config: GPTConfig, runtime: Runtime
+) -> float:
     """Mean loss over the fixed evaluation batches (the same rows at every step)."""
-    config = settings.model_config()
     total = torch.zeros((), device=runtime.device)
     for index in range(settings.eval_batches):
         x, y = data.eval_batch(
@@ -221,14 +222,13 @@ def train(settings: TrainSettings, *, log: Any = print) -> dict[str, Any]:
 
 def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any]:
     out_dir = Path(settings.out_dir)
-    config = settings.model_config()
     if settings.batch_size % runtime.world_size:
         raise ValueError(
             f"batch_size {settings.batch_size} must be divisible by the {runtime.world_size} ranks"
         )
+    params, config, start_step, opt_state_saved = _initial_params(settings, out_dir, log)
+    tokens_per_step = settings.batch_size * settings.grad_accum * config.block_size
     train_tokens, val_tokens = _load_data(settings, config, runtime, log)
-
-    params, start_step, opt_state_saved = _initial_params(settings, config, out_dir, log)
     module = GPT.from_params(
         {k: v.to(runtime.device) for k, v in params.items()}, config, attention=settings.attention
     )
@@ -259,7 +259,7 @@ def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any
         _truncate_metrics(metrics_path, start_step)
     log(
         f"model {config.n_layer} layers x {config.n_embd} wide, {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
-        f"params; {settings.tokens_per_step} tokens/step on {runtime.world_size} x "
+        f"params; {tokens_per_step} tokens/step on {runtime.world_size} x "
         f"{runtime.device} ({runtime.dtype}); steps {start_step}..{settings.max_steps}"
     )
 
@@ -306,7 +306,7 @@ def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any
             kept = f"; the last good checkpoint ({out_dir}/checkpoint.safetensors) is kept"
             raise TrainingDiverged(f"training diverged at step {step}: {error}{kept}") from None
         elapsed = time.perf_counter() - started
-        tokens_per_s = settings.tokens_per_step / elapsed
+        tokens_per_s = tokens_per_step / elapsed
         record: dict[str, Any] = {
             "step": step,
             "loss": loss.item(),
@@ -317,7 +317,7 @@ def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any
         }
         done = step + 1
         if done % settings.eval_interval == 0 or done == settings.max_steps:
-            record["val_loss"] = evaluate(model, val_tokens, settings, runtime)
+            record["val_loss"] = evaluate(model, val_tokens, settings, config, runtime)
             checkpoint(done)
         if runtime.is_main:
             with metrics_path.open("a") as f:
@@ -431,11 +431,17 @@ def _load_data(
 
 
 def _initial_params(
-    settings: TrainSettings, config: GPTConfig, out_dir: Path, log: Any
-) -> tuple[Params, int, dict[str, Tensor] | None]:
-    """(params, first step, saved optimizer state) for a fresh, pretrained or resumed run."""
+    settings: TrainSettings, out_dir: Path, log: Any
+) -> tuple[Params, GPTConfig, int, dict[str, Tensor] | None]:
+    """(params, model config, first step, saved optimizer state): fresh, pretrained or resumed.
+
+    With `--init-from`, the model's shape comes from the GPT-2 weights (the preset is not
+    used); `--block-size` (crops the position embeddings) and `--dropout` still apply.
+    """
+    pretrained = None if settings.init_from == "scratch" else settings.init_from
     if settings.resume:
         saved = load_checkpoint(out_dir)
+        config = settings.model_config(saved.model_config if pretrained else None)
         if saved.model_config != config:
             differing = {
                 k: (v, getattr(config, k))
@@ -447,17 +453,13 @@ def _initial_params(
                 + ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in differing.items())
             )
         log(f"resuming from {out_dir}/checkpoint.safetensors at step {saved.step}")
-        return saved.params, saved.step, saved.optimizer_state
-    if settings.init_from != "scratch":
-        pretrained, pretrained_config = hf.load(settings.init_from)
-        return _fit_pretrained(pretrained, pretrained_config, config), 0, None
-    return _init_scratch(config, settings.seed), 0, None
-
-
-def _init_scratch(config: GPTConfig, seed: int) -> Params:
-    from gpt_fn.model import init_params
-
-    return init_params(config, seed=seed)
+        return saved.params, config, saved.step, saved.optimizer_state
+    if pretrained:
+        weights, weights_config = hf.load(pretrained)
+        config = settings.model_config(weights_config)
+        return _fit_pretrained(weights, weights_config, config), config, 0, None
+    config = settings.model_config()
+    return init_params(config, seed=settings.seed), config, 0, None
 
 
 def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) -> Params:
@@ -466,7 +468,7 @@ def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) ->
         if getattr(pretrained, field) != getattr(config, field):
             raise ValueError(
                 f"--init-from weights have {field}={getattr(pretrained, field)}, but the run's "
-                f"model has {getattr(config, field)}: use --preset gpt2 (or its size) with it"
+                f"model has {getattr(config, field)}: drop --{field.replace('_', '-')} with it"
             )
     if config.block_size > pretrained.block_size:
         raise ValueError(

@@ -213,3 +213,47 @@ def test_cli_sample_streams_from_a_checkpoint(corpus, tmp_path, capsys):
 def test_cli_sample_without_weights_uses_a_random_tiny_model(capsys):
     assert cli.main(["sample", "--prompt", "Hello", "--max-new-tokens", "3", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_init_from_gpt2_weights_takes_their_shape_and_crops_the_block(corpus, tmp_path):
+    from gpt_fn import GPTConfig, hf, init_params
+    from gpt_fn.data import get_batch, load_split
+    from gpt_fn.model import loss
+
+    weights_config = GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    weights = init_params(weights_config, seed=3)
+    hf.save(weights, weights_config, tmp_path / "gpt2-dir")
+    settings = _settings(
+        corpus,
+        tmp_path / "run",
+        init_from=str(tmp_path / "gpt2-dir"),
+        n_layer=None,  # the shape comes from the weights
+        n_embd=None,
+        max_steps=2,
+        eval_interval=2,
+    )
+    train(settings, log=_quiet)
+
+    trained = load_checkpoint(tmp_path / "run")
+    assert trained.model_config == GPTConfig(
+        vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16
+    )
+    # Step 0 trains from exactly the GPT-2 weights (wpe cropped to the 16-position block).
+    x, y = get_batch(
+        load_split(settings.data_dir, "train", block_size=16),
+        batch_size=4,
+        block_size=16,
+        seed=0,
+        step=0,
+    )
+    cropped = {**weights, "wpe.weight": weights["wpe.weight"][:16]}
+    expected = loss(cropped, x, y, trained.model_config).item()
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == pytest.approx(
+        expected, abs=1e-6
+    )
+
+    with pytest.raises(ValueError, match="n_embd=16, but the run's model has 32"):
+        train(
+            _settings(corpus, tmp_path / "bad", init_from=str(tmp_path / "gpt2-dir")),
+            log=_quiet,
+        )
