@@ -139,10 +139,14 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
     return rows
 
 
-def run(quick: bool, device: str = "cpu") -> dict:
-    """Time every implementation in fp32 and under bf16 autocast; the results as a dict."""
+def run(quick: bool, device: str = "cpu", *, threads: int | None = 2) -> dict:
+    """Time every implementation in fp32 and under bf16 autocast; the results as a dict.
+
+    `threads` sets torch's intra-op CPU threads (2 by default); `None` keeps torch's setting.
+    """
     dev = torch.device(device)
-    torch.set_num_threads(2)
+    if threads is not None:
+        torch.set_num_threads(threads)
     chunk_sizes = [DEFAULT_CHUNK_SIZE] if quick else [128, 256, 512, 1024, 2048]
     fused = {f"fused, chunk {c}": _fused(c) for c in chunk_sizes}
     repeats = 3 if quick else 7
@@ -200,9 +204,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens, repeats, chunk sizes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--out", type=Path, help="directory for lm_head_loss.json and .md")
     args = parser.parse_args()
-    results = run(args.quick, args.device)
+    results = run(args.quick, args.device, threads=args.threads)
     table = markdown(results)
     print(table)
     if args.out:

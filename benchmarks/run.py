@@ -1,13 +1,14 @@
 """Run every benchmark and write one markdown report, with the machine it was measured on.
 
-    python -m benchmarks [--quick] [--only attention,train_step,...] [--out bench-out]
+    python -m benchmarks [--quick] [--only attention,train_step,...] [--threads N] [--out bench-out]
     python benchmarks/run.py ...                                    (the same)
 
 Each benchmark module exposes `run(quick) -> dict` and `markdown(result) -> str`, and some
 `plot(result, path)`. For each one the runner writes `<name>.json`, `<name>.md` (and
 `<name>.png`) into `--out`, then `REPORT.md`: the machine (CPU model, cores, torch and device),
-then every benchmark's table and plot. Benchmarks that set torch's thread count get the
-previous count restored after them, so the order of the list does not change the figures.
+then every benchmark's table and plot. `--threads N` hands `threads=N` to every benchmark
+(each otherwise keeps its own default, and its table says how many it used); the previous
+count is restored after each one, so the order of the list does not change the figures.
 """
 
 import argparse
@@ -72,9 +73,18 @@ def machine() -> dict:
 
 
 def run_benchmarks(
-    names: Sequence[str] = BENCHMARKS, *, quick: bool = False, out: Path = DEFAULT_OUT
+    names: Sequence[str] = BENCHMARKS,
+    *,
+    quick: bool = False,
+    out: Path = DEFAULT_OUT,
+    threads: int | None = None,
 ) -> Path:
-    """Run `names` in order, write their files and `REPORT.md` into `out`; returns the report."""
+    """Run `names` in order, write their files and `REPORT.md` into `out`; returns the report.
+
+    `threads`: torch's CPU threads for every benchmark; `None` leaves each its own default.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
@@ -84,12 +94,12 @@ def run_benchmarks(
     for name in names:
         # Imported here: a benchmark's imports (transformers, matplotlib) cost only when it runs.
         module = importlib.import_module(f"benchmarks.{name}")
-        threads = torch.get_num_threads()
+        threads_before = torch.get_num_threads()
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        result = module.run(quick)
+        result = module.run(quick) if threads is None else module.run(quick, threads=threads)
         elapsed = time.perf_counter() - start
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_before)
         table = module.markdown(result)
         (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{name}.md").write_text(table)
@@ -100,7 +110,7 @@ def run_benchmarks(
         sections.append(_section(name, module, table, plot_file, elapsed))
         print(f"[benchmarks] {name} took {elapsed:.0f} s", file=sys.stderr, flush=True)
     report = out / "REPORT.md"
-    report.write_text(_report(info, quick, sections))
+    report.write_text(_report(info, quick, threads, sections))
     return report
 
 
@@ -118,8 +128,13 @@ def _section(name: str, module, table: str, plot_file: str | None, elapsed: floa
     return "\n".join(lines) + "\n"
 
 
-def _report(info: dict, quick: bool, sections: list[str]) -> str:
+def _report(info: dict, quick: bool, threads: int | None, sections: list[str]) -> str:
     mode = "`--quick` (smoke-sized: the figures are not representative)" if quick else "full"
+    threads_note = (
+        "each benchmark with its own thread count"
+        if threads is None
+        else f"every benchmark with {threads} CPU thread(s)"
+    )
     cores = f"{info['logical_cores']} logical cores, {info['cores_available']} available to it"
     machine_rows = [
         ("CPU", f"{info['cpu']} ({cores})"),
@@ -133,7 +148,7 @@ def _report(info: dict, quick: bool, sections: list[str]) -> str:
         "# gpt_fn benchmarks",
         "",
         f"Measured {info['date']} at commit {info['commit']}, {mode} run of "
-        "`python -m benchmarks`. Timings are medians over repeats after warm-up; contenders "
+        f"`python -m benchmarks`, {threads_note}. Timings are medians over repeats after warm-up; contenders "
         "take turns within each repeat. Each benchmark's JSON holds every figure.",
         "",
         "## Machine",
@@ -155,6 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all, in that order)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for every benchmark (default: each benchmark's own)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(BENCHMARKS)}")
-    report = run_benchmarks(names, quick=args.quick, out=args.out)
+    report = run_benchmarks(names, quick=args.quick, out=args.out, threads=args.threads)
     print(report.read_text(), end="")
     print(f"[benchmarks] wrote {report}", file=sys.stderr)
 

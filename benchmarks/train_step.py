@@ -22,11 +22,13 @@ the difference after the last step, after identical updates on both sides.
 MFU is `gpt_fn.flops`'s (PaLM appendix B; nanoGPT `estimate_mfu`): achieved
 `tokens/s x train_flops_per_token` over `peak_flops(device, dtype)`, a datasheet peak on
 known GPUs and a measured 1024^3 matmul on CPUs (so on a CPU it is relative to what this
-machine's BLAS reaches in that dtype).
+machine's BLAS reaches in that dtype; in fp32 for the bf16 modes where bf16 is not native,
+see below).
 
 On a CPU without native bf16 matmuls (no AVX512-BF16/AMX) ATen's bf16 matmul runs at a few
 GFLOP/s, ~50x slower than fp32, so the bf16 modes there use batch 1 and 3 repeats (the
-`batch` column says so); `--dtypes float32` skips them. On CUDA the full run also trains the
+`batch` column says so), and their MFU is against the fp32 peak (the measured bf16 peak is
+below what some of the model's bf16 matmuls reach); `--dtypes float32` skips them. On CUDA the full run also trains the
 `gpt2` preset (124M parameters, block 1024, batch 16, bf16 autocast, compiled, SDPA limited
 to the flash backend).
 
@@ -181,7 +183,11 @@ def measure(
             seconds[name].append(time.perf_counter() - start)
             losses[name].append(float(loss))
     tokens = batch * config.block_size
-    peak = flops.peak_flops(device, dtype)
+    # Without native bf16 the measured bf16 peak (one 1024^3 matmul on ATen's fallback) is
+    # slower than some of the model's own bf16 matmuls (MFU came out above 100%); the fastest
+    # this CPU multiplies is fp32, so bf16 MFU there is relative to the fp32 peak.
+    peak_dtype = dtype if native_bf16(device) else torch.float32
+    peak = flops.peak_flops(device, peak_dtype)
     tokens_per_s = {
         name: tokens / statistics.median(seconds[name][1 + warmup :]) for name in CONTENDERS
     }
@@ -199,6 +205,7 @@ def measure(
         "min_s": {name: min(seconds[name][1 + warmup :]) for name in CONTENDERS},
         "tokens_per_s": tokens_per_s,
         "peak_flops": peak,
+        "peak_flops_dtype": str(peak_dtype).removeprefix("torch."),
         "flops_per_token": flops.train_flops_per_token(config, config.block_size),
         "mfu": {
             name: flops.mfu(tokens_per_s[name], config, config.block_size, peak)
@@ -306,7 +313,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| mode | model | batch | gpt_fn tok/s | HF tok/s | ratio | gpt_fn MFU | HF MFU "
-        "| peak TFLOP/s | first step s (gpt_fn / HF) | first loss | first loss diff "
+        "| peak TFLOP/s (dtype) | first step s (gpt_fn / HF) | first loss | first loss diff "
         "| last loss diff |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: |",
@@ -318,7 +325,7 @@ def markdown(result: dict) -> str:
             f"| {_mode_name(mode)} | {c['n_layer']}x{c['n_embd']}, T={c['block_size']} | "
             f"{mode['batch']} | {tps['gpt_fn']:.0f} | {tps['HF']:.0f} | "
             f"**{mode['ratio']:.2f}x** | {100 * mfu['gpt_fn']:.1f}% | {100 * mfu['HF']:.1f}% | "
-            f"{mode['peak_flops'] / 1e12:.3g} | {first['gpt_fn']:.1f} / {first['HF']:.1f} | "
+            f"{mode['peak_flops'] / 1e12:.3g} ({mode['peak_flops_dtype']}) | {first['gpt_fn']:.1f} / {first['HF']:.1f} | "
             f"{mode['first_loss']['gpt_fn']:.4f} | {mode['first_loss_diff']:.1e} | "
             f"{mode['last_loss_diff']:.1e} |"
         )

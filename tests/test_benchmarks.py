@@ -10,6 +10,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 from gpt_fn import GPTConfig
 
@@ -42,7 +43,9 @@ def out_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for module, name, value in TOY_SIZES:
             patch.setattr(module, name, value)
-        run.run_benchmarks(run.BENCHMARKS, quick=True, out=out)
+        # One thread: the runner hands it to every benchmark (and it is the steadier setting
+        # on a shared machine).
+        run.run_benchmarks(run.BENCHMARKS, quick=True, out=out, threads=1)
     return out
 
 
@@ -51,6 +54,11 @@ def test_report_names_the_machine(out_dir):
     assert "## Machine" in report
     for field in ("| CPU |", "| device |", "| torch |"):
         assert field in report
+
+
+@pytest.mark.parametrize("name", run.BENCHMARKS)
+def test_runner_hands_its_thread_count_to_every_benchmark(out_dir, name):
+    assert json.loads((out_dir / f"{name}.json").read_text())["threads"] == 1
 
 
 @pytest.mark.parametrize("name", run.BENCHMARKS)
@@ -93,11 +101,20 @@ def test_attention_kernels_agree_and_every_case_is_timed(out_dir):
     assert all(row["max_abs_diff_vs_sdpa"] < 1e-4 for row in result["rows"])
 
 
+def test_runner_restores_the_thread_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(optimizer, "CONFIG", TOY)
+    before = torch.get_num_threads()
+    run.run_benchmarks(["optimizer"], quick=True, out=tmp_path, threads=before + 1)
+    assert torch.get_num_threads() == before
+
+
 def test_runner_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         run.run_benchmarks(["nope"], out=tmp_path)
     with pytest.raises(SystemExit):
         run.main(["--only", "attention,nope", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="threads"):
+        run.run_benchmarks(["attention"], out=tmp_path, threads=0)
 
 
 def test_attention_rejects_unknown_dtype():
