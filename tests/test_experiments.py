@@ -1,0 +1,181 @@
+"""Smoke tests of experiments/: each script's `main` in quick mode writes sane results.
+
+The scripts are loaded from their files (experiments/ is a folder of scripts, not a package)
+and run in-process into `tmp_path`, sharing one prepared copy of the Shakespeare corpus.
+Timings are recorded by the experiments but never asserted here.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import gpt_fn
+from gpt_fn import hf, optim
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+# ln(50304): the loss of a uniform guess over the padded GPT-2 vocabulary, where every
+# quick run starts; a few steps cannot move far from it.
+UNIFORM_LOSS = math.log(50304)
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"experiments.{name}", EXPERIMENTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "shakespeare"
+
+
+def read_results(out: Path, name: str) -> dict:
+    assert (out / f"{name}.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == name and results["quick"] is True
+    return results
+
+
+# SDPA's CPU flash kernel has no vmap batching rule: torch warns and loops, as the script says.
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_ensemble_vmap_trains_like_separate_runs(tmp_path, data_dir):
+    experiment = load("ensemble_vmap")
+    out = tmp_path / "ensemble"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "ensemble_vmap")["kernels"].keys() == {"sdpa", "manual"}
+    assert result["within_tolerance"]
+    for entry in result["kernels"].values():
+        losses = torch.tensor(entry["vmap_losses"])
+        assert losses.shape == (result["steps"], result["models"])
+        assert torch.isfinite(losses).all() and (losses - UNIFORM_LOSS).abs().max() < 1.0
+        assert entry["max_abs_loss_diff"] <= experiment.LOSS_TOLERANCE
+        # Members differ in init and data: their losses are not copies of each other.
+        assert (losses[:, 0] != losses[:, 1]).any()
+        # Same eval rows, trained params equal up to fp32 noise: same val loss per member.
+        assert entry["vmap_val_loss"] == pytest.approx(entry["sequential_val_loss"], abs=1e-4)
+        assert entry["vmap_ms_per_step"] > 0 and entry["sequential_ms_per_step"] > 0
+
+
+def test_vmapped_step_equals_a_step_per_member(tiny_config):
+    experiment = load("ensemble_vmap")
+    optimizer = optim.adamw(1e-2)
+    step = experiment.make_step(tiny_config, optimizer, "manual")
+    members = [gpt_fn.init_params(tiny_config, seed=seed) for seed in (0, 1)]
+    x = torch.randint(
+        0, tiny_config.vocab_size, (2, 3, 8), generator=torch.Generator().manual_seed(0)
+    )
+    y = x.roll(-1, dims=-1)
+    dims = {name: None if name == "step" else 0 for name in optimizer.init(members[0])}
+    stacked = experiment.stack(members)
+    state = torch.func.vmap(optimizer.init, out_dims=dims)(stacked)
+    new, new_state, losses = torch.func.vmap(step, in_dims=(0, dims, 0, 0), out_dims=(0, dims, 0))(
+        stacked, state, x, y
+    )
+    assert new_state["step"].shape == ()  # one counter for the ensemble
+    for i, params in enumerate(members):
+        alone, _, loss = step(params, optimizer.init(params), x[i], y[i])
+        # fp32: batched matmuls may sum in another order; Adam's first step is lr * sign(g)
+        # for most entries, so params differ by far less than lr = 1e-2.
+        torch.testing.assert_close(losses[i], loss, rtol=0, atol=1e-5)
+        for name, value in new.items():
+            torch.testing.assert_close(value[i], alone[name], rtol=0, atol=1e-4)
+
+
+def test_attention_kernels_give_the_same_training_curve(tmp_path, data_dir):
+    experiment = load("attention_kernels")
+    out = tmp_path / "kernels"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "attention_kernels")["runs"].keys() == {"sdpa", "manual"}
+    for kernel in ("sdpa", "manual"):
+        run = result["runs"][kernel]
+        assert len(run["loss"]) == result["settings"]["max_steps"]
+        assert all(abs(loss - UNIFORM_LOSS) < 1.0 for loss in run["loss"] + run["val_loss"])
+        assert run["tokens_per_s_median"] > 0 and result["attention_layer_ms"][kernel] > 0
+        assert (out / kernel / "metrics.jsonl").is_file()
+    # The kernels round differently (fp32) and nothing else differs between the runs.
+    assert result["max_abs_train_loss_diff"] < 1e-4
+    assert result["max_abs_val_loss_diff"] < 1e-4
+
+
+def test_lr_schedules_sweep_runs_every_shape(tmp_path, data_dir):
+    experiment = load("lr_schedules")
+    out = tmp_path / "schedules"
+    result = experiment.main(
+        ["--quick", "--seeds", "2", "--out", str(out), "--data-dir", str(data_dir)]
+    )
+    assert read_results(out, "lr_schedules")["ranking"] == result["ranking"]
+    assert set(result["ranking"]) == set(experiment.schedules(1e-3, 10))
+    peak = result["peak_lr"]
+    for name, run in result["runs"].items():
+        assert len(run["lr"]) == result["steps"]
+        assert [len(losses) for losses in run["train_loss_by_seed"]] == [result["steps"]] * 2
+        assert max(run["lr"]) <= peak * (1 + 1e-12), name  # float rounding at the peak
+        assert run["val_steps"][0] == 0 and run["val_steps"][-1] == result["steps"]
+        assert all(abs(v - UNIFORM_LOSS) < 1.0 for v in run["val_loss"]), name
+        assert run["final_val_loss"] == pytest.approx(sum(run["final_val_loss_by_seed"]) / 2)
+    # For a seed every schedule starts from the same init: the same val loss before step 1;
+    # the two seeds' inits differ.
+    first_evals = {
+        tuple(row[0] for row in run["val_loss_by_seed"]) for run in result["runs"].values()
+    }
+    assert len(first_evals) == 1 and len(set(first_evals.pop())) == 2
+    assert result["runs"]["constant"]["lr"] == [peak] * result["steps"]
+
+
+def test_schedules_have_their_shapes():
+    experiment = load("lr_schedules")
+    peak, steps = 1e-3, 100
+    shapes = experiment.schedules(peak, steps)
+    for name in ("warmup + constant", "warmup + linear decay", "warmup-stable-decay"):
+        assert shapes[name](0) == 0.0 and shapes[name](10) == pytest.approx(peak), name
+    for name in ("warmup + cosine", "warmup + linear decay", "warmup-stable-decay"):
+        assert shapes[name](steps) == pytest.approx(peak / 10), name
+    assert shapes["cosine, no warmup"](0) == peak
+    # warmup-stable-decay holds the peak until the last fifth, then falls linearly.
+    assert shapes["warmup-stable-decay"](79) == shapes["warmup-stable-decay"](80) == peak
+    assert shapes["warmup-stable-decay"](90) == pytest.approx((peak + peak / 10) / 2)
+
+
+def test_linear_decay_interpolates_and_validates():
+    linear_decay = load("lr_schedules").linear_decay
+    schedule = linear_decay(1.0, 0.5, 4)
+    assert [schedule(s) for s in range(6)] == [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
+    with pytest.raises(ValueError, match="final_lr"):
+        linear_decay(0.1, 0.2, 4)
+    with pytest.raises(ValueError, match="decay_steps"):
+        linear_decay(0.2, 0.1, 0)
+    with pytest.raises(ValueError, match="init_lr"):
+        linear_decay(float("nan"), 0.1, 4)
+    with pytest.raises(ValueError, match="step"):
+        schedule(-1)
+
+
+def test_gpt2_logits_match_transformers_for_both_kernels(tmp_path):
+    out = tmp_path / "logits"
+    result = load("gpt2_logits").main(["--quick", "--out", str(out)])
+    assert read_results(out, "gpt2_logits")["comparisons"].keys() == {"eager", "sdpa"}
+    for by_kernel in result["comparisons"].values():
+        assert by_kernel.keys() == {"sdpa", "manual"}
+        for entry in by_kernel.values():
+            # Random weights give logits of order 1: fp32 rounding is ~1e-7 of that.
+            assert entry["max_abs_diff"] < 1e-5
+            assert entry["argmax_agreement"] == 1.0
+
+
+def test_gpt2_logits_reads_weights_from_a_directory(tmp_path):
+    config = gpt_fn.GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    hf.save(gpt_fn.init_params(config, seed=3), config, tmp_path / "weights")
+    out = tmp_path / "logits"
+    result = load("gpt2_logits").main(
+        ["--quick", "--weights", str(tmp_path / "weights"), "--out", str(out)]
+    )
+    assert result["weights"] == str(tmp_path / "weights")
+    assert result["config"] == config.to_dict()
+    assert max(e["max_abs_diff"] for k in result["comparisons"].values() for e in k.values()) < 1e-5
