@@ -13,13 +13,14 @@ Every case also records:
 
 - the largest absolute difference from `sdpa` of the output (forward) or of the output and
   the three input gradients (forward + backward), in the same dtype;
-- peak memory: on CUDA `torch.cuda.max_memory_allocated` above what was allocated before the
-  call; on CPU the growth of this process's peak resident set (VmHWM, reset through
-  /proc/self/clear_refs) over one call. The CPU figure is honest about what the OS had to
-  provide but coarse: pages the allocator kept from earlier calls are not counted again, so
-  read it next to `scores MB`, the analytic size of one (batch, heads, seq, seq) score tensor,
-  which the manual kernel allocates several times over (scores, masked scores, weights, and
-  their gradients in backward) and flash-style kernels never allocate whole.
+- peak memory of one call above what was allocated before it: on CUDA from
+  `torch.cuda.max_memory_allocated`; on CPU, whose allocator keeps no statistics, from
+  torch.profiler's memory events (every allocation and free through torch's allocator, with
+  size and time; walked through the profiler's event tree, a private torch API) summed in time
+  order. It counts tensors, not the process's resident set (which glibc's reuse of freed
+  pages blurs). Next to it, `scores MB` is the analytic size of one (batch, heads, seq, seq)
+  score tensor, which the manual kernel allocates several times over (scores, masked scores,
+  weights, and their gradients in backward) and flash-style kernels never allocate whole.
 
     python benchmarks/attention.py [--quick] [--dtypes float32,bfloat16] [--no-compile]
                                    [--batch N] [--threads N] [--device cpu|cuda] [--out DIR]
@@ -35,10 +36,12 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 from gpt_fn.nn import manual_kernel, sdpa_kernel
 from gpt_fn.typing import shape_checks
@@ -102,7 +105,8 @@ def run(
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             # Fewer repeats where bf16 matmuls fall back to a slow path: minutes, not hours.
-            dtype_repeats = repeats if dtype == torch.float32 or native_bf16(dev) else 3
+            slow = dtype != torch.float32 and not native_bf16(dev)
+            dtype_warmup, dtype_repeats = (1, 3) if slow else (warmup, repeats)
             kernels: dict[str, Kernel] = {"sdpa": sdpa_kernel, "manual": manual_kernel}
             if compile:
                 # dynamic=True: one graph serves every length (and the forward-only and
@@ -117,7 +121,7 @@ def run(
                         seq=seq,
                         dtype=dtype,
                         device=dev,
-                        warmup=warmup,
+                        warmup=dtype_warmup,
                         repeats=dtype_repeats,
                     )
     return {
@@ -134,7 +138,8 @@ def run(
         "memory_method": (
             "torch.cuda.max_memory_allocated above the allocation before the call"
             if dev.type == "cuda"
-            else "growth of the process's peak resident set (VmHWM) over one call"
+            else "peak of torch's CPU allocations during one call, from torch.profiler's "
+            "memory events"
         ),
         "skipped": skipped,
         "rows": rows,
@@ -209,6 +214,8 @@ def _time_case(
     return [
         {
             "dtype": str(dtype).removeprefix("torch."),
+            "warmup": warmup,
+            "repeats": repeats,
             "pass": pass_name,
             "seq": seq,
             "kernel": name,
@@ -223,16 +230,8 @@ def _time_case(
     ]
 
 
-def _status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (Linux), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # reported in kB
-    raise KeyError(field)
-
-
 def _peak_mb(kernel: Kernel, pass_name: str, q, k, v, grad_out, device: torch.device) -> float:
-    """Peak memory one call adds on top of its inputs, in MB (NaN where it cannot be read)."""
+    """Peak memory one call allocates on top of what was allocated before it, in MB."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,17 +239,26 @@ def _peak_mb(kernel: Kernel, pass_name: str, q, k, v, grad_out, device: torch.de
         _call(kernel, pass_name, q, k, v, grad_out)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    clear_refs = Path("/proc/self/clear_refs")
-    if not clear_refs.exists():
-        return float("nan")
-    try:
-        clear_refs.write_text("5")  # resets the peak resident set (VmHWM) to the current one
-    except OSError:
-        return float("nan")
-    before = _status_mb("VmRSS")
-    _call(kernel, pass_name, q, k, v, grad_out)
-    # Pages freed right after the reset can leave the peak a few kB under `before`.
-    return max(0.0, _status_mb("VmHWM") - before)
+    # The CPU allocator keeps no statistics; the profiler records every allocation and free
+    # (with its size and time) that goes through it, eager and inductor-generated code alike.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _call(kernel, pass_name, q, k, v, grad_out)
+    changes = sorted(
+        (event.start_time_ns, event.typed[1].alloc_size)  # size < 0 for a free
+        for event in _walk(prof.profiler.kineto_results.experimental_event_tree())
+        if event.typed[0] == _EventType.Allocation
+    )
+    live = peak = 0
+    for _, size in changes:
+        live += size
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _walk(nodes: list) -> Iterator:
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
 
 
 def markdown(result: dict) -> str:
@@ -258,9 +266,9 @@ def markdown(result: dict) -> str:
     kernels = [k for k in KERNELS if any(row["kernel"] == k for row in result["rows"])]
     lines = [
         f"Causal attention, batch {result['batch']} x {result['n_head']} heads x d_head "
-        f"{result['d_head']}, {result['device_name']}, {result['threads']} threads, torch "
+        f"{result['d_head']}, {result['device_name']}, {result['threads']} thread(s), torch "
         f"{result['torch']}; median ms of {result['repeats']} repeats after {result['warmup']} "
-        f"warm-up (fewer for bf16 on CPUs without native bf16). Peak MB: "
+        f"warm-up (3 after 1 for bf16 on CPUs without native bf16). Peak MB: "
         f"{result['memory_method']}; scores MB: one (batch, heads, seq, seq) tensor. "
         "Max |diff|: largest absolute difference from sdpa (output, and input gradients "
         "for forward+backward).",
@@ -321,7 +329,7 @@ def plot(result: dict, path: Path) -> None:
     axes[-1].legend(fontsize="small")
     fig.suptitle(
         f"causal attention, batch {result['batch']} x {result['n_head']} heads x "
-        f"{result['d_head']}, {result['device_name']}, {result['threads']} threads"
+        f"{result['d_head']}, {result['device_name']}, {result['threads']} thread(s)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

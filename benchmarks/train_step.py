@@ -296,7 +296,7 @@ def markdown(result: dict) -> str:
     """One row per mode: both contenders' tokens/s and MFU, the ratio, the loss agreement."""
     lines = [
         f"One train step (forward + backward + AdamW), {result['device_name']}, "
-        f"{result['threads']} threads, torch {result['torch']}, transformers "
+        f"{result['threads']} thread(s), torch {result['torch']}, transformers "
         f"{result['transformers']}. Tokens/s from the median step after warm-up; ratio = "
         "gpt_fn tokens/s / HF tokens/s (above 1: gpt_fn faster); first step includes "
         "compilation; loss diff = |gpt_fn - HF| at the first and the last step.",
@@ -347,7 +347,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(xs, [mode["tokens_per_s"][name] for mode in modes], width, label=name)
     ax.set_xticks(range(len(modes)), [_mode_name(mode) for mode in modes], fontsize="small")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"one train step, {result['device_name']}, {result['threads']} threads")
+    ax.set_title(f"one train step, {result['device_name']}, {result['threads']} thread(s)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
