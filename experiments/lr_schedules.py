@@ -193,7 +193,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             )
         rates.plot(range(len(run["lr"])), run["lr"], color=line[0].get_color(), label=name)
     # Zoom past the first evals (near ln(vocab) for every run): the differences are at the end.
-    tail = [v for run in runs.values() for v in run["val_loss"][len(run["val_loss"]) // 3 :]]
+    tail = [
+        v
+        for run in runs.values()
+        for by_seed in run["val_loss_by_seed"]
+        for v in by_seed[len(by_seed) // 3 :]
+    ]
     if tail:
         spread = max(tail) - min(tail)
         losses.set_ylim(min(tail) - 0.1 * spread - 1e-3, max(tail) + 0.1 * spread + 1e-3)
