@@ -31,6 +31,16 @@ def load(name: str) -> ModuleType:
     return module
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """The scripts set torch's thread count (and gpt2_logits seeds torch's global generator)
+    as a command should; the tests after these must not inherit either."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data") / "shakespeare"
