@@ -26,7 +26,7 @@ from gpt_fn.nn import (
     linear_cross_entropy,
     mlp,
 )
-from gpt_fn.typing import Params
+from gpt_fn.typing import Params, is_traced
 
 KVCache = tuple[LayerCache, ...]
 """One `LayerCache` per block: keys/values of every position processed so far."""
@@ -126,15 +126,11 @@ def check_tokens(tokens: Tensor, config: GPTConfig, *, position_offset: int = 0)
             f"block_size={config.block_size}"
         )
     # A data-dependent check: impossible (and skipped) while compiling or under vmap.
-    if tokens.numel() and not _is_traced(tokens):
+    if tokens.numel() and not is_traced(tokens):
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
-
-
-def _is_traced(t: Tensor) -> bool:
-    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
 
 
 def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[str, Params]]]:

@@ -208,3 +208,19 @@ def test_public_api_is_at_the_top_level():
         "Logits",
     ):
         assert hasattr(gpt_fn, name)
+
+
+def test_vmap_of_grad_over_stacked_params_and_batched_tokens(tiny_config, generator):
+    # Per-model grads of an ensemble: the token check must see through grad's wrapper that
+    # the tokens are vmapped (their values cannot be read) instead of calling .item().
+    stacked = {
+        k: torch.stack([init_params(tiny_config, seed=s)[k] for s in range(2)])
+        for k in param_shapes(tiny_config)
+    }
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 3, 8), generator=generator)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, 0, None))(
+        stacked, tokens, tokens, tiny_config
+    )
+    one = torch.func.grad(loss)(init_params(tiny_config, seed=1), tokens[1], tokens[1], tiny_config)
+    for name in one:  # vmapped matmuls may reorder fp32 sums
+        torch.testing.assert_close(grads[name][1], one[name], atol=1e-5, rtol=1e-4)

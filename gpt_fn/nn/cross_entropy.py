@@ -34,6 +34,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt_fn.typing import is_traced
+
 DEFAULT_CHUNK_SIZE = 512
 """Rows per chunk. On a 2-core CPU at d_model 384, vocab 50304, 512 rows were as fast as 1024
 or 2048 and faster than 256 (smaller matmuls, more passes over weight's gradient) while the
@@ -138,7 +140,7 @@ def _check_arguments(
             f"{hidden.device}, {weight.device}, {targets.device}"
         )
     # Data-dependent checks read values back: impossible while compiling or under vmap.
-    if torch.compiler.is_compiling() or _is_vmapped(targets):
+    if is_traced(targets):
         return
     counted = targets != ignore_index
     vocab = weight.shape[0]
@@ -154,15 +156,6 @@ def _check_arguments(
             f"every one of the {targets.shape[0]} targets is ignore_index={ignore_index}: "
             "the mean loss over no targets is undefined"
         )
-
-
-def _is_vmapped(t: Tensor) -> bool:
-    """Whether any functorch layer around `t` is a vmap batch (`grad` layers may wrap it)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        if torch._C._functorch.is_batchedtensor(t):
-            return True
-        t = torch._C._functorch.get_unwrapped(t)
-    return False
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
