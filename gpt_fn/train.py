@@ -141,6 +141,10 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)
+"""One process on the CPU in fp32: what experiments and tests run."""
+
+
 def train_step(
     model: nn.Module,
     params: Params,
@@ -185,16 +189,28 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokens: Any, settings: TrainSettings, config: GPTConfig, runtime: Runtime
+    model: nn.Module,
+    tokens: Any,
+    *,
+    batch_size: int,
+    block_size: int,
+    batches: int,
+    seed: int,
+    runtime: Runtime = CPU_FP32,
 ) -> float:
-    """Mean loss over the fixed evaluation batches (the same rows at every step)."""
+    """Mean loss of `model` over evaluation batches `0..batches-1` (`data.eval_batch`).
+
+    The same rows at every call, so losses of checkpoints along a run are comparable.
+    `batch_size` counts rows over all ranks (each rank evaluates its share; the mean is
+    all-reduced).
+    """
     total = torch.zeros((), device=runtime.device)
-    for index in range(settings.eval_batches):
+    for index in range(batches):
         x, y = data.eval_batch(
             tokens,
-            batch_size=settings.batch_size // runtime.world_size,
-            block_size=config.block_size,
-            seed=settings.seed,
+            batch_size=batch_size // runtime.world_size,
+            block_size=block_size,
+            seed=seed,
             index=index,
             rank=runtime.rank,
             world_size=runtime.world_size,
@@ -204,7 +220,7 @@ def evaluate(
             total += model(x, y).float()
     if runtime.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    return total.item() / settings.eval_batches
+    return total.item() / batches
 
 
 def train(settings: TrainSettings, *, log: Any = print) -> dict[str, Any]:
@@ -317,7 +333,15 @@ def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any
         }
         done = step + 1
         if done % settings.eval_interval == 0 or done == settings.max_steps:
-            record["val_loss"] = evaluate(model, val_tokens, settings, config, runtime)
+            record["val_loss"] = evaluate(
+                model,
+                val_tokens,
+                batch_size=settings.batch_size,
+                block_size=config.block_size,
+                batches=settings.eval_batches,
+                seed=settings.seed,
+                runtime=runtime,
+            )
             checkpoint(done)
         if runtime.is_main:
             with metrics_path.open("a") as f:
