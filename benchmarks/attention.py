@@ -44,7 +44,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from gpt_fn.nn import manual_kernel, sdpa_kernel
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 N_HEAD, D_HEAD = 12, 64  # GPT-2 small
 SEQ_LENS = (64, 128, 256, 512, 1024, 2048)

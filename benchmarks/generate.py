@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt_fn
 from gpt_fn import hf, sampling
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_embd=256)
 PROMPT_TOKENS = 16

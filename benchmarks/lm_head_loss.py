@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 D_MODEL, VOCAB, TOKENS = 384, 50304, 2048
 

@@ -22,7 +22,7 @@ import torch
 
 import gpt_fn
 from gpt_fn import optim
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50304, block_size=256, n_layer=6, n_head=6, n_embd=384)
 HYPERPARAMETERS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

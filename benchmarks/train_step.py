@@ -55,7 +55,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt_fn
 from gpt_fn import flops, hf, optim
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50304, block_size=256, n_layer=6, n_head=6, n_embd=384)
 BATCH = 8

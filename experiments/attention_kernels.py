@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 
 import gpt_fn
 from gpt_fn.nn import Kernel, attention
+from gpt_fn.shapes import shape_checks
 from gpt_fn.train import TrainSettings, read_metrics, train
-from gpt_fn.typing import shape_checks
 
 NAME = "attention_kernels"
 KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {kernel: train_with(kernel, settings, args.out) for kernel in KERNELS}
-    with shape_checks(False):  # timed code runs unchecked (gpt_fn.typing)
+    with shape_checks(False):  # timed code runs unchecked (gpt_fn.shapes)
         layer_ms = time_attention_layer(
             settings.model_config(), settings.batch_size, repeats, args.seed
         )

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 import gpt_fn
 from gpt_fn import data, optim
 from gpt_fn.nn import Kernel
-from gpt_fn.typing import Params, shape_checks
+from gpt_fn.shapes import Params, shape_checks
 
 NAME = "ensemble_vmap"
 KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps if args.steps is not None else steps
     if models < 1 or steps < 1:
         parser.error(f"--models and --steps must be >= 1, got {models} and {steps}")
-    with shape_checks(False):  # timed code runs unchecked (gpt_fn.typing)
+    with shape_checks(False):  # timed code runs unchecked (gpt_fn.shapes)
         kernels = run(
             models=models,
             steps=steps,

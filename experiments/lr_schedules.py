@@ -37,8 +37,8 @@ from matplotlib.figure import Figure
 
 import gpt_fn
 from gpt_fn import data, optim
+from gpt_fn.shapes import shape_checks
 from gpt_fn.train import Runtime, train_step
-from gpt_fn.typing import shape_checks
 
 NAME = "lr_schedules"
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)

@@ -9,7 +9,7 @@ logits = gpt_fn.forward(params, tokens, config)      # (batch, seq, vocab)
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.model import check_params, check_tokens, forward, init_params, loss, param_shapes
 from gpt_fn.module import GPT
-from gpt_fn.typing import Logits, Params, Tokens
+from gpt_fn.shapes import Logits, Params, Tokens
 
 __all__ = [
     "GPT",

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from gpt_fn.config import GPTConfig
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 FORMAT = "gpt_fn-checkpoint-v1"
 FILENAME = "checkpoint.safetensors"

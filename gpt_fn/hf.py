@@ -28,7 +28,7 @@ from torch import Tensor
 
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import check_params, check_shapes, param_shapes
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 @runtime_checkable

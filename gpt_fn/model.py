@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt_fn.checks import is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     Kernel,
@@ -26,7 +27,7 @@ from gpt_fn.nn import (
     linear_cross_entropy,
     mlp,
 )
-from gpt_fn.typing import Params, is_traced
+from gpt_fn.shapes import Params
 
 KVCache = tuple[LayerCache, ...]
 """One `LayerCache` per block: keys/values of every position processed so far."""

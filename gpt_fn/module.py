@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gpt_fn import model
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import Kernel
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 class GPT(nn.Module):

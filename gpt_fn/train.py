@@ -32,8 +32,8 @@ from gpt_fn.config import GPTConfig
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import Optimizer, OptState, adamw, clip_by_global_norm_, warmup_cosine
+from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
-from gpt_fn.typing import Params, shape_checks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import gpt_fn
 from gpt_fn.optim import adamw, default_decay_mask, warmup_cosine
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 # Our arithmetic is torch's operation for operation, so on CPU the match is bitwise; 1e-6 is
 # the budget, room for kernels that round differently (fused GPU foreach).

@@ -5,7 +5,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 from gpt_fn.nn import LayerCache, attention, manual_kernel, sdpa_kernel
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 # fp32 attention with d_head <= 64: both kernels accumulate the same sums in a different
 # order; differences are ~1e-7, and 1e-5 leaves room for longer reductions.

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt_fn.optim import clip_by_global_norm, clip_by_global_norm_, global_norm
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 def grads_of_scale(scale: float, seed: int = 0) -> Params:

@@ -9,7 +9,7 @@ from jaxtyping import TypeCheckError
 
 import gpt_fn.nn.cross_entropy as cross_entropy
 from gpt_fn.nn.cross_entropy import linear_cross_entropy
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 # fp32: the chunked matmuls sum in another order than one big matmul, and each row's 1/n share
 # is applied before the sum; with O(1) values the differences stay near fp32 epsilon (1.2e-7)

@@ -9,7 +9,7 @@ from jaxtyping import TypeCheckError
 
 import gpt_fn
 from gpt_fn import GPTConfig, check_params, forward, init_params, loss, param_shapes
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 
 def _tokens(config, generator, batch=2, seq=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt_fn import GPT, forward, init_params, loss
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 
 def _tokens(config, generator, batch=2):

@@ -24,7 +24,7 @@ from gpt_fn.sampling import (
     top_p,
     typical_p,
 )
-from gpt_fn.typing import shape_checks
+from gpt_fn.shapes import shape_checks
 
 NEG_INF = float("-inf")
 # Small tensors: a property test is about the rule, not the size; keeps the file fast.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 Kernel = Literal["sdpa", "manual"]
 KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from gpt_fn.typing import is_traced
+from gpt_fn.checks import is_traced
 
 DEFAULT_CHUNK_SIZE = 512
 """Rows per chunk. On a 2-core CPU at d_model 384, vocab 50304, 512 rows were as fast as 1024

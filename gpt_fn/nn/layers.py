@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 def embed(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from gpt_fn.optim.schedules import Schedule, constant
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 OptState = dict[str, Tensor]
 """Flat optimizer state: `"step"` plus one `"exp_avg.<name>"` and `"exp_avg_sq.<name>"` per param."""

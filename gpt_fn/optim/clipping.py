@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 def global_norm(grads: Params) -> Float[Tensor, ""]:

@@ -34,7 +34,7 @@ from gpt_fn.model import KVCache, check_params, check_tokens, transformer
 from gpt_fn.nn import Kernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.transforms import Transform
-from gpt_fn.typing import Params
+from gpt_fn.shapes import Params
 
 
 class DecodeState(NamedTuple):

@@ -18,7 +18,6 @@ import contextlib
 from collections.abc import Iterator
 
 import jaxtyping
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -39,18 +38,3 @@ def shape_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", previous)
-
-
-def is_traced(t: Tensor) -> bool:
-    """Whether `t`'s values cannot be read now: under `torch.compile`, or batched by a `vmap`
-    at any functorch level (`grad` layers may wrap the batched tensor).
-
-    Data-dependent input checks (token ids < vocab) are skipped then.
-    """
-    if torch.compiler.is_compiling():
-        return True
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        if torch._C._functorch.is_batchedtensor(t):
-            return True
-        t = torch._C._functorch.get_unwrapped(t)
-    return False
