@@ -23,7 +23,7 @@ Three steps, each a plain function:
    concatenates, and splits by tokens like nanoGPT: the first `1 - val_fraction` of the
    tokens are `train.bin`, the rest `val.bin` (uint16, native order, no header: `np.memmap`
    reads them). `meta.json` records the corpus, the source hash, counts, tokenizer and dtype.
-   Every file is written to a temporary name and renamed, `meta.json` last, so an
+   Every file is written atomically (`gpt_fn.files.write_atomic`), `meta.json` last, so an
    interrupted run never leaves a dataset that looks complete. A second call with the same
    source text and settings only reads the source and returns.
 
@@ -55,6 +55,7 @@ import torch
 from jaxtyping import Int, UInt16
 from torch import Tensor
 
+from gpt_fn.files import write_atomic
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 TINYSHAKESPEARE_URL = (
@@ -150,7 +151,7 @@ def fetch_tinyshakespeare(cache_dir: str | os.PathLike[str]) -> Path:
             f"with sha256 {TINYSHAKESPEARE_SHA256}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return path
 
 
@@ -279,6 +280,8 @@ def prepare(
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"data dir {str(out)!r} is a file, not a folder")
     source = load_corpus(corpus, cache_dir=out)
     encoding = gpt2()
     if encoding.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
@@ -325,9 +328,9 @@ def prepare(
     }
     # meta.json goes first and comes back last: token files without it are never read.
     (out / META_FILE).unlink(missing_ok=True)
-    _write_atomic(out / "train.bin", memoryview(tokens[:n_train]))
-    _write_atomic(out / "val.bin", memoryview(tokens[n_train:]))
-    _write_atomic(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out / "train.bin", memoryview(tokens[:n_train]))
+    write_atomic(out / "val.bin", memoryview(tokens[n_train:]))
+    write_atomic(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return Prepared(meta, rebuilt=True)
 
 
@@ -352,18 +355,6 @@ def _is_up_to_date(data_dir: Path, meta: dict[str, object], settings: dict[str, 
         ):
             return False
     return True
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    # A temporary file in the same folder, then one rename: readers see the old file or the
-    # whole new one, never a half-written one. The pid keeps concurrent writers apart.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, object]:
@@ -514,6 +505,16 @@ def eval_batch(
 def _check_micro_batch(
     tokens: np.ndarray, *, batch_size: int, block_size: int, rank: int, world_size: int
 ) -> None:
+    if not isinstance(tokens, np.ndarray) or tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1:
+        kind = (
+            f"{tokens.ndim}-d {tokens.dtype} array"
+            if isinstance(tokens, np.ndarray)
+            else type(tokens).__name__
+        )
+        raise TypeError(
+            f"tokens must be a 1-d {np.dtype(TOKEN_DTYPE).name} array (load_split gives one), "
+            f"got a {kind}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if block_size < 1:

