@@ -11,6 +11,7 @@ from gpt_fn.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    read_checkpoint_info,
     save_checkpoint,
 )
 
@@ -68,3 +69,39 @@ def test_missing_and_foreign_files_are_named(tmp_path):
     safetensors.torch.save_file({"x": torch.zeros(1)}, foreign)
     with pytest.raises(CheckpointError, match="not a gpt_fn checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_a_flipped_data_byte_is_caught_by_the_checksum(tmp_path, tiny_config):
+    path = save_checkpoint(tmp_path, _checkpoint(tiny_config))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01  # inside the last tensor's data, past the JSON header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the sha256"):
+        load_checkpoint(path)
+
+
+def test_params_that_do_not_fit_the_recorded_config_are_named(tmp_path, tiny_config):
+    checkpoint = _checkpoint(tiny_config)
+    missing = {k: v for k, v in checkpoint.params.items() if k != "ln_f.bias"}
+    save_checkpoint(tmp_path / "missing", checkpoint._replace(params=missing))
+    with pytest.raises(CheckpointError, match="missing 1 key.*'ln_f.bias'"):
+        load_checkpoint(tmp_path / "missing")
+    extra = {**checkpoint.params, "lm_head.weight": checkpoint.params["wte.weight"].clone()}
+    save_checkpoint(tmp_path / "extra", checkpoint._replace(params=extra))
+    with pytest.raises(CheckpointError, match="unexpected key.*'lm_head.weight'"):
+        load_checkpoint(tmp_path / "extra")
+
+
+def test_non_finite_params_are_never_written(tmp_path, tiny_config):
+    save_checkpoint(tmp_path, _checkpoint(tiny_config, step=3))
+    bad = _checkpoint(tiny_config, step=4)
+    bad.params["h.0.mlp.c_fc.weight"][0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="non-finite params: 'h.0.mlp.c_fc.weight'"):
+        save_checkpoint(tmp_path, bad)
+    assert load_checkpoint(tmp_path).step == 3
+
+
+def test_metadata_reads_without_the_tensors(tmp_path, tiny_config):
+    save_checkpoint(tmp_path, _checkpoint(tiny_config, step=9))
+    info = read_checkpoint_info(tmp_path)
+    assert (info.step, info.model_config, info.train_settings["seed"]) == (9, tiny_config, 1)
