@@ -35,8 +35,10 @@ from matplotlib.figure import Figure
 
 import gpt_fn
 from gpt_fn.nn import Kernel, attention
+from gpt_fn.rundir import read_metrics
+from gpt_fn.settings import TrainSettings
 from gpt_fn.shapes import shape_checks
-from gpt_fn.train import TrainSettings, read_metrics, train
+from gpt_fn.train import train
 
 NAME = "attention_kernels"
 KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")

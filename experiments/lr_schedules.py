@@ -37,8 +37,9 @@ from matplotlib.figure import Figure
 
 import gpt_fn
 from gpt_fn import data, optim
+from gpt_fn.runtime import Runtime
 from gpt_fn.shapes import shape_checks
-from gpt_fn.train import Runtime, train_step
+from gpt_fn.train import train_step
 
 NAME = "lr_schedules"
 CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)

@@ -1,167 +1,205 @@
-"""The `gpt-fn` command: `train`, `prepare` and `sample`.
+"""The `gpt-fn` command: `train`, `prepare`, `sample` and `export`.
 
     gpt-fn train                          # cpu-small on the offline Shakespeare corpus, then samples
     gpt-fn train --config run.json --max-steps 2000
+    gpt-fn train --resume                 # continue out/ with the settings saved in its checkpoint
     gpt-fn prepare --data tinyshakespeare
     gpt-fn sample --checkpoint out --prompt "ROMEO:" --top-k 200
+    gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
 
-Errors in flags or inputs print one line naming the problem and exit with status 2 (flags) or
-1 (inputs, divergence).
+The command only parses, calls and reports. Every failure a user can cause ends in one line
+on stderr naming the problem and a non-zero exit: 2 for a bad flag, 1 for bad input or a
+diverged run, 130 for Ctrl-C. A traceback means a bug in gpt_fn.
 """
 
 import argparse
 import codecs
 import dataclasses
 import json
+import os
 import sys
-import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt_fn.checkpoint import CheckpointError, load_checkpoint
+from gpt_fn import data, hf, sampling
+from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.model import init_params
+from gpt_fn.rundir import RunDirError
+from gpt_fn.runtime import resolve_device
+from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
+from gpt_fn.shapes import Params
+from gpt_fn.tokenizer import EOT_TOKEN, gpt2
+from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
-TRAIN_HELP = {
-    "data": "corpus: shakespeare (offline, default), tinyshakespeare (download), or a text file/folder",
-    "data_dir": "where the token files go (default: data/<corpus>)",
-    "out_dir": "checkpoint, metrics.jsonl and loss.png go here",
-    "preset": f"model size preset: {', '.join(PRESETS)}",
-    "init_from": "scratch, or GPT-2 weights: a HF directory or hub name (e.g. gpt2)",
-    "batch_size": "rows per micro-step, summed over DDP ranks",
-    "grad_accum": "micro-steps per optimizer step",
-    "lr": "peak learning rate (linear warmup, then cosine to --min-lr)",
-    "lr_decay_steps": "steps of the cosine decay (default: --max-steps)",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "eval_interval": "evaluate and checkpoint every N steps",
-    "eval_batches": "batches in each validation-loss estimate",
-    "sample_every": "print a sample every N steps (0: only at the end)",
-    "dtype": "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-    "compile": "torch.compile the model (default: on for CUDA)",
-    "device": "auto, cpu, cuda, cuda:1, ...",
-    "resume": "continue the run in --out-dir from its checkpoint",
-}
+# What a user can cause: bad values, missing or unreadable files, a failed download, a run
+# that diverged. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, RunDirError, TrainingDiverged)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    command = f"gpt-fn {args.command}"
     try:
         return args.run(args, parser)
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
-        print(f"gpt-fn {args.command}: error: {error}", file=sys.stderr)
+    except TrainingInterrupted as stopped:
+        print(f"{command}: {stopped}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`gpt-fn sample | head`): stop writing, and keep the
+        # interpreter's final flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{command}: output closed before the end (broken pipe)", file=sys.stderr)
         return 1
+    except USER_ERRORS as error:
+        print(f"{command}: error: {_message(error)}", file=sys.stderr)
+        return 1
+
+
+def _message(error: BaseException) -> str:
+    # str(KeyError("x")) is "'x'", with quotes; the message is its argument.
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpt-fn", description="GPT-2 as pure functions: train, prepare data, sample."
+        prog="gpt-fn", description="GPT-2 as pure functions: train, prepare data, sample, export."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a GPT (default: cpu-small on Shakespeare)")
-    train.add_argument(
+    train_parser = commands.add_parser(
+        "train", help="train a GPT (default: cpu-small on Shakespeare)"
+    )
+    train_parser.add_argument(
         "--config", type=Path, help="JSON file of training settings; flags override it"
     )
-    _add_settings_flags(train)
-    train.set_defaults(run=_train)
+    _add_settings_flags(train_parser)
+    train_parser.set_defaults(run=_train)
 
     prepare = commands.add_parser("prepare", help="tokenize a corpus into train/val token files")
-    prepare.add_argument("--data", default="shakespeare", help=TRAIN_HELP["data"])
-    prepare.add_argument("--data-dir", help=TRAIN_HELP["data_dir"])
-    prepare.add_argument("--val-fraction", type=float, default=0.1)
+    prepare.add_argument("--data", default="shakespeare", help=field_help("data"))
+    prepare.add_argument("--data-dir", help=field_help("data_dir"))
+    prepare.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of the tokens held out for val"
+    )
     prepare.set_defaults(run=_prepare)
 
     sample = commands.add_parser("sample", help="stream samples from a checkpoint or GPT-2 weights")
-    source = sample.add_mutually_exclusive_group()
+    _add_model_source(sample)
+    sample.add_argument("--preset", default="cpu-tiny", help="random model when neither is given")
+    sample.add_argument("--prompt", default="ROMEO:", help="text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    sample.add_argument("--temperature", type=float, default=0.8, help="softmax temperature")
+    sample.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    sample.add_argument("--top-p", type=float, help="keep the smallest set with this mass")
+    sample.add_argument("--min-p", type=float, help="keep tokens >= this x the top probability")
+    sample.add_argument("--repetition-penalty", type=float, help="CTRL's penalty on seen tokens")
+    sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    sample.add_argument(
+        "--num-samples", type=int, default=1, help="samples of the prompt (one batch)"
+    )
+    sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    sample.set_defaults(run=_sample)
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint as a Hugging Face GPT-2 directory"
+    )
+    export.add_argument("--checkpoint", type=Path, required=True, help="a gpt_fn checkpoint")
+    export.add_argument("--out", type=Path, required=True, help="the directory to write")
+    export.add_argument(
+        "--vocab-size",
+        type=int,
+        help="keep only the first N token embeddings (50257: GPT-2's tokenizer, dropping the "
+        "rows padded for speed)",
+    )
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, help="a gpt_fn checkpoint (file or out dir)")
     source.add_argument("--hf", help="GPT-2 weights: a HF directory or hub name")
-    sample.add_argument("--preset", default="cpu-tiny", help="random model when neither is given")
-    sample.add_argument("--prompt", default="ROMEO:")
-    sample.add_argument("--max-new-tokens", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--top-p", type=float)
-    sample.add_argument("--min-p", type=float)
-    sample.add_argument("--repetition-penalty", type=float)
-    sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num-samples", type=int, default=1)
-    sample.add_argument("--device", default="cpu")
-    sample.set_defaults(run=_sample)
-    return parser
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`)."""
-    from gpt_fn.train import TrainSettings
-
-    hints = typing.get_type_hints(TrainSettings)
     for field in dataclasses.fields(TrainSettings):
         flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        kind = _base_type(hint)
-        help_text = TRAIN_HELP.get(field.name, "")
-        default_text = f" (default: {field.default})"
+        kind = _flag_type(field.type)
+        help_text = field.metadata["help"]
+        if field.default is not None and field.name not in DERIVED and kind is not bool:
+            help_text += f" (default: {field.default})"
         if kind is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text + default_text,
-            )
+            action = "store_true" if field.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(
-                flag, choices=typing.get_args(kind), default=None, help=help_text + default_text
-            )
+            parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=help_text + default_text)
+            parser.add_argument(
+                flag, type=kind, default=None, metavar=field.name.upper(), help=help_text
+            )
 
 
-def _base_type(hint: Any) -> Any:
+def _flag_type(hint: Any) -> Any:
     """`int | None` -> int; other hints as they are."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return inner
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) is not typing.Literal and len(args) == 1:
+        return args[0]
     return hint
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
-    """TrainSettings from defaults, then the `--config` file, then the flags given."""
-    from gpt_fn.train import TrainSettings
-
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: the `--config` file's, then the flags on the command line."""
     fields: dict[str, Any] = {}
     if args.config is not None:
         try:
-            fields.update(json.loads(args.config.read_text()))
+            loaded = json.loads(args.config.read_text())
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read --config {args.config}: {error}") from error
+            raise SettingsError(f"cannot read --config {args.config}: {error}") from error
+        if not isinstance(loaded, dict):
+            raise SettingsError(
+                f"--config {args.config} must hold a JSON object of settings, got a "
+                f"{type(loaded).__name__}"
+            )
+        fields.update(loaded)
     for field in dataclasses.fields(TrainSettings):
         value = getattr(args, field.name)
         if value is not None:
             fields[field.name] = value
-    return TrainSettings.from_dict(fields)
+    return fields
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The run's settings: the defaults (or, with --resume, the checkpoint's) plus what was given."""
+    given = given_settings(args)
+    base: dict[str, Any] = {}
+    if given.get("resume"):
+        out_dir = given.get("out_dir", TrainSettings.out_dir)
+        try:
+            base = read_checkpoint_info(out_dir).train_settings
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume: {error}") from None
+        base = {k: v for k, v in base.items() if k in TrainSettings.__dataclass_fields__}
+    return TrainSettings.from_dict({**base, **given})
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gpt_fn.train import TrainingDiverged, train
-
-    settings = settings_from_args(args)
-    try:
-        train(settings)
-    except TrainingDiverged as error:
-        print(f"gpt-fn train: {error}", file=sys.stderr)
-        return 1
+    train(settings_from_args(args))
     return 0
 
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gpt_fn import data
-    from gpt_fn.train import TrainSettings
-
     data_dir = TrainSettings(data=args.data, data_dir=args.data_dir).data_path()
     prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction)
     meta = prepared.meta
@@ -173,16 +211,13 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gpt_fn import hf, sampling
-    from gpt_fn.model import init_params
-    from gpt_fn.tokenizer import EOT_TOKEN, gpt2
-
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    device = resolve_device(args.device)
     encoding = gpt2()
-    params, config = _sampling_model(args, hf, init_params)
-    params = {k: v.to(args.device) for k, v in params.items()}
     prompt_ids = encoding.encode(args.prompt, allowed_special="all")
     if not prompt_ids:
         parser.error("--prompt must not be empty")
@@ -193,47 +228,88 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             top_p=args.top_p,
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
-            ban_tokens=range(encoding.n_vocab, config.vocab_size) or None,
         )
     except ValueError as error:
         parser.error(str(error))
-    prompt = torch.tensor([prompt_ids], device=args.device)
-    for index in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {index + 1} ---")
-        print(args.prompt, end="", flush=True)
-        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        with torch.no_grad():
-            for token in sampling.generate_stream(
-                params,
-                prompt,
-                config,
-                max_new_tokens=args.max_new_tokens,
-                transform=transform,
-                greedy=args.greedy,
-                seed=None if args.greedy else args.seed + index,
-                eos_token_id=EOT_TOKEN,
-            ):
-                if token.item() == EOT_TOKEN:
-                    break
-                print(
-                    text.decode(encoding.decode_single_token_bytes(token.item())),
-                    end="",
-                    flush=True,
-                )
-        print(text.decode(b"", final=True))
+    params, config = _sampling_model(args)
+    if len(prompt_ids) > config.block_size:
+        raise ValueError(
+            f"--prompt is {len(prompt_ids)} tokens, longer than the model's block_size "
+            f"{config.block_size}"
+        )
+    if config.vocab_size > encoding.n_vocab:  # ids the tokenizer never makes: padding rows
+        banned = sampling.ban_tokens(range(encoding.n_vocab, config.vocab_size))
+        transform = sampling.chain(banned, transform)
+    params = {k: v.to(device) for k, v in params.items()}
+    # One batch: row i's randomness depends only on (seed, i) (`sampling.row_generators`),
+    # so sample 1 of `--num-samples 2 --seed 0` never repeats sample 0 of `--seed 1`.
+    prompt = torch.tensor([prompt_ids] * args.num_samples, device=device)
+    stream = sampling.generate_stream(
+        params,
+        prompt,
+        config,
+        max_new_tokens=args.max_new_tokens,
+        transform=transform,
+        greedy=args.greedy,
+        seed=None if args.greedy else args.seed,
+        eos_token_id=EOT_TOKEN,
+    )
+    if args.num_samples == 1:
+        _print_stream(args.prompt, (int(token) for token in stream), encoding)
+        return 0
+    rows = torch.stack(list(stream), dim=1).tolist() if args.max_new_tokens else []
+    for index, row in enumerate(rows):
+        print(f"--- sample {index + 1} ---")
+        _print_stream(args.prompt, iter(row), encoding)
     return 0
 
 
-def _sampling_model(args: argparse.Namespace, hf: Any, init_params: Any) -> tuple[dict, GPTConfig]:
+def _print_stream(prompt: str, tokens: Iterator[int], encoding: Any) -> None:
+    """The prompt, then each token's text as soon as it forms whole UTF-8 characters."""
+    print(prompt, end="", flush=True)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with torch.no_grad():
+        for token in tokens:
+            if token == EOT_TOKEN:
+                break
+            print(text.decode(encoding.decode_single_token_bytes(token)), end="", flush=True)
+    print(text.decode(b"", final=True))
+
+
+def _sampling_model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:
     if args.checkpoint is not None:
         saved = load_checkpoint(args.checkpoint)
         return saved.params, saved.model_config
     if args.hf is not None:
         return hf.load(args.hf)
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     config = GPTConfig.from_preset(args.preset)
     print(f"(no --checkpoint or --hf: a random {args.preset} model)", file=sys.stderr)
-    return init_params(config, seed=args.seed), config
+    return init_params(config, seed=0), config  # --seed is the samples' seed, not the model's
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    saved = load_checkpoint(args.checkpoint)
+    params, config = saved.params, saved.model_config
+    if args.vocab_size is not None:
+        params, config = _crop_vocab(params, config, args.vocab_size)
+    hf.save(params, config, args.out)
+    print(
+        f"wrote {args.out}: GPT-2 with {config.n_layer} layers x {config.n_embd}, vocab "
+        f"{config.vocab_size}, step {saved.step} of {args.checkpoint}"
+    )
+    return 0
+
+
+def _crop_vocab(params: Params, config: GPTConfig, vocab_size: int) -> tuple[Params, GPTConfig]:
+    if not 0 < vocab_size <= config.vocab_size:
+        raise ValueError(
+            f"--vocab-size must be in [1, {config.vocab_size}] (the checkpoint's vocab), "
+            f"got {vocab_size}"
+        )
+    cropped = dataclasses.replace(config, vocab_size=vocab_size)
+    return {**params, "wte.weight": params["wte.weight"][:vocab_size].clone()}, cropped
 
 
 if __name__ == "__main__":

@@ -7,19 +7,22 @@ Everything a step depends on is a function of `(settings, step)`: the batch
 (`gpt_fn.data.get_batch`), the learning rate (a pure schedule) and the dropout generator's seed.
 The only carried state is the params and the optimizer state, both saved in the checkpoint, so
 `--resume` continues exactly where the run stopped (nanoGPT `train.py`, build-nanogpt).
+
+A run never loses its last good checkpoint: a step whose loss, gradient norm or updated
+weights are not finite stops the run before anything is saved; Ctrl-C stops it after the
+current step and saves a checkpoint of that step (a second Ctrl-C aborts at once).
 """
 
 import contextlib
-import dataclasses
-import json
-import os
+import signal
+import statistics
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from jaxtyping import Float
@@ -27,122 +30,51 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt_fn import data, flops, hf, sampling
-from gpt_fn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from gpt_fn.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
-from gpt_fn.optim import Optimizer, OptState, adamw, clip_by_global_norm_, warmup_cosine
+from gpt_fn.optim import (
+    Optimizer,
+    OptState,
+    Schedule,
+    adamw,
+    clip_by_global_norm_,
+    global_norm,
+    warmup_cosine,
+)
+from gpt_fn.rundir import RunDir, plot_losses
+from gpt_fn.runtime import (
+    CPU_FP32,
+    Runtime,
+    distributed,
+    local_rank,
+    make_runtime,
+    resolve_device,
+    resolve_dtype,
+)
+from gpt_fn.settings import TrainSettings, resume_settings
 from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Every knob of a run; the defaults are the CPU main job (`gpt-fn train` with no flags)."""
-
-    data: str = "shakespeare"  # shakespeare | tinyshakespeare | a local text file or folder
-    data_dir: str | None = None  # token files; default data/<corpus name>
-    out_dir: str = "out"
-    preset: str = "cpu-small"
-    n_layer: int | None = None  # these five override the preset
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    dropout: float | None = None
-    init_from: str = "scratch"  # scratch | a GPT-2 HF directory or hub name
-    attention: Literal["sdpa", "manual"] = "sdpa"
-    batch_size: int = 16  # rows per micro-step, summed over DDP ranks
-    grad_accum: int = 1
-    max_steps: int = 300
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 20
-    lr_decay_steps: int | None = None  # default max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_batches: int = 10
-    sample_every: int = 0  # also print a sample every N steps (0: only at the end)
-    sample_tokens: int = 160
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # autocast dtype
-    compile: bool | None = None  # default: on for CUDA, off on CPU
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "sample_every", "sample_tokens", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype must be one of {(*DTYPES, 'auto')}, got {self.dtype!r}")
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "TrainSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {unknown}")
-        return cls(**fields)
-
-    @property
-    def decay_steps(self) -> int:
-        return self.lr_decay_steps or self.max_steps
-
-    def model_config(self, base: GPTConfig | None = None) -> GPTConfig:
-        """The preset (or `base`, e.g. GPT-2 weights' config) with this run's overrides."""
-        overrides = {
-            name: getattr(self, name)
-            for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-            if getattr(self, name) is not None
-        }
-        if base is None:
-            return GPTConfig.from_preset(self.preset, **overrides)
-        return dataclasses.replace(base, **overrides)
-
-    def data_path(self) -> Path:
-        if self.data_dir is not None:
-            return Path(self.data_dir)
-        return Path("data") / (
-            self.data if self.data in data.BUILTIN_CORPORA else Path(self.data).stem
-        )
+Log = Callable[[str], None]
+DROPOUT_STREAM = 2
+"""SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
+SAMPLE_PROMPT = "ROMEO:"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+    """The loss, the gradient norm or the updated weights became NaN/inf."""
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how this process runs: device, autocast dtype, DDP rank."""
-
-    device: torch.device
-    dtype: torch.dtype
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)
-"""One process on the CPU in fp32: what experiments and tests run."""
+class TrainingInterrupted(RuntimeError):
+    """The run was stopped by Ctrl-C (SIGINT) after a step; its checkpoint holds that step."""
 
 
 def train_step(
@@ -160,8 +92,9 @@ def train_step(
 
     `model` is the `GPT` (maybe compiled or DDP-wrapped) whose Parameters are `params`; the
     gradients are averaged over the micro-batches (and over DDP ranks by DDP), clipped to
-    `grad_clip` and applied in place by `optimizer.update_`. A non-finite loss or gradient
-    norm raises `TrainingDiverged` before the parameters are touched.
+    `grad_clip` (0: not clipped) and applied in place by `optimizer.update_`. Raises
+    `TrainingDiverged` if the loss or the gradient norm is not finite (before the parameters
+    are touched) or if the update made a parameter non-finite.
     """
     total = torch.zeros((), device=runtime.device)
     for i, (x, y) in enumerate(batches):
@@ -173,17 +106,19 @@ def train_step(
         loss.backward()
         total += loss.detach()
     grads = {name: param.grad for name, param in params.items()}
-    if grad_clip > 0:
-        grad_norm = clip_by_global_norm_(grads, grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    grad_norm = clip_by_global_norm_(grads, grad_clip) if grad_clip > 0 else global_norm(grads)
     if runtime.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
-        raise TrainingDiverged(f"loss {total.item()} / grad norm {grad_norm.item()}")
+        raise TrainingDiverged(f"loss {total.item()}, gradient norm {grad_norm.item()}")
     optimizer.update_(grads, opt_state, params)
     for param in params.values():
         param.grad = None
+    if not _all_finite(params):
+        raise TrainingDiverged(
+            f"the update made the weights non-finite (loss {total.item():.4g}, gradient norm "
+            f"{grad_norm.item():.4g}): is the learning rate too large?"
+        )
     return total, grad_norm
 
 
@@ -223,79 +158,148 @@ def evaluate(
     return total.item() / batches
 
 
-def train(settings: TrainSettings, *, log: Any = print) -> dict[str, Any]:
+def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
     """Run (or resume) training as `settings` says; returns a summary (steps, losses, speed).
 
     Writes `OUT/metrics.jsonl` (a line per step), `OUT/checkpoint.safetensors` (at every
-    eval and at the end) and `OUT/loss.png`; prints samples from "ROMEO:" at the end.
+    eval and at the end) and `OUT/loss.png`; prints a sample from "ROMEO:" at the end.
+    With `settings.resume` the run continues from its checkpoint with the settings saved
+    there (`gpt_fn.settings.resume_settings` says what may differ).
     """
-    with _distributed() as (rank, world_size):
-        runtime = _runtime(settings, rank, world_size)
-        # Shape checks cost Python time every call and force recompiles under dynamo.
-        with shape_checks(False):
-            return _train(settings, runtime, log if runtime.is_main else _silent)
+    with distributed() as (rank, world_size):
+        log = log if rank == 0 else _silent
+        run_dir = RunDir(settings.out_dir)
+        device = resolve_device(settings.device, local_rank=local_rank())
+        with run_dir.lock() if rank == 0 else contextlib.nullcontext():
+            settings = _settings_for_this_run(settings, run_dir, device, rank, log)
+            runtime = make_runtime(device, settings.dtype, rank, world_size)
+            # Shape checks cost Python time every call and force recompiles under dynamo.
+            with shape_checks(False), _stop_on_sigint(log) as stop_requested:
+                return _Run(settings, runtime, run_dir, log, stop_requested).train()
 
 
-def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any]:
-    out_dir = Path(settings.out_dir)
-    if settings.batch_size % runtime.world_size:
+def _settings_for_this_run(
+    settings: TrainSettings, run_dir: RunDir, device: torch.device, rank: int, log: Log
+) -> TrainSettings:
+    """Resumed: the checkpoint's settings with the allowed changes. Fresh: the folder checked."""
+    if settings.resume:
+        info = read_checkpoint_info(run_dir.checkpoint)
+        settings, notes = resume_settings(settings, info.train_settings, step=info.step)
+        for note in notes:
+            log(f"resume: {note}")
+    elif rank == 0:
+        run_dir.start_fresh(overwrite=settings.overwrite)
+    if rank == 0:
+        for path in run_dir.clean():
+            log(f"removed {path}, left by an interrupted save")
+    if settings.batch_size % _world_size():
         raise ValueError(
-            f"batch_size {settings.batch_size} must be divisible by the {runtime.world_size} ranks"
+            f"batch_size {settings.batch_size} must be divisible by the {_world_size()} ranks"
         )
-    params, config, start_step, opt_state_saved = _initial_params(settings, out_dir, log)
-    tokens_per_step = settings.batch_size * settings.grad_accum * config.block_size
-    train_tokens, val_tokens = _load_data(settings, config, runtime, log)
-    module = GPT.from_params(
-        {k: v.to(runtime.device) for k, v in params.items()}, config, attention=settings.attention
-    )
-    params = module.params()
-    optimizer = adamw(
-        warmup_cosine(settings.lr, settings.min_lr, settings.warmup_steps, settings.decay_steps),
-        betas=(settings.beta1, settings.beta2),
-        weight_decay=settings.weight_decay,
-    )
-    opt_state = optimizer.init(params)
-    if opt_state_saved is not None:
-        _restore_optimizer_state(opt_state, opt_state_saved)
+    return settings.resolved(resolve_dtype(settings.dtype, device))
 
-    model: nn.Module = module
-    compile_model = (
-        settings.compile if settings.compile is not None else runtime.device.type == "cuda"
-    )
-    if compile_model:
-        model = torch.compile(model)
-    if runtime.world_size > 1:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
 
-    peak = flops.peak_flops(runtime.device, runtime.dtype)
-    metrics_path = out_dir / "metrics.jsonl"
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
-    log(
-        f"model {config.n_layer} layers x {config.n_embd} wide, {sum(p.numel() for p in params.values()) / 1e6:.1f}M "
-        f"params; {tokens_per_step} tokens/step on {runtime.world_size} x "
-        f"{runtime.device} ({runtime.dtype}); steps {start_step}..{settings.max_steps}"
-    )
+class _Run:
+    """One training run from its first step to its last: the loop and what it reports."""
 
-    def checkpoint(step: int) -> None:
+    def __init__(
+        self,
+        settings: TrainSettings,
+        runtime: Runtime,
+        run_dir: RunDir,
+        log: Log,
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
+        self.log, self.stop_requested = log, stop_requested
+        params, self.config, self.start_step, saved_opt_state = _initial_state(
+            settings, run_dir, log
+        )
+        self.train_tokens, self.val_tokens = _load_data(settings, self.config, runtime, log)
+        self.module = GPT.from_params(
+            {k: v.to(runtime.device) for k, v in params.items()},
+            self.config,
+            attention=settings.attention,
+        )
+        self.params = self.module.params()
+        self.schedule: Schedule = warmup_cosine(
+            settings.lr, settings.min_lr, settings.warmup_steps, settings.lr_decay_steps
+        )
+        self.optimizer = adamw(
+            self.schedule,
+            betas=(settings.beta1, settings.beta2),
+            weight_decay=settings.weight_decay,
+        )
+        self.opt_state = self.optimizer.init(self.params)
+        if saved_opt_state is not None:
+            _restore_optimizer_state(self.opt_state, saved_opt_state)
+        self.model = self._wrapped_model()
+        self.tokens_per_step = settings.batch_size * settings.grad_accum * self.config.block_size
+        self.flops_per_token = flops.train_flops_per_token(self.config, self.config.block_size)
+        self.peak = flops.peak_flops(runtime.device, runtime.dtype)
+
+    def _wrapped_model(self) -> nn.Module:
+        model: nn.Module = self.module
+        compile_model = self.settings.compile
+        if compile_model is None:
+            compile_model = self.runtime.device.type == "cuda"
+        if compile_model:
+            self.log("compiling the model (torch.compile): the first step takes longer")
+            model = torch.compile(model)
+        if self.runtime.world_size > 1:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    def train(self) -> dict[str, Any]:
+        settings, config, runtime = self.settings, self.config, self.runtime
         if runtime.is_main:
-            save_checkpoint(
-                out_dir,
-                Checkpoint(params, opt_state, step, config, dataclasses.asdict(settings)),
-            )
+            self.run_dir.truncate_metrics(self.start_step)
+        n_params = sum(p.numel() for p in self.params.values())
+        self.log(
+            f"model {config.n_layer} layers x {config.n_embd} wide, {n_params / 1e6:.1f}M "
+            f"params; {self.tokens_per_step} tokens/step on {runtime.world_size} x "
+            f"{runtime.device} ({runtime.dtype}); steps {self.start_step}..{settings.max_steps}"
+        )
+        summary: dict[str, Any] = {"start_step": self.start_step}
+        with self._progress() as (progress, say):
+            for step in range(self.start_step, settings.max_steps):
+                if self._should_stop():
+                    self._checkpoint(step)
+                    raise TrainingInterrupted(
+                        f"interrupted before step {step}: saved {self.run_dir.checkpoint} "
+                        "(continue with --resume)"
+                    )
+                record = self._step(step)
+                done = step + 1
+                if done % settings.eval_interval == 0 or done == settings.max_steps:
+                    record["val_loss"] = self._evaluate(done)
+                    self._checkpoint(done)
+                    say(
+                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
+                    )
+                if runtime.is_main:
+                    self.run_dir.append_metrics(record)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        refresh=False,
+                    )
+                    progress.update(1)
+                sample_due = settings.sample_every and done % settings.sample_every == 0
+                if sample_due and done < settings.max_steps:
+                    say(self.sample())
+                summary.update(record)
+        return self._finish(summary)
 
-    progress = _progress(start_step, settings.max_steps, runtime.is_main)
-    summary: dict[str, Any] = {"start_step": start_step}
-    step = start_step
-    for step in range(start_step, settings.max_steps):
+    def _step(self, step: int) -> dict[str, Any]:
+        settings, runtime = self.settings, self.runtime
         started = time.perf_counter()
         batches = [
             data.get_batch(
-                train_tokens,
+                self.train_tokens,
                 batch_size=settings.batch_size // runtime.world_size,
-                block_size=config.block_size,
+                block_size=self.config.block_size,
                 seed=settings.seed,
                 step=step,
                 micro_step=micro,
@@ -306,140 +310,165 @@ def _train(settings: TrainSettings, runtime: Runtime, log: Any) -> dict[str, Any
             )
             for micro in range(settings.grad_accum)
         ]
-        lr = optimizer_lr(settings, step)
         try:
             loss, grad_norm = train_step(
-                model,
-                params,
-                optimizer,
-                opt_state,
+                self.model,
+                self.params,
+                self.optimizer,
+                self.opt_state,
                 batches,
                 runtime=runtime,
                 grad_clip=settings.grad_clip,
-                generator=_dropout_generator(settings, config, runtime, step),
+                generator=self._dropout_generator(step),
             )
         except TrainingDiverged as error:
-            kept = f"; the last good checkpoint ({out_dir}/checkpoint.safetensors) is kept"
-            raise TrainingDiverged(f"training diverged at step {step}: {error}{kept}") from None
-        elapsed = time.perf_counter() - started
-        tokens_per_s = tokens_per_step / elapsed
-        record: dict[str, Any] = {
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {error}; {self._kept()}"
+            ) from None
+        tokens_per_s = self.tokens_per_step / (time.perf_counter() - started)
+        return {
             "step": step,
             "loss": loss.item(),
-            "lr": lr,
+            "lr": self.schedule(step),
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens_per_s,
-            "mfu": flops.mfu(tokens_per_s, config, config.block_size, peak),
+            "mfu": self._mfu(tokens_per_s),
         }
-        done = step + 1
-        if done % settings.eval_interval == 0 or done == settings.max_steps:
-            record["val_loss"] = evaluate(
-                model,
-                val_tokens,
-                batch_size=settings.batch_size,
-                block_size=config.block_size,
-                batches=settings.eval_batches,
-                seed=settings.seed,
-                runtime=runtime,
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation, a fraction of the device's peak (see `gpt_fn.flops`)."""
+        achieved = tokens_per_s * self.flops_per_token
+        if achieved > self.peak:
+            # A measured (CPU) peak taken while the machine was busy is too low: measure again,
+            # and never let it be below a rate this run reached.
+            remeasured = flops.measured_matmul_flops(str(self.runtime.device), self.runtime.dtype)
+            self.peak = max(self.peak, remeasured, achieved)
+        return achieved / self.peak
+
+    def _evaluate(self, done: int) -> float:
+        val_loss = evaluate(
+            self.model,
+            self.val_tokens,
+            batch_size=self.settings.batch_size,
+            block_size=self.config.block_size,
+            batches=self.settings.eval_batches,
+            seed=self.settings.seed,
+            runtime=self.runtime,
+        )
+        if not np.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"training diverged at step {done - 1}: val loss {val_loss} after its update; "
+                f"{self._kept()}"
             )
-            checkpoint(done)
-        if runtime.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.set_postfix(
-                loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False
+        return val_loss
+
+    def _checkpoint(self, step: int) -> None:
+        if self.runtime.is_main:
+            save_checkpoint(
+                self.run_dir.checkpoint,
+                Checkpoint(self.params, self.opt_state, step, self.config, self.settings.to_dict()),
             )
-            progress.update(1)
-            if "val_loss" in record:
-                log(
-                    f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
-                )
-        if (
-            settings.sample_every
-            and done % settings.sample_every == 0
-            and done < settings.max_steps
-        ):
-            log(sample_text(module.params(), config, settings, runtime))
-        summary.update(record)
-    progress.close()
 
-    summary["steps"] = settings.max_steps
-    if runtime.is_main and settings.max_steps > start_step:
-        records = read_metrics(metrics_path)
-        summary["tokens_per_s_median"] = _median([r["tokens_per_s"] for r in records[1:]] or [0.0])
-        plot_losses(records, out_dir / "loss.png")
-        log(f"wrote {out_dir}/loss.png, {metrics_path} and {out_dir}/checkpoint.safetensors")
-        summary["sample"] = sample_text(module.params(), config, settings, runtime)
-        log(f"--- sample at step {settings.max_steps} ---\n{summary['sample']}")
-    return summary
+    def _kept(self) -> str:
+        if self.run_dir.checkpoint.exists():
+            step = read_checkpoint_info(self.run_dir.checkpoint).step
+            return f"the last good checkpoint ({self.run_dir.checkpoint}, step {step}) is kept"
+        return "no checkpoint had been written yet"
 
+    def _should_stop(self) -> bool:
+        stop = self.stop_requested()
+        if self.runtime.world_size > 1:  # every rank stops at the same step
+            flag = torch.tensor(float(stop), device=self.runtime.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag)
+        return stop
 
-def optimizer_lr(settings: TrainSettings, step: int) -> float:
-    """The learning rate of `step` (the same schedule the optimizer uses)."""
-    return warmup_cosine(settings.lr, settings.min_lr, settings.warmup_steps, settings.decay_steps)(
-        step
-    )
+    def _dropout_generator(self, step: int) -> torch.Generator | None:
+        """Dropout's randomness for `step`, a function of (seed, step, rank): resumable as is."""
+        if self.config.dropout == 0.0:
+            return None
+        entropy = [self.settings.seed, DROPOUT_STREAM, step, self.runtime.rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        return torch.Generator(device=self.runtime.device).manual_seed(seed)
+
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[tuple[Any, Log]]:
+        """A progress bar on stderr, and a log function that prints above it."""
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=self.settings.max_steps,
+            initial=self.start_step,
+            disable=not self.runtime.is_main,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        say = progress.write if self.log is print else self.log
+        try:
+            yield progress, say
+        finally:
+            progress.close()
+
+    def sample(self) -> str:
+        return sample_text(
+            self.module.params(),
+            self.config,
+            tokens=self.settings.sample_tokens,
+            seed=self.settings.seed,
+            runtime=self.runtime,
+        )
+
+    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        summary["steps"] = self.settings.max_steps
+        if self.runtime.is_main and self.settings.max_steps > self.start_step:
+            records = self.run_dir.read_metrics()
+            summary["tokens_per_s_median"] = statistics.median_high(
+                [r["tokens_per_s"] for r in records[1:]] or [0.0]
+            )
+            plot_losses(records, self.run_dir.plot)
+            self.log(
+                f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and {self.run_dir.checkpoint}"
+            )
+            summary["sample"] = self.sample()
+            self.log(f"--- sample at step {self.settings.max_steps} ---\n{summary['sample']}")
+        return summary
 
 
 def sample_text(
-    params: Params, config: GPTConfig, settings: TrainSettings, runtime: Runtime
+    params: Params, config: GPTConfig, *, tokens: int, seed: int, runtime: Runtime = CPU_FP32
 ) -> str:
     """A sample continuing "ROMEO:" (temperature 0.8, top-k 200), ids past GPT-2's vocab banned."""
     encoding = gpt2()
-    prompt = torch.tensor([encoding.encode_ordinary("ROMEO:")], device=runtime.device)
+    prompt = torch.tensor([encoding.encode_ordinary(SAMPLE_PROMPT)], device=runtime.device)
     transform = sampling.make_transform(
-        temperature=0.8,
-        top_k=200,
-        ban_tokens=range(encoding.n_vocab, config.vocab_size),
+        temperature=0.8, top_k=200, ban_tokens=range(encoding.n_vocab, config.vocab_size)
     )
     # Weights cast once to the run's dtype: autocast would re-cast every matmul at every step.
     with torch.no_grad():
-        tokens = sampling.generate(
+        out = sampling.generate(
             {k: v.detach().to(runtime.dtype) for k, v in params.items()},
             prompt,
             config,
-            max_new_tokens=settings.sample_tokens,
+            max_new_tokens=tokens,
             transform=transform,
-            seed=settings.seed,
+            seed=seed,
             eos_token_id=EOT_TOKEN,
         )
-    ids = [t for t in tokens[0].tolist() if t != EOT_TOKEN]
-    return encoding.decode(ids)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Train loss per step and val loss at evals, on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] + 1 for r in records], [r["loss"] for r in records], label="train", lw=1)
-    evals = [r for r in records if "val_loss" in r]
-    ax.plot([r["step"] + 1 for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="gpt_fn training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return encoding.decode([t for t in out[0].tolist() if t != EOT_TOKEN])
 
 
 def _load_data(
-    settings: TrainSettings, config: GPTConfig, runtime: Runtime, log: Any
-) -> tuple[Any, Any]:
+    settings: TrainSettings, config: GPTConfig, runtime: Runtime, log: Log
+) -> tuple[np.ndarray, np.ndarray]:
     data_dir = settings.data_path()
     if runtime.is_main:
         prepared = data.prepare(settings.data, data_dir)
         if prepared.rebuilt:
             meta = prepared.meta
             log(
-                f"prepared {settings.data}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {data_dir}"
+                f"prepared {settings.data}: {meta['train_tokens']:,} train / "
+                f"{meta['val_tokens']:,} val tokens in {data_dir}"
             )
     if runtime.world_size > 1:
         dist.barrier()  # the other ranks wait until rank 0 has written the token files
@@ -454,8 +483,8 @@ def _load_data(
     return train_tokens, val_tokens
 
 
-def _initial_params(
-    settings: TrainSettings, out_dir: Path, log: Any
+def _initial_state(
+    settings: TrainSettings, run_dir: RunDir, log: Log
 ) -> tuple[Params, GPTConfig, int, dict[str, Tensor] | None]:
     """(params, model config, first step, saved optimizer state): fresh, pretrained or resumed.
 
@@ -464,7 +493,7 @@ def _initial_params(
     """
     pretrained = None if settings.init_from == "scratch" else settings.init_from
     if settings.resume:
-        saved = load_checkpoint(out_dir)
+        saved = load_checkpoint(run_dir.checkpoint)
         config = settings.model_config(saved.model_config if pretrained else None)
         if saved.model_config != config:
             differing = {
@@ -473,14 +502,24 @@ def _initial_params(
                 if getattr(config, k) != v
             }
             raise CheckpointError(
-                f"the checkpoint in {out_dir} is of another model config: "
+                f"the checkpoint in {run_dir.path} is of another model config: "
                 + ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in differing.items())
             )
-        log(f"resuming from {out_dir}/checkpoint.safetensors at step {saved.step}")
+        log(f"resuming from {run_dir.checkpoint} at step {saved.step}")
         return saved.params, config, saved.step, saved.optimizer_state
     if pretrained:
         weights, weights_config = hf.load(pretrained)
         config = settings.model_config(weights_config)
+        log(
+            f"init from {pretrained}: {config.n_layer} layers x {config.n_embd} wide, "
+            f"{config.n_head} heads, vocab {config.vocab_size}, block_size {config.block_size}"
+            + (
+                " (from its config.json; --block-size crops it)"
+                if settings.block_size is None
+                else ""
+            )
+            + f": {settings.batch_size * settings.grad_accum * config.block_size:,} tokens a step"
+        )
         return _fit_pretrained(weights, weights_config, config), config, 0, None
     config = settings.model_config()
     return init_params(config, seed=settings.seed), config, 0, None
@@ -509,84 +548,36 @@ def _restore_optimizer_state(state: OptState, saved: dict[str, Tensor]) -> None:
             value.copy_(saved[name])
 
 
-def _dropout_generator(
-    settings: TrainSettings, config: GPTConfig, runtime: Runtime, step: int
-) -> torch.Generator | None:
-    """Dropout's randomness for `step`, a function of (seed, step, rank): resumable as is."""
-    if config.dropout == 0.0:
-        return None
-    seed = (settings.seed * 1_000_003 + step) * 1024 + runtime.rank
-    return torch.Generator(device=runtime.device).manual_seed(seed)
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop logged steps at or after `start_step` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_metrics(path) if r["step"] < start_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _runtime(settings: TrainSettings, rank: int, world_size: int) -> Runtime:
-    if settings.device == "auto":
-        device = torch.device(
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        )
-    else:
-        device = torch.device(settings.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if settings.dtype == "auto":
-        dtype = (
-            torch.bfloat16
-            if device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else torch.float32
-        )
-    else:
-        dtype = DTYPES[settings.dtype]
-    return Runtime(device=device, dtype=dtype, rank=rank, world_size=world_size)
+def _all_finite(params: Params) -> bool:
+    """Whether every parameter entry is finite: one max-abs per tensor, one host sync."""
+    largest = torch._foreach_norm(list(params.values()), float("inf"))
+    return bool(torch.isfinite(torch.stack(largest)).all())
 
 
 @contextlib.contextmanager
-def _distributed() -> Iterator[tuple[int, int]]:
-    """(rank, world_size): a process group under torchrun (WORLD_SIZE > 1), else (0, 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        yield 0, 1
+def _stop_on_sigint(log: Log) -> Iterator[Callable[[], bool]]:
+    """While in the block, the first Ctrl-C asks the loop to stop after its step; a second aborts."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield dist.get_rank(), dist.get_world_size()
+        yield requested.is_set
     finally:
-        dist.destroy_process_group()
+        signal.signal(signal.SIGINT, previous)
 
 
-def _progress(start: int, total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        disable=not enabled,
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m gpt_fn.train [flags]
-    from gpt_fn.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny config (odd sizes on purpose) and a seeded generator."""
+"""Shared fixtures: a tiny config (odd sizes on purpose), a seeded generator, a tiny corpus."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,3 +17,19 @@ def tiny_config() -> GPTConfig:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+SPEECH = (
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n\n"
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+    "Deny thy father and refuse thy name.\n\n"
+)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A one-file corpus of a repeated speech: a model learns it in a few steps."""
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(SPEECH * 40)
+    return path

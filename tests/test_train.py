@@ -12,21 +12,9 @@ import torch
 import gpt_fn.model
 from gpt_fn import cli
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint
-from gpt_fn.train import TrainingDiverged, TrainSettings, read_metrics, train
-
-SPEECH = (
-    "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
-    "It is the east, and Juliet is the sun.\n\n"
-    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
-    "Deny thy father and refuse thy name.\n\n"
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text(SPEECH * 40)
-    return path
+from gpt_fn.rundir import read_metrics
+from gpt_fn.settings import TrainSettings
+from gpt_fn.train import TrainingDiverged, train
 
 
 def _settings(corpus: Path, out_dir: Path, **overrides) -> TrainSettings:
@@ -145,7 +133,7 @@ def test_ddp_with_two_processes_equals_one_process(corpus, tmp_path):
     )  # fmt: skip
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "gpt_fn.train", f"--out-dir={tmp_path / 'two'}", *common],
+         "-m", "gpt_fn", "train", f"--out-dir={tmp_path / 'two'}", *common],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -1,0 +1,344 @@
+"""The `gpt-fn` command as a user meets it: every mistake is one line and a non-zero exit.
+
+Most cases call `cli.main` in this process (what the `gpt-fn` console script calls): an
+exception escaping it would be the traceback a user sees, and fails the test. The cases that
+need a real process (a closed pipe, Ctrl-C) run the entry point in a subprocess.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_fn import GPTConfig, cli, data, flops, forward, hf, init_params
+from gpt_fn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from gpt_fn.rundir import read_metrics
+
+TINY_RUN = [
+    "--preset=cpu-tiny", "--n-layer=1", "--n-embd=32", "--block-size=16", "--batch-size=4",
+    "--eval-batches=1", "--sample-tokens=4", "--lr=3e-3",
+]  # fmt: skip
+ENTRY_POINT = [sys.executable, "-m", "gpt_fn"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `gpt-fn argv...`, in this process."""
+    try:
+        code = cli.main([str(arg) for arg in argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(code: int, err: str, pattern: str, *, expected: int = 1) -> None:
+    """A failure as the CLI must report it: the exit code, one line naming it, no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expected, err
+    assert len(lines) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def train_args(corpus, tmp_path):
+    def args(out: str = "run", *more: str) -> list[str]:
+        return [
+            "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+            f"--out-dir={tmp_path / out}", *TINY_RUN, *more,
+        ]  # fmt: skip
+
+    return args
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path) -> Path:
+    config = GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    params = init_params(config, seed=0)
+    save_checkpoint(tmp_path / "ckpt", Checkpoint(params, {}, 5, config, {}))
+    return tmp_path / "ckpt"
+
+
+# --- files, folders, devices, downloads ---------------------------------------------------
+
+
+def test_tinyshakespeare_offline_is_one_line(capsys, train_args, monkeypatch):
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    args = train_args()
+    args[1] = "--data=tinyshakespeare"
+    assert_one_line(*run(capsys, *args)[::2], "could not download tinyshakespeare")
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_sample_from_a_hf_dir_that_is_missing_or_a_file(capsys, tmp_path, kind):
+    path = tmp_path / "gpt2"
+    if kind == "file":
+        path.write_text("{}")
+    code, _, err = run(capsys, "sample", "--hf", path)
+    assert_one_line(code, err, "no such directory" if kind == "missing" else "is a file")
+
+
+def test_out_dir_or_data_dir_naming_a_file(capsys, tmp_path, train_args):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, *train_args("afile"))
+    assert_one_line(code, err, "is a file, not a folder")
+    args = train_args()
+    args[2] = f"--data-dir={tmp_path / 'afile'}"
+    code, _, err = run(capsys, *args)
+    assert_one_line(code, err, "data dir .* is a file, not a folder")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_without_cuda(capsys, train_args, device):
+    code, _, err = run(capsys, *train_args(), f"--device={device}")
+    assert_one_line(code, err, f"device '{device}': CUDA is not available")
+    code, _, err = run(capsys, "sample", "--device", device, "--max-new-tokens", "2")
+    assert_one_line(code, err, f"device '{device}': CUDA is not available")
+
+
+def test_an_unknown_device_is_named(capsys):
+    code, _, err = run(capsys, "sample", "--device", "gpu", "--max-new-tokens", "2")
+    assert_one_line(code, err, "unknown device 'gpu'")
+
+
+def test_a_checkpoint_with_a_missing_key(capsys, tmp_path):
+    config = GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    params = init_params(config, seed=0)
+    del params["h.0.ln_2.bias"]
+    save_checkpoint(tmp_path, Checkpoint(params, {}, 5, config, {}))
+    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path)
+    assert_one_line(code, err, "does not hold the params of its model config.*h.0.ln_2.bias")
+
+
+# --- settings that are accepted and mean something else ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([1, 2], "must hold a JSON object of settings, got a list"),
+        ({"compile": "no"}, "compile must be true or false or null, got 'no'"),
+        ({"max_steps": "2"}, "max_steps must be an int, got '2'"),
+        ({"max_steps": 2.5}, "max_steps must be an int, got 2.5"),
+    ],
+)
+def test_config_files_are_type_checked(capsys, tmp_path, train_args, config, message):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    code, _, err = run(capsys, *train_args(), "--config", path)
+    assert_one_line(code, err, re.escape(message))
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--grad-clip=nan", "grad_clip must be a finite number >= 0, got nan"),
+        ("--lr-decay-steps=0", "lr_decay_steps must be >= 1"),
+    ],
+)
+def test_flags_that_would_silently_mean_something_else(capsys, train_args, flag, message):
+    assert_one_line(*run(capsys, *train_args(), flag)[::2], re.escape(message))
+
+
+def test_help_gives_every_flag_a_text_and_at_most_one_default(capsys):
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0
+    # argparse: "  --flag VALUE   help text" (the text may start on the next line).
+    entries = re.split(r"\n  (?=--)", out.split("options:", 1)[1])[1:]
+    assert len(entries) > 30
+    for entry in entries:
+        flag, _, text = entry.partition("  ")
+        assert text.strip(), f"{flag} has no help text"
+        assert entry.count("(default:") <= 1, entry
+
+
+# --- runs that must not be lost ------------------------------------------------------------
+
+
+def test_a_fresh_run_never_erases_a_run_and_overwrite_is_explicit(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args(), "--max-steps=2", "--eval-interval=2")[0] == 0
+    code, _, err = run(capsys, *train_args(), "--max-steps=2")
+    assert_one_line(code, err, "already holds a run.*--resume.*--overwrite")
+    assert load_checkpoint(tmp_path / "run").step == 2
+    code, _, err = run(capsys, *train_args(), "--max-steps=1", "--overwrite")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "run").step == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0]
+
+
+def test_resume_restores_the_runs_settings_without_repeating_flags(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args("full"), "--max-steps=6", "--eval-interval=3")[0] == 0
+    assert run(capsys, *train_args("half"), "--max-steps=3", "--lr-decay-steps=6")[0] == 0
+    # Only the length is given again; data, shape, lr, batch come from the checkpoint.
+    code, _, err = run(
+        capsys, "train", "--resume", f"--out-dir={tmp_path / 'half'}", "--max-steps=6"
+    )
+    assert code == 0, err
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "half" / "metrics.jsonl")
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+
+
+def test_resume_refuses_a_changed_setting_and_allows_it_when_told(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args(), "--max-steps=2", "--eval-interval=2")[0] == 0
+    out = f"--out-dir={tmp_path / 'run'}"
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4", "--lr=1e-3")
+    assert_one_line(code, err, "would change the run's settings \\(lr 0.003 -> 0.001\\)")
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=1")
+    assert_one_line(code, err, "max_steps 1 is below the checkpoint's step 2")
+    code, printed, _ = run(
+        capsys, "train", "--resume", out, "--max-steps=4", "--lr=1e-3", "--allow-changes"
+    )
+    assert code == 0 and "changed lr 0.003 -> 0.001 (--allow-changes)" in printed
+    assert load_checkpoint(tmp_path / "run").train_settings["lr"] == 1e-3
+
+
+def test_extending_a_run_keeps_its_schedule(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args(), "--max-steps=4", "--eval-interval=4")[0] == 0
+    code, printed, _ = run(
+        capsys, "train", "--resume", f"--out-dir={tmp_path / 'run'}", "--max-steps=6"
+    )
+    assert code == 0 and "extending the run from 4 to 6 steps" in printed
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    min_lr = load_checkpoint(tmp_path / "run").train_settings["min_lr"]
+    assert lrs[4:] == [min_lr, min_lr]  # after the run's cosine, no jump back up
+    assert max(lrs[4:]) <= min(lrs[:4])
+
+
+def test_resume_without_a_checkpoint_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--resume", f"--out-dir={tmp_path / 'none'}")
+    assert_one_line(code, err, "--resume: no checkpoint at")
+
+
+def test_a_ruinous_step_never_becomes_the_last_good_checkpoint(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args(), "--max-steps=2", "--eval-interval=2")[0] == 0
+    code, _, err = run(
+        capsys, "train", "--resume", f"--out-dir={tmp_path / 'run'}", "--max-steps=6",
+        "--eval-interval=1", "--lr=1e30", "--min-lr=1e30", "--allow-changes",
+    )  # fmt: skip
+    lines = [line for line in err.splitlines() if "diverged" in line]
+    assert code == 1 and len(lines) == 1, err
+    assert re.search(r"diverged at step 2: .*last good checkpoint .*step 2\) is kept", lines[0])
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved.step == 2
+    assert all(bool(torch.isfinite(p).all()) and p.abs().max() < 100 for p in saved.params.values())
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_so(capsys, train_args):
+    code, _, err = run(capsys, *train_args(), "--max-steps=3", "--lr=1e30", "--min-lr=1e30")
+    line = next(line for line in err.splitlines() if "diverged" in line)
+    assert code == 1 and "no checkpoint had been written yet" in line
+
+
+def test_short_runs_train_with_a_warmup_that_fits(capsys, train_args, tmp_path):
+    assert run(capsys, *train_args(), "--max-steps=5")[0] == 0
+    assert load_checkpoint(tmp_path / "run").train_settings["warmup_steps"] == 0
+
+
+def test_mfu_is_never_above_one(capsys, train_args, tmp_path, monkeypatch):
+    # A peak measured while the machine was busy: far below what a step achieves.
+    monkeypatch.setattr(flops, "peak_flops", lambda device, dtype: 1.0)
+    monkeypatch.setattr(flops, "measured_matmul_flops", lambda device, dtype: 2.0)
+    assert run(capsys, *train_args(), "--max-steps=3")[0] == 0
+    assert all(0 < r["mfu"] <= 1 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+# --- sampling and export -------------------------------------------------------------------
+
+
+def _samples(capsys, *argv: str) -> list[str]:
+    code, out, err = run(capsys, "sample", "--max-new-tokens=12", *argv)
+    assert code == 0, err
+    return re.split(r"--- sample \d+ ---\n", out)[1:] or [out]
+
+
+def test_num_samples_are_independent_of_other_seeds(capsys, checkpoint_dir):
+    ckpt = f"--checkpoint={checkpoint_dir}"
+    two = _samples(capsys, ckpt, "--num-samples=2", "--seed=0")
+    (alone,) = _samples(capsys, ckpt, "--seed=0")
+    (seed_one,) = _samples(capsys, ckpt, "--seed=1")
+    assert two[0] == alone  # row 0 of a batch is what the seed gives alone
+    assert two[1] != seed_one  # row 1 is not another seed's row 0
+
+
+def test_a_prompt_longer_than_the_block(capsys, checkpoint_dir):
+    code, _, err = run(capsys, "sample", f"--checkpoint={checkpoint_dir}", "--prompt", "a " * 40)
+    assert_one_line(code, err, "longer than the model's block_size 32")
+
+
+def test_export_writes_a_hf_model_with_the_same_logits(capsys, checkpoint_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    code, out, err = run(
+        capsys, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "hf",
+        "--vocab-size", "50000",
+    )  # fmt: skip
+    assert code == 0, err
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    saved = load_checkpoint(checkpoint_dir)
+    tokens = torch.randint(0, 50000, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    params, config = hf.load(tmp_path / "hf")
+    assert config.vocab_size == 50000 and params["wte.weight"].shape[0] == 50000
+    # Cropping drops rows of the tied head: the logits of the kept ids are unchanged.
+    ours = forward(saved.params, tokens, saved.model_config)[..., :50000]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)  # fp32, different kernels
+    capsys.readouterr()  # transformers' loading bar
+    code, _, err = run(
+        capsys, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "x",
+        "--vocab-size", "60000",
+    )  # fmt: skip
+    assert_one_line(code, err, "--vocab-size must be in \\[1, 50257\\]")
+
+
+# --- what only a real process shows ----------------------------------------------------------
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+
+
+def test_a_closed_pipe_is_one_line(checkpoint_dir):
+    process = subprocess.Popen(
+        # Streamed token by token for seconds: the reader leaves long before the end.
+        [*ENTRY_POINT, "sample", f"--checkpoint={checkpoint_dir}", "--max-new-tokens=5000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_environment(),
+    )  # fmt: skip
+    process.stdout.read(3)  # `gpt-fn sample ... | head -c 3`
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    process.wait(timeout=120)
+    process.stderr.close()
+    assert_one_line(process.returncode, err, "broken pipe")
+
+
+def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        *ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+        f"--out-dir={out}", *TINY_RUN, "--max-steps=100000", "--eval-interval=100000",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment()
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out / "metrics.jsonl")) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    stop = re.search(r"interrupted before step (\d+): saved .*checkpoint.safetensors", err)
+    assert stop, err
+    assert load_checkpoint(out).step == int(stop[1])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
