@@ -26,10 +26,11 @@ Every case also records:
                                    [--batch N] [--threads N] [--device cpu|cuda] [--out DIR]
 
 `--quick` runs a small grid in well under a minute on two CPU cores: no compiled kernel
-(inductor takes seconds per graph), and no bf16 on CPUs without native bf16 matmuls (ATen's
-fallback there runs at a few GFLOP/s; the output says so). `run(quick)` returns the numbers as a dict, `markdown(result)` renders them and
-`plot(result, path)` draws time against sequence length (log-log, one line per kernel and
-dtype).
+(inductor takes seconds per graph), and bf16 only where bf16 matmuls are native (ATen's
+fallback elsewhere runs at a few GFLOP/s; the output says when bf16 was skipped, and the
+result's `dtypes` lists what ran). `run(quick)` returns the numbers as a dict,
+`markdown(result)` renders them and `plot(result, path)` draws time against sequence length
+(log-log, one line per kernel and dtype).
 """
 
 import argparse
@@ -73,10 +74,11 @@ def run(
 ) -> dict:
     """Median ms, peak memory and max abs difference from sdpa for every case, as a dict.
 
-    Defaults: every dtype (quick: bf16 only where native), `SEQ_LENS` (quick:
-    `QUICK_SEQ_LENS`), the compiled kernel in the full run only, batch 4 on CUDA and 1 on CPU (the (1, 12, 2048, 2048) fp32 scores are
-    already 200 MB, and the manual backward holds several such tensors). `threads` sets
-    torch's intra-op CPU threads.
+    Defaults: every dtype (quick: bf16 only where native; `result["dtypes"]` says which
+    ran), `SEQ_LENS` (quick: `QUICK_SEQ_LENS`), the compiled kernel in the full run only,
+    batch 4 on CUDA and 1 on CPU (the (1, 12, 2048, 2048) fp32 scores are already 200 MB, and
+    the manual backward holds several such tensors). `threads` sets torch's intra-op CPU
+    threads.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads is not None:
@@ -133,6 +135,7 @@ def run(
         "batch": batch,
         "n_head": N_HEAD,
         "d_head": D_HEAD,
+        "dtypes": list(dtypes),
         "warmup": warmup,
         "repeats": repeats,
         "memory_method": (
@@ -339,7 +342,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small grid, fp32 on CPUs")
+    parser.add_argument(
+        "--quick", action="store_true", help="small grid, no compile, bf16 only where it is native"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
     parser.add_argument("--seq-lens", default=None, help="comma-separated lengths")
