@@ -1,9 +1,10 @@
 """Smoke test of the benchmark suite: every benchmark runs and the runner writes its report.
 
-The benchmarks run at toy sizes (each module's size constants patched down) so the file takes
-seconds; the figures are meaningless and never asserted. What is asserted: every table and
-plot reaches REPORT.md, and the numerical checks the benchmarks record hold (both train-step
-contenders compute the same loss; the attention kernels agree, to a tolerance per dtype).
+The benchmarks run at toy sizes (the runner hands each `run` the keyword arguments below) so
+the file takes seconds; the figures are meaningless and never asserted. What is asserted:
+every table and plot reaches REPORT.md, and the numerical checks the benchmarks record hold
+(both train-step contenders compute the same loss; the attention kernels agree, to a
+tolerance per dtype).
 """
 
 import importlib
@@ -26,16 +27,13 @@ lm_head_loss = importlib.import_module("benchmarks.lm_head_loss")
 # Toy sizes: odd widths, a vocabulary without GPT-2's end-of-text id.
 TOY = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=16)
 TOY_SEQ_LENS = (8, 32)
-TOY_SIZES = [
-    (attention, "QUICK_SEQ_LENS", TOY_SEQ_LENS),
-    (train_step, "QUICK_CONFIG", TOY),
-    (train_step, "QUICK_BATCH", 2),
-    (generate, "CONFIG", TOY),  # 16-token prompt + 32 new tokens fit its 64-token block
-    (optimizer, "CONFIG", TOY),
-    (lm_head_loss, "D_MODEL", 16),
-    (lm_head_loss, "VOCAB", 97),
-]
-
+TOY_SIZES = {
+    "attention": {"seq_lens": TOY_SEQ_LENS},
+    "train_step": {"config": TOY, "batch": 2},
+    "generate": {"config": TOY},  # 16-token prompt + 32 new tokens fit its 64-token block
+    "optimizer": {"config": TOY},
+    "lm_head_loss": {"d_model": 16, "vocab": 97},
+}
 
 # How closely the attention kernels must agree, per dtype. The inputs are unit normals, so
 # outputs (convex combinations of v's rows) and input gradients stay below 8 here (measured:
@@ -58,12 +56,9 @@ KERNEL_AGREEMENT = {
 def out_dir(tmp_path_factory):
     """One quick run of every benchmark through the runner, at toy sizes."""
     out = tmp_path_factory.mktemp("bench-out")
-    with pytest.MonkeyPatch.context() as patch:
-        for module, name, value in TOY_SIZES:
-            patch.setattr(module, name, value)
-        # One thread: the runner hands it to every benchmark (and it is the steadier setting
-        # on a shared machine).
-        run.run_benchmarks(run.BENCHMARKS, quick=True, out=out, threads=1)
+    # One thread: the runner hands it to every benchmark (and it is the steadier setting on a
+    # shared machine).
+    run.run_benchmarks(run.BENCHMARKS, quick=True, out=out, threads=1, sizes=TOY_SIZES)
     return out
 
 
@@ -145,10 +140,9 @@ def test_attention_kernels_agree_in_every_dtype():
     assert_attention_cases(result, list(attention.DTYPES))
 
 
-def test_runner_restores_the_thread_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(optimizer, "CONFIG", TOY)
+def test_runner_restores_the_thread_count(tmp_path):
     before = torch.get_num_threads()
-    run.run_benchmarks(["optimizer"], quick=True, out=tmp_path, threads=before + 1)
+    run.run_benchmarks(["optimizer"], quick=True, out=tmp_path, threads=before + 1, sizes=TOY_SIZES)
     assert torch.get_num_threads() == before
 
 
@@ -159,6 +153,8 @@ def test_runner_rejects_unknown_names(tmp_path):
         run.main(["--only", "attention,nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="threads"):
         run.run_benchmarks(["attention"], out=tmp_path, threads=0)
+    with pytest.raises(ValueError, match="nope"):
+        run.run_benchmarks(["attention"], out=tmp_path, sizes={"nope": {}})
 
 
 def test_attention_rejects_unknown_dtype():
