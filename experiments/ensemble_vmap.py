@@ -77,12 +77,9 @@ def make_step(
     def step(
         params: Params, opt_state: optim.OptState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[Params, optim.OptState, torch.Tensor]:
-        # x and y are closed over, not arguments of grad: grad would wrap them in its own
-        # tensor type, and gpt_fn.loss's token range check, which steps aside for vmapped
-        # tokens, would no longer see that they are vmapped and read their values (an error).
-        grads, loss = torch.func.grad_and_value(
-            lambda p: gpt_fn.loss(p, x, y, config, attention=kernel)
-        )(params)
+        # grad differentiates argument 0 and wraps the tokens too; gpt_fn.loss's token range
+        # check still sees through that wrapper that they are vmapped, and steps aside.
+        grads, loss = torch.func.grad_and_value(gpt_fn.loss)(params, x, y, config, attention=kernel)
         new_params, new_state = optimizer.update(grads, opt_state, params)
         return new_params, new_state, loss
 
