@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 if __package__ in (None, ""):  # run as a script: import the package from one level up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.run import command_line, finish
+from benchmarks.run import command_line, dtype_names, finish
 from benchmarks.timing import DTYPES, check_dtypes, cpu_threads, native_bf16, sync, take_turns
 from gpt_fn.nn import manual_kernel, sdpa_kernel
 from gpt_fn.shapes import shape_checks
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         "attention", __doc__, quick="small grid, no compile, bf16 only where it is native"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", type=dtype_names, default=None, help="comma-separated: float32,bfloat16"
+    )
     parser.add_argument("--seq-lens", default=None, help="comma-separated lengths")
     parser.add_argument("--batch", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
     parser.add_argument(
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(
         args.quick,
         device=args.device,
-        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        dtypes=args.dtypes,
         seq_lens=tuple(int(s) for s in args.seq_lens.split(",")) if args.seq_lens else None,
         batch=args.batch,
         compile=args.compile,

@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: import the package from one level up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import native_bf16
+from benchmarks.timing import check_dtypes, native_bf16
 
 BENCHMARKS = ("attention", "train_step", "generate", "optimizer", "lm_head_loss")
 DEFAULT_OUT = Path("bench-out")
@@ -163,6 +163,16 @@ def command_line(
         "--out", type=Path, default=None, help=f"write {name}.json, {name}.md (and a plot) here"
     )
     return parser
+
+
+def dtype_names(text: str) -> tuple[str, ...]:
+    """`--dtypes float32,bfloat16` as a tuple of names; an unknown name is a usage error."""
+    names = tuple(text.split(","))
+    try:
+        check_dtypes(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return names
 
 
 def finish(

@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpt_fn
-from benchmarks.run import command_line, finish
+from benchmarks.run import command_line, dtype_names, finish
 from benchmarks.timing import DTYPES, check_dtypes, cpu_threads, native_bf16, take_turns
 from gpt_fn import flops, hf, optim
 from gpt_fn.shapes import shape_checks
@@ -358,7 +358,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = command_line("train_step", __doc__, quick="tiny model, fp32 eager: seconds")
-    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", type=dtype_names, default=None, help="comma-separated: float32,bfloat16"
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(
         args.quick,
-        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        dtypes=args.dtypes,
         compile=args.compile,
         device=args.device,
         threads=args.threads,

@@ -157,6 +157,11 @@ def test_runner_rejects_unknown_names(tmp_path):
         run.run_benchmarks(["attention"], out=tmp_path, sizes={"nope": {}})
 
 
-def test_attention_rejects_unknown_dtype():
+def test_attention_rejects_unknown_dtype(capsys):
     with pytest.raises(ValueError, match="float8"):
         attention.run(quick=True, dtypes=("float8",))
+    # On the command line: a usage error naming the dtype, not a traceback.
+    for main in (attention.main, train_step.main):
+        with pytest.raises(SystemExit):
+            main(["--dtypes", "float32,float8"])
+        assert "unknown dtype(s) ['float8']" in capsys.readouterr().err
