@@ -26,16 +26,17 @@ Every case also records:
                                    [--batch N] [--threads N] [--device cpu|cuda] [--out DIR]
 
 `--quick` runs a small grid in well under a minute on two CPU cores: no compiled kernel
-(inductor takes seconds per graph), and no bf16 on CPUs without native bf16 matmuls (ATen's
-fallback there runs at a few GFLOP/s; the output says so). `run(quick)` returns the numbers as a dict, `markdown(result)` renders them and
-`plot(result, path)` draws time against sequence length (log-log, one line per kernel and
-dtype).
+(inductor takes seconds per graph), and bf16 only where bf16 matmuls are native (ATen's
+fallback elsewhere runs at a few GFLOP/s; the output says when bf16 was skipped, and the
+result's `dtypes` lists what ran). `run(quick, ...)` returns the numbers as a dict (its
+keyword arguments set the sizes), `markdown(result)` renders them and `plot(result, path)`
+draws time against sequence length (log-log, one line per kernel and dtype).
 """
 
 import argparse
-import json
+import functools
 import statistics
-import time
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,6 +44,11 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.run import command_line, dtype_names, finish
+from benchmarks.timing import DTYPES, check_dtypes, cpu_threads, native_bf16, sync, take_turns
 from gpt_fn.nn import manual_kernel, sdpa_kernel
 from gpt_fn.shapes import shape_checks
 
@@ -51,14 +57,8 @@ SEQ_LENS = (64, 128, 256, 512, 1024, 2048)
 QUICK_SEQ_LENS = (64, 256, 1024)
 KERNELS = ("sdpa", "manual", "manual compiled")
 PASSES = ("forward", "forward+backward")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively (every CUDA GPU we target does)."""
-    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def run(
@@ -68,19 +68,20 @@ def run(
     dtypes: tuple[str, ...] | None = None,
     seq_lens: tuple[int, ...] | None = None,
     batch: int | None = None,
+    n_head: int = N_HEAD,
+    d_head: int = D_HEAD,
     compile: bool | None = None,
     threads: int | None = None,
 ) -> dict:
     """Median ms, peak memory and max abs difference from sdpa for every case, as a dict.
 
-    Defaults: every dtype (quick: bf16 only where native), `SEQ_LENS` (quick:
-    `QUICK_SEQ_LENS`), the compiled kernel in the full run only, batch 4 on CUDA and 1 on CPU (the (1, 12, 2048, 2048) fp32 scores are
+    Defaults: every dtype (quick: bf16 only where native; `result["dtypes"]` says which ran),
+    `SEQ_LENS` (quick: `QUICK_SEQ_LENS`), GPT-2 small's heads, the compiled kernel in the
+    full run only, batch 4 on CUDA and 1 on CPU (the (1, 12, 2048, 2048) fp32 scores are
     already 200 MB, and the manual backward holds several such tensors). `threads` sets
-    torch's intra-op CPU threads.
+    torch's intra-op CPU threads for the run.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if threads is not None:
-        torch.set_num_threads(threads)
     batch = batch or (4 if dev.type == "cuda" else 1)
     seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
     skipped: list[str] = []
@@ -92,16 +93,15 @@ def run(
                 "bfloat16 skipped (quick mode): this CPU has no native bf16 matmul "
                 "(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
             )
-    unknown = [name for name in dtypes if name not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    check_dtypes(dtypes)
     if not seq_lens or min(seq_lens) < 1:
         raise ValueError(f"seq_lens must be positive lengths, got {seq_lens!r}")
     compile = (not quick) if compile is None else compile
     warmup, repeats = (1, 3) if quick else (2, 7)
 
     rows = []
-    with shape_checks(False):
+    with cpu_threads(threads), shape_checks(False):
+        threads_used = torch.get_num_threads()
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             # Fewer repeats where bf16 matmuls fall back to a slow path: minutes, not hours.
@@ -119,6 +119,8 @@ def run(
                         pass_name,
                         batch=batch,
                         seq=seq,
+                        n_head=n_head,
+                        d_head=d_head,
                         dtype=dtype,
                         device=dev,
                         warmup=dtype_warmup,
@@ -129,10 +131,11 @@ def run(
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads_used,
         "batch": batch,
-        "n_head": N_HEAD,
-        "d_head": D_HEAD,
+        "n_head": n_head,
+        "d_head": d_head,
+        "dtypes": list(dtypes),
         "warmup": warmup,
         "repeats": repeats,
         "memory_method": (
@@ -147,11 +150,15 @@ def run(
 
 
 def _inputs(
-    batch: int, seq: int, dtype: torch.dtype, device: torch.device, *, requires_grad: bool
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    requires_grad: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """q, k, v and an output gradient, the same numbers for every kernel and run."""
-    generator = torch.Generator().manual_seed(seq)
-    shape = (batch, N_HEAD, seq, D_HEAD)
+    """q, k, v and an output gradient of `shape` (batch, heads, seq, d_head), the same numbers
+    for every kernel and run."""
+    generator = torch.Generator().manual_seed(shape[2])
     q, k, v, grad_out = (
         torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(4)
     )
@@ -170,24 +177,21 @@ def _call(kernel: Kernel, pass_name: str, q, k, v, grad_out) -> tuple[torch.Tens
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_case(
     kernels: dict[str, Kernel],
     pass_name: str,
     *,
     batch: int,
     seq: int,
+    n_head: int,
+    d_head: int,
     dtype: torch.dtype,
     device: torch.device,
     warmup: int,
     repeats: int,
 ) -> list[dict]:
     q, k, v, grad_out = _inputs(
-        batch, seq, dtype, device, requires_grad=pass_name == "forward+backward"
+        (batch, n_head, seq, d_head), dtype, device, requires_grad=pass_name == "forward+backward"
     )
     reference = _call(kernels["sdpa"], pass_name, q, k, v, grad_out)
     max_abs_diff = {}
@@ -198,18 +202,13 @@ def _time_case(
             for a, b in zip(result, reference, strict=True)
         )
     del reference, result
-    seconds: dict[str, list[float]] = {name: [] for name in kernels}
-    names = list(kernels)
-    for repeat in range(warmup + repeats):
-        # Rotate who goes first so none always runs right after the same neighbour.
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            _call(kernels[name], pass_name, q, k, v, grad_out)
-            _sync(device)
-            if repeat >= warmup:
-                seconds[name].append(time.perf_counter() - start)
-    scores_mb = batch * N_HEAD * seq * seq * torch.finfo(dtype).bits / 8 / 2**20
+    calls = {
+        name: functools.partial(_call, kernel, pass_name, q, k, v, grad_out)
+        for name, kernel in kernels.items()
+    }
+    timings = take_turns(calls, warmup + repeats, device=device)
+    seconds = {name: samples[warmup:] for name, samples in timings.seconds.items()}
+    scores_mb = batch * n_head * seq * seq * torch.finfo(dtype).bits / 8 / 2**20
     sdpa_ms = 1e3 * statistics.median(seconds["sdpa"])
     return [
         {
@@ -233,11 +232,11 @@ def _time_case(
 def _peak_mb(kernel: Kernel, pass_name: str, q, k, v, grad_out, device: torch.device) -> float:
     """Peak memory one call allocates on top of what was allocated before it, in MB."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         _call(kernel, pass_name, q, k, v, grad_out)
-        torch.cuda.synchronize(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     # The CPU allocator keeps no statistics; the profiler records every allocation and free
     # (with its size and time) that goes through it, eager and inductor-generated code alike.
@@ -338,10 +337,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small grid, fp32 on CPUs")
+    parser = command_line(
+        "attention", __doc__, quick="small grid, no compile, bf16 only where it is native"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    parser.add_argument(
+        "--dtypes", type=dtype_names, default=None, help="comma-separated: float32,bfloat16"
+    )
     parser.add_argument("--seq-lens", default=None, help="comma-separated lengths")
     parser.add_argument("--batch", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
     parser.add_argument(
@@ -350,25 +352,17 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="also time the manual kernel under torch.compile (default: on in the full run)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=None, help="write attention.json/.md/.png")
     args = parser.parse_args(argv)
     result = run(
         args.quick,
         device=args.device,
-        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        dtypes=args.dtypes,
         seq_lens=tuple(int(s) for s in args.seq_lens.split(",")) if args.seq_lens else None,
         batch=args.batch,
         compile=args.compile,
         threads=args.threads,
     )
-    table = markdown(result)
-    print(table, end="")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "attention.md").write_text(table)
-        plot(result, args.out / "attention.png")
+    finish("attention", result, args.out, markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":

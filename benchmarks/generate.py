@@ -14,13 +14,12 @@ weights, the LM head's (50257 x 256) above all; gpt_fn multiplies by a contiguou
 CPU reads ~3x faster than `F.linear`'s (vocab, d_model) layout. `--profile` prints
 torch.profiler's table for one cached batch-1 run.
 
-`run(quick)` returns the numbers as a dict and `markdown(result)` renders them.
+`run(quick, ...)` returns the numbers as a dict (its keyword arguments set the model, the
+prompt and the batch sizes) and `markdown(result)` renders them.
 """
 
-import argparse
-import json
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,89 +28,103 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2LMHeadModel
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from benchmarks.run import command_line, finish
+from benchmarks.timing import cpu_threads, take_turns
 from gpt_fn import hf, sampling
 from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_embd=256)
 PROMPT_TOKENS = 16
+NEW_TOKENS, QUICK_NEW_TOKENS = 128, 32
+BATCHES = (1, 8)
 CONTENDERS = ("gpt_fn cached", "gpt_fn uncached", "HF generate")
 
 
-def run(quick: bool = False, *, threads: int | None = 1) -> dict:
-    """Median tokens/s of each contender at batch 1 and 8, and the speed-up ratios.
+def run(
+    quick: bool = False,
+    *,
+    threads: int | None = 1,
+    config: gpt_fn.GPTConfig = CONFIG,
+    prompt_tokens: int = PROMPT_TOKENS,
+    new_tokens: int | None = None,
+    batches: tuple[int, ...] = BATCHES,
+) -> dict:
+    """Median tokens/s of each contender at each batch size, and the speed-up ratios.
 
-    `threads`: torch's intra-op CPU threads, 1 by default: decode steps are tiny kernels, and
-    on a shared 2-core machine a second thread spends more time waiting for a busy core than
-    it saves (we measured 5x slower runs of both gpt_fn and HF with 2 threads under load).
-    `None` keeps torch's default.
+    `new_tokens` defaults to `NEW_TOKENS` (quick: `QUICK_NEW_TOKENS`); `prompt_tokens +
+    new_tokens` must fit `config.block_size`. `threads`: torch's intra-op CPU threads for the
+    run, 1 by default: decode steps are tiny kernels, and on a shared 2-core machine a second
+    thread spends more time waiting for a busy core than it saves (we measured 5x slower runs
+    of both gpt_fn and HF with 2 threads under load). `None` keeps torch's setting.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    new_tokens, warmup, repeats = (32, 1, 1) if quick else (128, 1, 3)
-    params = gpt_fn.init_params(CONFIG, seed=0)
-    model = _hf_model(params)
-    results = []
-    for batch in (1, 8):
-        prompt = torch.randint(
-            0,
-            CONFIG.vocab_size,
-            (batch, PROMPT_TOKENS),
-            generator=torch.Generator().manual_seed(batch),
-        )
-        contenders: dict[str, Callable[[], torch.Tensor]] = {
-            "gpt_fn cached": lambda prompt=prompt: sampling.generate(
-                params, prompt, CONFIG, max_new_tokens=new_tokens, greedy=True
-            ),
-            "gpt_fn uncached": lambda prompt=prompt: sampling.generate(
-                params, prompt, CONFIG, max_new_tokens=new_tokens, greedy=True, use_cache=False
-            ),
-            "HF generate": lambda prompt=prompt: _hf_generate(model, prompt, new_tokens),
-        }
-        seconds: dict[str, list[float]] = {name: [] for name in contenders}
-        outputs: dict[str, torch.Tensor] = {}
-        with shape_checks(False), torch.no_grad():
-            for repeat in range(warmup + repeats):
-                # Rotate who goes first so none always runs right after the same neighbour.
-                order = list(contenders)[repeat % 3 :] + list(contenders)[: repeat % 3]
-                for name in order:
-                    start = time.perf_counter()
-                    outputs[name] = contenders[name]()
-                    elapsed = time.perf_counter() - start
-                    if repeat >= warmup:
-                        seconds[name].append(elapsed)
-        tokens_per_s = {
-            name: batch * new_tokens / statistics.median(times) for name, times in seconds.items()
-        }
-        results.append(
-            {
-                "batch": batch,
-                "tokens_per_s": tokens_per_s,
-                "cached_over_hf": tokens_per_s["gpt_fn cached"] / tokens_per_s["HF generate"],
-                "cached_over_uncached": tokens_per_s["gpt_fn cached"]
-                / tokens_per_s["gpt_fn uncached"],
-                "same_tokens": all(
-                    torch.equal(outputs[name], outputs["HF generate"]) for name in outputs
+    new_tokens = new_tokens or (QUICK_NEW_TOKENS if quick else NEW_TOKENS)
+    warmup, repeats = (1, 1) if quick else (1, 3)
+    with cpu_threads(threads):
+        threads_used = torch.get_num_threads()
+        params = gpt_fn.init_params(config, seed=0)
+        model = _hf_model(params, config)
+        results = []
+        for batch in batches:
+            prompt = torch.randint(
+                0,
+                config.vocab_size,
+                (batch, prompt_tokens),
+                generator=torch.Generator().manual_seed(batch),
+            )
+            contenders: dict[str, Callable[[], torch.Tensor]] = {
+                "gpt_fn cached": lambda prompt=prompt: sampling.generate(
+                    params, prompt, config, max_new_tokens=new_tokens, greedy=True
                 ),
+                "gpt_fn uncached": lambda prompt=prompt: sampling.generate(
+                    params, prompt, config, max_new_tokens=new_tokens, greedy=True, use_cache=False
+                ),
+                "HF generate": lambda prompt=prompt: _hf_generate(model, prompt, new_tokens),
             }
-        )
+            outputs: dict[str, torch.Tensor] = {}
+            with shape_checks(False), torch.no_grad():
+                timings = take_turns(
+                    contenders,
+                    warmup + repeats,
+                    device=torch.device("cpu"),
+                    record=outputs.__setitem__,
+                )
+            tokens_per_s = {
+                name: batch * new_tokens / statistics.median(times[warmup:])
+                for name, times in timings.seconds.items()
+            }
+            results.append(
+                {
+                    "batch": batch,
+                    "tokens_per_s": tokens_per_s,
+                    "cached_over_hf": tokens_per_s["gpt_fn cached"] / tokens_per_s["HF generate"],
+                    "cached_over_uncached": tokens_per_s["gpt_fn cached"]
+                    / tokens_per_s["gpt_fn uncached"],
+                    "same_tokens": all(
+                        torch.equal(outputs[name], outputs["HF generate"]) for name in outputs
+                    ),
+                }
+            )
     return {
         "benchmark": "generate",
-        "config": CONFIG.to_dict(),
-        "prompt_tokens": PROMPT_TOKENS,
+        "config": config.to_dict(),
+        "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        "threads": threads_used,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "results": results,
     }
 
 
-def _hf_model(params: gpt_fn.Params) -> GPT2LMHeadModel:
-    model = GPT2LMHeadModel(GPT2Config(**hf.config_to_hf_dict(CONFIG))).eval()
-    model.load_state_dict(hf.to_hf_state_dict(params, CONFIG))
+def _hf_model(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> GPT2LMHeadModel:
+    model = GPT2LMHeadModel(GPT2Config(**hf.config_to_hf_dict(config))).eval()
+    model.load_state_dict(hf.to_hf_state_dict(params, config))
     return model
 
 
@@ -152,35 +165,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_table(*, threads: int | None = 1, rows: int = 15) -> str:
+def profile_table(
+    *, threads: int | None = 1, rows: int = 15, config: gpt_fn.GPTConfig = CONFIG
+) -> str:
     """torch.profiler's op table for one cached batch-1 generate of 128 tokens."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    params = gpt_fn.init_params(CONFIG, seed=0)
-    prompt = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long)
-    with shape_checks(False):
-        sampling.generate(params, prompt, CONFIG, max_new_tokens=8, greedy=True)  # warm up
+    with cpu_threads(threads), shape_checks(False):
+        params = gpt_fn.init_params(config, seed=0)
+        prompt = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long)
+        sampling.generate(params, prompt, config, max_new_tokens=8, greedy=True)  # warm up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            sampling.generate(params, prompt, CONFIG, max_new_tokens=128, greedy=True)
+            sampling.generate(params, prompt, config, max_new_tokens=NEW_TOKENS, greedy=True)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 tokens, one repeat: a smoke run")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=None, help="write generate.json and .md here")
+    parser = command_line(
+        "generate", __doc__, quick="32 tokens, one repeat: a smoke run", threads=1
+    )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's op table")
     args = parser.parse_args(argv)
     if args.profile:
         print(profile_table(threads=args.threads))
     result = run(args.quick, threads=args.threads)
-    table = markdown(result)
-    print(table, end="")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "generate.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "generate.md").write_text(table)
+    finish("generate", result, args.out, markdown=markdown)
 
 
 if __name__ == "__main__":

@@ -9,39 +9,45 @@ alike; the table gives medians. Each run also checks the fused loss and gradient
 the reference, and measures how much memory one fp32 forward + backward adds at its peak
 (growth of the peak resident set on CPU, `max_memory_allocated` on CUDA).
 
-    python benchmarks/lm_head_loss.py [--quick] [--out DIR]
+    python benchmarks/lm_head_loss.py [--quick] [--device cpu|cuda] [--threads N] [--out DIR]
 
 On a CPU without native bf16 matmuls (no AVX512-BF16/AMX) ATen's bf16 matmul is so slow that
 the reference under autocast takes minutes at 2048 tokens, so the bf16 comparison there uses
 fewer tokens (the `tokens` column says how many).
+
+`run(quick, ...)` returns the numbers as a dict (its keyword arguments set d_model, the
+vocabulary and the tokens) and `markdown(result)` renders them.
 """
 
-import argparse
-import json
+import functools
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.run import command_line, finish
+from benchmarks.timing import cpu_threads, native_bf16, sync, take_turns
 from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from gpt_fn.shapes import shape_checks
 
 D_MODEL, VOCAB, TOKENS = 384, 50304, 2048
+QUICK_TOKENS = 512
 
 
-def _native_bf16(device: torch.device) -> bool:
-    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _problem(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _problem(
+    tokens: int, d_model: int, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, D_MODEL, generator=generator).to(device).requires_grad_()
+    hidden = torch.randn(tokens, d_model, generator=generator).to(device).requires_grad_()
     # GPT-2's init scale: logits of a few units, as at the start of training.
-    weight = (torch.randn(VOCAB, D_MODEL, generator=generator) * 0.02).to(device).requires_grad_()
-    targets = torch.randint(0, VOCAB, (tokens,), generator=generator).to(device)
+    weight = (torch.randn(vocab, d_model, generator=generator) * 0.02).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
     return hidden, weight, targets
 
 
@@ -77,11 +83,11 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def _peak_growth_mb(loss_fn, tokens: int, device: torch.device) -> float:
+def _peak_growth_mb(loss_fn, problem: tuple[int, int, int], device: torch.device) -> float:
     """Peak memory one fp32 forward + backward adds on top of its inputs, in MB."""
-    hidden, weight, targets = _problem(tokens, device)
+    hidden, weight, targets = _problem(*problem, device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        sync(device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         _step(loss_fn, hidden, weight, targets, None)
@@ -94,16 +100,10 @@ def _peak_growth_mb(loss_fn, tokens: int, device: torch.device) -> float:
     return _status_mb("VmHWM") - before
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[dict]:
-    hidden, weight, targets = _problem(tokens, device)
+def _time_case(name, loss_fns, problem, autocast_dtype, repeats, device) -> list[dict]:
+    """`problem`: (tokens, d_model, vocab)."""
+    hidden, weight, targets = _problem(*problem, device)
     reference = _step(_reference, hidden, weight, targets, autocast_dtype)  # also warms up
-    times: dict[str, list[float]] = {label: [] for label in loss_fns}
-    cpu_times: dict[str, list[float]] = {label: [] for label in loss_fns}
     errors = {}
     for label, loss_fn in loss_fns.items():  # warm-up and correctness
         result = _step(loss_fn, hidden, weight, targets, autocast_dtype)
@@ -111,14 +111,11 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
             float((a.float() - b.float()).abs().max())
             for a, b in zip(result, reference, strict=True)
         ]
-    for _ in range(repeats):
-        for label, loss_fn in loss_fns.items():  # taking turns spreads outside load evenly
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            _step(loss_fn, hidden, weight, targets, autocast_dtype)
-            _sync(device)
-            times[label].append(time.perf_counter() - start)
-            cpu_times[label].append(time.process_time() - cpu_start)
+    calls = {
+        label: functools.partial(_step, loss_fn, hidden, weight, targets, autocast_dtype)
+        for label, loss_fn in loss_fns.items()
+    }
+    times, cpu_times = take_turns(calls, repeats, device=device)  # turns spread outside load
     reference_ms = 1e3 * statistics.median(times["reference"])
     rows = []
     for label, samples in times.items():
@@ -126,7 +123,7 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
         rows.append(
             {
                 "case": name,
-                "tokens": tokens,
+                "tokens": problem[0],
                 "implementation": label,
                 "median_ms": ms,
                 "min_ms": 1e3 * min(samples),
@@ -139,39 +136,55 @@ def _time_case(name, loss_fns, tokens, autocast_dtype, repeats, device) -> list[
     return rows
 
 
-def run(quick: bool, device: str = "cpu", *, threads: int | None = 2) -> dict:
+def run(
+    quick: bool = False,
+    *,
+    device: str = "cpu",
+    threads: int | None = 2,
+    d_model: int = D_MODEL,
+    vocab: int = VOCAB,
+    tokens: int | None = None,
+) -> dict:
     """Time every implementation in fp32 and under bf16 autocast; the results as a dict.
 
-    `threads` sets torch's intra-op CPU threads (2 by default); `None` keeps torch's setting.
+    `tokens` defaults to `TOKENS` (quick: `QUICK_TOKENS`); the bf16 case uses at most 128
+    (quick: 32) where bf16 is not native. `threads` sets torch's intra-op CPU threads for the
+    run (2 by default); `None` keeps torch's setting.
     """
     dev = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
     chunk_sizes = [DEFAULT_CHUNK_SIZE] if quick else [128, 256, 512, 1024, 2048]
     fused = {f"fused, chunk {c}": _fused(c) for c in chunk_sizes}
     repeats = 3 if quick else 7
-    fp32_tokens = 512 if quick else TOKENS
-    bf16_tokens = fp32_tokens if _native_bf16(dev) else (32 if quick else 128)
+    fp32_tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
+    bf16_tokens = fp32_tokens if native_bf16(dev) else min(fp32_tokens, 32 if quick else 128)
     rows = []
-    with shape_checks(False):
+    with cpu_threads(threads), shape_checks(False):
+        threads_used = torch.get_num_threads()
+        fp32_problem = (fp32_tokens, d_model, vocab)
         rows += _time_case(
-            "fp32", {"reference": _reference, **fused}, fp32_tokens, None, repeats, dev
+            "fp32", {"reference": _reference, **fused}, fp32_problem, None, repeats, dev
         )
         for row, loss_fn in zip(rows, [_reference, *fused.values()], strict=True):
-            row["peak_growth_mb"] = _peak_growth_mb(loss_fn, fp32_tokens, dev)
+            row["peak_growth_mb"] = _peak_growth_mb(loss_fn, fp32_problem, dev)
         bf16_fns = {
             "reference": _reference,
             f"fused, chunk {DEFAULT_CHUNK_SIZE}": _fused(DEFAULT_CHUNK_SIZE),
         }
         rows += _time_case(
-            "bf16 autocast", bf16_fns, bf16_tokens, torch.bfloat16, 1 if quick else 3, dev
+            "bf16 autocast",
+            bf16_fns,
+            (bf16_tokens, d_model, vocab),
+            torch.bfloat16,
+            1 if quick else 3,
+            dev,
         )
     return {
+        "benchmark": "lm_head_loss",
         "device": device,
-        "threads": torch.get_num_threads(),
+        "threads": threads_used,
         "torch": torch.__version__,
-        "d_model": D_MODEL,
-        "vocab": VOCAB,
+        "d_model": d_model,
+        "vocab": vocab,
         "repeats": repeats,
         "rows": rows,
     }
@@ -200,20 +213,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens, repeats, chunk sizes")
+def main(argv: list[str] | None = None) -> None:
+    parser = command_line(
+        "lm_head_loss", __doc__, quick="fewer tokens, repeats, chunk sizes", threads=2
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--out", type=Path, help="directory for lm_head_loss.json and .md")
-    args = parser.parse_args()
-    results = run(args.quick, args.device, threads=args.threads)
-    table = markdown(results)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "lm_head_loss.json").write_text(json.dumps(results, indent=2))
-        (args.out / "lm_head_loss.md").write_text(table)
+    args = parser.parse_args(argv)
+    result = run(args.quick, device=args.device, threads=args.threads)
+    finish("lm_head_loss", result, args.out, markdown=markdown)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,23 @@ in a shared machine's load hits both alike; the figure is the median over repeat
 
     python benchmarks/optimizer.py [--quick] [--device cpu|cuda] [--out DIR]
 
-`run(quick)` returns the numbers as a dict and `markdown(result)` renders them, for a runner
-that collects every benchmark.
+`run(quick, ...)` returns the numbers as a dict (`config=` sets the model whose parameters are
+updated) and `markdown(result)` renders them, for a runner that collects every benchmark.
 """
 
-import argparse
-import json
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from benchmarks.run import command_line, finish
+from benchmarks.timing import cpu_threads, take_turns
 from gpt_fn import optim
 from gpt_fn.shapes import shape_checks
 
@@ -29,17 +32,27 @@ HYPERPARAMETERS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 LR = 6e-4
 
 
-def run(quick: bool = False, *, device: str | None = None, threads: int | None = None) -> dict:
-    """Median milliseconds of one update for each optimizer, and ours / torch's.
+def run(
+    quick: bool = False,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    config: gpt_fn.GPTConfig = CONFIG,
+) -> dict:
+    """Median milliseconds of one update of `config`'s parameters for each optimizer, and
+    ours / torch's.
 
-    `threads` sets torch's intra-op CPU threads (on a shared machine, fewer threads than
-    cores keeps the two contenders from being preempted mid-update).
+    `threads` sets torch's intra-op CPU threads for the run (on a shared machine, fewer
+    threads than cores keeps the two contenders from being preempted mid-update).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    with cpu_threads(threads):
+        return _run(quick, torch.device(device), config)
+
+
+def _run(quick: bool, device: torch.device, config: gpt_fn.GPTConfig) -> dict:
     warmup, repeats = (2, 7) if quick else (5, 41)
-    params = gpt_fn.init_params(CONFIG, seed=0, device=device)
+    params = gpt_fn.init_params(config, seed=0, device=device)
     generator = torch.Generator().manual_seed(1)
     grads = {
         name: (1e-3 * torch.randn(p.shape, generator=generator)).to(device)
@@ -69,20 +82,15 @@ def run(quick: bool = False, *, device: str | None = None, threads: int | None =
         "gpt_fn adamw update_": lambda: opt.update_(grads, ours_state, ours_params),
         "torch.optim.AdamW(foreach=True)": reference.step,
     }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
     with shape_checks(False):
-        for repeat in range(warmup + repeats):
-            # Alternate who goes first so neither always runs on a warmer cache.
-            order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
-            for name in order:
-                elapsed = _time_once(contenders[name], device)
-                if repeat >= warmup:
-                    times[name].append(elapsed)
+        # Taking turns, so neither always runs on a warmer cache.
+        timings = take_turns(contenders, warmup + repeats, device=device)
+    times = {name: samples[warmup:] for name, samples in timings.seconds.items()}
 
     ours, theirs = (statistics.median(times[name]) * 1e3 for name in contenders)
     return {
         "benchmark": "optimizer",
-        "device": device,
+        "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in params.values()),
@@ -93,16 +101,6 @@ def run(quick: bool = False, *, device: str | None = None, threads: int | None =
         "min_ms": {name: min(t) * 1e3 for name, t in times.items()},
         "ratio": ours / theirs,
     }
-
-
-def _time_once(update: Callable[[], object], device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    update()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def markdown(result: dict) -> str:
@@ -122,19 +120,11 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
+    parser = command_line("optimizer", __doc__, quick="few repeats: a smoke run")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=None, help="write optimizer.json and .md here")
     args = parser.parse_args(argv)
     result = run(args.quick, device=args.device, threads=args.threads)
-    table = markdown(result)
-    print(table, end="")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "optimizer.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "optimizer.md").write_text(table)
+    finish("optimizer", result, args.out, markdown=markdown)
 
 
 if __name__ == "__main__":

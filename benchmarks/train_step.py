@@ -37,15 +37,17 @@ to the flash backend).
 
 `--quick`: a 2-layer, 64-wide model, fp32 eager only: seconds. Compile modes run only in the
 full mode by default (inductor takes about a minute per model on a CPU). Shape checks are off
-throughout. `run(quick)` returns the numbers as a dict, `markdown(result)` renders them and
-`plot(result, path)` draws tokens/s per mode.
+throughout. `run(quick, ...)` returns the numbers as a dict (its keyword arguments set the
+model and batch), `markdown(result)` renders them and `plot(result, path)` draws tokens/s per
+mode.
 """
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +55,12 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from benchmarks.run import command_line, dtype_names, finish
+from benchmarks.timing import DTYPES, check_dtypes, cpu_threads, native_bf16, take_turns
 from gpt_fn import flops, hf, optim
 from gpt_fn.shapes import shape_checks
 
@@ -65,15 +72,9 @@ GPT2_CONFIG = gpt_fn.GPTConfig.from_preset("gpt2", vocab_size=50304)
 GPT2_BATCH = 16
 HYPERPARAMETERS = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 LR = 6e-4
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTENDERS = ("gpt_fn", "HF")
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices natively (every CUDA GPU we target does)."""
-    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def run(
@@ -83,26 +84,26 @@ def run(
     compile: bool | None = None,
     device: str | None = None,
     threads: int | None = None,
+    config: gpt_fn.GPTConfig | None = None,
+    batch: int | None = None,
 ) -> dict:
     """Tokens/s, MFU and first-step loss agreement of both contenders in every mode.
 
-    Defaults: quick runs the tiny config in fp32 eager; the full run every dtype, with and
-    without compile, plus the `gpt2` preset on CUDA. `threads` sets torch's intra-op CPU
-    threads.
+    Defaults: quick runs `QUICK_CONFIG` at `QUICK_BATCH` in fp32 eager; the full run `CONFIG`
+    at `BATCH` in every dtype, with and without compile, plus the `gpt2` preset on CUDA.
+    `threads` sets torch's intra-op CPU threads for the run.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if threads is not None:
-        torch.set_num_threads(threads)
     dtypes = dtypes or (("float32",) if quick else tuple(DTYPES))
-    unknown = [name for name in dtypes if name not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    check_dtypes(dtypes)
     compile = (not quick) if compile is None else compile
-    config, batch = (QUICK_CONFIG, QUICK_BATCH) if quick else (CONFIG, BATCH)
+    config = config or (QUICK_CONFIG if quick else CONFIG)
+    batch = batch or (QUICK_BATCH if quick else BATCH)
     warmup, repeats = (1, 3) if quick else (2, 5)
 
     modes = []
-    with shape_checks(False):
+    with cpu_threads(threads), shape_checks(False):
+        threads_used = torch.get_num_threads()
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             slow_bf16 = dtype != torch.float32 and not native_bf16(dev)
@@ -143,7 +144,7 @@ def run(
         "native_bf16": native_bf16(dev),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads_used,
         "modes": modes,
     }
 
@@ -170,18 +171,13 @@ def measure(
         "HF": _hf_step(params, config, dtype, compiled, device),
     }
     del params  # each contender holds its own copy
-    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     losses: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    for repeat in range(1 + warmup + repeats):  # step 0 also compiles
-        order = CONTENDERS if repeat % 2 == 0 else CONTENDERS[::-1]
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            with context():
-                loss = steps[name](x, y)
-            _sync(device)
-            seconds[name].append(time.perf_counter() - start)
-            losses[name].append(float(loss))
+    seconds = take_turns(
+        {name: functools.partial(_within, context, steps[name], x, y) for name in CONTENDERS},
+        1 + warmup + repeats,  # step 0 also compiles
+        device=device,
+        record=lambda name, loss: losses[name].append(float(loss)),
+    ).seconds
     tokens = batch * config.block_size
     # Without native bf16 the measured bf16 peak (one 1024^3 matmul on ATen's fallback) is
     # slower than some of the model's own bf16 matmuls (MFU came out above 100%); the fastest
@@ -216,6 +212,16 @@ def measure(
         "first_loss_diff": abs(losses["gpt_fn"][0] - losses["HF"][0]),
         "last_loss_diff": abs(losses["gpt_fn"][-1] - losses["HF"][-1]),
     }
+
+
+def _within(
+    context: Callable[[], contextlib.AbstractContextManager],
+    step: Step,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    with context():
+        return step(x, y)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -279,11 +285,6 @@ def _hf_step(
         return loss.detach()
 
     return step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mode_name(mode: dict) -> str:
@@ -356,9 +357,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, fp32 eager: seconds")
-    parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
+    parser = command_line("train_step", __doc__, quick="tiny model, fp32 eager: seconds")
+    parser.add_argument(
+        "--dtypes", type=dtype_names, default=None, help="comma-separated: float32,bfloat16"
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -366,23 +368,15 @@ def main(argv: list[str] | None = None) -> None:
         help="also time torch.compile'd models (default: on in the full run)",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=None, help="write train_step.json/.md/.png")
     args = parser.parse_args(argv)
     result = run(
         args.quick,
-        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        dtypes=args.dtypes,
         compile=args.compile,
         device=args.device,
         threads=args.threads,
     )
-    table = markdown(result)
-    print(table, end="")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "train_step.md").write_text(table)
-        plot(result, args.out / "train_step.png")
+    finish("train_step", result, args.out, markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,17 @@ shared machine's changing load can tilt that comparison; a second measurement th
 the attention layer alone (`gpt_fn.nn.attention`, forward + backward at the run's shapes), the
 kernels alternating, medians over repeats.
 
-    python experiments/attention_kernels.py [--quick] [--steps S] [--out DIR]
+    python experiments/attention_kernels.py [--quick] [--steps S] [--seed N] [--threads N]
+                                            [--out DIR] [--data-dir DIR]
 
 Writes `attention_kernels.png` (losses overlaid, their difference, speed), `results.json`, and
 each run's own folder (`sdpa/`, `manual/`: metrics.jsonl, loss.png, checkpoint) to `--out`
 (default `experiments/out/attention_kernels/`).
 """
 
-import argparse
 import dataclasses
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from experiments import conventions
 from gpt_fn.nn import Kernel, attention
 from gpt_fn.rundir import read_metrics
 from gpt_fn.settings import TrainSettings
@@ -135,27 +139,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny model for 4 steps: a smoke run"
-    )
+    parser = conventions.command_line(NAME, __doc__, quick="a tiny model for 4 steps: a smoke run")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a shared 2-core machine a second thread mostly waits)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("experiments/out") / NAME)
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("experiments/out/data/shakespeare"),
-        help="where the Shakespeare token files are prepared (reused when up to date)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = conventions.start(parser, argv)
     common = dict(
         data="shakespeare",
         data_dir=str(args.data_dir),
@@ -167,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     if args.quick:
-        sizes = dict(n_layer=1, n_embd=32, block_size=16, batch_size=2, eval_batches=1)
+        sizes = dict(**conventions.QUICK_SHAPE, batch_size=2, eval_batches=1)
         steps, repeats = 4, 3
     else:
         sizes = dict(n_layer=2, n_embd=64, block_size=128, batch_size=8, eval_batches=4)
@@ -179,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_steps=steps,
         warmup_steps=max(1, steps // 10),
         eval_interval=max(1, steps // 4),
+        overwrite=True,  # a rerun regenerates the experiment's runs
     )
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {kernel: train_with(kernel, settings, args.out) for kernel in KERNELS}
@@ -189,12 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loss_diff = np.abs(np.array(runs["sdpa"]["loss"]) - np.array(runs["manual"]["loss"]))
     val_diff = np.abs(np.array(runs["sdpa"]["val_loss"]) - np.array(runs["manual"]["val_loss"]))
     result = {
-        "experiment": NAME,
-        "quick": args.quick,
         "settings": dataclasses.asdict(settings),
         "config": settings.model_config().to_dict(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "runs": runs,
         "max_abs_train_loss_diff": float(loss_diff.max()),
         "first_step_loss_diff": float(loss_diff[0]),
@@ -203,8 +186,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "manual_over_sdpa_tokens_per_s": runs["manual"]["tokens_per_s_median"]
         / runs["sdpa"]["tokens_per_s_median"],
     }
-    plot(result, args.out / f"{NAME}.png")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"max |train loss sdpa - manual| over {steps} steps: {result['max_abs_train_loss_diff']:.2e} "
         f"(first step {result['first_step_loss_diff']:.2e}); val: {result['max_abs_val_loss_diff']:.2e}"
@@ -214,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{kernel:6s}: {runs[kernel]['tokens_per_s_median']:.0f} training tokens/s, "
             f"attention layer fwd+bwd {layer_ms[kernel]:.2f} ms"
         )
-    print(f"wrote {args.out / (NAME + '.png')} and {args.out / 'results.json'}")
-    return result
+    return conventions.finish(NAME, args, result, plot)
 
 
 if __name__ == "__main__":

@@ -13,22 +13,24 @@ vmapped over the stacked dicts (the optimizer's step counter is one shared scala
 `in_dims=None`), and called once per member. Both attention kernels (`sdpa`, `manual`) run
 both ways, because SDPA's CPU flash kernel has no vmap batching rule (torch warns and loops
 over members); the four contenders take turns going first each step, so a shared machine's
-load hits them alike, and timings are medians over the steps after the first.
+load hits them alike, and timings are medians over the steps after the first. At the end
+every member, trained vmapped or alone, is evaluated on the same val batches by
+`gpt_fn.train.evaluate` (each member's slice of the stacked dict wrapped as a `gpt_fn.GPT`).
 
 No gradient clipping: `gpt_fn.optim.clip_by_global_norm` uses `torch._foreach_norm`, which has
 no vmap batching rule. Everything runs in fp32 (no bf16 hardware on the CPU this was written
 for). References: the torch.func "Model ensembling" tutorial (stacked params + `vmap`); optax
 for the stateless optimizer.
 
-    python experiments/ensemble_vmap.py [--quick] [--models N] [--steps S] [--out DIR]
+    python experiments/ensemble_vmap.py [--quick] [--models N] [--steps S] [--seed N]
+                                        [--threads N] [--out DIR] [--data-dir DIR]
 
 Writes `ensemble_vmap.png` (losses, vmap - sequential difference, time per step) and
 `results.json` to `--out` (default `experiments/out/ensemble_vmap/`).
 """
 
-import argparse
-import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +40,15 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from experiments import conventions
 from gpt_fn import data, optim
 from gpt_fn.nn import Kernel
 from gpt_fn.shapes import Params, shape_checks
+from gpt_fn.train import evaluate
 
 NAME = "ensemble_vmap"
 KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")
@@ -57,6 +64,11 @@ def stack(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([d[name] for d in dicts]) for name in dicts[0]}
 
 
+def member(stacked: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Member `i`'s dict: the `i`-th slice of every stacked tensor (views, no copies)."""
+    return {name: value[i] for name, value in stacked.items()}
+
+
 def make_step(
     config: gpt_fn.GPTConfig, optimizer: optim.Optimizer, kernel: Kernel
 ) -> Callable[..., tuple[Params, optim.OptState, torch.Tensor]]:
@@ -65,12 +77,9 @@ def make_step(
     def step(
         params: Params, opt_state: optim.OptState, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[Params, optim.OptState, torch.Tensor]:
-        # x and y are closed over, not arguments of grad: grad would wrap them in its own
-        # tensor type, and gpt_fn.loss's token range check, which steps aside for vmapped
-        # tokens, would no longer see that they are vmapped and read their values (an error).
-        grads, loss = torch.func.grad_and_value(
-            lambda p: gpt_fn.loss(p, x, y, config, attention=kernel)
-        )(params)
+        # grad differentiates argument 0 and wraps the tokens too; gpt_fn.loss's token range
+        # check still sees through that wrapper that they are vmapped, and steps aside.
+        grads, loss = torch.func.grad_and_value(gpt_fn.loss)(params, x, y, config, attention=kernel)
         new_params, new_state = optimizer.update(grads, opt_state, params)
         return new_params, new_state, loss
 
@@ -110,9 +119,19 @@ def run(
     kernels: tuple[Kernel, ...] = KERNELS,
 ) -> dict[str, Any]:
     """Train the ensemble vmapped and member by member, per kernel; losses, diffs, timings."""
-    data.prepare("shakespeare", data_dir)
-    train_tokens = data.load_split(data_dir, "train", block_size=config.block_size)
-    val_tokens = data.load_split(data_dir, "val", block_size=config.block_size)
+    train_tokens, val_tokens = conventions.shakespeare(data_dir, block_size=config.block_size)
+
+    def val_loss(params: Params) -> float:
+        # The same fixed val batches for every member, however it was trained.
+        return evaluate(
+            gpt_fn.GPT.from_params(params, config),
+            val_tokens,
+            batch_size=batch_size,
+            block_size=config.block_size,
+            batches=eval_batches,
+            seed=seed,
+        )
+
     initial = [gpt_fn.init_params(config, seed=seed + i) for i in range(models)]
     optimizer = optim.adamw(
         optim.warmup_cosine(lr, lr / 10, warmup_steps=max(1, steps // 10), decay_steps=steps)
@@ -185,46 +204,13 @@ def run(
                 for i in range(models)
                 for name in stacked_params
             ),
-            "vmap_val_loss": evaluate(
-                stacked_params, val_tokens, config, batch_size, seed, eval_batches, vmapped=True
-            ),
-            "sequential_val_loss": [
-                evaluate(p, val_tokens, config, batch_size, seed, eval_batches, vmapped=False)
-                for p in members
-            ],
+            "vmap_val_loss": [val_loss(member(stacked_params, i)) for i in range(models)],
+            "sequential_val_loss": [val_loss(p) for p in members],
             "vmap_ms_per_step": vmap_ms,
             "sequential_ms_per_step": alone_ms,
             "speedup": alone_ms / vmap_ms,
         }
     return results
-
-
-@torch.no_grad()
-def evaluate(
-    params: Params,
-    tokens: np.ndarray,
-    config: gpt_fn.GPTConfig,
-    batch_size: int,
-    seed: int,
-    eval_batches: int,
-    *,
-    vmapped: bool,
-) -> list[float] | float:
-    """Mean val loss over the fixed eval batches: per member when `vmapped`, else one number."""
-
-    def loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return gpt_fn.loss(p, x, y, config, attention="manual")
-
-    total = torch.zeros(())
-    for index in range(eval_batches):
-        x, y = data.eval_batch(
-            tokens, batch_size=batch_size, block_size=config.block_size, seed=seed, index=index
-        )
-        # Every member sees the same eval rows: the batch is broadcast (in_dims None).
-        total = total + (torch.func.vmap(loss, in_dims=(0, None, None)) if vmapped else loss)(
-            params, x, y
-        )
-    return (total / eval_batches).tolist()
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -280,30 +266,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny model for 3 steps: a smoke run"
-    )
+    parser = conventions.command_line(NAME, __doc__, quick="a tiny model for 3 steps: a smoke run")
     parser.add_argument("--models", type=int, default=None, help="ensemble size (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 30)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a shared 2-core machine a second thread mostly waits)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("experiments/out") / NAME)
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("experiments/out/data/shakespeare"),
-        help="where the Shakespeare token files are prepared (reused when up to date)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = conventions.start(parser, argv)
     if args.quick:
-        config = gpt_fn.GPTConfig.from_preset("cpu-tiny", n_layer=1, n_embd=32, block_size=16)
+        config = gpt_fn.GPTConfig.from_preset("cpu-tiny", **conventions.QUICK_SHAPE)
         models, steps, batch_size, eval_batches = 2, 3, 2, 1
     else:
         config = gpt_fn.GPTConfig.from_preset("cpu-tiny")
@@ -323,23 +291,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_dir=args.data_dir,
             eval_batches=eval_batches,
         )
-    result = {
-        "experiment": NAME,
-        "quick": args.quick,
-        "models": models,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seed": args.seed,
-        "config": config.to_dict(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loss_tolerance": LOSS_TOLERANCE,
-        "within_tolerance": all(k["max_abs_loss_diff"] <= LOSS_TOLERANCE for k in kernels.values()),
-        "kernels": kernels,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / f"{NAME}.png")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     for kernel, entry in kernels.items():
         print(
             f"{kernel:6s}: max |loss diff| {entry['max_abs_loss_diff']:.2e} "
@@ -347,8 +298,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"vmap {entry['vmap_ms_per_step']:.0f} ms/step, {models} x alone "
             f"{entry['sequential_ms_per_step']:.0f} ms/step, speed-up {entry['speedup']:.2f}x"
         )
-    print(f"wrote {args.out / (NAME + '.png')} and {args.out / 'results.json'}")
-    return result
+    result = {
+        "models": models,
+        "steps": steps,
+        "batch_size": batch_size,
+        "config": config.to_dict(),
+        "loss_tolerance": LOSS_TOLERANCE,
+        "within_tolerance": all(k["max_abs_loss_diff"] <= LOSS_TOLERANCE for k in kernels.values()),
+        "kernels": kernels,
+    }
+    return conventions.finish(NAME, args, result, plot)
 
 
 if __name__ == "__main__":

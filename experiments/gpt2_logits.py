@@ -14,15 +14,17 @@ The text is the start of the first play of the offline Shakespeare corpus, token
 `gpt_fn.tokenizer.gpt2()` into a batch of rows. transformers runs in eval mode (no dropout)
 with both of its attention implementations (`eager`, `sdpa`); everything is fp32.
 
-    python experiments/gpt2_logits.py [--quick] [--weights DIR_OR_NAME] [--out DIR]
+    python experiments/gpt2_logits.py [--quick] [--weights DIR_OR_NAME] [--seed N] [--threads N]
+                                      [--out DIR]
+
+(No `--data-dir`: the text comes straight from the corpus package, not the prepared tokens.)
 
 Writes `gpt2_logits.png` (histograms of |logit difference| per pairing) and `results.json` to
 `--out` (default `experiments/out/gpt2_logits/`).
 """
 
-import argparse
-import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,11 @@ import transformers
 from matplotlib.figure import Figure
 from transformers import GPT2Config, GPT2LMHeadModel
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from experiments import conventions
 from gpt_fn import data, hf
 from gpt_fn.nn import KERNELS
 from gpt_fn.tokenizer import gpt2
@@ -125,18 +131,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 2-layer model, short text")
+    parser = conventions.command_line(
+        NAME,
+        __doc__,
+        quick="a 2-layer model, short text",
+        seed="seed of the random weights",
+        data_dir=False,
+    )
     parser.add_argument(
         "--weights",
         default=None,
         help="a HF GPT-2 directory or Hub name (default: random GPT-2-shaped weights)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("experiments/out") / NAME)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = conventions.start(parser, argv)
     model = hf_model(args.weights, quick=args.quick, seed=args.seed)
     if args.weights is not None:
         params, config = hf.load(args.weights)
@@ -158,24 +165,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for hf_attention in HF_ATTENTION
     }
     result = {
-        "experiment": NAME,
-        "quick": args.quick,
         "weights": args.weights or f"random GPT-2 weights (seed {args.seed})",
         "config": config.to_dict(),
         "tokens_shape": list(tokens.shape),
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
         "max_abs_logit": theirs["eager"].abs().max().item(),
         "logit_std": theirs["eager"].std().item(),
         "fp32_spacing_at_max_logit": float(np.spacing(theirs["eager"].abs().max().numpy())),
         "comparisons": comparisons,
         "kernels": compare(ours["sdpa"], ours["manual"]),
     }
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / f"{NAME}.png")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{result['weights']}, tokens {tuple(tokens.shape)}, max |logit| {result['max_abs_logit']:.3g}"
     )
@@ -190,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({entry['max_abs_diff_relative']:.1e} of max |logit|), "
             f"argmax agreement {entry['argmax_agreement']:.4f}"
         )
-    print(f"wrote {args.out / (NAME + '.png')} and {args.out / 'results.json'}")
-    return result
+    return conventions.finish(NAME, args, result, plot)
 
 
 if __name__ == "__main__":

@@ -13,36 +13,38 @@ joins like a built-in one. For a seed, every schedule starts from the same init
 so the schedule is the only difference; `--seeds N` repeats the sweep from N seeds to show how
 much of a difference is noise. Each step is `gpt_fn.train.train_step` (gradient clipping at 1.0, in-place AdamW
 with weight decay 0.1) with `gpt_fn.optim.adamw(schedule)`. Val loss is measured on the same
-fixed batches (`gpt_fn.data.eval_batch`) at regular steps. fp32 on CPU.
+fixed batches by `gpt_fn.train.evaluate` at regular steps. fp32 on CPU.
 
 References: Loshchilov & Hutter 2017 (SGDR, cosine); Goyal et al. 2017 (linear warmup);
 Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
 Durations" and Hu et al. 2024 (MiniCPM) for warmup-stable-decay; optax `join_schedules`.
 
-    python experiments/lr_schedules.py [--quick] [--steps S] [--peak-lr LR] [--seeds N] [--out DIR]
+    python experiments/lr_schedules.py [--quick] [--steps S] [--peak-lr LR] [--seed N] [--seeds N]
+                                       [--threads N] [--out DIR] [--data-dir DIR]
 
 Writes `lr_schedules.png` (val loss vs step; the schedules themselves) and `results.json` to
 `--out` (default `experiments/out/lr_schedules/`).
 """
 
-import argparse
-import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import gpt_fn
+from experiments import conventions
 from gpt_fn import data, optim
-from gpt_fn.runtime import Runtime
+from gpt_fn.runtime import CPU_FP32
 from gpt_fn.shapes import shape_checks
-from gpt_fn.train import train_step
+from gpt_fn.train import evaluate, train_step
 
 NAME = "lr_schedules"
-CPU_FP32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)
 
 
 def linear_decay(init_lr: float, final_lr: float, decay_steps: int) -> optim.Schedule:
@@ -84,24 +86,6 @@ def schedules(peak_lr: float, steps: int) -> dict[str, optim.Schedule]:
     }
 
 
-@torch.no_grad()
-def evaluate(
-    model: gpt_fn.GPT, tokens: np.ndarray, *, batch_size: int, seed: int, batches: int
-) -> float:
-    """Mean loss over the fixed eval batches `0..batches-1`."""
-    total = 0.0
-    for index in range(batches):
-        x, y = data.eval_batch(
-            tokens,
-            batch_size=batch_size,
-            block_size=model.config.block_size,
-            seed=seed,
-            index=index,
-        )
-        total += model(x, y).item()
-    return total / batches
-
-
 def train_with(
     schedule: optim.Schedule,
     *,
@@ -127,7 +111,12 @@ def train_with(
 
     def val_loss() -> float:
         return evaluate(
-            model, val_tokens, batch_size=batch_size, seed=eval_seed, batches=eval_batches
+            model,
+            val_tokens,
+            batch_size=batch_size,
+            block_size=config.block_size,
+            batches=eval_batches,
+            seed=eval_seed,
         )
 
     train_loss, val_steps, val = [], [0], [val_loss()]
@@ -219,33 +208,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny model for 4 steps: a smoke run"
+    parser = conventions.command_line(
+        NAME,
+        __doc__,
+        quick="a tiny model for 4 steps: a smoke run",
+        seed="first seed (init, batches, val rows)",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
     parser.add_argument("--peak-lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0, help="first seed (init, batches, val rows)")
     parser.add_argument(
         "--seeds", type=int, default=1, help="seeds per schedule, from --seed on (default 1)"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a shared 2-core machine a second thread mostly waits)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("experiments/out") / NAME)
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("experiments/out/data/shakespeare"),
-        help="where the Shakespeare token files are prepared (reused when up to date)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = conventions.start(parser, argv)
     if args.quick:
-        config = gpt_fn.GPTConfig.from_preset("cpu-tiny", n_layer=1, n_embd=32, block_size=16)
+        config = gpt_fn.GPTConfig.from_preset("cpu-tiny", **conventions.QUICK_SHAPE)
         steps, batch_size, eval_batches = 4, 2, 1
     else:
         config = gpt_fn.GPTConfig.from_preset("cpu-tiny")
@@ -254,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps < 1 or args.seeds < 1:
         parser.error(f"--steps and --seeds must be >= 1, got {steps} and {args.seeds}")
     eval_every = max(1, steps // 10)
-    data.prepare("shakespeare", args.data_dir)
-    train_tokens = data.load_split(args.data_dir, "train", block_size=config.block_size)
-    val_tokens = data.load_split(args.data_dir, "val", block_size=config.block_size)
+    train_tokens, val_tokens = conventions.shakespeare(args.data_dir, block_size=config.block_size)
     seeds = [args.seed + i for i in range(args.seeds)]
     with shape_checks(False):  # a sweep's worth of steps: skip the per-call shape checks
         runs = sweep(
@@ -272,24 +246,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_seed=args.seed,
         )
     result = {
-        "experiment": NAME,
-        "quick": args.quick,
         "steps": steps,
         "peak_lr": args.peak_lr,
         "batch_size": batch_size,
         "eval_batches": eval_batches,
         "seeds": seeds,
         "config": config.to_dict(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "ranking": sorted(runs, key=lambda name: runs[name]["final_val_loss"]),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / f"{NAME}.png")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out / (NAME + '.png')} and {args.out / 'results.json'}")
-    return result
+    return conventions.finish(NAME, args, result, plot)
 
 
 if __name__ == "__main__":

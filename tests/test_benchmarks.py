@@ -1,9 +1,10 @@
 """Smoke test of the benchmark suite: every benchmark runs and the runner writes its report.
 
-The benchmarks run at toy sizes (each module's size constants patched down) so the file takes
-seconds; the figures are meaningless and never asserted. What is asserted: every table and
-plot reaches REPORT.md, and the numerical checks the benchmarks record hold (both train-step
-contenders compute the same loss; the attention kernels agree).
+The benchmarks run at toy sizes (the runner hands each `run` the keyword arguments below) so
+the file takes seconds; the figures are meaningless and never asserted. What is asserted:
+every table and plot reaches REPORT.md, and the numerical checks the benchmarks record hold
+(both train-step contenders compute the same loss; the attention kernels agree, to a
+tolerance per dtype).
 """
 
 import importlib
@@ -25,27 +26,39 @@ lm_head_loss = importlib.import_module("benchmarks.lm_head_loss")
 
 # Toy sizes: odd widths, a vocabulary without GPT-2's end-of-text id.
 TOY = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=16)
-TOY_SIZES = [
-    (attention, "QUICK_SEQ_LENS", (8, 32)),
-    (train_step, "QUICK_CONFIG", TOY),
-    (train_step, "QUICK_BATCH", 2),
-    (generate, "CONFIG", TOY),  # 16-token prompt + 32 new tokens fit its 64-token block
-    (optimizer, "CONFIG", TOY),
-    (lm_head_loss, "D_MODEL", 16),
-    (lm_head_loss, "VOCAB", 97),
-]
+TOY_SEQ_LENS = (8, 32)
+TOY_SIZES = {
+    "attention": {"seq_lens": TOY_SEQ_LENS},
+    "train_step": {"config": TOY, "batch": 2},
+    "generate": {"config": TOY},  # 16-token prompt + 32 new tokens fit its 64-token block
+    "optimizer": {"config": TOY},
+    "lm_head_loss": {"d_model": 16, "vocab": 97},
+}
+
+# How closely the attention kernels must agree, per dtype. The inputs are unit normals, so
+# outputs (convex combinations of v's rows) and input gradients stay below 8 here (measured:
+# up to ~6); both kernels compute the same sums, rounding at different points.
+KERNEL_AGREEMENT = {
+    # fp32 (24 significand bits) spaces values below 8 at most 2**-21 = 4.8e-7 apart; the
+    # kernels sum the same terms in different orders (see test_attention): ~1e-6 here, and
+    # 1e-4 (~200 of those steps) leaves room for longer reductions.
+    "float32": 1e-4,
+    # bf16 keeps 8 significand bits, so values in [4, 8) lie 2**-5 = 0.031 apart. The manual
+    # kernel rounds its scores, softmax weights and output to bf16 one after another, while
+    # sdpa accumulates in fp32 and rounds once: measured one step apart at the largest values
+    # (0.016-0.031). Four steps, 0.125, leave room for a few roundings adding up, and still
+    # catch a wrong mask or scale, which moves outputs by whole units.
+    "bfloat16": 4 * 2**-5,
+}
 
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     """One quick run of every benchmark through the runner, at toy sizes."""
     out = tmp_path_factory.mktemp("bench-out")
-    with pytest.MonkeyPatch.context() as patch:
-        for module, name, value in TOY_SIZES:
-            patch.setattr(module, name, value)
-        # One thread: the runner hands it to every benchmark (and it is the steadier setting
-        # on a shared machine).
-        run.run_benchmarks(run.BENCHMARKS, quick=True, out=out, threads=1)
+    # One thread: the runner hands it to every benchmark (and it is the steadier setting on a
+    # shared machine).
+    run.run_benchmarks(run.BENCHMARKS, quick=True, out=out, threads=1, sizes=TOY_SIZES)
     return out
 
 
@@ -88,17 +101,18 @@ def test_train_step_contenders_compute_the_same_loss(out_dir):
     assert mode["last_loss_diff"] < 1e-3
 
 
-def test_attention_kernels_agree_and_every_case_is_timed(out_dir):
-    result = json.loads((out_dir / "attention.json").read_text())
-    cases = {(row["pass"], row["seq"], row["kernel"]) for row in result["rows"]}
+def assert_attention_cases(result: dict, dtypes: list[str]) -> None:
+    """Every (dtype, pass, seq, kernel) of the quick grid was timed, and the kernels agree."""
+    cases = {(row["dtype"], row["pass"], row["seq"], row["kernel"]) for row in result["rows"]}
     assert cases == {
-        (pass_name, seq, kernel)
+        (dtype, pass_name, seq, kernel)
+        for dtype in dtypes
         for pass_name in attention.PASSES
-        for seq in (8, 32)
+        for seq in TOY_SEQ_LENS
         for kernel in ("sdpa", "manual")  # quick: no compiled kernel
     }
-    # fp32, d_head 64: both kernels sum the same terms in different orders (see test_attention).
-    assert all(row["max_abs_diff_vs_sdpa"] < 1e-4 for row in result["rows"])
+    for row in result["rows"]:
+        assert row["max_abs_diff_vs_sdpa"] < KERNEL_AGREEMENT[row["dtype"]], row
     # The manual kernel materialises the (batch, heads, seq, seq) scores at least once, so the
     # memory measurement must see at least that much.
     for row in result["rows"]:
@@ -106,10 +120,29 @@ def test_attention_kernels_agree_and_every_case_is_timed(out_dir):
             assert row["peak_mb"] >= row["scores_mb"] > 0
 
 
-def test_runner_restores_the_thread_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(optimizer, "CONFIG", TOY)
+def test_attention_kernels_agree_and_every_case_is_timed(out_dir):
+    result = json.loads((out_dir / "attention.json").read_text())
+    # Quick mode runs bf16 only where it is native: expect what the benchmark says it ran,
+    # always fp32, and every dtype it left out named in a note.
+    assert result["dtypes"][0] == "float32"
+    for dtype in set(attention.DTYPES) - set(result["dtypes"]):
+        assert any(note.startswith(f"{dtype} skipped") for note in result["skipped"])
+    assert_attention_cases(result, result["dtypes"])
+
+
+def test_attention_kernels_agree_in_every_dtype():
+    # bf16 asked for explicitly runs on any CPU (emulated where not native: slow, but these
+    # sizes take a moment), so its tolerance is checked on every machine.
+    result = attention.run(
+        quick=True, dtypes=tuple(attention.DTYPES), seq_lens=TOY_SEQ_LENS, threads=1
+    )
+    assert result["dtypes"] == list(attention.DTYPES) and result["skipped"] == []
+    assert_attention_cases(result, list(attention.DTYPES))
+
+
+def test_runner_restores_the_thread_count(tmp_path):
     before = torch.get_num_threads()
-    run.run_benchmarks(["optimizer"], quick=True, out=tmp_path, threads=before + 1)
+    run.run_benchmarks(["optimizer"], quick=True, out=tmp_path, threads=before + 1, sizes=TOY_SIZES)
     assert torch.get_num_threads() == before
 
 
@@ -120,8 +153,15 @@ def test_runner_rejects_unknown_names(tmp_path):
         run.main(["--only", "attention,nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="threads"):
         run.run_benchmarks(["attention"], out=tmp_path, threads=0)
+    with pytest.raises(ValueError, match="nope"):
+        run.run_benchmarks(["attention"], out=tmp_path, sizes={"nope": {}})
 
 
-def test_attention_rejects_unknown_dtype():
+def test_attention_rejects_unknown_dtype(capsys):
     with pytest.raises(ValueError, match="float8"):
         attention.run(quick=True, dtypes=("float8",))
+    # On the command line: a usage error naming the dtype, not a traceback.
+    for main in (attention.main, train_step.main):
+        with pytest.raises(SystemExit):
+            main(["--dtypes", "float32,float8"])
+        assert "unknown dtype(s) ['float8']" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Smoke tests of experiments/: each script's `main` in quick mode writes sane results.
 
-The scripts are loaded from their files (experiments/ is a folder of scripts, not a package)
-and run in-process into `tmp_path`, sharing one prepared copy of the Shakespeare corpus.
-Timings are recorded by the experiments but never asserted here.
+The scripts are loaded from their files (experiments/ is a folder of scripts, not a package;
+the `experiments.conventions` they share imports because pytest puts the repository root on
+the path) and run in-process into `tmp_path`, sharing one prepared copy of the Shakespeare
+corpus. Timings are recorded by the experiments but never asserted here.
 """
 
 import importlib.util
@@ -189,3 +190,18 @@ def test_gpt2_logits_reads_weights_from_a_directory(tmp_path):
     assert result["weights"] == str(tmp_path / "weights")
     assert result["config"] == config.to_dict()
     assert max(e["max_abs_diff"] for k in result["comparisons"].values() for e in k.values()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name", ["ensemble_vmap", "attention_kernels", "lr_schedules", "gpt2_logits"]
+)
+def test_every_experiment_takes_the_shared_options(name, capsys, tmp_path):
+    experiment = load(name)
+    options = ["--quick", "--seed", "3", "--out", str(tmp_path)]
+    if name != "gpt2_logits":  # reads the corpus text itself, not the prepared tokens
+        options += ["--data-dir", str(tmp_path / "data")]
+    # --threads 0 is refused after the other options parse, before anything runs.
+    with pytest.raises(SystemExit):
+        experiment.main([*options, "--threads", "0"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
