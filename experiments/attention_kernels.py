@@ -34,7 +34,8 @@ import torch
 from matplotlib.figure import Figure
 
 import gpt_fn
-from gpt_fn.nn import Kernel, attention
+from gpt_fn.nn import AttentionKernel as Kernel
+from gpt_fn.nn import self_attention
 from gpt_fn.shapes import shape_checks
 from gpt_fn.train import TrainSettings, read_metrics, train
 
@@ -73,7 +74,7 @@ def time_attention_layer(
     for repeat in range(repeats + 1):  # repeat 0 is warmup
         for kernel in KERNELS if repeat % 2 == 0 else KERNELS[::-1]:
             start = time.perf_counter()
-            out, _ = attention(layer, x, n_head=config.n_head, kernel=kernel)
+            out, _ = self_attention(layer, x, n_head=config.n_head, attention=kernel)
             out.square().mean().backward()
             if repeat:
                 seconds[kernel].append(time.perf_counter() - start)

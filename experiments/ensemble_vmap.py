@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 
 import gpt_fn
 from gpt_fn import data, optim
-from gpt_fn.nn import Kernel
+from gpt_fn.nn import AttentionKernel as Kernel
 from gpt_fn.shapes import Params, shape_checks
 
 NAME = "ensemble_vmap"

@@ -12,22 +12,22 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from gpt_fn.checks import is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
-    Kernel,
+    AttentionKernel,
     LayerCache,
-    attention,
     dropout,
     embed,
     layer_norm,
     linear_cross_entropy,
     mlp,
+    self_attention,
 )
-from gpt_fn.shapes import Params
+from gpt_fn.shapes import Activations, Logits, Params, Tokens
 
 KVCache = tuple[LayerCache, ...]
 """One `LayerCache` per block: keys/values of every position processed so far."""
@@ -157,13 +157,13 @@ def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[s
 
 def transformer(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Tokens,
     config: GPTConfig,
     *,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     cache: KVCache | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Float[Tensor, "batch seq d_model"], KVCache]:
+) -> tuple[Activations, KVCache]:
     """Final-LayerNormed hidden states of `tokens` (after any cached positions), and the new cache.
 
     `generator` switches dropout on (config.dropout > 0); without one the function is
@@ -176,11 +176,11 @@ def transformer(
     eps = config.layer_norm_eps
     new_cache = []
     for i, block in enumerate(blocks):
-        attn_out, layer_cache = attention(
+        attn_out, layer_cache = self_attention(
             block["attn"],
             layer_norm(block["ln_1"], x, eps=eps),
             n_head=config.n_head,
-            kernel=attention_kernel,
+            attention=attention,
             cache=None if cache is None else cache[i],
         )
         x = x + dropout(attn_out, rate=config.dropout, generator=generator)
@@ -199,26 +199,26 @@ def lm_head(
 
 def forward(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Tokens,
     config: GPTConfig,
     *,
-    attention: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq vocab"]:
+) -> Logits:
     """Next-token logits at every position: tokens in, logits out."""
     check_params(params, config)
     check_tokens(tokens, config)
-    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
     return lm_head(params, hidden)
 
 
 def loss(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
-    targets: Int[Tensor, "batch seq"],
+    tokens: Tokens,
+    targets: Tokens,
     config: GPTConfig,
     *,
-    attention: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     generator: torch.Generator | None = None,
 ) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one)."""
@@ -229,6 +229,6 @@ def loss(
             f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
         )
     check_tokens(targets, config)
-    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
     # Fused LM head + loss: never materialises the (batch*seq, vocab) logits.
     return linear_cross_entropy(hidden.flatten(0, 1), params["wte.weight"], targets.flatten())

@@ -59,12 +59,12 @@ def _reference_logits(params, tokens, config):
 # ---------------------------------------------------------------- cache == recomputation
 
 
-@pytest.mark.parametrize("attention_kernel", ["sdpa", "manual"])
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_cached_and_uncached_decoding_give_the_same_logits_also_past_block_size(
-    params, tiny_config, attention_kernel
+    params, tiny_config, attention
 ):
     prompt = _prompt(tiny_config)
-    cached = prefill(params, prompt, tiny_config, attention_kernel=attention_kernel)
+    cached = prefill(params, prompt, tiny_config, attention=attention)
     uncached = prefill(params, prompt, tiny_config, use_cache=False)
     assert uncached.cache is None
     steps = 2 * tiny_config.block_size  # well past the 16 positions the model has
@@ -73,7 +73,7 @@ def test_cached_and_uncached_decoding_give_the_same_logits_also_past_block_size(
         reference = _reference_logits(params, cached.tokens, tiny_config)
         torch.testing.assert_close(cached.logits, reference, atol=CACHE_ATOL, rtol=0)
         token = cached.logits.argmax(dim=-1)
-        cached = decode_step(params, cached, token, tiny_config, attention_kernel=attention_kernel)
+        cached = decode_step(params, cached, token, tiny_config, attention=attention)
         uncached = decode_step(params, uncached, token, tiny_config)
         assert cached.cache[0].k.shape[2] == min(cached.tokens.shape[1], tiny_config.block_size)
         assert uncached.cache is None

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import KVCache, check_params, check_tokens, transformer
-from gpt_fn.nn import Kernel
+from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.transforms import Transform
 from gpt_fn.shapes import Params
@@ -64,7 +64,7 @@ def prefill(
     config: GPTConfig,
     *,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     head: Float[Tensor, "d_model vocab"] | None = None,
 ) -> DecodeState:
     """Run the prompt (its last `block_size` tokens) through the model once.
@@ -72,7 +72,7 @@ def prefill(
     `head`: `lm_head_matrix(params)`, when the caller has made it already.
     """
     return _window_forward(
-        params, prompt, config, use_cache=use_cache, attention_kernel=attention_kernel, head=head
+        params, prompt, config, use_cache=use_cache, attention=attention, head=head
     )
 
 
@@ -82,7 +82,7 @@ def decode_step(
     next_tokens: Int[Tensor, " batch"],
     config: GPTConfig,
     *,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     head: Float[Tensor, "d_model vocab"] | None = None,
 ) -> DecodeState:
     """Append one token per row and compute the logits after it.
@@ -103,11 +103,11 @@ def decode_step(
             tokens,
             config,
             use_cache=cache is not None,
-            attention_kernel=attention_kernel,
+            attention=attention,
             head=head,
         )
     hidden, cache = transformer(
-        params, next_tokens[:, None], config, attention_kernel=attention_kernel, cache=cache
+        params, next_tokens[:, None], config, attention=attention, cache=cache
     )
     return DecodeState(tokens, cache, _next_token_logits(params, hidden, head))
 
@@ -123,7 +123,7 @@ def generate_stream(
     seed: int | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each new token (one per row) as soon as it is chosen; arguments as `generate`.
 
@@ -139,7 +139,7 @@ def generate_stream(
         generators=None if greedy else row_generators(seed, prompt.shape[0], prompt.device),
         eos_token_id=eos_token_id,
         use_cache=use_cache,
-        attention_kernel=attention_kernel,
+        attention=attention,
     )
 
 
@@ -154,7 +154,7 @@ def generate(
     seed: int | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
 ) -> Int[Tensor, "batch seq"]:
     """The prompt followed by up to `max_new_tokens` generated tokens per row.
 
@@ -175,7 +175,7 @@ def generate(
             seed=seed,
             eos_token_id=eos_token_id,
             use_cache=use_cache,
-            attention_kernel=attention_kernel,
+            attention=attention,
         )
     )
     prompt = prompt.long()
@@ -208,7 +208,7 @@ def _stream(
     generators: list[torch.Generator] | None,
     eos_token_id: int | None,
     use_cache: bool,
-    attention_kernel: Kernel,
+    attention: AttentionKernel,
 ) -> Iterator[Tensor]:
     if max_new_tokens == 0:
         return
@@ -220,7 +220,7 @@ def _stream(
             prompt,
             config,
             use_cache=use_cache,
-            attention_kernel=attention_kernel,
+            attention=attention,
             head=head,
         )
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
@@ -238,9 +238,7 @@ def _stream(
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             return
         with torch.no_grad():
-            state = decode_step(
-                params, state, token, config, attention_kernel=attention_kernel, head=head
-            )
+            state = decode_step(params, state, token, config, attention=attention, head=head)
 
 
 def _window_forward(
@@ -249,12 +247,12 @@ def _window_forward(
     config: GPTConfig,
     *,
     use_cache: bool,
-    attention_kernel: Kernel,
+    attention: AttentionKernel,
     head: Tensor | None,
 ) -> DecodeState:
     """Forward over the last `block_size` tokens; state with their cache (or none)."""
     hidden, cache = transformer(
-        params, tokens[:, -config.block_size :], config, attention_kernel=attention_kernel
+        params, tokens[:, -config.block_size :], config, attention=attention
     )
     return DecodeState(
         tokens, cache if use_cache else None, _next_token_logits(params, hidden, head)
