@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny config (odd sizes on purpose) and a seeded generator."""
+"""Shared fixtures: a tiny config (odd sizes on purpose), a seeded generator, one thread."""
 
 import pytest
 import torch
@@ -15,3 +15,13 @@ def tiny_config() -> GPTConfig:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    for tiny tensors a second thread costs more than it saves, much more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
