@@ -38,17 +38,17 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 
 import gpt_fn
 from experiments import conventions
-from gpt_fn.nn import Kernel, attention
+from gpt_fn.nn import AttentionKernel, self_attention
 from gpt_fn.rundir import read_metrics
 from gpt_fn.settings import TrainSettings
 from gpt_fn.shapes import shape_checks
 from gpt_fn.train import train
 
 NAME = "attention_kernels"
-KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")
+KERNELS: tuple[AttentionKernel, ...] = ("sdpa", "manual")
 
 
-def train_with(kernel: Kernel, settings: TrainSettings, out: Path) -> dict[str, Any]:
+def train_with(kernel: AttentionKernel, settings: TrainSettings, out: Path) -> dict[str, Any]:
     """One training run with `kernel`; its per-step metrics and summary."""
     run_settings = dataclasses.replace(settings, attention=kernel, out_dir=str(out / kernel))
     summary = train(run_settings, log=lambda *args, **kwargs: None)
@@ -63,7 +63,7 @@ def train_with(kernel: Kernel, settings: TrainSettings, out: Path) -> dict[str, 
 
 def time_attention_layer(
     config: gpt_fn.GPTConfig, batch_size: int, repeats: int, seed: int
-) -> dict[Kernel, float]:
+) -> dict[AttentionKernel, float]:
     """Median ms of one attention layer's forward + backward per kernel, kernels alternating."""
     generator = torch.Generator().manual_seed(seed)
     d = config.n_embd
@@ -75,11 +75,11 @@ def time_attention_layer(
     }
     layer = {name: value.requires_grad_() for name, value in layer.items()}
     x = torch.randn(batch_size, config.block_size, d, generator=generator, requires_grad=True)
-    seconds: dict[Kernel, list[float]] = {kernel: [] for kernel in KERNELS}
+    seconds: dict[AttentionKernel, list[float]] = {kernel: [] for kernel in KERNELS}
     for repeat in range(repeats + 1):  # repeat 0 is warmup
         for kernel in KERNELS if repeat % 2 == 0 else KERNELS[::-1]:
             start = time.perf_counter()
-            out, _ = attention(layer, x, n_head=config.n_head, kernel=kernel)
+            out, _ = self_attention(layer, x, n_head=config.n_head, attention=kernel)
             out.square().mean().backward()
             if repeat:
                 seconds[kernel].append(time.perf_counter() - start)

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 import gpt_fn
 from experiments import conventions
 from gpt_fn import data, optim
-from gpt_fn.nn import Kernel
+from gpt_fn.nn import AttentionKernel as Kernel
 from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.train import evaluate
 

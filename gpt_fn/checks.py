@@ -1,24 +1,154 @@
 """Argument checks shared by every layer: one helper for each kind of check.
 
-Each raises `ValueError` (or `TypeError` for a wrong kind of object) with a message that names
-the argument and says what was expected. Data-dependent checks (reading tensor values) are
-skipped where values cannot be read: under `torch.compile` and `vmap` (`is_traced`).
+Each helper takes the argument's name as the caller knows it (`"top_k"`, `"GPTConfig.n_layer"`)
+and its value, returns the value when it is fine (an `int`, a `float`, ...) and otherwise raises
+one line that names the argument, says what was expected and shows what came:
+
+- Python scalars (ints, numbers, bools, choices): `ValueError`, also for a value of the wrong
+  kind (`top_k(2.5)`, `top_k(True)`, `GPTConfig(bias="no")`), so users without the shape checker
+  get the same error class for every bad setting (optax, HF processors do likewise).
+- Tensors: `TypeError` for the wrong kind of object or dtype, `ValueError` for bad values.
+
+Data-dependent checks (reading tensor values) are skipped where values cannot be read: under
+`torch.compile` and `vmap` (`is_traced`).
 """
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+T = TypeVar("T")
 
-def is_traced(t: Tensor) -> bool:
-    """Whether `t`'s values cannot be read now: under `torch.compile`, or batched by a `vmap`
-    at any functorch level (`grad` layers may wrap the batched tensor).
+TOKEN_DTYPES = (torch.int64, torch.int32)
+"""The dtypes embedding lookups and `gather` accept as token ids."""
 
-    Data-dependent input checks (token ids < vocab) are skipped then.
+
+def check_int(name: str, value: object, *, at_least: int | None = None) -> int:
+    """`value` if it is an `int` (not a `bool`) and `>= at_least`; else `ValueError`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (at_least is not None and value < at_least)
+    ):
+        kind = "a positive int" if at_least == 1 else "an int"
+        if at_least is not None and at_least != 1:
+            kind += f" >= {at_least}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+) -> float:
+    """`value` as a `float` if it is a finite real number (not a `bool`) within the bounds given.
+
+    `at_least`/`above` bound it from below (`>=`/`>`), `at_most`/`below` from above (`<=`/`<`).
     """
-    if torch.compiler.is_compiling():
-        return True
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    number = float(value)
+    fits = (
+        (at_least is None or number >= at_least)
+        and (above is None or number > above)
+        and (at_most is None or number <= at_most)
+        and (below is None or number < below)
+    )
+    if not fits:
+        raise ValueError(
+            f"{name} must be {_interval(at_least, above, at_most, below)}, got {value!r}"
+        )
+    return number
+
+
+def _interval(
+    at_least: float | None, above: float | None, at_most: float | None, below: float | None
+) -> str:
+    """The bounds of `check_number` as a reader writes them: `"> 0"`, `"in [0, 1)"`."""
+    has_low, has_high = (
+        at_least is not None or above is not None,
+        at_most is not None or below is not None,
+    )
+    if has_low and has_high:
+        opening = f"[{at_least:g}" if at_least is not None else f"({above:g}"
+        closing = f"{at_most:g}]" if at_most is not None else f"{below:g})"
+        return f"in {opening}, {closing}"
+    bounds = ((">=", at_least), (">", above), ("<=", at_most), ("<", below))
+    return " and ".join(f"{op} {bound:g}" for op, bound in bounds if bound is not None)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """`value` if it is a `bool`; else `ValueError` (a truthy string is not a switch)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: T, choices: Sequence[T]) -> T:
+    """`value` if it is one of `choices`; else `ValueError` listing them."""
+    if value not in choices:
+        listed = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"unknown {name} {value!r}; choose one of {listed}")
+    return value
+
+
+def check_token_id(name: str, value: object, *, vocab_size: int) -> int:
+    """`value` if it is an `int` token id in `[0, vocab_size)`; else `ValueError`."""
+    token = check_int(name, value, at_least=0)
+    if token >= vocab_size:
+        raise ValueError(f"{name} {token} is outside [0, vocab_size={vocab_size})")
+    return token
+
+
+def check_token_tensor(name: str, value: object) -> Tensor:
+    """`value` if it is a tensor of token ids (int64 or int32); else `TypeError`."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of token ids, got {type(value).__name__}; "
+            "wrap it with torch.tensor(...)"
+        )
+    if value.dtype not in TOKEN_DTYPES:
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        raise TypeError(
+            f"{name} must be an int64 or int32 tensor, got dtype {value.dtype}; "
+            "convert it with .long()"
+        )
+    return value
+
+
+def check_token_ids(name: str, tokens: Tensor, *, vocab_size: int) -> None:
+    """`ValueError` naming the first id outside `[0, vocab_size)` (one host sync); skipped when
+    the values cannot be read (`is_traced`)."""
+    if not tokens.numel() or is_traced(tokens):
+        return
+    low, high = (int(x) for x in torch.stack(torch.aminmax(tokens)).tolist())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} {bad} is outside [0, vocab_size={vocab_size})")
+
+
+def is_batched(t: Tensor) -> bool:
+    """Whether `t` is batched by a `vmap` at any functorch level (`grad` layers may wrap it)."""
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         if torch._C._functorch.is_batchedtensor(t):
             return True
         t = torch._C._functorch.get_unwrapped(t)
     return False
+
+
+def is_traced(t: Tensor) -> bool:
+    """Whether `t`'s values cannot be read now: under `torch.compile`, or batched by a `vmap`.
+
+    Data-dependent input checks (token ids < vocab) are skipped then.
+    """
+    return torch.compiler.is_compiling() or is_batched(t)

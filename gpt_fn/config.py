@@ -7,6 +7,8 @@ Field names follow the GPT-2 checkpoint and nanoGPT (`n_layer`, `n_head`, `n_emb
 import dataclasses
 from dataclasses import dataclass
 
+from gpt_fn.checks import check_bool, check_choice, check_int, check_number
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -23,17 +25,14 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"GPTConfig.{name}", getattr(self, name), at_least=1)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        check_bool("GPTConfig.bias", self.bias)
+        check_number("GPTConfig.dropout", self.dropout, at_least=0.0, below=1.0)
+        check_number("GPTConfig.layer_norm_eps", self.layer_norm_eps, above=0.0)
 
     @property
     def d_head(self) -> int:
@@ -42,8 +41,7 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> "GPTConfig":
         """A preset by name (`gpt2`, `gpt2-medium`, ..., `cpu-small`), fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        check_choice("preset", name, sorted(PRESETS))
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, object]:

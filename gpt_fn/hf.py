@@ -29,6 +29,7 @@ from torch import Tensor
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import check_params, check_shapes, param_shapes
 from gpt_fn.shapes import Params
+from gpt_fn.tokenizer import EOT_TOKEN
 
 
 @runtime_checkable
@@ -78,8 +79,6 @@ HF_GPT2_DEFAULTS: dict[str, Any] = {
 }
 # Both name GELU with the tanh approximation, which is what `gpt_fn.nn.mlp` computes.
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
-# The token GPT-2's tokenizer uses for both <|endoftext|> markers.
-END_OF_TEXT = 50256
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -142,7 +141,7 @@ def config_to_hf_dict(config: GPTConfig) -> dict[str, Any]:
     applies. The end-of-text token ids are GPT-2's only where the vocabulary contains them.
     """
     _require_bias(config)
-    end_of_text = END_OF_TEXT if config.vocab_size > END_OF_TEXT else None
+    end_of_text = EOT_TOKEN if config.vocab_size > EOT_TOKEN else None
     return {
         **HF_GPT2_DEFAULTS,
         "vocab_size": config.vocab_size,

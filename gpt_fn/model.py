@@ -12,22 +12,22 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.checks import is_traced
+from gpt_fn.checks import check_int, check_token_ids, check_token_tensor
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
-    Kernel,
+    AttentionKernel,
     LayerCache,
-    attention,
     dropout,
     embed,
     layer_norm,
     linear_cross_entropy,
     mlp,
+    self_attention,
 )
-from gpt_fn.shapes import Params
+from gpt_fn.shapes import Activations, Logits, Params, Tokens
 
 KVCache = tuple[LayerCache, ...]
 """One `LayerCache` per block: keys/values of every position processed so far."""
@@ -75,6 +75,9 @@ def init_params(
     ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual's variance does not grow with depth (GPT-2
     paper, section 2.3); biases 0; LayerNorm gains 1. `wte` doubles as the LM head.
     """
+    check_int("seed", seed, at_least=0)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     params: Params = {}
@@ -91,8 +94,34 @@ def init_params(
 
 
 def check_params(params: Params, config: GPTConfig) -> None:
-    """Raise `KeyError`/`ValueError` naming the first missing, unexpected or misshapen key."""
+    """Raise naming the first param that does not fit `config` or the others.
+
+    `KeyError` for a missing or unexpected key, `ValueError` for a wrong shape or a param on
+    another device than `wte.weight`, `TypeError` for a non-floating param or one whose dtype
+    differs from `wte.weight`'s. Mixed dtypes are let through under autocast on the params'
+    device, which casts the matmuls' operands (fp16 weights with fp32 LayerNorms, apex's O2).
+    """
     check_shapes(params, param_shapes(config), what="params")
+    dtypes = {value.dtype for value in params.values()}
+    devices = {value.device for value in params.values()}
+    if len(dtypes) == 1 and len(devices) == 1 and next(iter(dtypes)).is_floating_point:
+        return  # the common case: one pass for each, no per-param comparisons
+    first = params["wte.weight"]
+    for name, value in params.items():
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"params: {name!r} has dtype {value.dtype}; params must be floating point"
+            )
+        if value.device != first.device:
+            raise ValueError(
+                f"params: {name!r} is on {value.device} but 'wte.weight' is on {first.device}; "
+                "move every param to one device"
+            )
+        if value.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
+            raise TypeError(
+                f"params: {name!r} has dtype {value.dtype} but 'wte.weight' has {first.dtype}; "
+                "cast every param to one dtype (or run under autocast)"
+            )
 
 
 def check_shapes(
@@ -115,23 +144,30 @@ def check_shapes(
             )
 
 
-def check_tokens(tokens: Tensor, config: GPTConfig, *, position_offset: int = 0) -> None:
-    """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor."""
+def check_tokens(
+    tokens: Tensor,
+    config: GPTConfig,
+    *,
+    position_offset: int = 0,
+    cropped: bool = False,
+    name: str = "tokens",
+) -> None:
+    """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor.
+
+    It must be an int64/int32 tensor of ids in `[0, vocab_size)` whose `position_offset +
+    seq` positions fit in `block_size`; `cropped=True`: any length (the caller keeps only the
+    last `block_size` tokens). The id range is not checked while compiling or under vmap.
+    """
+    check_token_tensor(name, tokens)
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape (batch, seq), got shape {tuple(tokens.shape)}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-    if position_offset + tokens.shape[1] > config.block_size:
+        raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
+    if not cropped and position_offset + tokens.shape[1] > config.block_size:
         raise ValueError(
             f"sequence of {position_offset + tokens.shape[1]} positions is longer than "
             f"block_size={config.block_size}"
         )
-    # A data-dependent check: impossible (and skipped) while compiling or under vmap.
-    if tokens.numel() and not is_traced(tokens):
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside [0, vocab_size={config.vocab_size})")
+    what = "token id" if name == "tokens" else f"{name}: token id"
+    check_token_ids(what, tokens, vocab_size=config.vocab_size)
 
 
 def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[str, Params]]]:
@@ -157,13 +193,13 @@ def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[s
 
 def transformer(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Tokens,
     config: GPTConfig,
     *,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     cache: KVCache | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Float[Tensor, "batch seq d_model"], KVCache]:
+) -> tuple[Activations, KVCache]:
     """Final-LayerNormed hidden states of `tokens` (after any cached positions), and the new cache.
 
     `generator` switches dropout on (config.dropout > 0); without one the function is
@@ -176,11 +212,11 @@ def transformer(
     eps = config.layer_norm_eps
     new_cache = []
     for i, block in enumerate(blocks):
-        attn_out, layer_cache = attention(
+        attn_out, layer_cache = self_attention(
             block["attn"],
             layer_norm(block["ln_1"], x, eps=eps),
             n_head=config.n_head,
-            kernel=attention_kernel,
+            attention=attention,
             cache=None if cache is None else cache[i],
         )
         x = x + dropout(attn_out, rate=config.dropout, generator=generator)
@@ -199,36 +235,36 @@ def lm_head(
 
 def forward(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Tokens,
     config: GPTConfig,
     *,
-    attention: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq vocab"]:
+) -> Logits:
     """Next-token logits at every position: tokens in, logits out."""
     check_params(params, config)
     check_tokens(tokens, config)
-    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
     return lm_head(params, hidden)
 
 
 def loss(
     params: Params,
-    tokens: Int[Tensor, "batch seq"],
-    targets: Int[Tensor, "batch seq"],
+    tokens: Tokens,
+    targets: Tokens,
     config: GPTConfig,
     *,
-    attention: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     generator: torch.Generator | None = None,
 ) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one)."""
     check_params(params, config)
     check_tokens(tokens, config)
+    check_tokens(targets, config, name="targets")
     if targets.shape != tokens.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
         )
-    check_tokens(targets, config)
-    hidden, _ = transformer(params, tokens, config, attention_kernel=attention, generator=generator)
+    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
     # Fused LM head + loss: never materialises the (batch*seq, vocab) logits.
     return linear_cross_entropy(hidden.flatten(0, 1), params["wte.weight"], targets.flatten())

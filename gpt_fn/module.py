@@ -8,13 +8,14 @@ includes the ones `functional_call` swaps in.
 """
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from gpt_fn import model
+from gpt_fn.checks import check_choice
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import Kernel
-from gpt_fn.shapes import Params
+from gpt_fn.nn import KERNELS, AttentionKernel
+from gpt_fn.shapes import Logits, Params, Tokens
 
 
 class GPT(nn.Module):
@@ -25,14 +26,14 @@ class GPT(nn.Module):
         config: GPTConfig,
         *,
         seed: int = 0,
-        attention: Kernel = "sdpa",
+        attention: AttentionKernel = "sdpa",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         params: Params | None = None,
     ) -> None:
         super().__init__()
         self.config = config
-        self.attention = attention
+        self.attention = check_choice("attention kernel", attention, KERNELS)
         if params is None:
             params = model.init_params(config, seed=seed, dtype=dtype, device=device)
         model.check_params(params, config)
@@ -46,7 +47,9 @@ class GPT(nn.Module):
             parent.register_parameter(leaf, nn.Parameter(value))
 
     @classmethod
-    def from_params(cls, params: Params, config: GPTConfig, *, attention: Kernel = "sdpa") -> "GPT":
+    def from_params(
+        cls, params: Params, config: GPTConfig, *, attention: AttentionKernel = "sdpa"
+    ) -> "GPT":
         """Wrap `params` without copying: the module's Parameters share their storage."""
         return cls(config, attention=attention, params=params)
 
@@ -56,10 +59,10 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        tokens: Int[Tensor, "batch seq"],
-        targets: Int[Tensor, "batch seq"] | None = None,
+        tokens: Tokens,
+        targets: Tokens | None = None,
         generator: torch.Generator | None = None,
-    ) -> Float[Tensor, "batch seq vocab"] | Float[Tensor, ""]:
+    ) -> Logits | Float[Tensor, ""]:
         """Logits of `tokens`; with `targets`, the mean cross-entropy loss instead.
 
         The loss goes through `forward` (not a separate method) because DDP and

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA
+from gpt_fn.nn import AttentionKernel
 
 Kind = Literal["run", "model", "execution", "length", "flag"]
 DEFAULT_WARMUP_STEPS = 20
@@ -75,7 +76,7 @@ class TrainSettings:
     init_from: str = _setting(
         "scratch", "scratch, or GPT-2 weights: a HF directory or hub name (e.g. gpt2)", "model"
     )
-    attention: Literal["sdpa", "manual"] = _setting(
+    attention: AttentionKernel = _setting(
         "sdpa", "attention kernel: sdpa (fused) or manual (explicit scores)", "execution"
     )
     batch_size: int = _setting(16, "rows per micro-step, summed over DDP ranks", "run")

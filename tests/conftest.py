@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny config (odd sizes on purpose), a seeded generator, a tiny corpus."""
+"""Shared fixtures: a tiny config (odd sizes on purpose), a seeded generator, a tiny corpus,
+one thread."""
 
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "plays.txt"
     path.write_text(SPEECH * 40)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    for tiny tensors a second thread costs more than it saves, much more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

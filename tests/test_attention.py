@@ -4,7 +4,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from gpt_fn.nn import LayerCache, attention, manual_kernel, sdpa_kernel
+from gpt_fn.nn import LayerCache, manual_kernel, sdpa_kernel, self_attention
 from gpt_fn.shapes import shape_checks
 
 # fp32 attention with d_head <= 64: both kernels accumulate the same sums in a different
@@ -59,10 +59,10 @@ def _attn_params(generator, d_model=12):
 def test_cached_chunks_equal_one_full_pass(generator, kernel):
     p = _attn_params(generator)
     x = torch.randn(2, 9, 12, generator=generator)
-    full, full_cache = attention(p, x, n_head=3, kernel=kernel)
-    head, cache = attention(p, x[:, :4], n_head=3, kernel=kernel)
-    middle, cache = attention(p, x[:, 4:8], n_head=3, kernel=kernel, cache=cache)
-    last, cache = attention(p, x[:, 8:], n_head=3, kernel=kernel, cache=cache)
+    full, full_cache = self_attention(p, x, n_head=3, attention=kernel)
+    head, cache = self_attention(p, x[:, :4], n_head=3, attention=kernel)
+    middle, cache = self_attention(p, x[:, 4:8], n_head=3, attention=kernel, cache=cache)
+    last, cache = self_attention(p, x[:, 8:], n_head=3, attention=kernel, cache=cache)
     torch.testing.assert_close(torch.cat([head, middle, last], dim=1), full, atol=ATOL, rtol=0)
     torch.testing.assert_close(cache.k, full_cache.k)
     torch.testing.assert_close(cache.v, full_cache.v)
@@ -74,14 +74,16 @@ def test_cache_input_is_not_modified(generator):
         torch.randn(1, 3, 5, 4, generator=generator), torch.randn(1, 3, 5, 4, generator=generator)
     )
     before = (cache.k.clone(), cache.v.clone())
-    _, new_cache = attention(p, torch.randn(1, 1, 12, generator=generator), n_head=3, cache=cache)
+    _, new_cache = self_attention(
+        p, torch.randn(1, 1, 12, generator=generator), n_head=3, cache=cache
+    )
     assert new_cache.k.shape == (1, 3, 6, 4)
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
 
 
 def test_unknown_kernel_is_rejected_with_and_without_shape_checks(generator):
     p, x = _attn_params(generator), torch.randn(1, 2, 12)
-    with pytest.raises(TypeCheckError, match="kernel"):
-        attention(p, x, n_head=3, kernel="flash")
+    with pytest.raises(TypeCheckError, match="parameter 'attention'"):
+        self_attention(p, x, n_head=3, attention="flash")
     with shape_checks(False), pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
-        attention(p, x, n_head=3, kernel="flash")
+        self_attention(p, x, n_head=3, attention="flash")

@@ -84,3 +84,33 @@ def test_non_finite_grads_give_a_non_finite_norm_for_the_caller_to_stop_on(bad):
     # Raising happens before any scaling: the caller still has the gradients it passed.
     for name in grads:
         torch.testing.assert_close(grads[name], before[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_per_example_clipping_under_vmap_equals_clipping_each_example_alone():
+    # Example 0 is far above max_norm, example 1 below it, example 2 near it.
+    per_example = [grads_of_scale(scale, seed) for seed, scale in enumerate((100.0, 0.01, 0.3))]
+    stacked = {name: torch.stack([g[name] for g in per_example]) for name in per_example[0]}
+    clipped, norms = torch.func.vmap(lambda g: clip_by_global_norm(g, 1.0))(stacked)
+    assert torch.equal(torch.func.vmap(global_norm)(stacked), norms)
+    for i, grads in enumerate(per_example):
+        expected, expected_norm = clip_by_global_norm(grads, 1.0)
+        # vmap reduces each norm in one batched kernel, the foreach path one tensor at a time:
+        # the same fp32 sums in another order, a few ulps apart.
+        torch.testing.assert_close(norms[i], expected_norm, rtol=1e-6, atol=0)
+        for name in grads:
+            torch.testing.assert_close(clipped[name][i], expected[name], rtol=1e-6, atol=0)
+
+
+def test_in_place_clipping_under_vmap_scales_each_example_by_its_own_norm():
+    stacked = {name: torch.stack([g, g / 1e4]) for name, g in grads_of_scale(100.0).items()}
+    before = {name: g.clone() for name, g in stacked.items()}
+    norms = torch.func.vmap(lambda g: clip_by_global_norm_(g, 1.0))(stacked)
+    assert norms[0] > 1.0 > norms[1]
+    torch.testing.assert_close(torch.func.vmap(global_norm)(stacked)[0], torch.tensor(1.0))
+    assert all(torch.equal(stacked[name][1], before[name][1]) for name in stacked)
+
+
+def test_error_if_nonfinite_cannot_read_the_norm_under_vmap():
+    stacked = {name: torch.stack([g, g]) for name, g in grads_of_scale(1.0).items()}
+    with pytest.raises(ValueError, match="error_if_nonfinite=True reads the norm on the host"):
+        torch.func.vmap(lambda g: clip_by_global_norm(g, 1.0, error_if_nonfinite=True))(stacked)

@@ -1,6 +1,8 @@
 import pytest
+from jaxtyping import TypeCheckError
 
 from gpt_fn import PRESETS, GPTConfig
+from gpt_fn.shapes import shape_checks
 
 
 def test_gpt2_presets_match_the_published_sizes():
@@ -25,11 +27,29 @@ def test_gpt2_presets_match_the_published_sizes():
         ({"block_size": True}, "block_size must be a positive int"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
+        ({"layer_norm_eps": float("inf")}, "layer_norm_eps must be a finite number, got inf"),
+        ({"dropout": float("nan")}, "dropout must be a finite number, got nan"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"bias": "no"}, "GPTConfig.bias must be a bool"),
+        ({"n_layer": 2.0}, "GPTConfig.n_layer must be a positive int, got 2.0"),
+        ({"n_embd": "768"}, "GPTConfig.n_embd must be a positive int, got '768'"),
+        ({"dropout": "0.1"}, "GPTConfig.dropout must be a finite number, got '0.1'"),
+    ],
+)
+def test_fields_of_the_wrong_kind_raise_naming_the_field(fields, message):
+    with pytest.raises(TypeCheckError, match=f"parameter '{next(iter(fields))}'"):
+        GPTConfig(**fields)  # the shape checker, under pytest, sees the annotation first
+    with shape_checks(False), pytest.raises(ValueError, match=message):
+        GPTConfig(**fields)  # what users without it get
 
 
 def test_from_preset_overrides_and_rejects_unknown_names():

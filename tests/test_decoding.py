@@ -16,20 +16,16 @@ from gpt_fn.sampling import (
     temperature,
     top_k,
 )
+from gpt_fn.shapes import shape_checks
 
 # Cached and uncached decoding compute the same sums in different groupings (one key block vs
 # a cache concatenated with a new key); in fp32 that differs by a few ulps of logits ~1-10.
 CACHE_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A 2-layer, 24-wide model: a second thread costs more than it saves (much more on a busy
-    # 2-core machine), so this file runs single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# A 2-layer, 24-wide model: a second thread costs more than it saves (much more on a busy
+# 2-core machine), so this file runs single-threaded.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -59,12 +55,12 @@ def _reference_logits(params, tokens, config):
 # ---------------------------------------------------------------- cache == recomputation
 
 
-@pytest.mark.parametrize("attention_kernel", ["sdpa", "manual"])
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_cached_and_uncached_decoding_give_the_same_logits_also_past_block_size(
-    params, tiny_config, attention_kernel
+    params, tiny_config, attention
 ):
     prompt = _prompt(tiny_config)
-    cached = prefill(params, prompt, tiny_config, attention_kernel=attention_kernel)
+    cached = prefill(params, prompt, tiny_config, attention=attention)
     uncached = prefill(params, prompt, tiny_config, use_cache=False)
     assert uncached.cache is None
     steps = 2 * tiny_config.block_size  # well past the 16 positions the model has
@@ -73,7 +69,7 @@ def test_cached_and_uncached_decoding_give_the_same_logits_also_past_block_size(
         reference = _reference_logits(params, cached.tokens, tiny_config)
         torch.testing.assert_close(cached.logits, reference, atol=CACHE_ATOL, rtol=0)
         token = cached.logits.argmax(dim=-1)
-        cached = decode_step(params, cached, token, tiny_config, attention_kernel=attention_kernel)
+        cached = decode_step(params, cached, token, tiny_config, attention=attention)
         uncached = decode_step(params, uncached, token, tiny_config)
         assert cached.cache[0].k.shape[2] == min(cached.tokens.shape[1], tiny_config.block_size)
         assert uncached.cache is None
@@ -313,3 +309,73 @@ def test_greedy_tokens_equal_hf_generate_on_converted_gpt2_weights(tiny_config, 
         )
     assert torch.equal(ours, theirs)
     assert len(set(ours[:, 4:].flatten().tolist())) > 6  # a real path, not one repeated token
+
+
+# ---------------------------------------------------------------- bad values inside the loop
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(greedy=True),
+        dict(transform=top_k(3), seed=0),
+        dict(transform=make_transform(min_p=0.1), seed=0),
+    ],
+)
+def test_nan_or_inf_in_the_models_logits_is_the_models_error_before_the_transforms(
+    params, tiny_config, bad, options
+):
+    # A bad row of the tied embedding makes that token's logit bad in every row; top_k and
+    # min_p would then quietly filter it out (NaN >= x is False) and sample on.
+    broken = {**params, "wte.weight": params["wte.weight"].clone()}
+    broken["wte.weight"][7] = bad
+    prompt = _prompt(tiny_config) % 7  # the broken token is only in the head, not the input
+    with pytest.raises(ValueError, match="the model's logits for row 0 contain NaN or"):
+        generate(broken, prompt, tiny_config, max_new_tokens=3, **options)
+
+
+def test_a_transform_that_makes_nan_is_named_as_the_transforms_output(params, tiny_config):
+    def nan_maker(logits, context):
+        return logits * float("nan")
+
+    with pytest.raises(ValueError, match="logits row 0 contains NaN or"):
+        generate(
+            params, _prompt(tiny_config), tiny_config, max_new_tokens=2, transform=nan_maker, seed=0
+        )
+
+
+def test_prefill_and_decode_step_check_their_tokens_like_forward(params, tiny_config):
+    with pytest.raises(ValueError, match=r"token id 101 is outside \[0, vocab_size=101\)"):
+        prefill(params, torch.full((1, 3), 101), tiny_config)
+    state = prefill(params, _prompt(tiny_config), tiny_config)
+    with pytest.raises(ValueError, match=r"next_tokens: token id 101 is outside"):
+        decode_step(params, state, torch.tensor([1, 101, 2]), tiny_config)
+    with pytest.raises(ValueError, match="next_tokens: token id -1 is outside"):
+        decode_step(params, state, torch.tensor([1, -1, 2]), tiny_config)
+    with shape_checks(False):
+        with pytest.raises(TypeError, match="next_tokens must be an int64 or int32 tensor"):
+            decode_step(params, state, torch.tensor([1, 2, 3], dtype=torch.int16), tiny_config)
+        with pytest.raises(ValueError, match=r"next_tokens must have shape \(batch,\)"):
+            decode_step(params, state, torch.tensor([[1], [2], [3]]), tiny_config)
+        with pytest.raises(TypeError, match="prompt must be a torch.Tensor"):
+            prefill(params, [[1, 2]], tiny_config)
+    with pytest.raises(KeyError, match="missing"):
+        decode_step({}, state, torch.tensor([1, 2, 3]), tiny_config)
+
+
+def test_prefill_of_a_prompt_longer_than_block_size_keeps_its_last_block_size_tokens(
+    params, tiny_config
+):
+    prompt = _prompt(tiny_config, seq=tiny_config.block_size + 5)
+    state = prefill(params, prompt, tiny_config)
+    assert torch.equal(state.tokens, prompt)
+    window = prefill(params, prompt[:, -tiny_config.block_size :], tiny_config)
+    torch.testing.assert_close(state.logits, window.logits, rtol=0, atol=0)
+
+
+def test_a_transform_that_is_not_callable_is_refused_before_any_token(params, tiny_config):
+    with shape_checks(False), pytest.raises(ValueError, match="transform must be a function"):
+        generate_stream(
+            params, _prompt(tiny_config), tiny_config, max_new_tokens=2, transform=0.8, seed=0
+        )

@@ -224,3 +224,64 @@ def test_vmap_of_grad_over_stacked_params_and_batched_tokens(tiny_config, genera
     one = torch.func.grad(loss)(init_params(tiny_config, seed=1), tokens[1], tokens[1], tiny_config)
     for name in one:  # vmapped matmuls may reorder fp32 sums
         torch.testing.assert_close(grads[name][1], one[name], atol=1e-5, rtol=1e-4)
+
+
+def test_params_of_mixed_dtypes_or_devices_or_not_floating_are_named(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    one_bf16 = {**params, "h.1.mlp.c_fc.weight": params["h.1.mlp.c_fc.weight"].bfloat16()}
+    with pytest.raises(TypeError, match="'h.1.mlp.c_fc.weight' has dtype torch.bfloat16 but"):
+        forward(one_bf16, tokens, tiny_config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the matmuls' operands
+        assert forward(one_bf16, tokens, tiny_config).shape == (1, 4, tiny_config.vocab_size)
+    on_meta = {**params, "h.0.mlp.c_fc.bias": params["h.0.mlp.c_fc.bias"].to("meta")}
+    with pytest.raises(
+        ValueError, match="'h.0.mlp.c_fc.bias' is on meta but 'wte.weight' is on cpu"
+    ):
+        forward(on_meta, tokens, tiny_config)
+    integer = {**params, "ln_f.bias": params["ln_f.bias"].long()}
+    with pytest.raises(
+        TypeError, match="'ln_f.bias' has dtype torch.int64; params must be floating"
+    ):
+        loss(integer, tokens, tokens, tiny_config)
+
+
+def test_tokens_of_other_integer_dtypes_or_as_a_list_are_refused_in_one_line(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.tensor([[1, 2, 3]])
+    # int32 is an index dtype too: the same logits as int64.
+    assert torch.equal(
+        forward(params, tokens.int(), tiny_config), forward(params, tokens, tiny_config)
+    )
+    with pytest.raises(TypeCheckError):
+        forward(params, [[1, 2, 3]], tiny_config)
+    with shape_checks(False):  # the shape checker refuses uint8 and lists itself
+        for dtype in (torch.uint8, torch.int16):
+            with pytest.raises(
+                TypeError, match=f"tokens must be an int64 or int32 tensor, got dtype {dtype}"
+            ):
+                forward(params, tokens.to(dtype), tiny_config)
+            with pytest.raises(
+                TypeError, match=f"targets must be an int64 or int32 tensor, got dtype {dtype}"
+            ):
+                loss(params, tokens, tokens.to(dtype), tiny_config)
+        with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
+            forward(params, [[1, 2, 3]], tiny_config)
+        with pytest.raises(
+            TypeError, match="tokens must be an integer tensor, got dtype torch.bool"
+        ):
+            forward(params, tokens.bool(), tiny_config)
+        with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+            loss(params, tokens, [[1, 2, 3]], tiny_config)
+
+
+def test_out_of_range_targets_are_named_as_targets(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"targets: token id 101 is outside \[0, vocab_size=101\)"):
+        loss(params, tokens, tokens + 101, tiny_config)
+
+
+def test_init_params_refuses_a_bad_seed(tiny_config):
+    with shape_checks(False), pytest.raises(ValueError, match="seed must be an int >= 0"):
+        init_params(tiny_config, seed=1.5)

@@ -101,3 +101,8 @@ def test_torch_compile_gives_the_eager_logits(tiny_config, generator):
         out = compiled(tokens)
     # Inductor fuses and reorders fp32 reductions: ~1e-6 apart.
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_attention_kernel_fails_when_the_module_is_built(tiny_config):
+    with shape_checks(False), pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        GPT(tiny_config, attention="flash")

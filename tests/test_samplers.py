@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from gpt_fn.sampling import categorical, greedy, top_k
+from gpt_fn.sampling import categorical, check_logits, greedy, top_k
 
 NEG_INF = float("-inf")
 
@@ -84,3 +84,19 @@ def test_samplers_raise_on_rows_they_cannot_draw_from(logits, message):
 def test_categorical_needs_one_generator_per_row_when_given_several():
     with pytest.raises(ValueError, match="3 generators for 2 rows"):
         categorical(torch.zeros(2, 5), _generators(0, 3))
+
+
+def test_check_logits_blames_the_model_for_a_nan_row_a_filter_would_hide():
+    model_logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 1.0, 2.0]])
+    filtered = top_k(2)(model_logits, torch.zeros(2, 0, dtype=torch.long))
+    assert torch.isfinite(filtered).any(dim=-1).all()  # the NaN is gone behind -inf
+    check_logits(filtered)  # on its own the filtered row looks fine
+    with pytest.raises(ValueError, match="the model's logits for row 1 contain NaN or"):
+        check_logits(filtered, model_logits=model_logits)
+    with pytest.raises(ValueError, match="the model's logits for row 1 contain NaN or"):
+        check_logits(model_logits, model_logits=model_logits)  # no transform at all
+    # A sound model and a transform that broke the row: the transforms' output is named.
+    broken = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("inf"), 2.0]])
+    with pytest.raises(ValueError, match=r"logits row 1 contains NaN or \+inf"):
+        check_logits(broken, model_logits=torch.zeros(2, 3))
+    check_logits(torch.zeros(2, 3), model_logits=torch.zeros(2, 3))

@@ -1,5 +1,6 @@
 """Logit transforms: hypothesis properties of every transform, HF equality, argument checks."""
 
+import inspect
 import math
 from functools import partial
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from jaxtyping import TypeCheckError
 from transformers.generation import logits_process as hf
 
 from gpt_fn.sampling import (
@@ -99,14 +101,9 @@ chains = st.lists(st.one_of(filters, penalties), max_size=3).map(lambda ms: part
 any_transform = st.one_of(filters, penalties, bans, chains)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here hold tens of numbers: handing them to a second thread costs more than the
-    # work (10x slower sorts on a busy 2-core machine), so this file runs single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tensors here hold tens of numbers: handing them to a second thread costs more than the
+# work (10x slower sorts on a busy 2-core machine), so this file runs single-threaded.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kept(out):
@@ -411,6 +408,7 @@ def test_transforms_equal_transformers_logits_processors(ours, theirs, seed):
         (lambda: temperature(-1), "temperature"),
         (lambda: temperature(float("nan")), "temperature"),
         (lambda: temperature(float("inf")), "temperature"),
+        (lambda: temperature(1e-40), "temperature must be 0 .greedy. or >= 1e-30"),
         (lambda: top_k(0), "top_k"),
         (lambda: top_k(-3), "top_k"),
         (lambda: top_k(True), "top_k"),
@@ -431,7 +429,7 @@ def test_transforms_equal_transformers_logits_processors(ours, theirs, seed):
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_parameter(build, name):
-    with pytest.raises(ValueError, match=name.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("(", r"\(")):
         build()
 
 
@@ -464,3 +462,82 @@ def test_make_transform_with_no_options_is_the_identity_in_fp32():
     assert torch.equal(
         make_transform()(logits, torch.zeros(2, 0, dtype=torch.long)), logits.float()
     )
+
+
+def test_the_smallest_temperature_keeps_a_models_logits_finite_and_acts_greedy():
+    logits = torch.tensor([[-1000.0, 3.0, 3.5, 800.0], [1e8, -1e8, 0.0, 1.0]])
+    cold = temperature(1e-30)(logits, torch.zeros(2, 0, dtype=torch.long))
+    assert torch.isfinite(cold).all()
+    assert torch.equal(
+        cold.softmax(dim=-1), temperature(0)(logits, logits[:, :0].long()).softmax(-1)
+    )
+
+
+def test_context_of_a_float_dtype_is_refused_in_one_line():
+    logits = torch.zeros(1, 5)
+    with shape_checks(False), pytest.raises(TypeError, match="context must be an integer tensor"):
+        repetition_penalty(1.2)(logits, torch.zeros(1, 3))
+
+
+# ---------------------------------------------------------------- repr and make_transform
+
+
+def test_transforms_show_the_call_that_built_them():
+    assert repr(chain(temperature(0.8), top_k(200))) == "chain(temperature(0.8), top_k(200))"
+    assert repr(top_k(5, keep_ties=False)) == "top_k(5, keep_ties=False)"
+    assert repr(logit_bias({3: 2})) == "logit_bias({3: 2.0})"
+    assert repr(ban_tokens(iter([4, 1]))) == "ban_tokens([4, 1])"
+    assert repr(chain()) == "chain()"
+    assert repr(chain(chain(top_p(0.9)), no_repeat_ngram(3))) == (
+        "chain(chain(top_p(0.9)), no_repeat_ngram(3))"
+    )
+    # make_transform shows the chain it built, in the order it applies
+    assert repr(make_transform(top_k=200, temperature=0.8)) == "chain(temperature(0.8), top_k(200))"
+    assert repr(make_transform()) == "chain()"
+
+
+def test_make_transform_has_one_option_per_constructor_it_calls():
+    from gpt_fn.sampling.transforms import _MAKE_TRANSFORM_ORDER
+
+    options = list(inspect.signature(make_transform).parameters)
+    assert sorted(options) == sorted(c.__name__ for c in _MAKE_TRANSFORM_ORDER)
+    for constructor, value in zip(
+        _MAKE_TRANSFORM_ORDER,
+        ({1: 1.0}, [2], 1.2, 0.5, 0.5, 2, 0.7, 3, 0.9, 0.1, 0.9),
+        strict=True,
+    ):
+        assert repr(make_transform(**{constructor.__name__: value})) == (
+            f"chain({constructor(value)!r})"
+        )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        partial(repetition_penalty, 1.3),
+        partial(frequency_penalty, 0.5),
+        partial(presence_penalty, 0.5),
+        partial(no_repeat_ngram, 2),
+        partial(make_transform, repetition_penalty=1.2, no_repeat_ngram=2, top_k=3),
+    ],
+)
+def test_transforms_that_read_the_context_work_under_vmap(make):
+    # A batch of 3 decoding batches (2 rows each): the context check cannot read the values
+    # under vmap, and steps aside as the model's token check does.
+    f = make()
+    logits = _random_logits(0, batch=4, vocab=300)[:3, None].expand(3, 2, 300) * 1.0
+    context = _random_context(1, batch=6, seq=12).view(3, 2, 12) % 12
+    batched = torch.func.vmap(f)(logits, context)
+    for i in range(3):
+        assert torch.equal(batched[i], f(logits[i], context[i]))
+
+
+def test_a_transform_call_is_shape_checked_and_rows_must_match():
+    logits, context = torch.zeros(2, 5), torch.zeros(3, 1, dtype=torch.long)
+    with pytest.raises(TypeCheckError, match="batch"):
+        top_k(3)(logits, context)
+    with (
+        shape_checks(False),
+        pytest.raises(ValueError, match="context has 3 rows but logits have 2"),
+    ):
+        repetition_penalty(1.2)(logits, context)

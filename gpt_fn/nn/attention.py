@@ -11,7 +11,7 @@ training (seq_q == seq_k), cache prefill and one-token decode steps.
 """
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import einops
 import torch
@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.shapes import Params
+from gpt_fn.checks import check_choice
+from gpt_fn.shapes import Activations, Params
 
-Kernel = Literal["sdpa", "manual"]
-KERNELS: tuple[Kernel, ...] = ("sdpa", "manual")
+AttentionKernel = Literal["sdpa", "manual"]
+"""The `attention=` knob of the model, the module, decoding and training."""
+KERNELS: tuple[AttentionKernel, ...] = get_args(AttentionKernel)
 
 
 class LayerCache(NamedTuple):
@@ -51,10 +53,16 @@ def manual_kernel(
     k: Float[Tensor, "batch n_head seq_k d_head"],
     v: Float[Tensor, "batch n_head seq_k d_head"],
 ) -> Float[Tensor, "batch n_head seq_q d_head"]:
-    scores = einops.einsum(q, k, "b h q d, b h k d -> b h q k") / math.sqrt(q.shape[-1])
+    scores = einops.einsum(
+        q, k, "batch n_head seq_q d_head, batch n_head seq_k d_head -> batch n_head seq_q seq_k"
+    ) / math.sqrt(q.shape[-1])
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return einops.einsum(weights, v, "b h q k, b h k d -> b h q d")
+    return einops.einsum(
+        weights,
+        v,
+        "batch n_head seq_q seq_k, batch n_head seq_k d_head -> batch n_head seq_q d_head",
+    )
 
 
 def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
@@ -65,21 +73,20 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
 _KERNEL_FNS = {"sdpa": sdpa_kernel, "manual": manual_kernel}
 
 
-def attention(
+def self_attention(
     p: Params,
-    x: Float[Tensor, "batch seq d_model"],
+    x: Activations,
     *,
     n_head: int,
-    kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     cache: LayerCache | None = None,
-) -> tuple[Float[Tensor, "batch seq d_model"], LayerCache]:
+) -> tuple[Activations, LayerCache]:
     """Causal self-attention of `x` (after any `cache`d positions); returns output and new cache.
 
     The returned cache holds keys/values of the cached positions followed by those of `x`;
     it is a new pair of tensors (the input cache is not modified).
     """
-    if kernel not in _KERNEL_FNS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+    check_choice("attention kernel", attention, KERNELS)
     batch, seq, d_model = x.shape
     # "batch seq (three n_head d_head) -> three batch n_head seq d_head" as view + permute:
     # einops.rearrange costs ~30 us of Python per call, a tenth of a one-token decode step.
@@ -91,6 +98,7 @@ def attention(
     if cache is not None:
         k = torch.cat([cache.k, k], dim=2)
         v = torch.cat([cache.v, v], dim=2)
-    out = _KERNEL_FNS[kernel](q, k, v)
-    out = out.transpose(1, 2).reshape(batch, seq, d_model)  # "b h s d -> b s (h d)"
+    out = _KERNEL_FNS[attention](q, k, v)
+    # "batch n_head seq d_head -> batch seq (n_head d_head)"
+    out = out.transpose(1, 2).reshape(batch, seq, d_model)
     return F.linear(out, p["c_proj.weight"], p.get("c_proj.bias")), LayerCache(k, v)

@@ -8,19 +8,19 @@ transposed).
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.shapes import Params
+from gpt_fn.shapes import Activations, Params, Tokens
 
 
 def embed(
     wte: Float[Tensor, "vocab d_model"],
     wpe: Float[Tensor, "block d_model"],
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Tokens,
     *,
     position_offset: int = 0,
-) -> Float[Tensor, "batch seq d_model"]:
+) -> Activations:
     """Token plus learned position embeddings; positions start at `position_offset` (KV cache)."""
     positions = torch.arange(
         position_offset, position_offset + tokens.shape[1], device=tokens.device
@@ -35,7 +35,7 @@ def layer_norm(
     return F.layer_norm(x, x.shape[-1:], p["weight"], p.get("bias"), eps)
 
 
-def mlp(p: Params, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+def mlp(p: Params, x: Activations) -> Activations:
     """GPT-2's 4x MLP: c_fc, GELU with the tanh approximation (as GPT-2 was trained), c_proj."""
     hidden = F.gelu(F.linear(x, p["c_fc.weight"], p.get("c_fc.bias")), approximate="tanh")
     return F.linear(hidden, p["c_proj.weight"], p.get("c_proj.bias"))

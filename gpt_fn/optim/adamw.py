@@ -21,13 +21,13 @@ Neither twin looks at the gradient values: the training loop checks the norm ret
 `clip_by_global_norm` and stops on inf/NaN before it calls `update_`.
 """
 
-import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from gpt_fn.checks import check_number
 from gpt_fn.optim.schedules import Schedule, constant
 from gpt_fn.shapes import Params
 
@@ -66,14 +66,13 @@ def adamw(
     `optimizer.step()` does. Defaults are nanoGPT's (betas 0.9/0.95, weight decay 0.1).
     """
     schedule = lr if callable(lr) else constant(lr)
-    beta1, beta2 = betas
-    for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (
+        check_number(f"betas[{i}]", b, at_least=0.0, below=1.0) for i, b in enumerate(betas)
+    )
+    eps = check_number("eps", eps, at_least=0.0)
+    weight_decay = check_number("weight_decay", weight_decay, at_least=0.0)
     mask_of = default_decay_mask if decay_mask is None else decay_mask
 
     def decayed(params: Params) -> dict[str, bool]:
@@ -89,9 +88,9 @@ def adamw(
     def scalars(state: OptState) -> tuple[float, float, float]:
         """This update's `(decay factor, step size, sqrt of bias correction 2)`, torch's way."""
         step = int(state["step"])
-        lr_now = schedule(step)
-        if not (math.isfinite(lr_now) and lr_now >= 0.0):
-            raise ValueError(f"the lr schedule gave {lr_now!r} at step {step}; need finite >= 0")
+        lr_now = check_number(
+            f"the lr schedule's value at step {step}", schedule(step), at_least=0.0
+        )
         t = step + 1  # torch increments its step before the bias corrections
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t

@@ -10,14 +10,17 @@ meaningless (as with torch). Neither function inspects the norm by default, sinc
 on the host would stall an accelerator every step; the caller checks it (the training loop
 stops on a non-finite norm before updating), or passes `error_if_nonfinite=True` to get a
 `FloatingPointError` here instead.
-"""
 
-import math
+Under `torch.func.vmap` (per-example clipping, `vmap(lambda g: clip_by_global_norm(g, 1.0))`)
+the `torch._foreach_*` kernels have no batching rule, so the same arithmetic runs one tensor at
+a time; outside vmap the foreach kernels keep the result bitwise torch's.
+"""
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from gpt_fn.checks import check_bool, check_number, is_batched
 from gpt_fn.shapes import Params
 
 
@@ -27,7 +30,10 @@ def global_norm(grads: Params) -> Float[Tensor, ""]:
         raise ValueError("grads must not be empty")
     tensors = list(grads.values())
     # Per-tensor norms then the norm of those norms: torch's order, so the result is bitwise its.
-    norms = torch._foreach_norm(tensors, 2.0)
+    if any(is_batched(t) for t in tensors):  # the foreach kernels have no batching rule
+        norms = [torch.linalg.vector_norm(t, 2.0) for t in tensors]
+    else:
+        norms = torch._foreach_norm(tensors, 2.0)
     return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]), 2.0)
 
 
@@ -35,10 +41,12 @@ def clip_by_global_norm(
     grads: Params, max_norm: float, *, error_if_nonfinite: bool = False
 ) -> tuple[Params, Float[Tensor, ""]]:
     """`grads` scaled down to global norm at most `max_norm` (new tensors), and the norm before."""
-    _check_max_norm(max_norm)
-    norm = global_norm(grads)
-    _check_finite(norm, error_if_nonfinite)
-    scaled = torch._foreach_mul(list(grads.values()), _clip_coefficient(norm, max_norm))
+    norm = _checked_norm(grads, max_norm, error_if_nonfinite)
+    tensors, coefficient = list(grads.values()), _clip_coefficient(norm, max_norm)
+    if is_batched(coefficient):  # some grad is batched by a vmap
+        scaled = [t * coefficient for t in tensors]
+    else:
+        scaled = torch._foreach_mul(tensors, coefficient)
     return dict(zip(grads, scaled, strict=True)), norm
 
 
@@ -46,11 +54,14 @@ def clip_by_global_norm_(
     grads: Params, max_norm: float, *, error_if_nonfinite: bool = False
 ) -> Float[Tensor, ""]:
     """Scale the tensors of `grads` in place to global norm at most `max_norm`; return the norm before."""
-    _check_max_norm(max_norm)
-    norm = global_norm(grads)
-    _check_finite(norm, error_if_nonfinite)
+    norm = _checked_norm(grads, max_norm, error_if_nonfinite)
+    tensors, coefficient = list(grads.values()), _clip_coefficient(norm, max_norm)
     with torch.no_grad():
-        torch._foreach_mul_(list(grads.values()), _clip_coefficient(norm, max_norm))
+        if is_batched(coefficient):  # some grad is batched by a vmap
+            for t in tensors:
+                t.mul_(coefficient)
+        else:
+            torch._foreach_mul_(tensors, coefficient)
     return norm
 
 
@@ -59,11 +70,15 @@ def _clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def _check_max_norm(max_norm: float) -> None:
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
-
-
-def _check_finite(norm: Tensor, error_if_nonfinite: bool) -> None:
-    if error_if_nonfinite and not torch.isfinite(norm):
-        raise FloatingPointError(f"gradient global norm is {norm.item()}; cannot clip")
+def _checked_norm(grads: Params, max_norm: float, error_if_nonfinite: bool) -> Tensor:
+    check_number("max_norm", max_norm, above=0.0)
+    norm = global_norm(grads)
+    if check_bool("error_if_nonfinite", error_if_nonfinite):
+        if is_batched(norm):
+            raise ValueError(
+                "error_if_nonfinite=True reads the norm on the host, which vmap cannot do; "
+                "check the returned norms after the vmap instead"
+            )
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"gradient global norm is {norm.item()}; cannot clip")
+    return norm

@@ -21,13 +21,15 @@ import operator
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
+from gpt_fn.checks import check_int, check_number
+
 Schedule = Callable[[int], float]
 """`step -> lr`: the learning rate for the update made after `step` updates."""
 
 
 def constant(lr: float) -> Schedule:
     """The same `lr` at every step."""
-    lr = _check_lr("lr", lr)
+    lr = check_number("lr", lr, at_least=0.0)
 
     def schedule(step: int) -> float:
         _check_step(step)
@@ -38,10 +40,11 @@ def constant(lr: float) -> Schedule:
 
 def linear_warmup(init_lr: float, peak_lr: float, warmup_steps: int) -> Schedule:
     """`init_lr` at step 0 rising linearly to `peak_lr` at `warmup_steps`, `peak_lr` after."""
-    init_lr, peak_lr = _check_lr("init_lr", init_lr), _check_lr("peak_lr", peak_lr)
+    init_lr = check_number("init_lr", init_lr, at_least=0.0)
+    peak_lr = check_number("peak_lr", peak_lr, at_least=0.0)
     if init_lr > peak_lr:
         raise ValueError(f"init_lr ({init_lr}) must be <= peak_lr ({peak_lr}) for a warmup")
-    warmup_steps = _check_positive_int("warmup_steps", warmup_steps)
+    warmup_steps = check_int("warmup_steps", warmup_steps, at_least=1)
 
     def schedule(step: int) -> float:
         fraction = min(_check_step(step), warmup_steps) / warmup_steps
@@ -52,10 +55,11 @@ def linear_warmup(init_lr: float, peak_lr: float, warmup_steps: int) -> Schedule
 
 def cosine_decay(init_lr: float, final_lr: float, decay_steps: int) -> Schedule:
     """Half a cosine from `init_lr` at step 0 down to `final_lr` at `decay_steps`, `final_lr` after."""
-    init_lr, final_lr = _check_lr("init_lr", init_lr), _check_lr("final_lr", final_lr)
+    init_lr = check_number("init_lr", init_lr, at_least=0.0)
+    final_lr = check_number("final_lr", final_lr, at_least=0.0)
     if final_lr > init_lr:
         raise ValueError(f"final_lr ({final_lr}) must be <= init_lr ({init_lr}) for a decay")
-    decay_steps = _check_positive_int("decay_steps", decay_steps)
+    decay_steps = check_int("decay_steps", decay_steps, at_least=1)
 
     def schedule(step: int) -> float:
         fraction = min(_check_step(step), decay_steps) / decay_steps
@@ -74,7 +78,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
             f"need len(schedules) - 1 = {len(schedules) - 1} boundaries, got {len(boundaries)}"
         )
     for i, boundary in enumerate(boundaries):
-        _check_positive_int(f"boundaries[{i}]", boundary)
+        check_int(f"boundaries[{i}]", boundary, at_least=1)
     if any(b >= c for b, c in pairwise(boundaries)):
         raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)}")
 
@@ -98,11 +102,12 @@ def warmup_cosine(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: 
     is shifted by one step (`s + 1`, so step 0 already trains) and its float operations are
     kept in the same order, so a run reproduces its learning rates bit for bit.
     """
-    max_lr, min_lr = _check_lr("max_lr", max_lr), _check_lr("min_lr", min_lr)
+    max_lr = check_number("max_lr", max_lr, at_least=0.0)
+    min_lr = check_number("min_lr", min_lr, at_least=0.0)
     if min_lr > max_lr:
         raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
-    warmup_steps = _check_non_negative_int("warmup_steps", warmup_steps)
-    decay_steps = _check_positive_int("decay_steps", decay_steps)
+    warmup_steps = check_int("warmup_steps", warmup_steps, at_least=0)
+    decay_steps = check_int("decay_steps", decay_steps, at_least=1)
     # Equal steps would leave the cosine an empty interval (build-nanogpt divides by zero there).
     if warmup_steps >= decay_steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be < decay_steps ({decay_steps})")
@@ -120,28 +125,6 @@ def warmup_cosine(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: 
     return schedule
 
 
-def _check_lr(name: str, value: float) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-def _check_non_negative_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if _check_non_negative_int(name, value) == 0:
-        raise ValueError(f"{name} must be an int > 0, got {value!r}")
-    return value
-
-
 def _check_step(step: int) -> int:
     # operator.index accepts any integer (numpy, 0-d integer tensors) and refuses floats.
-    step = operator.index(step)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return step
+    return check_int("step", operator.index(step), at_least=0)

@@ -29,9 +29,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt_fn.checks import check_bool, check_int, check_token_id, check_token_ids, check_token_tensor
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import KVCache, check_params, check_tokens, transformer
-from gpt_fn.nn import Kernel
+from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.transforms import Transform
 from gpt_fn.shapes import Params
@@ -64,15 +65,17 @@ def prefill(
     config: GPTConfig,
     *,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     head: Float[Tensor, "d_model vocab"] | None = None,
 ) -> DecodeState:
     """Run the prompt (its last `block_size` tokens) through the model once.
 
     `head`: `lm_head_matrix(params)`, when the caller has made it already.
     """
+    _check_prompt(params, prompt, config, cropped=True)
+    check_bool("use_cache", use_cache)
     return _window_forward(
-        params, prompt, config, use_cache=use_cache, attention_kernel=attention_kernel, head=head
+        params, prompt, config, use_cache=use_cache, attention=attention, head=head
     )
 
 
@@ -82,7 +85,7 @@ def decode_step(
     next_tokens: Int[Tensor, " batch"],
     config: GPTConfig,
     *,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
     head: Float[Tensor, "d_model vocab"] | None = None,
 ) -> DecodeState:
     """Append one token per row and compute the logits after it.
@@ -91,10 +94,31 @@ def decode_step(
     with a full one (`block_size` positions), the model runs over the last `block_size` tokens
     (see the module docstring); a cached state stays cached.
     """
+    check_params(params, config)
+    check_token_tensor("next_tokens", next_tokens)
+    if next_tokens.ndim != 1:
+        raise ValueError(
+            f"next_tokens must have shape (batch,), one token per row, got shape "
+            f"{tuple(next_tokens.shape)}"
+        )
     if next_tokens.shape[0] != state.tokens.shape[0]:
         raise ValueError(
             f"next_tokens has {next_tokens.shape[0]} rows, the state {state.tokens.shape[0]}"
         )
+    check_token_ids("next_tokens: token id", next_tokens, vocab_size=config.vocab_size)
+    return _decode_step(params, state, next_tokens, config, attention=attention, head=head)
+
+
+def _decode_step(
+    params: Params,
+    state: DecodeState,
+    next_tokens: Tensor,
+    config: GPTConfig,
+    *,
+    attention: AttentionKernel,
+    head: Tensor | None,
+) -> DecodeState:
+    """`decode_step` on arguments already checked (the decoding loop's own tokens)."""
     tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
     cache = state.cache
     if cache is None or cache[0].k.shape[2] >= config.block_size:
@@ -103,11 +127,11 @@ def decode_step(
             tokens,
             config,
             use_cache=cache is not None,
-            attention_kernel=attention_kernel,
+            attention=attention,
             head=head,
         )
     hidden, cache = transformer(
-        params, next_tokens[:, None], config, attention_kernel=attention_kernel, cache=cache
+        params, next_tokens[:, None], config, attention=attention, cache=cache
     )
     return DecodeState(tokens, cache, _next_token_logits(params, hidden, head))
 
@@ -123,13 +147,15 @@ def generate_stream(
     seed: int | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each new token (one per row) as soon as it is chosen; arguments as `generate`.
 
     Arguments are validated when this is called, not when the first token is asked for.
     """
-    _check_generate_arguments(params, prompt, config, max_new_tokens, greedy, seed, eos_token_id)
+    _check_generate_arguments(
+        params, prompt, config, max_new_tokens, transform, greedy, seed, eos_token_id, use_cache
+    )
     return _stream(
         params,
         prompt.long(),
@@ -139,7 +165,7 @@ def generate_stream(
         generators=None if greedy else row_generators(seed, prompt.shape[0], prompt.device),
         eos_token_id=eos_token_id,
         use_cache=use_cache,
-        attention_kernel=attention_kernel,
+        attention=attention,
     )
 
 
@@ -154,7 +180,7 @@ def generate(
     seed: int | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
-    attention_kernel: Kernel = "sdpa",
+    attention: AttentionKernel = "sdpa",
 ) -> Int[Tensor, "batch seq"]:
     """The prompt followed by up to `max_new_tokens` generated tokens per row.
 
@@ -175,7 +201,7 @@ def generate(
             seed=seed,
             eos_token_id=eos_token_id,
             use_cache=use_cache,
-            attention_kernel=attention_kernel,
+            attention=attention,
         )
     )
     prompt = prompt.long()
@@ -208,29 +234,29 @@ def _stream(
     generators: list[torch.Generator] | None,
     eos_token_id: int | None,
     use_cache: bool,
-    attention_kernel: Kernel,
+    attention: AttentionKernel,
 ) -> Iterator[Tensor]:
     if max_new_tokens == 0:
         return
+    # Inputs were checked by generate_stream; the loop's own tokens need no check.
     # no_grad per block, never around a `yield`: grad mode would leak into the caller's loop.
     with torch.no_grad():
         head = lm_head_matrix(params)
-        state = prefill(
-            params,
-            prompt,
-            config,
-            use_cache=use_cache,
-            attention_kernel=attention_kernel,
-            head=head,
+        state = _window_forward(
+            params, prompt, config, use_cache=use_cache, attention=attention, head=head
         )
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):
         with torch.no_grad():
             logits = state.logits if transform is None else transform(state.logits, state.tokens)
+            # One host sync checks the model's logits and the transforms' output together; a
+            # NaN/+inf row of the model's is reported as the model's (a filter such as top_k
+            # would hide it behind -inf). Transforms are pure: running them first changes nothing.
+            samplers.check_logits(logits, model_logits=state.logits)
             if generators is None:
-                token = samplers.greedy(logits)
+                token = samplers._greedy(logits)
             else:
-                token = samplers.categorical(logits, generators)
+                token = samplers._categorical(logits, generators)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished = finished | (token == eos_token_id)
@@ -238,9 +264,7 @@ def _stream(
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             return
         with torch.no_grad():
-            state = decode_step(
-                params, state, token, config, attention_kernel=attention_kernel, head=head
-            )
+            state = _decode_step(params, state, token, config, attention=attention, head=head)
 
 
 def _window_forward(
@@ -249,12 +273,12 @@ def _window_forward(
     config: GPTConfig,
     *,
     use_cache: bool,
-    attention_kernel: Kernel,
+    attention: AttentionKernel,
     head: Tensor | None,
 ) -> DecodeState:
     """Forward over the last `block_size` tokens; state with their cache (or none)."""
     hidden, cache = transformer(
-        params, tokens[:, -config.block_size :], config, attention_kernel=attention_kernel
+        params, tokens[:, -config.block_size :], config, attention=attention
     )
     return DecodeState(
         tokens, cache if use_cache else None, _next_token_logits(params, hidden, head)
@@ -266,36 +290,39 @@ def _next_token_logits(params: Params, hidden: Tensor, head: Tensor | None) -> T
     return last @ (lm_head_matrix(params) if head is None else head)
 
 
+def _check_prompt(params: Params, prompt: Tensor, config: GPTConfig, *, cropped: bool) -> None:
+    check_params(params, config)
+    check_tokens(prompt, config, cropped=cropped, name="prompt")
+    if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(
+            f"prompt must hold at least one token per row, got shape {tuple(prompt.shape)}"
+        )
+
+
 def _check_generate_arguments(
     params: Params,
     prompt: Tensor,
     config: GPTConfig,
     max_new_tokens: object,
-    greedy: bool,
+    transform: object,
+    greedy: object,
     seed: object,
     eos_token_id: object,
+    use_cache: object,
 ) -> None:
-    check_params(params, config)
-    if prompt.ndim == 2 and (prompt.shape[0] == 0 or prompt.shape[1] == 0):
+    _check_prompt(params, prompt, config, cropped=False)
+    check_int("max_new_tokens", max_new_tokens, at_least=0)
+    if transform is not None and not callable(transform):
         raise ValueError(
-            f"prompt must hold at least one token per row, got shape {tuple(prompt.shape)}"
+            f"transform must be a function (logits, context) -> logits, got {transform!r}"
         )
-    check_tokens(prompt, config)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not greedy and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(
-            f"seed must be an int >= 0 when sampling (greedy=False), got {seed!r}: "
-            "randomness is an argument"
-        )
-    if eos_token_id is not None and (
-        isinstance(eos_token_id, bool)
-        or not isinstance(eos_token_id, int)
-        or not 0 <= eos_token_id < config.vocab_size
-    ):
-        raise ValueError(
-            f"eos_token_id must be a token id in [0, vocab_size={config.vocab_size}), "
-            f"got {eos_token_id!r}"
-        )
+    if not check_bool("greedy", greedy):
+        if seed is None:
+            raise ValueError(
+                "seed must be an int >= 0 when sampling (greedy=False), got None: "
+                "randomness is an argument"
+            )
+        check_int("seed", seed, at_least=0)
+    if eos_token_id is not None:
+        check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
+    check_bool("use_cache", use_cache)

@@ -23,7 +23,7 @@ from torch import Tensor
 def greedy(logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
     """The most likely token of each row; the lowest id among equal maxima."""
     check_logits(logits)
-    return logits.argmax(dim=-1)
+    return _greedy(logits)
 
 
 def categorical(
@@ -36,6 +36,16 @@ def categorical(
     consumes only `generator[i]`.
     """
     check_logits(logits)
+    return _categorical(logits, generator)
+
+
+def _greedy(logits: Tensor) -> Tensor:
+    """`greedy` without `check_logits`, for a caller that has checked the logits already."""
+    return logits.argmax(dim=-1)
+
+
+def _categorical(logits: Tensor, generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
+    """`categorical` without `check_logits`, for a caller that has checked the logits already."""
     probs = logits.float().softmax(dim=-1)
     if isinstance(generator, torch.Generator):
         clocks = torch.empty_like(probs).exponential_(generator=generator)
@@ -54,19 +64,49 @@ def categorical(
     return torch.where(probs > 0, probs / clocks, -1.0).argmax(dim=-1)
 
 
-def check_logits(logits: Float[Tensor, "batch vocab"]) -> None:
-    """Raise `ValueError` naming the first row that no sampler can draw from."""
+def check_logits(
+    logits: Float[Tensor, "batch vocab"],
+    *,
+    model_logits: Float[Tensor, "batch vocab"] | None = None,
+) -> None:
+    """Raise `ValueError` naming the first row that no sampler can draw from.
+
+    `model_logits`: the model's logits that transforms turned into `logits` (or `logits`
+    itself), checked in the same host sync. A NaN/+inf row there is reported as the model's
+    error: a filter would have hidden its NaN behind -inf, and the transforms are not to blame.
+    """
     # A row's max is finite exactly when the row has a finite logit and no NaN/+inf (max
-    # propagates NaN): one cheap reduction and one host sync per step in the common case.
-    row_max = logits.amax(dim=-1)
-    if bool(torch.isfinite(row_max).all()):
+    # propagates NaN): one cheap reduction per tensor and one host sync in the common case.
+    finite = torch.isfinite(logits.amax(dim=-1)).all()
+    if model_logits is not None and model_logits is not logits:
+        finite = finite & torch.isfinite(model_logits.amax(dim=-1)).all()
+    if bool(finite):
         return
-    invalid = (logits.isnan() | (logits == float("inf"))).any(dim=-1)
-    if bool(invalid.any()):
-        row = int(invalid.nonzero()[0, 0])
+    if model_logits is not None:
+        row, problem = _first_bad_row(model_logits)
+        if problem == "nan":
+            raise ValueError(
+                f"the model's logits for row {row} contain NaN or +inf (before any transform); "
+                "cannot sample from them: are the params finite, and does the model overflow "
+                "its dtype?"
+            )
+        if problem == "dead":
+            raise ValueError(f"the model's logits for row {row} are all -inf; cannot sample")
+    row, problem = _first_bad_row(logits)
+    if problem == "nan":
         raise ValueError(f"logits row {row} contains NaN or +inf; cannot sample from it")
-    row = int((row_max == float("-inf")).nonzero()[0, 0])
     raise ValueError(
         f"every logit of row {row} is -inf (the transforms filtered out every token); "
         "cannot sample from it"
     )
+
+
+def _first_bad_row(logits: Tensor) -> tuple[int, str | None]:
+    """The first row with a NaN/+inf (`"nan"`), else the first all -inf one (`"dead"`)."""
+    invalid = (logits.isnan() | (logits == float("inf"))).any(dim=-1)
+    if bool(invalid.any()):
+        return int(invalid.nonzero()[0, 0]), "nan"
+    dead = (logits == float("-inf")).all(dim=-1)
+    if bool(dead.any()):
+        return int(dead.nonzero()[0, 0]), "dead"
+    return -1, None

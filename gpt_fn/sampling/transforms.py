@@ -8,7 +8,12 @@ A transform takes next-token logits `(batch, vocab)` and the tokens seen so far 
 - keeps the logits it keeps bit-for-bit (filters only write −inf; penalties touch only the
   tokens they name);
 - is built by a constructor that validates its arguments at once (`ValueError` naming the
-  argument), so `top_p(1.5)` fails where it is written, not at the 300th token.
+  argument), so `top_p(1.5)` fails where it is written, not at the 300th token;
+- shows the call that built it: `repr(chain(temperature(0.8), top_k(200)))` is
+  `"chain(temperature(0.8), top_k(200))"`.
+
+The constructors share one wrapper (`_transform`): it upcasts to fp32, carries the shape-typed
+signature and the repr, so each constructor writes only its arithmetic.
 
 Semantics follow the references users know:
 
@@ -24,35 +29,88 @@ among equal logits, matching `greedy`; `top_k` keeps all ties at its boundary by
 nanoGPT) and that policy is an argument.
 """
 
-import math
+import inspect
 from collections.abc import Callable, Iterable, Mapping
-from numbers import Real
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from gpt_fn.checks import (
+    check_bool,
+    check_int,
+    check_number,
+    check_token_id,
+    check_token_ids,
+    check_token_tensor,
+)
 
 Transform = Callable[[Float[Tensor, "batch vocab"], Int[Tensor, "batch seq"]], Tensor]
 """`(logits, context) -> logits`, both `(batch, ...)`; see the module docstring for the contract."""
 
 _NEG_INF = float("-inf")
 
+MIN_TEMPERATURE = 1e-30
+"""The smallest positive temperature: `logits / t` stays finite in fp32 for every |logit| up to
+3.4e8 (fp32's max times `t`), far beyond what a model produces. Below it fp32 overflows to inf
+(and softmax then gives NaN) for ever smaller logits, for every nonzero logit once `t` is under
+fp32's smallest normal number (1.2e-38); `t = 1e-30` is already greedy in effect."""
+
+
+class _Built:
+    """A transform made by one of the constructors below: `fn` applied to the logits upcast to
+    fp32, shown as the call that built it (`repr(top_k(200))` is `"top_k(200)"`)."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], call: str) -> None:
+        self._fn, self._call = fn, call
+
+    def __call__(
+        self, logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch vocab"]:
+        return self._fn(logits.float(), context)
+
+    def __repr__(self) -> str:
+        return self._call
+
+
+def _transform(
+    constructor: Callable[..., Transform], *args: object, **kwargs: object
+) -> Callable[[Callable[[Tensor, Tensor], Tensor]], Transform]:
+    """Decorate a constructor's inner `(fp32 logits, context) -> logits` into its transform.
+
+    `args`/`kwargs`: the constructor's validated arguments, for the repr; keywords left at
+    their defaults are not shown.
+    """
+    parameters = inspect.signature(constructor).parameters
+    shown = [repr(value) for value in args]
+    shown += [f"{k}={v!r}" for k, v in kwargs.items() if v != parameters[k].default]
+    call = f"{constructor.__name__}({', '.join(shown)})"
+    return lambda fn: _Built(fn, call)
+
 
 def temperature(t: float | int) -> Transform:
-    """Divide logits by `t > 0`; `t == 0` is greedy: only the argmax survives (lowest id on ties)."""
-    t = _check_real("temperature", t, low=0.0, low_inclusive=True)
+    """Divide logits by `t`; `t == 0` is greedy: only the argmax survives (lowest id on ties).
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    `t` is 0 or at least `MIN_TEMPERATURE` (1e-30): a smaller positive `t` overflows fp32
+    (`logits / t` = ±inf, then NaN in softmax), so it is refused here rather than at the first
+    sample; use `temperature(0)` for greedy.
+    """
+    t = check_number("temperature", t, at_least=0.0)
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {t!r}: "
+            "logits / t would overflow fp32 to inf"
+        )
+
+    @_transform(temperature, t)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         if t > 0:
             return logits / t
         # The limit t -> 0 of softmax(logits / t) puts all mass on the argmax; dividing by 0
         # would give NaN (0/0) and ±inf instead.
         return _keep(logits, _scatter_mask(logits.argmax(dim=-1, keepdim=True), logits))
 
-    return transform
+    return apply
 
 
 def top_k(k: int, *, keep_ties: bool = True) -> Transform:
@@ -62,14 +120,11 @@ def top_k(k: int, *, keep_ties: bool = True) -> Transform:
     kept too, so more than `k` may survive. `keep_ties=False`: exactly `min(k, vocab)` survive,
     ties at the boundary going to the lower token ids.
     """
-    k = _check_int("top_k", k, low=1)
-    if not isinstance(keep_ties, bool):
-        raise ValueError(f"keep_ties must be a bool, got {keep_ties!r}")
+    k = check_int("top_k", k, at_least=1)
+    keep_ties = check_bool("keep_ties", keep_ties)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(top_k, k, keep_ties=keep_ties)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         kept = min(k, logits.shape[-1])
         if keep_ties:
             kth_largest = torch.topk(logits, kept, dim=-1).values[:, -1:]
@@ -77,7 +132,7 @@ def top_k(k: int, *, keep_ties: bool = True) -> Transform:
         order = _sort_descending(logits).indices
         return _keep(logits, _scatter_mask(order[:, :kept], logits))
 
-    return transform
+    return apply
 
 
 def top_p(p: float | int) -> Transform:
@@ -89,12 +144,10 @@ def top_p(p: float | int) -> Transform:
     HF's exactly (bit-for-bit on tie-free logits, tested). So `p = 1` drops only tokens whose
     fp32 probability is 0, as HF does.
     """
-    p = _check_real("top_p", p, low=0.0, high=1.0, low_inclusive=False)
+    p = check_number("top_p", p, above=0.0, at_most=1.0)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(top_p, p)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         ascending = _sort_descending(logits).indices.flip(-1)  # lowest-id argmax comes last
         ascending_logits = logits.gather(-1, ascending)
         mass_below = ascending_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -102,7 +155,7 @@ def top_p(p: float | int) -> Transform:
         drop[:, -1] = False  # the argmax survives even when p is tiny
         return _keep(logits, ~_scatter_values(ascending, drop))
 
-    return transform
+    return apply
 
 
 def min_p(p: float | int) -> Transform:
@@ -110,16 +163,14 @@ def min_p(p: float | int) -> Transform:
 
     `p` in [0, 1]: 0 keeps everything, 1 keeps only the argmax (and its ties).
     """
-    p = _check_real("min_p", p, low=0.0, high=1.0)
+    p = check_number("min_p", p, at_least=0.0, at_most=1.0)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(min_p, p)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         probs = logits.softmax(dim=-1)
         return _keep(logits, probs >= p * probs.amax(dim=-1, keepdim=True))
 
-    return transform
+    return apply
 
 
 def typical_p(mass: float | int) -> Transform:
@@ -129,14 +180,10 @@ def typical_p(mass: float | int) -> Transform:
     until their probability mass reaches `mass`. The most probable token may be dropped; the
     most typical one never is.
     """
-    mass = _check_real(
-        "typical_p", mass, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
-    )
+    mass = check_number("typical_p", mass, above=0.0, below=1.0)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(typical_p, mass)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         log_probs = logits.log_softmax(dim=-1)
         # nansum: a -inf logit contributes 0 * -inf = nan, whose true limit is 0.
         entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)
@@ -148,7 +195,7 @@ def typical_p(mass: float | int) -> Transform:
         drop = by_typicality > by_typicality.gather(-1, last)
         return _keep(logits, ~_scatter_values(order, drop))
 
-    return transform
+    return apply
 
 
 def repetition_penalty(penalty: float | int) -> Transform:
@@ -158,57 +205,49 @@ def repetition_penalty(penalty: float | int) -> Transform:
     `penalty > 1` discourages repeats (never raises a seen token's logit), `< 1` encourages them,
     `1` changes nothing. Applied once per token however often it occurs.
     """
-    penalty = _check_real("repetition_penalty", penalty, low=0.0, low_inclusive=False)
+    penalty = check_number("repetition_penalty", penalty, above=0.0)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(repetition_penalty, penalty)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         seen = _token_counts(context, logits) > 0
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         return torch.where(seen, penalised, logits)
 
-    return transform
+    return apply
 
 
 def frequency_penalty(a: float | int) -> Transform:
     """Subtract `a` times the number of times each token occurs in the context (OpenAI API)."""
-    a = _check_real("frequency_penalty", a)
+    a = check_number("frequency_penalty", a)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(frequency_penalty, a)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         counts = _token_counts(context, logits)
         return torch.where(counts > 0, logits - a * counts, logits)
 
-    return transform
+    return apply
 
 
 def presence_penalty(a: float | int) -> Transform:
     """Subtract `a` from the logit of every token that occurs in the context (OpenAI API)."""
-    a = _check_real("presence_penalty", a)
+    a = check_number("presence_penalty", a)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(presence_penalty, a)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         return torch.where(_token_counts(context, logits) > 0, logits - a, logits)
 
-    return transform
+    return apply
 
 
 def logit_bias(bias: Mapping[int, float | int]) -> Transform:
     """Add `bias[id]` to the logit of each token `id` (OpenAI's `logit_bias`); others unchanged."""
     if not isinstance(bias, Mapping):
         raise ValueError(f"logit_bias must be a mapping {{token_id: bias}}, got {bias!r}")
-    ids = [_check_int("logit_bias token id", token, low=0) for token in bias]
-    values = [_check_real(f"logit_bias[{token}]", bias[token]) for token in bias]
+    ids = [check_int("logit_bias token id", token, at_least=0) for token in bias]
+    values = [check_number(f"logit_bias[{token}]", bias[token]) for token in bias]
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(logit_bias, dict(zip(ids, values, strict=True)))
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         _check_ids_in_vocab("logit_bias", ids, logits)
         if not ids:
             return logits
@@ -216,24 +255,22 @@ def logit_bias(bias: Mapping[int, float | int]) -> Transform:
         added = torch.tensor(values, device=logits.device).expand(logits.shape[0], -1)
         return logits.index_add(-1, index, added)  # touches only the named ids
 
-    return transform
+    return apply
 
 
 def ban_tokens(ids: Iterable[int]) -> Transform:
     """Set the logits of the given token ids to −inf, so they are never sampled."""
-    banned = [_check_int("ban_tokens id", token, low=0) for token in ids]
+    banned = [check_int("ban_tokens id", token, at_least=0) for token in ids]
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(ban_tokens, banned)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         _check_ids_in_vocab("ban_tokens", banned, logits)
         if not banned:
             return logits
         index = torch.tensor(banned, device=logits.device)
         return logits.index_fill(-1, index, _NEG_INF)
 
-    return transform
+    return apply
 
 
 def no_repeat_ngram(n: int) -> Transform:
@@ -242,12 +279,10 @@ def no_repeat_ngram(n: int) -> Transform:
     With the last `n - 1` context tokens as prefix, each earlier occurrence of that prefix bans
     the token that followed it; `n = 1` bans every token seen.
     """
-    n = _check_int("no_repeat_ngram", n, low=1)
+    n = check_int("no_repeat_ngram", n, at_least=1)
 
-    def transform(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(no_repeat_ngram, n)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         if context.shape[1] < n:  # no complete n-gram yet
             return logits
         _check_context(context, logits)
@@ -257,7 +292,7 @@ def no_repeat_ngram(n: int) -> Transform:
         banned = torch.zeros_like(logits).scatter_add(-1, windows[..., -1], matches.float()) > 0
         return logits.masked_fill(banned, _NEG_INF)
 
-    return transform
+    return apply
 
 
 def chain(*transforms: Transform) -> Transform:
@@ -266,15 +301,13 @@ def chain(*transforms: Transform) -> Transform:
         if not callable(transform):
             raise ValueError(f"chain argument {position} is not a transform: {transform!r}")
 
-    def chained(
-        logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
-    ) -> Float[Tensor, "batch vocab"]:
-        logits = logits.float()
+    @_transform(chain, *transforms)
+    def apply(logits: Tensor, context: Tensor) -> Tensor:
         for transform in transforms:
             logits = transform(logits, context)
         return logits
 
-    return chained
+    return apply
 
 
 def make_transform(
@@ -296,39 +329,32 @@ def make_transform(
     HF's order: token-level rules first (`logit_bias`, `ban_tokens`, `repetition_penalty`,
     `frequency_penalty`, `presence_penalty`, `no_repeat_ngram`), then `temperature`, then the
     truncations `top_k`, `top_p`, `min_p`, `typical_p`. With every option off it is `chain()`.
+    Its repr is the chain it built.
     """
-    options = {  # in the order they apply
-        "logit_bias": logit_bias,
-        "ban_tokens": ban_tokens,
-        "repetition_penalty": repetition_penalty,
-        "frequency_penalty": frequency_penalty,
-        "presence_penalty": presence_penalty,
-        "no_repeat_ngram": no_repeat_ngram,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "typical_p": typical_p,
-    }
-    # The keyword names shadow the constructors here, hence the module-level table.
+    options = locals()  # the keyword names are the constructors' names (tested)
     return chain(
-        *(_CONSTRUCTORS[name](value) for name, value in options.items() if value is not None)
+        *(
+            constructor(options[constructor.__name__])
+            for constructor in _MAKE_TRANSFORM_ORDER
+            if options[constructor.__name__] is not None
+        )
     )
 
 
-_CONSTRUCTORS: dict[str, Callable[..., Transform]] = {
-    "logit_bias": logit_bias,
-    "ban_tokens": ban_tokens,
-    "repetition_penalty": repetition_penalty,
-    "frequency_penalty": frequency_penalty,
-    "presence_penalty": presence_penalty,
-    "no_repeat_ngram": no_repeat_ngram,
-    "temperature": temperature,
-    "top_k": top_k,
-    "top_p": top_p,
-    "min_p": min_p,
-    "typical_p": typical_p,
-}
+_MAKE_TRANSFORM_ORDER: tuple[Callable[..., Transform], ...] = (
+    logit_bias,
+    ban_tokens,
+    repetition_penalty,
+    frequency_penalty,
+    presence_penalty,
+    no_repeat_ngram,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    typical_p,
+)
+"""The constructors `make_transform` calls, in the order their transforms apply (HF's)."""
 
 
 def _keep(logits: Tensor, keep: Tensor) -> Tensor:
@@ -358,44 +384,13 @@ def _token_counts(context: Tensor, logits: Tensor) -> Tensor:
 
 
 def _check_context(context: Tensor, logits: Tensor) -> None:
+    """Context ids must index the vocabulary; their values are not read under vmap/compile."""
+    check_token_tensor("context", context)
     if context.shape[0] != logits.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows but logits have {logits.shape[0]}")
-    if context.numel():
-        low, high = int(context.min()), int(context.max())
-        if low < 0 or high >= logits.shape[-1]:
-            bad = low if low < 0 else high
-            raise ValueError(f"context token id {bad} is outside [0, vocab={logits.shape[-1]})")
+    check_token_ids("context token id", context, vocab_size=logits.shape[-1])
 
 
 def _check_ids_in_vocab(name: str, ids: list[int], logits: Tensor) -> None:
-    vocab = logits.shape[-1]
-    outside = [token for token in ids if token >= vocab]
-    if outside:
-        raise ValueError(f"{name}: token id {outside[0]} is outside [0, vocab={vocab})")
-
-
-def _check_int(name: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_real(
-    name: str,
-    value: object,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> float:
-    """`value` as a float, or a ValueError naming `name` unless it is finite and in range."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    above_low = value >= low if low_inclusive else value > low
-    below_high = value <= high if high_inclusive else value < high
-    if not (above_low and below_high):
-        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
+    for token in ids:
+        check_token_id(f"{name}: token id", token, vocab_size=logits.shape[-1])

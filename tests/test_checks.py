@@ -1,0 +1,130 @@
+"""Argument checks: each helper accepts what it should and names the argument when it refuses."""
+
+import math
+
+import pytest
+import torch
+
+from gpt_fn.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_token_id,
+    check_token_ids,
+    check_token_tensor,
+    is_batched,
+    is_traced,
+)
+
+
+def test_check_int_returns_the_int_and_refuses_bools_floats_and_small_values():
+    assert check_int("n", 3, at_least=1) == 3
+    assert check_int("n", 0, at_least=0) == 0
+    assert check_int("n", -7) == -7
+    for bad, message in [
+        (0, "n must be a positive int, got 0"),
+        (True, "n must be a positive int, got True"),
+        (2.0, "n must be a positive int, got 2.0"),
+        ("3", "n must be a positive int, got '3'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_int("n", bad, at_least=1)
+    with pytest.raises(ValueError, match="n must be an int >= 0, got -1"):
+        check_int("n", -1, at_least=0)
+    with pytest.raises(ValueError, match="n must be an int, got None"):
+        check_int("n", None)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "good", "bad", "interval"),
+    [
+        ({"at_least": 0.0, "below": 1.0}, [0, 0.5], [1.0, -0.1], r"in \[0, 1\)"),
+        ({"above": 0.0, "at_most": 1.0}, [1, 1e-9], [0.0, 1.5], r"in \(0, 1\]"),
+        ({"above": 0.0}, [1e300], [0.0, -2.0], "> 0"),
+        ({"at_least": 0.0}, [0.0], [-1e-12], ">= 0"),
+        ({"below": 1.0}, [-1e300], [1.0], "< 1"),
+    ],
+)
+def test_check_number_keeps_in_range_numbers_as_floats_and_states_the_interval(
+    bounds, good, bad, interval
+):
+    for value in good:
+        out = check_number("x", value, **bounds)
+        assert out == value and type(out) is float
+    for value in bad:
+        with pytest.raises(ValueError, match=f"x must be {interval}, got"):
+            check_number("x", value, **bounds)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, True, "0.5", None])
+def test_check_number_refuses_non_finite_numbers_and_other_kinds(bad):
+    with pytest.raises(ValueError, match="x must be a finite number, got"):
+        check_number("x", bad)
+
+
+def test_check_bool_and_check_choice():
+    assert check_bool("flag", False) is False
+    with pytest.raises(ValueError, match="flag must be a bool"):
+        check_bool("flag", "no")
+    with pytest.raises(ValueError, match="flag must be a bool"):
+        check_bool("flag", 1)
+    assert check_choice("kernel", "sdpa", ("sdpa", "manual")) == "sdpa"
+    with pytest.raises(ValueError, match="unknown kernel 'flash'; choose one of 'sdpa', 'manual'"):
+        check_choice("kernel", "flash", ("sdpa", "manual"))
+
+
+def test_check_token_id_bounds_the_id_by_the_vocabulary():
+    assert check_token_id("eos", 9, vocab_size=10) == 9
+    with pytest.raises(ValueError, match=r"eos 10 is outside \[0, vocab_size=10\)"):
+        check_token_id("eos", 10, vocab_size=10)
+    with pytest.raises(ValueError, match="eos must be an int >= 0"):
+        check_token_id("eos", -1, vocab_size=10)
+
+
+def test_check_token_tensor_names_the_problem_with_the_object_or_its_dtype():
+    ids = torch.tensor([[1, 2]])
+    assert check_token_tensor("tokens", ids) is ids
+    assert check_token_tensor("tokens", ids.int()).dtype == torch.int32
+    with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
+        check_token_tensor("tokens", [[1, 2]])
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match=f"integer tensor, got dtype {dtype}"):
+            check_token_tensor("tokens", ids.to(dtype))
+    for dtype in (torch.uint8, torch.int16):
+        with pytest.raises(TypeError, match=f"int64 or int32 tensor, got dtype {dtype}"):
+            check_token_tensor("tokens", ids.to(dtype))
+
+
+def test_check_token_ids_names_the_first_bad_id_and_is_skipped_under_vmap():
+    check_token_ids("token id", torch.tensor([[0, 9]]), vocab_size=10)
+    check_token_ids("token id", torch.zeros(2, 0, dtype=torch.long), vocab_size=10)
+    with pytest.raises(ValueError, match=r"token id 10 is outside \[0, vocab_size=10\)"):
+        check_token_ids("token id", torch.tensor([[0, 10]]), vocab_size=10)
+    with pytest.raises(ValueError, match="token id -3 is outside"):
+        check_token_ids("token id", torch.tensor([[-3, 10]]), vocab_size=10)
+
+    def checked(tokens):
+        check_token_ids("token id", tokens, vocab_size=10)
+        return tokens * 2
+
+    # Under vmap the values cannot be read: the check steps aside instead of failing.
+    assert torch.equal(
+        torch.func.vmap(checked)(torch.tensor([[1], [99]])), torch.tensor([[2], [198]])
+    )
+
+
+def test_is_batched_sees_a_vmap_through_grad_wrappers_and_nothing_else():
+    seen = {}
+
+    def record(x):
+        seen["batched"], seen["traced"] = is_batched(x), is_traced(x)
+        return x.sum()
+
+    x = torch.ones(3, 2)
+    record(x)
+    assert seen == {"batched": False, "traced": False}
+    torch.func.grad(record)(x)
+    assert seen == {"batched": False, "traced": False}
+    torch.func.vmap(torch.func.grad(record))(x)
+    assert seen == {"batched": True, "traced": True}
