@@ -18,6 +18,8 @@ sharded or not) without importing `transformers`, or a Hub model id through `hug
 import json
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,7 +31,7 @@ from torch import Tensor
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import check_params, check_shapes, param_shapes
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, write_tokenizer_files
 
 
 @runtime_checkable
@@ -79,6 +81,8 @@ HF_GPT2_DEFAULTS: dict[str, Any] = {
 }
 # Both name GELU with the tanh approximation, which is what `gpt_fn.nn.mlp` computes.
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+HUB_CONNECT_TIMEOUT_S = 5.0
+"""Seconds the Hub's host may take to accept a connection before `load` calls it offline."""
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -251,34 +255,71 @@ def _local_fetch(directory: Path) -> Callable[[str], Path | None]:
 
 
 def _hub_fetch(repo_id: str) -> Callable[[str], Path | None]:
+    """Files of a Hub repository: from huggingface_hub's cache, else downloaded.
+
+    Before a download, the Hub's host must answer within `HUB_CONNECT_TIMEOUT_S`: offline,
+    huggingface_hub would retry for half a minute and print each retry.
+    """
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
     except ImportError as error:
         raise OSError(
             f"{repo_id!r} is not a local directory, and huggingface_hub is not installed to "
             "download it from the Hugging Face Hub (pip install huggingface_hub)"
         ) from error
+    reachable: list[bool] = []  # checked once, at the first file not in the cache
+
+    def offline(filename: str, reason: str) -> OSError:
+        return OSError(
+            f"{repo_id!r} is not a local directory, and fetching {filename!r} from the Hugging "
+            f"Face Hub failed ({reason}). Offline? Pass a local directory with config.json "
+            "and model.safetensors or pytorch_model.bin."
+        )
 
     def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+        except LocalEntryNotFoundError:
+            pass
+        except RemoteEntryNotFoundError:
+            return None
+        if constants.HF_HUB_OFFLINE:
+            raise offline(filename, "HF_HUB_OFFLINE is set")
+        if not reachable:
+            host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+            try:
+                socket.create_connection((host, 443), timeout=HUB_CONNECT_TIMEOUT_S).close()
+                reachable.append(True)
+            except OSError as error:
+                raise offline(filename, f"cannot reach {host}: {error}") from None
         try:
             return Path(hf_hub_download(repo_id, filename))
         except RemoteEntryNotFoundError:  # the repository exists but lacks this file
             return None
         except Exception as error:
-            raise OSError(
-                f"{repo_id!r} is not a local directory, and downloading {filename!r} from the "
-                f"Hugging Face Hub failed ({type(error).__name__}). Offline? Pass a local "
-                "directory with config.json and model.safetensors or pytorch_model.bin."
-            ) from error
+            raise offline(filename, type(error).__name__) from error
 
     return fetch
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    if path.name.endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.name.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors and torch.load raise their own types
+        raise ValueError(f"{path} is corrupt or truncated: {error}") from error
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def _read_checkpoint(
@@ -288,16 +329,18 @@ def _read_checkpoint(
     config_path = fetch("config.json")
     if config_path is None:
         raise FileNotFoundError(f"{where} has no config.json")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = _read_json(config_path)
     for filename in WEIGHT_FILES:
         path = fetch(filename)
         if path is None:
             continue
         if not filename.endswith(".index.json"):
             return hf_config, _read_weights(path)
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        weight_map = _read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{path} has no weight_map naming the shard of each weight")
         state: dict[str, Tensor] = {}
-        for shard in shards:
+        for shard in sorted(set(weight_map.values())):
             shard_path = fetch(shard)
             if shard_path is None:
                 raise FileNotFoundError(f"{where} lists shard {shard!r} in {filename} but lacks it")
@@ -334,12 +377,21 @@ def load(
     return {name: value.to(device=device, dtype=dtype) for name, value in params.items()}, config
 
 
-def save(params: Params, config: GPTConfig, directory: str | os.PathLike[str]) -> None:
-    """Write `config.json` and `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads.
+def save(
+    params: Params,
+    config: GPTConfig,
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: bool | None = None,
+) -> None:
+    """Write a directory that `GPT2LMHeadModel.from_pretrained` loads: `config.json`,
+    `model.safetensors` and (`tokenizer`) GPT-2's tokenizer files.
 
     `lm_head.weight` is left out: safetensors refuses tensors that share storage, and
     transformers re-ties the head to `wte` on load (`tie_word_embeddings=True`), as its own
-    `save_pretrained` does.
+    `save_pretrained` does. `tokenizer=None` writes the tokenizer files (`vocab.json`,
+    `merges.txt`, `tokenizer_config.json`: `AutoTokenizer.from_pretrained(directory)` then
+    works) when the model's vocabulary holds GPT-2's 50257 ids.
     """
     state = to_hf_state_dict(params, config)
     del state["lm_head.weight"]
@@ -348,7 +400,13 @@ def save(params: Params, config: GPTConfig, directory: str | os.PathLike[str]) -
         "dtype": str(params["wte.weight"].dtype).removeprefix("torch."),
     }
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{str(out)!r} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is None:
+        tokenizer = config.vocab_size >= GPT2_VOCAB_SIZE
+    if tokenizer:
+        write_tokenizer_files(out, model_max_length=config.block_size)

@@ -21,6 +21,8 @@ References: Radford et al. 2019, "Language Models are Unsupervised Multitask Lea
 
 import functools
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import tiktoken
@@ -29,6 +31,8 @@ from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 EOT_TOKEN = 50256
 """Id of `<|endoftext|>`, GPT-2's only special token: it separates documents and ends samples."""
+GPT2_VOCAB_SIZE = EOT_TOKEN + 1
+"""Ids the tokenizer makes (models pad their vocabulary past it for speed)."""
 
 # The sha256 pins of tiktoken's gpt2 definition (tiktoken_ext/openai_public.py): files that pass
 # them are the GPT-2 release byte for byte, so the Encoding equals the downloaded one.
@@ -92,5 +96,28 @@ def _encoding_from_files(vocab_bpe: Path, encoder_json: Path) -> tiktoken.Encodi
         pat_str=r50k_pat_str,
         mergeable_ranks=mergeable_ranks,
         special_tokens={ENDOFTEXT: EOT_TOKEN},
-        explicit_n_vocab=EOT_TOKEN + 1,  # the special token takes the last id
+        explicit_n_vocab=GPT2_VOCAB_SIZE,  # the special token takes the last id
     )
+
+
+def write_tokenizer_files(directory: str | Path, *, model_max_length: int = 1024) -> None:
+    """GPT-2's tokenizer as Hugging Face reads it from a model directory.
+
+    `vocab.json` and `merges.txt` are the GPT-2 release's `encoder.json` and `vocab.bpe`
+    (the same bytes HF's `gpt2` repository holds), with the `tokenizer_config.json` and
+    `special_tokens_map.json` of that repository, so `AutoTokenizer.from_pretrained(directory)`
+    encodes like `gpt2()`.
+    """
+    vocab_bpe, encoder_json = _packaged_bpe_files()
+    out = Path(directory)
+    shutil.copyfile(encoder_json, out / "vocab.json")
+    shutil.copyfile(vocab_bpe, out / "merges.txt")
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    config = {
+        **special,
+        "add_prefix_space": False,
+        "model_max_length": model_max_length,
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")

@@ -76,6 +76,16 @@ def test_tinyshakespeare_offline_is_one_line(capsys, train_args, monkeypatch):
     assert_one_line(*run(capsys, *args)[::2], "could not download tinyshakespeare")
 
 
+def test_init_from_a_hub_name_offline_is_one_line(capsys, train_args, monkeypatch, tmp_path):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *train_args(), "--init-from=gpt2")
+    assert_one_line(code, err, "'gpt2' is not a local directory.*cannot reach 127.0.0.1")
+
+
 @pytest.mark.parametrize("kind", ["missing", "file"])
 def test_sample_from_a_hf_dir_that_is_missing_or_a_file(capsys, tmp_path, kind):
     path = tmp_path / "gpt2"
@@ -289,6 +299,7 @@ def test_export_writes_a_hf_model_with_the_same_logits(capsys, checkpoint_dir, t
         theirs = model(tokens).logits
     params, config = hf.load(tmp_path / "hf")
     assert config.vocab_size == 50000 and params["wte.weight"].shape[0] == 50000
+    assert not (tmp_path / "hf" / "vocab.json").exists()  # 50000 ids: not GPT-2's tokenizer
     # Cropping drops rows of the tied head: the logits of the kept ids are unchanged.
     ours = forward(saved.params, tokens, saved.model_config)[..., :50000]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)  # fp32, different kernels
@@ -298,6 +309,10 @@ def test_export_writes_a_hf_model_with_the_same_logits(capsys, checkpoint_dir, t
         "--vocab-size", "60000",
     )  # fmt: skip
     assert_one_line(code, err, "--vocab-size must be in \\[1, 50257\\]")
+    # The whole vocabulary: the directory carries GPT-2's tokenizer too.
+    assert run(capsys, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "full")[0] == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "full")
+    assert tokenizer("ROMEO:")["input_ids"] == [33676, 4720, 25]
 
 
 # --- what only a real process shows ----------------------------------------------------------

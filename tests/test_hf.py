@@ -455,6 +455,50 @@ def test_load_hub_name_offline_fails_quickly_and_clearly(monkeypatch, tmp_path):
     assert time.monotonic() - start < 30, "offline load must fail, not hang"
 
 
+def test_load_hub_name_with_an_unreachable_hub_fails_at_once(monkeypatch, tmp_path):
+    # Without HF_HUB_OFFLINE, huggingface_hub itself would retry for ~25 s, printing each try.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"'gpt2' is not a local directory.*cannot reach 127.0.0.1"):
+        load("gpt2")
+    assert time.monotonic() - start < 10
+
+
+def test_load_names_truncated_weights_and_an_index_without_a_weight_map(pretrained_dir, tmp_path):
+    directory = pretrained_dir[0]
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    weights = (directory / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        load(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="index.json has no weight_map"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json holds a list, not a JSON object"):
+        load(tmp_path)
+
+
+def test_save_writes_gpt2s_tokenizer_when_the_vocab_holds_it(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gpt_fn.tokenizer import gpt2
+
+    config = GPTConfig(vocab_size=50304, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    save(random_params(config, seed=0), config, tmp_path / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "padded")
+    text = "ROMEO:\n  What's <|endoftext|> this\tthé 🤖 1234"
+    assert tokenizer(text)["input_ids"] == gpt2().encode(text, allowed_special="all")
+    assert tokenizer.eos_token_id == 50256 and tokenizer.model_max_length == 32
+    small = CASES["odd-3-heads"]  # a 101-token vocabulary: GPT-2's tokenizer does not fit
+    save(random_params(small, seed=0), small, tmp_path / "small")
+    assert not (tmp_path / "small" / "vocab.json").exists()
+
+
 def test_load_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
     monkeypatch.chdir(tmp_path)
