@@ -4,17 +4,29 @@ import gpt_fn
 config = gpt_fn.GPTConfig.from_preset("cpu-tiny")
 params = gpt_fn.init_params(config, seed=0)
 logits = gpt_fn.forward(params, tokens, config)      # (batch, seq, vocab)
+logits, cache = gpt_fn.run_with_cache(params, tokens, config, names=["h.0.attn.pattern"])
 """
 
 from gpt_fn.config import PRESETS, GPTConfig
-from gpt_fn.model import check_params, check_tokens, forward, init_params, loss, param_shapes
+from gpt_fn.model import (
+    check_params,
+    check_tokens,
+    forward,
+    init_params,
+    loss,
+    param_shapes,
+    run_with_cache,
+)
 from gpt_fn.module import GPT
 from gpt_fn.shapes import Logits, Params, Tokens
+from gpt_fn.sites import Hook, Hooks, site_names
 
 __all__ = [
     "GPT",
     "PRESETS",
     "GPTConfig",
+    "Hook",
+    "Hooks",
     "Logits",
     "Params",
     "Tokens",
@@ -24,4 +36,6 @@ __all__ = [
     "init_params",
     "loss",
     "param_shapes",
+    "run_with_cache",
+    "site_names",
 ]

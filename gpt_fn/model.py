@@ -8,18 +8,20 @@ final LayerNorm and the LM head tied to the token embedding (Radford et al. 2019
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_ids, check_token_tensor
+from gpt_fn.checks import check_int, check_token_ids, check_token_tensor, is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
-    LayerCache,
+    KVWriter,
+    Mask,
     dropout,
     embed,
     layer_norm,
@@ -27,10 +29,10 @@ from gpt_fn.nn import (
     mlp,
     self_attention,
 )
+from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
+from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
-
-KVCache = tuple[LayerCache, ...]
-"""One `LayerCache` per block: keys/values of every position processed so far."""
+from gpt_fn.sites import Hook, Hooks, LayerTaps, apply_hook, check_hooks, layer_taps, site_names
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -148,29 +150,122 @@ def check_tokens(
     tokens: Tensor,
     config: GPTConfig,
     *,
-    position_offset: int = 0,
     cropped: bool = False,
     name: str = "tokens",
 ) -> None:
     """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor.
 
-    It must be an int64/int32 tensor of ids in `[0, vocab_size)` whose `position_offset +
-    seq` positions fit in `block_size`; `cropped=True`: any length (the caller keeps only the
-    last `block_size` tokens). The id range is not checked while compiling or under vmap.
+    It must be an int64/int32 tensor of ids in `[0, vocab_size)` that fits in `block_size`;
+    `cropped=True`: any length (the caller keeps only the last `block_size` tokens). The id
+    range is not checked while compiling or under vmap.
     """
     check_token_tensor(name, tokens)
     if tokens.ndim != 2:
         raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
-    if not cropped and position_offset + tokens.shape[1] > config.block_size:
+    if not cropped and tokens.shape[1] > config.block_size:
         raise ValueError(
-            f"sequence of {position_offset + tokens.shape[1]} positions is longer than "
-            f"block_size={config.block_size}"
+            f"sequence of {tokens.shape[1]} positions is longer than block_size={config.block_size}"
         )
     what = "token id" if name == "tokens" else f"{name}: token id"
     check_token_ids(what, tokens, vocab_size=config.vocab_size)
 
 
-def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[str, Params]]]:
+def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor, "batch seq"]:
+    """The mask as bool, or `ValueError`/`TypeError` naming what is wrong with it.
+
+    It must be a `(batch, seq)` tensor of 0/1 (or bool) shaped like `tokens`, and every row
+    needs at least one real token (1).
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens "
+            f"{tuple(tokens.shape)}: one 0/1 per token"
+        )
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+        if not is_traced(attention_mask) and bool(
+            ((attention_mask != 0) & (attention_mask != 1)).any()
+        ):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        attention_mask = attention_mask.bool()
+    if not is_traced(attention_mask):
+        empty = (~attention_mask.any(dim=1)).nonzero()
+        if len(empty):
+            raise ValueError(
+                f"attention_mask row {int(empty[0, 0])} has no real token (all 0); every row "
+                "needs at least one"
+            )
+    return attention_mask
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values of every block, and which slots of each row hold what.
+
+    Row `b` holds its left padding in slots `0 .. starts[b] - 1` (masked out) and its real
+    tokens from slot `starts[b]` up to `lengths[b] - 1`; the next token goes to slot
+    `lengths[b]`. Buffers never grow: a step writes its keys/values into them (`transformer`),
+    so its cost does not depend on how many tokens came before.
+    """
+
+    keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
+    values: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
+    starts: Int[Tensor, " batch"]
+    lengths: Int[Tensor, " batch"]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: Int[Tensor, " rows"]) -> "KVCache":
+        """The cache of `rows` (in that order, repeats allowed): fan-out, beam reordering."""
+        return KVCache(
+            tuple(k.index_select(0, rows) for k in self.keys),
+            tuple(v.index_select(0, rows) for v in self.values),
+            self.starts.index_select(0, rows),
+            self.lengths.index_select(0, rows),
+        )
+
+    def clone(self) -> "KVCache":
+        return KVCache(
+            tuple(k.clone() for k in self.keys),
+            tuple(v.clone() for v in self.values),
+            self.starts.clone(),
+            self.lengths.clone(),
+        )
+
+
+def empty_cache(
+    config: GPTConfig,
+    *,
+    batch: int,
+    capacity: int,
+    starts: Int[Tensor, " batch"] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> KVCache:
+    """A cache with room for `capacity` slots per row and nothing written yet.
+
+    `starts`: each row's first real slot (its left padding), default 0.
+    """
+    check_int("capacity", capacity, at_least=1)
+    shape = (batch, config.n_head, capacity, config.d_head)
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    return KVCache(
+        tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)),
+        tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)),
+        zeros if starts is None else starts.to(device=device, dtype=torch.long),
+        zeros.clone(),
+    )
+
+
+BlockParams = dict[str, Params]
+"""One block's params by part: `{"ln_1": {...}, "attn": {...}, "ln_2": {...}, "mlp": {...}}`."""
+
+
+def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[BlockParams]]:
     """One pass over the dict: top-level parts' params, and per block its parts' params.
 
     `blocks[i]["attn"]` maps `"c_attn.weight"` to `params["h.{i}.attn.c_attn.weight"]` and
@@ -178,7 +273,7 @@ def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[s
     names, and a decode step pays O(params), not O(layers x params).
     """
     top: dict[str, Params] = {}
-    blocks: list[dict[str, Params]] = [
+    blocks: list[BlockParams] = [
         {"ln_1": {}, "attn": {}, "ln_2": {}, "mlp": {}} for _ in range(n_layer)
     ]
     for name, value in params.items():
@@ -191,39 +286,150 @@ def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[dict[s
     return top, blocks
 
 
+def block(
+    p: BlockParams,
+    x: Activations,
+    config: GPTConfig,
+    *,
+    attention: AttentionKernel = "sdpa",
+    mask: Mask | None = None,
+    kv: KVWriter | None = None,
+    taps: LayerTaps | None = None,
+    generator: torch.Generator | None = None,
+) -> Activations:
+    """One pre-norm block: `x + attn(ln_1(x))`, then `+ mlp(ln_2(.))` (dropout on both branches).
+
+    `mask`/`kv` as in `gpt_fn.nn.self_attention`; `taps` apply the block's hooks.
+    """
+    eps, rate = config.layer_norm_eps, config.dropout
+    tap = None if taps is None else taps.block
+    if tap is not None:
+        x = tap("resid_pre", x)
+    h = layer_norm(p["ln_1"], x, eps=eps)
+    if tap is not None:
+        h = tap("ln_1", h)
+    a = self_attention(
+        p["attn"],
+        h,
+        n_head=config.n_head,
+        attention=attention,
+        mask=mask,
+        kv=kv,
+        tap=None if taps is None else taps.attn,
+        explicit=taps is not None and taps.explicit_attention,
+    )
+    if tap is not None:
+        a = tap("attn.out", a)
+    x = x + dropout(a, rate=rate, generator=generator)
+    if tap is not None:
+        x = tap("resid_mid", x)
+    h = layer_norm(p["ln_2"], x, eps=eps)
+    if tap is not None:
+        h = tap("ln_2", h)
+    m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
+    if tap is not None:
+        m = tap("mlp.out", m)
+    x = x + dropout(m, rate=rate, generator=generator)
+    if tap is not None:
+        x = tap("resid_post", x)
+    return x
+
+
+BlockFn = Callable[..., Activations]
+"""Runs block `i` as `fn(x, mask=, kv=, taps=, generator=)`: how the `GPT` module has
+`transformer` call its block submodules (so FSDP's per-block hooks fire)."""
+
+
 def transformer(
     params: Params,
     tokens: Tokens,
     config: GPTConfig,
     *,
     attention: AttentionKernel = "sdpa",
+    attention_mask: Bool[Tensor, "batch seq"] | None = None,
     cache: KVCache | None = None,
+    write: Literal["copy", "in_place"] = "copy",
+    hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Activations, KVCache]:
-    """Final-LayerNormed hidden states of `tokens` (after any cached positions), and the new cache.
+    blocks: Sequence[BlockFn] | None = None,
+) -> tuple[Activations, KVCache | None]:
+    """Final-LayerNormed hidden states of `tokens`, and the cache holding their keys/values.
 
-    `generator` switches dropout on (config.dropout > 0); without one the function is
-    deterministic. Inputs are not validated here: `forward`/`loss`/decoding do that once.
+    - `attention_mask` (`batch seq`, True = real): positions and attention follow it, so each
+      row is computed as if it were alone (`gpt_fn.nn.padding`); without one, every token is
+      real. Ignored with a `cache`, which knows its rows' padding.
+    - `cache`: `tokens` come after the tokens in it and are written into its next slots;
+      the returned cache has them. `write="copy"` leaves `cache` as it was (new buffers, as
+      pure code expects); `"in_place"` writes into its buffers (a decoding loop's speed).
+      Without a cache the returned cache is `None`.
+    - `hooks`: `{site: hook}` (`gpt_fn.sites`); a hook sees this call's positions.
+    - `generator` switches dropout on (config.dropout > 0); without one the function is
+      deterministic.
+    - `params` may hold only the top-level params when `blocks` runs the blocks itself.
+
+    Inputs are not validated here: `forward`/`loss`/decoding do that once.
     """
-    offset = 0 if cache is None else cache[0].k.shape[2]
-    x = embed(params["wte.weight"], params["wpe.weight"], tokens, position_offset=offset)
-    x = dropout(x, rate=config.dropout, generator=generator)
-    top, blocks = _split(params, config.n_layer)
-    eps = config.layer_norm_eps
-    new_cache = []
-    for i, block in enumerate(blocks):
-        attn_out, layer_cache = self_attention(
-            block["attn"],
-            layer_norm(block["ln_1"], x, eps=eps),
-            n_head=config.n_head,
-            attention=attention,
-            cache=None if cache is None else cache[i],
+    top, block_params = _split(params, 0 if blocks is not None else config.n_layer)
+    seq = tokens.shape[1]
+    if cache is not None:
+        positions = (
+            cache.lengths[:, None] - cache.starts[:, None] + torch.arange(seq, device=tokens.device)
         )
-        x = x + dropout(attn_out, rate=config.dropout, generator=generator)
-        mlp_out = mlp(block["mlp"], layer_norm(block["ln_2"], x, eps=eps))
-        x = x + dropout(mlp_out, rate=config.dropout, generator=generator)
-        new_cache.append(layer_cache)
-    return layer_norm(top["ln_f"], x, eps=eps), tuple(new_cache)
+        positions = positions.clamp(min=0)
+        mask = cache_attention_mask(cache.starts, cache.lengths, seq, cache.capacity)
+    elif attention_mask is not None:
+        positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
+    else:
+        positions, mask = None, None
+    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions)
+    if hooks and "embed" in hooks:
+        x = apply_hook("embed", hooks["embed"], x)
+    x = dropout(x, rate=config.dropout, generator=generator)
+    taps = layer_taps(hooks, config.n_layer)
+    keys, values = [], []
+    for i in range(config.n_layer):
+        kv = None if cache is None else _writer(cache, i, write, keys, values)
+        if blocks is None:
+            x = block(
+                block_params[i],
+                x,
+                config,
+                attention=attention,
+                mask=mask,
+                kv=kv,
+                taps=taps[i],
+                generator=generator,
+            )
+        else:
+            x = blocks[i](x, mask=mask, kv=kv, taps=taps[i], generator=generator)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    if hooks and "ln_f" in hooks:
+        x = apply_hook("ln_f", hooks["ln_f"], x)
+    if cache is None:
+        return x, None
+    return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
+
+
+def _writer(
+    cache: KVCache, layer: int, write: str, keys: list[Tensor], values: list[Tensor]
+) -> KVWriter:
+    """Layer `layer`'s writer: the chunk's keys/values into the slots after each row's last."""
+
+    def store(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        batch, n_head, seq, d_head = k.shape
+        slots = cache.lengths[:, None] + torch.arange(seq, device=k.device)
+        index = slots[:, None, :, None].expand(batch, n_head, seq, d_head)
+        if write == "in_place":
+            all_k = cache.keys[layer].scatter_(2, index, k)
+            all_v = cache.values[layer].scatter_(2, index, v)
+        else:
+            all_k = cache.keys[layer].scatter(2, index, k)
+            all_v = cache.values[layer].scatter(2, index, v)
+        keys.append(all_k)
+        values.append(all_v)
+        return all_k, all_v
+
+    return store
 
 
 def lm_head(
@@ -233,38 +439,182 @@ def lm_head(
     return F.linear(hidden, params["wte.weight"])
 
 
+TokenRows = Sequence[Sequence[int]]
+"""A batch as token lists of any lengths; gpt_fn pads it (`gpt_fn.nn.padding.pad`)."""
+IGNORE_INDEX = -100
+"""A target that counts in no loss (HF's label convention; padded positions count as it)."""
+
+
 def forward(
     params: Params,
-    tokens: Tokens,
+    tokens: Tokens | TokenRows,
     config: GPTConfig,
     *,
     attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
 ) -> Logits:
-    """Next-token logits at every position: tokens in, logits out."""
-    check_params(params, config)
-    check_tokens(tokens, config)
-    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
-    return lm_head(params, hidden)
+    """Next-token logits at every position: tokens in, logits out.
+
+    `tokens` is a `(batch, seq)` tensor (with `attention_mask` when padded: each row's logits
+    are then what the row gives alone; at padded positions they mean nothing), or token lists
+    of any lengths, padded on the right. `hooks`: `{site: hook}` (`gpt_fn.sites`).
+    """
+    tokens, mask = _batch(tokens, attention_mask, params)
+    _check_inputs(params, tokens, config, hooks)
+    hidden, _ = transformer(
+        params,
+        tokens,
+        config,
+        attention=attention,
+        attention_mask=mask,
+        hooks=hooks,
+        generator=generator,
+    )
+    logits = lm_head(params, hidden)
+    if hooks and "logits" in hooks:
+        logits = apply_hook("logits", hooks["logits"], logits)
+    return logits
 
 
 def loss(
     params: Params,
-    tokens: Tokens,
-    targets: Tokens,
+    tokens: Tokens | TokenRows,
+    targets: Tokens | TokenRows,
     config: GPTConfig,
     *,
     attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
 ) -> Float[Tensor, ""]:
-    """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one)."""
-    check_params(params, config)
-    check_tokens(tokens, config)
-    check_tokens(targets, config, name="targets")
+    """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one).
+
+    Targets equal to `IGNORE_INDEX` (-100) and positions the mask marks as padding count in
+    neither the sum nor the mean. Token lists (`tokens` and `targets` of equal lengths per
+    row) are padded on the right. A `logits` hook makes the loss go through materialised
+    logits; otherwise the fused LM head + cross-entropy never builds them.
+    """
+    tokens, mask = _batch(tokens, attention_mask, params)
+    if not isinstance(targets, Tensor):
+        targets, target_mask = _batch(targets, None, params)
+        real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+        if target_mask is None:
+            target_mask = torch.ones_like(targets, dtype=torch.bool)
+        if target_mask.shape != real.shape or not torch.equal(target_mask, real):
+            raise ValueError("targets must have as many tokens as tokens in every row")
+    _check_inputs(params, tokens, config, hooks)
+    check_token_tensor("targets", targets)
     if targets.shape != tokens.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
         )
-    hidden, _ = transformer(params, tokens, config, attention=attention, generator=generator)
+    ignored = targets == IGNORE_INDEX
+    check_token_ids(
+        "targets: token id", targets.masked_fill(ignored, 0), vocab_size=config.vocab_size
+    )
+    if mask is not None:
+        targets = targets.masked_fill(~mask, IGNORE_INDEX)
+    hidden, _ = transformer(
+        params,
+        tokens,
+        config,
+        attention=attention,
+        attention_mask=mask,
+        hooks=hooks,
+        generator=generator,
+    )
+    if hooks and "logits" in hooks:
+        logits = apply_hook("logits", hooks["logits"], lm_head(params, hidden))
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
     # Fused LM head + loss: never materialises the (batch*seq, vocab) logits.
-    return linear_cross_entropy(hidden.flatten(0, 1), params["wte.weight"], targets.flatten())
+    return linear_cross_entropy(
+        hidden.flatten(0, 1), params["wte.weight"], targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def run_with_cache(
+    params: Params,
+    tokens: Tokens | TokenRows,
+    config: GPTConfig,
+    *,
+    names: Sequence[str] | Callable[[str], bool] | None = None,
+    hooks: Hooks | None = None,
+    attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+) -> tuple[Logits, dict[str, Tensor]]:
+    """`forward`'s logits and the activations at the sites `names` asks for, by site.
+
+    `names`: a list of sites, a predicate on site names (`lambda n: n.endswith("resid_post")`),
+    or None for every site. Only those are kept. Each is the value that flows on there: after
+    `hooks`' own hook at that site, if any. Asking for `attn.scores`/`attn.pattern` computes
+    that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
+    `forward` (the activations are returned, not stashed).
+    """
+    if hooks is not None:
+        check_hooks(hooks, config)
+    sites = site_names(config)
+    if names is None:
+        wanted = list(sites)
+    elif callable(names):
+        wanted = [site for site in sites if names(site)]
+    else:
+        check_hooks(dict.fromkeys(names, _identity), config)
+        wanted = list(names)
+    cache: dict[str, Tensor] = {}
+    recording = dict(hooks or {})
+    for site in wanted:
+        recording[site] = _recorder(site, (hooks or {}).get(site), cache)
+    logits = forward(
+        params,
+        tokens,
+        config,
+        attention=attention,
+        attention_mask=attention_mask,
+        hooks=recording,
+    )
+    return logits, {site: cache[site] for site in wanted}
+
+
+def _recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:
+    def record(activation: Tensor) -> Tensor:
+        if hook is not None:
+            activation = apply_hook(site, hook, activation)
+        cache[site] = activation
+        return activation
+
+    return record
+
+
+def _identity(activation: Tensor) -> Tensor:
+    return activation
+
+
+def _batch(
+    tokens: Tensor | TokenRows, attention_mask: Tensor | None, params: Params
+) -> tuple[Tensor, Tensor | None]:
+    """Tokens as a tensor and the mask as bool (None: every token real); lists padded right."""
+    if isinstance(tokens, Tensor):
+        if attention_mask is None:
+            return tokens, None
+        check_token_tensor("tokens", tokens)
+        return tokens, check_attention_mask(attention_mask, tokens)
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a tokens tensor; token lists make their own")
+    if not isinstance(tokens, Sequence) or isinstance(tokens, str):
+        raise TypeError(
+            f"tokens must be a (batch, seq) tensor or a list of token lists, got "
+            f"{type(tokens).__name__}"
+        )
+    padded, mask = pad(tokens, side="right", device=params["wte.weight"].device)
+    return padded, (None if bool(mask.all()) else mask)
+
+
+def _check_inputs(params: Params, tokens: Tensor, config: GPTConfig, hooks: Hooks | None) -> None:
+    check_params(params, config)
+    check_tokens(tokens, config)
+    if hooks is not None:
+        check_hooks(hooks, config)

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny config (odd sizes on purpose), a seeded generator, a tiny corpus,
 one thread."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def plain_python():
+    """Run a snippet in a fresh interpreter, where gpt_fn is imported without pytest's
+    jaxtyping hook (what `torch.compile(fullgraph=True)` needs: dynamo cannot trace the
+    checker's wrapper); fail with its output if it fails."""
+
+    def run(code: str, timeout: float = 600) -> str:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout
+
+    return run

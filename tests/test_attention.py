@@ -4,7 +4,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from gpt_fn.nn import LayerCache, manual_kernel, sdpa_kernel, self_attention
+from gpt_fn.nn import manual_kernel, sdpa_kernel, self_attention
 from gpt_fn.shapes import shape_checks
 
 # fp32 attention with d_head <= 64: both kernels accumulate the same sums in a different
@@ -55,30 +55,51 @@ def _attn_params(generator, d_model=12):
     }
 
 
+class ConcatenatingCache:
+    """A KV writer that keeps every chunk's keys/values (the layer's contract, simplest form)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __call__(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 @pytest.mark.parametrize("kernel", ["sdpa", "manual"])
 def test_cached_chunks_equal_one_full_pass(generator, kernel):
     p = _attn_params(generator)
     x = torch.randn(2, 9, 12, generator=generator)
-    full, full_cache = self_attention(p, x, n_head=3, attention=kernel)
-    head, cache = self_attention(p, x[:, :4], n_head=3, attention=kernel)
-    middle, cache = self_attention(p, x[:, 4:8], n_head=3, attention=kernel, cache=cache)
-    last, cache = self_attention(p, x[:, 8:], n_head=3, attention=kernel, cache=cache)
+    full_cache = ConcatenatingCache()
+    full = self_attention(p, x, n_head=3, attention=kernel, kv=full_cache)
+    cache = ConcatenatingCache()
+    head = self_attention(p, x[:, :4], n_head=3, attention=kernel, kv=cache)
+    middle = self_attention(p, x[:, 4:8], n_head=3, attention=kernel, kv=cache)
+    last = self_attention(p, x[:, 8:], n_head=3, attention=kernel, kv=cache)
     torch.testing.assert_close(torch.cat([head, middle, last], dim=1), full, atol=ATOL, rtol=0)
     torch.testing.assert_close(cache.k, full_cache.k)
     torch.testing.assert_close(cache.v, full_cache.v)
 
 
-def test_cache_input_is_not_modified(generator):
+@pytest.mark.parametrize("kernel", ["sdpa", "manual"])
+def test_a_causal_mask_equals_no_mask_and_masked_keys_have_no_effect(generator, kernel):
     p = _attn_params(generator)
-    cache = LayerCache(
-        torch.randn(1, 3, 5, 4, generator=generator), torch.randn(1, 3, 5, 4, generator=generator)
+    x = torch.randn(2, 6, 12, generator=generator)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    torch.testing.assert_close(
+        self_attention(p, x, n_head=3, attention=kernel, mask=causal),
+        self_attention(p, x, n_head=3, attention=kernel),
+        atol=ATOL,
+        rtol=0,
     )
-    before = (cache.k.clone(), cache.v.clone())
-    _, new_cache = self_attention(
-        p, torch.randn(1, 1, 12, generator=generator), n_head=3, cache=cache
-    )
-    assert new_cache.k.shape == (1, 3, 6, 4)
-    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+    hide_first = causal.clone()
+    hide_first[:, :, 1:, 0] = False  # no query but the first sees token 0
+    changed = x.clone()
+    changed[:, 0] += 5.0
+    out = self_attention(p, x, n_head=3, attention=kernel, mask=hide_first)
+    out_changed = self_attention(p, changed, n_head=3, attention=kernel, mask=hide_first)
+    torch.testing.assert_close(out[:, 1:], out_changed[:, 1:], atol=ATOL, rtol=0)
 
 
 def test_unknown_kernel_is_rejected_with_and_without_shape_checks(generator):

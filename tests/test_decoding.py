@@ -71,7 +71,9 @@ def test_cached_and_uncached_decoding_give_the_same_logits_also_past_block_size(
         token = cached.logits.argmax(dim=-1)
         cached = decode_step(params, cached, token, tiny_config, attention=attention)
         uncached = decode_step(params, uncached, token, tiny_config)
-        assert cached.cache[0].k.shape[2] == min(cached.tokens.shape[1], tiny_config.block_size)
+        # The cache holds each row's window: the whole context, then its last block_size.
+        filled = int(cached.cache.lengths.max())
+        assert filled == min(cached.tokens.shape[1], tiny_config.block_size)
         assert uncached.cache is None
     assert cached.tokens.shape == (3, 5 + steps)
 
@@ -100,12 +102,13 @@ def test_generation_past_block_size_crops_the_context_to_its_last_block_size_tok
 
 def test_decode_step_leaves_its_state_unchanged_so_a_state_can_be_replayed(params, tiny_config):
     state = prefill(params, _prompt(tiny_config), tiny_config)
-    snapshot = [state.tokens.clone(), state.logits.clone(), [t.clone() for t in state.cache[0]]]
+    snapshot = [state.tokens.clone(), state.logits.clone(), state.cache.clone()]
     token = torch.tensor([1, 2, 3])
     first = decode_step(params, state, token, tiny_config)
     again = decode_step(params, state, token, tiny_config)
     assert torch.equal(state.tokens, snapshot[0]) and torch.equal(state.logits, snapshot[1])
-    assert all(torch.equal(a, b) for a, b in zip(state.cache[0], snapshot[2], strict=True))
+    for before, after in zip(snapshot[2], state.cache, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert torch.equal(first.logits, again.logits)
     assert torch.equal(first.tokens[:, -1], token)
 
@@ -358,8 +361,8 @@ def test_prefill_and_decode_step_check_their_tokens_like_forward(params, tiny_co
             decode_step(params, state, torch.tensor([1, 2, 3], dtype=torch.int16), tiny_config)
         with pytest.raises(ValueError, match=r"next_tokens must have shape \(batch,\)"):
             decode_step(params, state, torch.tensor([[1], [2], [3]]), tiny_config)
-        with pytest.raises(TypeError, match="prompt must be a torch.Tensor"):
-            prefill(params, [[1, 2]], tiny_config)
+        with pytest.raises(TypeError, match="prompt must be a \\(batch, seq\\) tensor or a list"):
+            prefill(params, torch.tensor([[1, 2]]).numpy(), tiny_config)
     with pytest.raises(KeyError, match="missing"):
         decode_step({}, state, torch.tensor([1, 2, 3]), tiny_config)
 

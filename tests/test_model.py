@@ -246,16 +246,19 @@ def test_params_of_mixed_dtypes_or_devices_or_not_floating_are_named(tiny_config
         loss(integer, tokens, tokens, tiny_config)
 
 
-def test_tokens_of_other_integer_dtypes_or_as_a_list_are_refused_in_one_line(tiny_config):
+def test_tokens_of_other_integer_dtypes_or_other_containers_are_refused_in_one_line(tiny_config):
     params = init_params(tiny_config, seed=0)
     tokens = torch.tensor([[1, 2, 3]])
-    # int32 is an index dtype too: the same logits as int64.
+    # int32 is an index dtype too: the same logits as int64; token lists are padded batches.
     assert torch.equal(
         forward(params, tokens.int(), tiny_config), forward(params, tokens, tiny_config)
     )
+    assert torch.equal(
+        forward(params, [[1, 2, 3]], tiny_config), forward(params, tokens, tiny_config)
+    )
     with pytest.raises(TypeCheckError):
-        forward(params, [[1, 2, 3]], tiny_config)
-    with shape_checks(False):  # the shape checker refuses uint8 and lists itself
+        forward(params, tokens.numpy(), tiny_config)
+    with shape_checks(False):  # the shape checker refuses uint8 and arrays itself
         for dtype in (torch.uint8, torch.int16):
             with pytest.raises(
                 TypeError, match=f"tokens must be an int64 or int32 tensor, got dtype {dtype}"
@@ -265,14 +268,14 @@ def test_tokens_of_other_integer_dtypes_or_as_a_list_are_refused_in_one_line(tin
                 TypeError, match=f"targets must be an int64 or int32 tensor, got dtype {dtype}"
             ):
                 loss(params, tokens, tokens.to(dtype), tiny_config)
-        with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
-            forward(params, [[1, 2, 3]], tiny_config)
+        with pytest.raises(TypeError, match="tokens must be a \\(batch, seq\\) tensor or a list"):
+            forward(params, tokens.numpy(), tiny_config)
         with pytest.raises(
             TypeError, match="tokens must be an integer tensor, got dtype torch.bool"
         ):
             forward(params, tokens.bool(), tiny_config)
-        with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
-            loss(params, tokens, [[1, 2, 3]], tiny_config)
+        with pytest.raises(ValueError, match="targets must have as many tokens"):
+            loss(params, tokens, [[1, 2]], tiny_config)
 
 
 def test_out_of_range_targets_are_named_as_targets(tiny_config):

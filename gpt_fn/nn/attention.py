@@ -1,22 +1,30 @@
-"""Causal self-attention with a single QKV projection, two interchangeable kernels, KV cache.
+"""Causal self-attention with a single QKV projection, two interchangeable kernels, masks, KV storage.
 
-Both kernels share one signature and one masking rule: the `seq_q` queries are the *last*
-`seq_q` positions of the `seq_k` keys (bottom-right aligned), so the same code serves
-training (seq_q == seq_k), cache prefill and one-token decode steps.
+Both kernels share one signature and one masking rule. Without a mask, the `seq_q` queries
+are the *last* `seq_q` positions of the `seq_k` keys (causal, bottom-right aligned), so the
+same code serves training (seq_q == seq_k), cache prefill and one-token decode steps. With a
+boolean `mask` (`batch 1 seq_q seq_k`, True = may attend) the mask alone decides: padded
+batches and preallocated caches build it (`gpt_fn.model`).
 
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
   kernels where the device has them).
-- `manual`: einops + explicit causal mask + softmax, the textbook formula (nanoGPT's slow path,
-  TransformerLens' layout).
+- `manual`: explicit scores, mask and softmax, the textbook formula (nanoGPT's slow path,
+  TransformerLens' layout); `attention_scores` and `attention_pattern` are its two halves,
+  which is where activation hooks read the scores and the pattern.
+
+`self_attention` computes q, k, v from `x`; a `kv` writer (a KV cache) stores this chunk's
+keys and values and returns every key and value it attends to; a `tap` sees (and may
+replace) q, k, v, the scores, the pattern and the per-head outputs `z` on the way.
 """
 
 import math
-from typing import Literal, NamedTuple, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from gpt_fn.checks import check_choice
@@ -26,19 +34,25 @@ AttentionKernel = Literal["sdpa", "manual"]
 """The `attention=` knob of the model, the module, decoding and training."""
 KERNELS: tuple[AttentionKernel, ...] = get_args(AttentionKernel)
 
-
-class LayerCache(NamedTuple):
-    """Keys and values of one layer for the positions seen so far."""
-
-    k: Float[Tensor, "batch n_head seq d_head"]
-    v: Float[Tensor, "batch n_head seq d_head"]
+Mask = Bool[Tensor, "batch 1 seq_q seq_k"]
+"""Which keys each query may attend to (True); broadcast over heads."""
+Tap = Callable[[str, Tensor], Tensor]
+"""`tap(site, activation) -> activation`: called at each named intermediate of a layer."""
+KVWriter = Callable[
+    [Float[Tensor, "batch n_head seq d_head"], Float[Tensor, "batch n_head seq d_head"]],
+    tuple[Float[Tensor, "batch n_head seq_k d_head"], Float[Tensor, "batch n_head seq_k d_head"]],
+]
+"""Stores a chunk's keys and values; returns all the keys and values the chunk attends to."""
 
 
 def sdpa_kernel(
     q: Float[Tensor, "batch n_head seq_q d_head"],
     k: Float[Tensor, "batch n_head seq_k d_head"],
     v: Float[Tensor, "batch n_head seq_k d_head"],
+    mask: Mask | None = None,
 ) -> Float[Tensor, "batch n_head seq_q d_head"]:
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     seq_q, seq_k = q.shape[-2], k.shape[-2]
     if seq_q == seq_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -48,29 +62,50 @@ def sdpa_kernel(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(seq_q, seq_k, q.device))
 
 
+def attention_scores(
+    q: Float[Tensor, "batch n_head seq_q d_head"],
+    k: Float[Tensor, "batch n_head seq_k d_head"],
+    mask: Mask | None = None,
+) -> Float[Tensor, "batch n_head seq_q seq_k"]:
+    """`q k^T / sqrt(d_head)`, with -inf where a query may not attend (causal, or `mask`)."""
+    scores = einops.einsum(
+        q, k, "batch n_head seq_q d_head, batch n_head seq_k d_head -> batch n_head seq_q seq_k"
+    ) / math.sqrt(q.shape[-1])
+    if mask is None:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def attention_pattern(
+    scores: Float[Tensor, "batch n_head seq_q seq_k"],
+) -> Float[Tensor, "batch n_head seq_q seq_k"]:
+    """Softmax over the keys: each query's attention weights, rows summing to 1."""
+    return torch.softmax(scores, dim=-1)
+
+
 def manual_kernel(
     q: Float[Tensor, "batch n_head seq_q d_head"],
     k: Float[Tensor, "batch n_head seq_k d_head"],
     v: Float[Tensor, "batch n_head seq_k d_head"],
+    mask: Mask | None = None,
+    tap: Tap | None = None,
 ) -> Float[Tensor, "batch n_head seq_q d_head"]:
-    scores = einops.einsum(
-        q, k, "batch n_head seq_q d_head, batch n_head seq_k d_head -> batch n_head seq_q seq_k"
-    ) / math.sqrt(q.shape[-1])
-    mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    scores = attention_scores(q, k, mask)
+    if tap is not None:
+        scores = tap("scores", scores)
+    pattern = attention_pattern(scores)
+    if tap is not None:
+        pattern = tap("pattern", pattern)
     return einops.einsum(
-        weights,
+        pattern,
         v,
         "batch n_head seq_q seq_k, batch n_head seq_k d_head -> batch n_head seq_q d_head",
     )
 
 
-def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
+def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
     """`[i, j]` is True where query i (the i-th of the last seq_q positions) may see key j."""
     return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(diagonal=seq_k - seq_q)
-
-
-_KERNEL_FNS = {"sdpa": sdpa_kernel, "manual": manual_kernel}
 
 
 def self_attention(
@@ -79,12 +114,18 @@ def self_attention(
     *,
     n_head: int,
     attention: AttentionKernel = "sdpa",
-    cache: LayerCache | None = None,
-) -> tuple[Activations, LayerCache]:
-    """Causal self-attention of `x` (after any `cache`d positions); returns output and new cache.
+    mask: Mask | None = None,
+    kv: KVWriter | None = None,
+    tap: Tap | None = None,
+    explicit: bool = False,
+) -> Activations:
+    """Causal self-attention of `x` (after any positions `kv` holds).
 
-    The returned cache holds keys/values of the cached positions followed by those of `x`;
-    it is a new pair of tensors (the input cache is not modified).
+    `mask`: which keys each query may attend to (default: causal). `kv`: stores this chunk's
+    keys/values and returns all of them (default: the chunk attends to itself only). `tap` is
+    called at `q`, `k`, `v` (`batch n_head seq d_head`, this chunk's), `z` (`batch seq n_head
+    d_head`, before `c_proj`) and, with `explicit=True` (the manual path, whatever `attention`
+    says), at `scores` and `pattern`.
     """
     check_choice("attention kernel", attention, KERNELS)
     batch, seq, d_model = x.shape
@@ -95,10 +136,15 @@ def self_attention(
         .view(batch, seq, 3, n_head, d_model // n_head)
         .permute(2, 0, 3, 1, 4)
     )
-    if cache is not None:
-        k = torch.cat([cache.k, k], dim=2)
-        v = torch.cat([cache.v, v], dim=2)
-    out = _KERNEL_FNS[attention](q, k, v)
-    # "batch n_head seq d_head -> batch seq (n_head d_head)"
-    out = out.transpose(1, 2).reshape(batch, seq, d_model)
-    return F.linear(out, p["c_proj.weight"], p.get("c_proj.bias")), LayerCache(k, v)
+    if tap is not None:
+        q, k, v = tap("q", q), tap("k", k), tap("v", v)
+    if kv is not None:
+        k, v = kv(k, v)
+    if explicit or attention == "manual":
+        heads = manual_kernel(q, k, v, mask, tap if explicit else None)
+    else:
+        heads = sdpa_kernel(q, k, v, mask)
+    z = heads.transpose(1, 2)  # "batch n_head seq d_head -> batch seq n_head d_head"
+    if tap is not None:
+        z = tap("z", z)
+    return F.linear(z.reshape(batch, seq, d_model), p["c_proj.weight"], p.get("c_proj.bias"))

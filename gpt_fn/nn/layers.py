@@ -6,9 +6,11 @@ Each takes the slice of the parameter dict it reads (`p`, keys relative to the l
 transposed).
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from gpt_fn.shapes import Activations, Params, Tokens
@@ -18,13 +20,12 @@ def embed(
     wte: Float[Tensor, "vocab d_model"],
     wpe: Float[Tensor, "block d_model"],
     tokens: Tokens,
-    *,
-    position_offset: int = 0,
+    positions: Int[Tensor, "batch seq"] | None = None,
 ) -> Activations:
-    """Token plus learned position embeddings; positions start at `position_offset` (KV cache)."""
-    positions = torch.arange(
-        position_offset, position_offset + tokens.shape[1], device=tokens.device
-    )
+    """Token plus learned position embeddings; `positions` default to `0 .. seq-1` in every row
+    (a padded batch or a KV cache passes each token's own)."""
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
     return F.embedding(tokens, wte) + F.embedding(positions, wpe)
 
 
@@ -35,9 +36,20 @@ def layer_norm(
     return F.layer_norm(x, x.shape[-1:], p["weight"], p.get("bias"), eps)
 
 
-def mlp(p: Params, x: Activations) -> Activations:
-    """GPT-2's 4x MLP: c_fc, GELU with the tanh approximation (as GPT-2 was trained), c_proj."""
-    hidden = F.gelu(F.linear(x, p["c_fc.weight"], p.get("c_fc.bias")), approximate="tanh")
+def mlp(
+    p: Params, x: Activations, *, tap: Callable[[str, Tensor], Tensor] | None = None
+) -> Activations:
+    """GPT-2's 4x MLP: c_fc, GELU with the tanh approximation (as GPT-2 was trained), c_proj.
+
+    `tap(site, activation)` sees (and may replace) `pre` and `post`, the `batch seq d_mlp`
+    activations before and after the GELU.
+    """
+    hidden = F.linear(x, p["c_fc.weight"], p.get("c_fc.bias"))
+    if tap is not None:
+        hidden = tap("pre", hidden)
+    hidden = F.gelu(hidden, approximate="tanh")
+    if tap is not None:
+        hidden = tap("post", hidden)
     return F.linear(hidden, p["c_proj.weight"], p.get("c_proj.bias"))
 
 

@@ -9,6 +9,7 @@ params, state = opt.update(grads, state, params)     # pure; opt.update_ writes 
 
 from gpt_fn.optim.adamw import DecayMask, Optimizer, OptState, adamw, default_decay_mask
 from gpt_fn.optim.clipping import clip_by_global_norm, clip_by_global_norm_, global_norm
+from gpt_fn.optim.per_example import per_example_grads
 from gpt_fn.optim.schedules import (
     Schedule,
     constant,
@@ -32,5 +33,6 @@ __all__ = [
     "global_norm",
     "join",
     "linear_warmup",
+    "per_example_grads",
     "warmup_cosine",
 ]

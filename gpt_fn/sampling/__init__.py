@@ -15,7 +15,10 @@
 
 from gpt_fn.sampling.decoding import (
     DecodeState,
+    cut_at_stop,
     decode_step,
+    decode_step_,
+    fan_out,
     generate,
     generate_stream,
     lm_head_matrix,
@@ -24,6 +27,7 @@ from gpt_fn.sampling.decoding import (
 )
 from gpt_fn.sampling.samplers import categorical, check_logits, greedy
 from gpt_fn.sampling.transforms import (
+    PAD,
     Transform,
     ban_tokens,
     chain,
@@ -41,13 +45,17 @@ from gpt_fn.sampling.transforms import (
 )
 
 __all__ = [
+    "PAD",
     "DecodeState",
     "Transform",
     "ban_tokens",
     "categorical",
     "chain",
     "check_logits",
+    "cut_at_stop",
     "decode_step",
+    "decode_step_",
+    "fan_out",
     "frequency_penalty",
     "generate",
     "generate_stream",

@@ -1,81 +1,123 @@
-"""Autoregressive decoding: prefill, a pure decode step over an explicit KV cache, generate.
+"""Autoregressive decoding: prefill, decode steps over a preallocated KV cache, generate.
 
-    state = prefill(params, prompt, config)                  # one forward over the prompt
-    state = decode_step(params, state, next_tokens, config)  # one token per row, cache reused
-    tokens = generate(params, prompt, config, max_new_tokens=50, transform=top_k(40), seed=0)
+    state = prefill(params, prompts, config)                  # one forward over the prompts
+    state = decode_step(params, state, next_tokens, config)   # one token per row (pure)
+    state = decode_step_(params, state, next_tokens, config)  # the same, written in place
+    tokens = generate(params, prompts, config, max_new_tokens=50, transform=top_k(40), seed=0)
 
-`DecodeState` is the whole state of a decode: tokens so far, the KV cache (or `None` when
-decoding without one) and the next-token logits. `decode_step` returns a new state and never
-changes the old one, so a state can be kept, branched or replayed (the cache tensors are
-immutable; `gpt_fn.nn.attention` grows them with `torch.cat`).
+Prompts are a `(batch, seq)` tensor, left-padded with an `attention_mask` (1 = a real token)
+when their lengths differ, or token lists of any lengths, which gpt_fn pads on the left.
+Each row's positions count only its real tokens and no query attends to padding, so every
+row of a ragged batch decodes what its prompt decodes alone.
 
-Context longer than `block_size`. The model has `block_size` positions. When a sequence
-outgrows them, the model sees only its last `block_size` tokens (nanoGPT's crop,
-`idx[:, -block_size:]`): the cached path re-prefills on that window whenever its cache is full,
-so every step past `block_size` costs one full forward and cached decoding stays exactly equal
-to uncached decoding of the cropped context. Transforms still see the whole sequence (a
-repetition penalty remembers tokens that scrolled out of the model's window).
+`DecodeState` is the whole state of a decode: tokens so far (left-padded with `PAD`, -1), the
+KV cache (`gpt_fn.model.KVCache`: per layer one preallocated key and value buffer, no copy
+of the past per step) or `None` when decoding without one, and the next-token logits.
+`decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
+as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
+buffers the old state shares, so only the new state may be stepped on.
 
-Prompts in a batch share one length (no padding). Sampling randomness comes from one
-generator per row seeded from `(seed, row)` (numpy's `SeedSequence` spawning), so a row's
-samples depend on its own logits and the seed, never on its neighbours or the batch size.
+Context longer than `block_size`. The model has `block_size` positions. When a row outgrows
+them, the model sees only its last `block_size` tokens (nanoGPT's crop,
+`idx[:, -block_size:]`): once the longest row is full, every step re-prefills each row's last
+`block_size` tokens (one full forward per step), so cached decoding stays exactly equal to
+uncached decoding of the cropped context. Transforms still see the whole sequence.
+
+Hooks (`hooks={site: fn}`, `gpt_fn.sites`) see the activations of the positions computed in
+each call: the prompt's at prefill, one token per row at each decode step. So steering that
+adds a vector at every position gives the same tokens cached and uncached.
+
+Sampling randomness comes from one generator per row seeded from `(seed, row)` (numpy's
+`SeedSequence` spawning), so a row's samples depend on its own logits and the seed, never on
+its neighbours or the batch size.
 """
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_bool, check_int, check_token_id, check_token_ids, check_token_tensor
+from gpt_fn.checks import (
+    check_bool,
+    check_int,
+    check_token_id,
+    check_token_ids,
+    check_token_tensor,
+    is_traced,
+)
 from gpt_fn.config import GPTConfig
-from gpt_fn.model import KVCache, check_params, check_tokens, transformer
+from gpt_fn.model import (
+    KVCache,
+    TokenRows,
+    check_attention_mask,
+    check_params,
+    check_tokens,
+    empty_cache,
+    lm_head,
+    transformer,
+)
 from gpt_fn.nn import AttentionKernel
+from gpt_fn.nn.padding import pad
 from gpt_fn.sampling import samplers
-from gpt_fn.sampling.transforms import Transform
+from gpt_fn.sampling.transforms import PAD, Transform
 from gpt_fn.shapes import Params
+from gpt_fn.sites import Hooks, apply_hook, check_hooks
 
 
 class DecodeState(NamedTuple):
     """Everything a decode step needs besides the parameters."""
 
     tokens: Int[Tensor, "batch seq"]
-    """The prompt and every token generated so far (not cropped)."""
+    """The prompts and every token generated so far (not cropped), left-padded with `PAD`."""
     cache: KVCache | None
-    """Keys/values of the model's window (the last `<= block_size` tokens); `None`: uncached."""
+    """Keys/values of each row's window (its last `<= block_size` tokens); `None`: uncached."""
     logits: Float[Tensor, "batch vocab"]
     """Next-token logits after `tokens`."""
+    longest: int
+    """The most real tokens any row holds."""
 
-
-def lm_head_matrix(params: Params) -> Float[Tensor, "d_model vocab"]:
-    """The tied LM head as a contiguous `(d_model, vocab)` copy of `wte`, made once per decode.
-
-    One decode step multiplies a single hidden vector per row by the LM head; on CPU that
-    matrix-vector product runs ~3x faster against a contiguous `(d_model, vocab)` matrix than
-    against `wte`'s `(vocab, d_model)` layout (which `F.linear` would read).
-    """
-    return params["wte.weight"].t().contiguous()
+    @property
+    def mask(self) -> Bool[Tensor, "batch seq"]:
+        """Which of `tokens` are real (not padding)."""
+        return self.tokens != PAD
 
 
 def prefill(
     params: Params,
-    prompt: Int[Tensor, "batch seq"],
+    prompt: Int[Tensor, "batch seq"] | TokenRows,
     config: GPTConfig,
     *,
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    capacity: int | None = None,
     use_cache: bool = True,
     attention: AttentionKernel = "sdpa",
-    head: Float[Tensor, "d_model vocab"] | None = None,
+    hooks: Hooks | None = None,
 ) -> DecodeState:
-    """Run the prompt (its last `block_size` tokens) through the model once.
+    """Run the prompts (each row's last `block_size` tokens) through the model once.
 
-    `head`: `lm_head_matrix(params)`, when the caller has made it already.
+    `capacity`: cache slots per row (default `block_size`: room until the longest row is
+    full); a prompt needs at most that many after cropping.
     """
-    _check_prompt(params, prompt, config, cropped=True)
+    check_params(params, config)
+    tokens = _prompt_tokens(prompt, attention_mask, config, params)
     check_bool("use_cache", use_cache)
-    return _window_forward(
-        params, prompt, config, use_cache=use_cache, attention=attention, head=head
+    if capacity is not None:
+        check_int("capacity", capacity, at_least=1)
+    if hooks is not None:
+        check_hooks(hooks, config)
+    return _prefill(
+        params,
+        tokens,
+        config,
+        capacity=capacity,
+        use_cache=use_cache,
+        attention=attention,
+        hooks=hooks,
+        head=lm_head_matrix(params),
     )
 
 
@@ -86,128 +128,136 @@ def decode_step(
     config: GPTConfig,
     *,
     attention: AttentionKernel = "sdpa",
-    head: Float[Tensor, "d_model vocab"] | None = None,
+    hooks: Hooks | None = None,
 ) -> DecodeState:
-    """Append one token per row and compute the logits after it.
+    """Append one token per row and compute the logits after it; `state` stays valid.
 
-    With a cache that has room, only the new token goes through the model. Without a cache, or
-    with a full one (`block_size` positions), the model runs over the last `block_size` tokens
-    (see the module docstring); a cached state stays cached.
+    With a cache that has room, only the new tokens go through the model. Without a cache, or
+    once the longest row is full, each row's last `block_size` tokens run through it (see the
+    module docstring); a cached state stays cached.
     """
-    check_params(params, config)
-    check_token_tensor("next_tokens", next_tokens)
-    if next_tokens.ndim != 1:
-        raise ValueError(
-            f"next_tokens must have shape (batch,), one token per row, got shape "
-            f"{tuple(next_tokens.shape)}"
-        )
-    if next_tokens.shape[0] != state.tokens.shape[0]:
-        raise ValueError(
-            f"next_tokens has {next_tokens.shape[0]} rows, the state {state.tokens.shape[0]}"
-        )
-    check_token_ids("next_tokens: token id", next_tokens, vocab_size=config.vocab_size)
-    return _decode_step(params, state, next_tokens, config, attention=attention, head=head)
+    _check_step(params, state, next_tokens, config, hooks)
+    return _advance(
+        params,
+        state,
+        next_tokens,
+        config,
+        attention=attention,
+        hooks=hooks,
+        head=lm_head_matrix(params),
+        write="copy",
+    )
 
 
-def _decode_step(
+def decode_step_(
     params: Params,
     state: DecodeState,
-    next_tokens: Tensor,
+    next_tokens: Int[Tensor, " batch"],
     config: GPTConfig,
     *,
-    attention: AttentionKernel,
-    head: Tensor | None,
+    attention: AttentionKernel = "sdpa",
+    hooks: Hooks | None = None,
 ) -> DecodeState:
-    """`decode_step` on arguments already checked (the decoding loop's own tokens)."""
-    tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
-    cache = state.cache
-    if cache is None or cache[0].k.shape[2] >= config.block_size:
-        return _window_forward(
-            params,
-            tokens,
-            config,
-            use_cache=cache is not None,
-            attention=attention,
-            head=head,
-        )
-    hidden, cache = transformer(
-        params, next_tokens[:, None], config, attention=attention, cache=cache
+    """`decode_step` writing into the cache buffers `state` holds: no copy, `state` is used up."""
+    _check_step(params, state, next_tokens, config, hooks)
+    return _advance(
+        params,
+        state,
+        next_tokens,
+        config,
+        attention=attention,
+        hooks=hooks,
+        head=lm_head_matrix(params),
+        write="in_place",
     )
-    return DecodeState(tokens, cache, _next_token_logits(params, hidden, head))
+
+
+def fan_out(state: DecodeState, n: int) -> DecodeState:
+    """Each row repeated `n` times in a row (`[r0, r0, r1, r1]` for n=2): prefill once, sample n."""
+    check_int("num_samples", n, at_least=1)
+    if n == 1:
+        return state
+    rows = torch.arange(state.tokens.shape[0], device=state.tokens.device).repeat_interleave(n)
+    return DecodeState(
+        state.tokens.index_select(0, rows),
+        None if state.cache is None else state.cache.select(rows),
+        state.logits.index_select(0, rows),
+        state.longest,
+    )
 
 
 def generate_stream(
     params: Params,
-    prompt: Int[Tensor, "batch prompt_seq"],
+    prompt: Int[Tensor, "batch seq"] | TokenRows,
     config: GPTConfig,
     *,
     max_new_tokens: int,
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
     transform: Transform | None = None,
     greedy: bool = False,
     seed: int | None = None,
     eos_token_id: int | None = None,
+    stop: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    pad_token_id: int | None = None,
+    num_samples: int = 1,
     use_cache: bool = True,
     attention: AttentionKernel = "sdpa",
-) -> Iterator[Int[Tensor, " batch"]]:
-    """Yield each new token (one per row) as soon as it is chosen; arguments as `generate`.
-
-    Arguments are validated when this is called, not when the first token is asked for.
-    """
-    _check_generate_arguments(
-        params, prompt, config, max_new_tokens, transform, greedy, seed, eos_token_id, use_cache
-    )
-    return _stream(
+    hooks: Hooks | None = None,
+    compile: bool = False,
+) -> Iterator[Int[Tensor, " rows"]]:
+    """Yield each new token (one per row) as soon as it is chosen; `generate` says what each
+    argument does. Arguments are validated when this is called, not at the first token."""
+    return _Generation(
         params,
-        prompt.long(),
+        prompt,
         config,
         max_new_tokens=max_new_tokens,
+        attention_mask=attention_mask,
         transform=transform,
-        generators=None if greedy else row_generators(seed, prompt.shape[0], prompt.device),
+        greedy=greedy,
+        seed=seed,
         eos_token_id=eos_token_id,
+        stop=stop,
+        tokenizer=tokenizer,
+        pad_token_id=pad_token_id,
+        num_samples=num_samples,
         use_cache=use_cache,
         attention=attention,
-    )
+        hooks=hooks,
+        compile=compile,
+    ).stream()
 
 
 def generate(
     params: Params,
-    prompt: Int[Tensor, "batch prompt_seq"],
+    prompt: Int[Tensor, "batch seq"] | TokenRows,
     config: GPTConfig,
     *,
     max_new_tokens: int,
-    transform: Transform | None = None,
-    greedy: bool = False,
-    seed: int | None = None,
-    eos_token_id: int | None = None,
-    use_cache: bool = True,
-    attention: AttentionKernel = "sdpa",
-) -> Int[Tensor, "batch seq"]:
-    """The prompt followed by up to `max_new_tokens` generated tokens per row.
+    **options: Any,
+) -> Int[Tensor, "rows total"] | list[list[int]]:
+    """The prompts followed by up to `max_new_tokens` generated tokens per row.
 
-    Each step applies `transform(logits, tokens_so_far)` and then picks the argmax
-    (`greedy=True`) or samples (`seed` required: sampling randomness is an argument).
-    With `eos_token_id`, a row that produced it is finished and padded with it afterwards, and
-    generation stops early once every row is finished. `use_cache=False` recomputes the
-    (cropped) context each step: slower, same tokens.
+    - `prompt`: a `(batch, seq)` tensor (left-padded, with `attention_mask`, when ragged) or
+      token lists. A tensor comes back as one: the prompts as given, then the new tokens; token
+      lists come back as lists, each row its prompt and its new tokens up to where it stopped.
+    - Each step applies `transform(logits, tokens_so_far)` (the context is left-padded with
+      `PAD`, -1, which transforms ignore) and then picks the argmax (`greedy=True`) or samples
+      (`seed` required: sampling randomness is an argument).
+    - A row stops after producing `eos_token_id`, or once its decoded text (`tokenizer`,
+      default GPT-2's) contains one of the `stop` strings, across token boundaries; it is then
+      padded with `pad_token_id` (default: `eos_token_id`, else 0), and generation ends early
+      once every row has stopped.
+    - `num_samples=N` runs each prompt once and samples N continuations of it (rows
+      `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
+    - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
+      `hooks` intervene at every step (see the module docstring). `compile=True` runs the
+      cached decode step through `torch.compile` (fixed shapes: one compilation serves
+      every step).
     """
-    new_tokens = list(
-        generate_stream(
-            params,
-            prompt,
-            config,
-            max_new_tokens=max_new_tokens,
-            transform=transform,
-            greedy=greedy,
-            seed=seed,
-            eos_token_id=eos_token_id,
-            use_cache=use_cache,
-            attention=attention,
-        )
-    )
-    prompt = prompt.long()
-    if not new_tokens:
-        return prompt.clone()
-    return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
+    generation = _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options)
+    return generation.assemble(list(generation.stream()))
 
 
 def row_generators(seed: int, batch: int, device: torch.device | str) -> list[torch.Generator]:
@@ -224,105 +274,377 @@ def row_generators(seed: int, batch: int, device: torch.device | str) -> list[to
     ]
 
 
-def _stream(
-    params: Params,
-    prompt: Tensor,
-    config: GPTConfig,
-    *,
-    max_new_tokens: int,
-    transform: Transform | None,
-    generators: list[torch.Generator] | None,
-    eos_token_id: int | None,
-    use_cache: bool,
-    attention: AttentionKernel,
-) -> Iterator[Tensor]:
-    if max_new_tokens == 0:
-        return
-    # Inputs were checked by generate_stream; the loop's own tokens need no check.
-    # no_grad per block, never around a `yield`: grad mode would leak into the caller's loop.
-    with torch.no_grad():
-        head = lm_head_matrix(params)
-        state = _window_forward(
-            params, prompt, config, use_cache=use_cache, attention=attention, head=head
-        )
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for step in range(max_new_tokens):
-        with torch.no_grad():
-            logits = state.logits if transform is None else transform(state.logits, state.tokens)
-            # One host sync checks the model's logits and the transforms' output together; a
-            # NaN/+inf row of the model's is reported as the model's (a filter such as top_k
-            # would hide it behind -inf). Transforms are pure: running them first changes nothing.
-            samplers.check_logits(logits, model_logits=state.logits)
-            if generators is None:
-                token = samplers._greedy(logits)
-            else:
-                token = samplers._categorical(logits, generators)
-            if eos_token_id is not None:
-                token = token.masked_fill(finished, eos_token_id)
-                finished = finished | (token == eos_token_id)
-        yield token
-        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-            return
-        with torch.no_grad():
-            state = _decode_step(params, state, token, config, attention=attention, head=head)
+_HEADS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
-def _window_forward(
+def lm_head_matrix(params: Params) -> Float[Tensor, "d_model vocab"]:
+    """The tied LM head as a contiguous `(d_model, vocab)` copy of `wte`, made once per `wte`.
+
+    One decode step multiplies a single hidden vector per row by the LM head; on CPU that
+    matrix-vector product runs ~3x faster against a contiguous `(d_model, vocab)` matrix than
+    against `wte`'s `(vocab, d_model)` layout (which `F.linear` would read). The copy is
+    remembered for the tensor (by identity and version, so an in-place update makes a new
+    one); under autograd, vmap or compile it is made afresh.
+    """
+    wte = params["wte.weight"]
+    if (wte.requires_grad and torch.is_grad_enabled()) or is_traced(wte):
+        return wte.t().contiguous()
+    entry = _HEADS.get(id(wte))
+    if entry is not None and entry[0]() is wte and entry[1] == wte._version:
+        return entry[2]
+    for key in [key for key, (ref, _, _) in _HEADS.items() if ref() is None]:
+        del _HEADS[key]
+    head = wte.detach().t().contiguous()
+    _HEADS[id(wte)] = (weakref.ref(wte), wte._version, head)
+    return head
+
+
+def _prefill(
     params: Params,
     tokens: Tensor,
     config: GPTConfig,
     *,
+    capacity: int | None,
     use_cache: bool,
     attention: AttentionKernel,
-    head: Tensor | None,
+    hooks: Hooks | None,
+    head: Tensor,
 ) -> DecodeState:
-    """Forward over the last `block_size` tokens; state with their cache (or none)."""
-    hidden, cache = transformer(
-        params, tokens[:, -config.block_size :], config, attention=attention
-    )
-    return DecodeState(
-        tokens, cache if use_cache else None, _next_token_logits(params, hidden, head)
-    )
-
-
-def _next_token_logits(params: Params, hidden: Tensor, head: Tensor | None) -> Tensor:
-    last = hidden[:, -1]
-    return last @ (lm_head_matrix(params) if head is None else head)
-
-
-def _check_prompt(params: Params, prompt: Tensor, config: GPTConfig, *, cropped: bool) -> None:
-    check_params(params, config)
-    check_tokens(prompt, config, cropped=cropped, name="prompt")
-    if prompt.shape[0] == 0 or prompt.shape[1] == 0:
-        raise ValueError(
-            f"prompt must hold at least one token per row, got shape {tuple(prompt.shape)}"
-        )
-
-
-def _check_generate_arguments(
-    params: Params,
-    prompt: Tensor,
-    config: GPTConfig,
-    max_new_tokens: object,
-    transform: object,
-    greedy: object,
-    seed: object,
-    eos_token_id: object,
-    use_cache: object,
-) -> None:
-    _check_prompt(params, prompt, config, cropped=False)
-    check_int("max_new_tokens", max_new_tokens, at_least=0)
-    if transform is not None and not callable(transform):
-        raise ValueError(
-            f"transform must be a function (logits, context) -> logits, got {transform!r}"
-        )
-    if not check_bool("greedy", greedy):
-        if seed is None:
+    """A state for `tokens` (left-padded with PAD): each row's last <= block_size tokens run."""
+    real = tokens != PAD
+    longest = int(real.sum(dim=1).max())
+    window = tokens[:, -min(longest, config.block_size) :]  # rows are right-aligned
+    window_mask = window != PAD
+    model_tokens = window.clamp(min=0)
+    if use_cache:
+        capacity = config.block_size if capacity is None else capacity
+        if capacity < window.shape[1]:
             raise ValueError(
-                "seed must be an int >= 0 when sampling (greedy=False), got None: "
-                "randomness is an argument"
+                f"the prompts need {window.shape[1]} cache slots per row, more than "
+                f"capacity={capacity}"
             )
-        check_int("seed", seed, at_least=0)
-    if eos_token_id is not None:
-        check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
-    check_bool("use_cache", use_cache)
+        starts = (~window_mask).sum(dim=1)
+        cache = empty_cache(
+            config,
+            batch=tokens.shape[0],
+            capacity=capacity,
+            starts=starts,
+            dtype=params["wte.weight"].dtype,
+            device=tokens.device,
+        )
+        hidden, cache = transformer(
+            params, model_tokens, config, attention=attention, cache=cache, write="in_place",
+            hooks=hooks,
+        )  # fmt: skip
+    else:
+        mask = None if bool(window_mask.all()) else window_mask
+        hidden, cache = transformer(
+            params, model_tokens, config, attention=attention, attention_mask=mask, hooks=hooks
+        )
+    return DecodeState(tokens, cache, _next_logits(params, hidden, head, hooks), longest)
+
+
+def _advance(
+    params: Params,
+    state: DecodeState,
+    next_tokens: Tensor,
+    config: GPTConfig,
+    *,
+    attention: AttentionKernel,
+    hooks: Hooks | None,
+    head: Tensor,
+    write: str,
+    capacity: int | None = None,
+    step: Callable[..., tuple[Tensor, KVCache]] | None = None,
+) -> DecodeState:
+    """The state after `next_tokens`; `step` (the cached step, maybe compiled) does the work."""
+    tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
+    longest = state.longest + 1
+    cache = state.cache
+    if cache is None or longest > config.block_size or tokens.shape[1] > cache.capacity:
+        return _prefill(
+            params,
+            tokens,
+            config,
+            capacity=capacity,
+            use_cache=cache is not None,
+            attention=attention,
+            hooks=hooks,
+            head=head,
+        )
+    if step is None:
+        logits, cache = _cached_step(
+            params, cache, next_tokens, head, config=config, attention=attention, hooks=hooks,
+            write=write,
+        )  # fmt: skip
+    else:
+        logits, cache = step(params, cache, next_tokens, head)
+    return DecodeState(tokens, cache, logits, longest)
+
+
+def _cached_step(
+    params: Params,
+    cache: KVCache,
+    next_tokens: Tensor,
+    head: Tensor,
+    *,
+    config: GPTConfig,
+    attention: AttentionKernel,
+    hooks: Hooks | None,
+    write: str,
+) -> tuple[Tensor, KVCache]:
+    """One token per row through the model over a cache with room: fixed shapes, compilable."""
+    hidden, cache = transformer(
+        params, next_tokens[:, None], config, attention=attention, cache=cache, write=write,
+        hooks=hooks,
+    )  # fmt: skip
+    return _next_logits(params, hidden, head, hooks), cache
+
+
+def _next_logits(params: Params, hidden: Tensor, head: Tensor, hooks: Hooks | None) -> Tensor:
+    """The logits after each row's last position (a `logits` hook sees this call's positions)."""
+    if hooks and "logits" in hooks:
+        return apply_hook("logits", hooks["logits"], lm_head(params, hidden))[:, -1]
+    return hidden[:, -1] @ head
+
+
+class _Generation:
+    """One `generate` call: its checked arguments, the decoding loop, and the result's shape."""
+
+    def __init__(
+        self,
+        params: Params,
+        prompt: Tensor | TokenRows,
+        config: GPTConfig,
+        *,
+        max_new_tokens: int,
+        attention_mask: Tensor | None = None,
+        transform: Transform | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        stop: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        pad_token_id: int | None = None,
+        num_samples: int = 1,
+        use_cache: bool = True,
+        attention: AttentionKernel = "sdpa",
+        hooks: Hooks | None = None,
+        compile: bool = False,
+    ) -> None:
+        check_params(params, config)
+        self.params, self.config, self.prompt = params, config, prompt
+        self.tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, at_least=0)
+        if transform is not None and not callable(transform):
+            raise ValueError(
+                f"transform must be a function (logits, context) -> logits, got {transform!r}"
+            )
+        self.transform = transform
+        self.num_samples = check_int("num_samples", num_samples, at_least=1)
+        rows = self.tokens.shape[0] * self.num_samples
+        self.generators = None
+        if not check_bool("greedy", greedy):
+            if seed is None:
+                raise ValueError(
+                    "seed must be an int >= 0 when sampling (greedy=False), got None: "
+                    "randomness is an argument"
+                )
+            check_int("seed", seed, at_least=0)
+            self.generators = row_generators(seed, rows, self.tokens.device)
+        if eos_token_id is not None:
+            check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
+        self.eos_token_id = eos_token_id
+        if pad_token_id is None:
+            pad_token_id = 0 if eos_token_id is None else eos_token_id
+        self.pad_token_id = check_token_id(
+            "pad_token_id", pad_token_id, vocab_size=config.vocab_size
+        )
+        self.stops = _StopStrings(stop, tokenizer, rows) if stop else None
+        self.use_cache = check_bool("use_cache", use_cache)
+        self.attention = attention
+        if hooks is not None:
+            check_hooks(hooks, config)
+        self.hooks = hooks
+        self.step = (
+            _compiled_step(config, attention, hooks) if check_bool("compile", compile) else None
+        )
+        if self.step is not None and not use_cache:
+            raise ValueError("compile=True compiles the cached decode step: it needs use_cache")
+        self.finished_at: list[int | None] = [None] * rows
+
+    def stream(self) -> Iterator[Tensor]:
+        if self.max_new_tokens == 0:
+            return
+        config, params = self.config, self.params
+        # no_grad per block, never around a `yield`: grad mode would leak into the caller's loop.
+        with torch.no_grad():
+            head = lm_head_matrix(params)
+            prompt_width = min(self.tokens.shape[1], config.block_size)
+            capacity = min(config.block_size, prompt_width + self.max_new_tokens - 1)
+            state = _prefill(
+                params, self.tokens, config, capacity=max(capacity, prompt_width),
+                use_cache=self.use_cache, attention=self.attention, hooks=self.hooks, head=head,
+            )  # fmt: skip
+            state = fan_out(state, self.num_samples)
+        finished = torch.zeros(state.tokens.shape[0], dtype=torch.bool, device=state.tokens.device)
+        for step in range(self.max_new_tokens):
+            with torch.no_grad():
+                logits = state.logits
+                if self.transform is not None:
+                    logits = self.transform(logits, state.tokens)
+                # One host sync checks the model's logits and the transforms' output together;
+                # a NaN/+inf row of the model's is reported as the model's (a filter such as
+                # top_k would hide it behind -inf). Transforms are pure: running them first
+                # changes nothing.
+                samplers.check_logits(logits, model_logits=state.logits)
+                if self.generators is None:
+                    token = samplers._greedy(logits)
+                else:
+                    token = samplers._categorical(logits, self.generators)
+                token = token.masked_fill(finished, self.pad_token_id)
+                stopped = finished.clone()
+                if self.eos_token_id is not None:
+                    stopped |= token == self.eos_token_id
+                if self.stops is not None:
+                    stopped |= self.stops.update(token, finished)
+                for row in (stopped & ~finished).nonzero().flatten().tolist():
+                    self.finished_at[row] = step
+                finished = stopped
+            yield token
+            if step + 1 == self.max_new_tokens or bool(finished.all()):
+                return
+            with torch.no_grad():
+                state = _advance(
+                    params, state, token, config, attention=self.attention, hooks=self.hooks,
+                    head=head, write="in_place", step=self.step,
+                )  # fmt: skip
+
+    def assemble(self, new_tokens: list[Tensor]) -> Tensor | list[list[int]]:
+        """The result in the prompt's kind: a tensor, or lists cut where each row stopped."""
+        prompt = self.prompt
+        if isinstance(prompt, Tensor):
+            prompt = prompt.long().repeat_interleave(self.num_samples, dim=0)
+            if not new_tokens:
+                return prompt.clone()
+            return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
+        columns = (
+            torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[]] * len(self.finished_at)
+        )
+        rows = [list(row) for row in prompt for _ in range(self.num_samples)]
+        return [
+            row + generated[: None if end is None else end + 1]
+            for row, generated, end in zip(rows, columns, self.finished_at, strict=True)
+        ]
+
+
+class _StopStrings:
+    """Which rows' decoded text contains a stop string, across token boundaries."""
+
+    def __init__(self, stop: Sequence[str], tokenizer: Any, rows: int) -> None:
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        if tokenizer is None:
+            from gpt_fn.tokenizer import gpt2
+
+            tokenizer = gpt2()
+        if not hasattr(tokenizer, "decode_single_token_bytes"):
+            raise TypeError("tokenizer must be a tiktoken Encoding (decode_single_token_bytes)")
+        self.tokenizer = tokenizer
+        self.stops = [s.encode("utf-8") for s in stop]
+        self.keep = max(len(s) for s in self.stops) - 1  # bytes a stop may have begun in
+        self.tails = [b""] * rows
+
+    def update(self, token: Tensor, finished: Tensor) -> Tensor:
+        hit = torch.zeros_like(finished)
+        for row, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
+            if done:
+                continue
+            text = self.tails[row] + self.tokenizer.decode_single_token_bytes(t)
+            if any(s in text for s in self.stops):
+                hit[row] = True
+            self.tails[row] = text[len(text) - self.keep :] if self.keep else b""
+        return hit
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to and including the first of the `stop` strings it contains (whole if none)."""
+    ends = [text.find(s) + len(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def _compiled_step(
+    config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
+) -> Callable[..., tuple[Tensor, KVCache]]:
+    def step(params: Params, cache: KVCache, next_tokens: Tensor, head: Tensor):
+        return _cached_step(
+            params, cache, next_tokens, head, config=config, attention=attention, hooks=hooks,
+            write="in_place",
+        )  # fmt: skip
+
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+def _prompt_tokens(
+    prompt: Tensor | TokenRows,
+    attention_mask: Tensor | None,
+    config: GPTConfig,
+    params: Params,
+    *,
+    cropped: bool = True,
+) -> Tensor:
+    """Prompts as one int64 tensor left-padded with PAD, checked; lists are padded here."""
+    if isinstance(prompt, Tensor):
+        check_tokens(prompt, config, cropped=cropped, name="prompt")
+        tokens = prompt.long()
+        if attention_mask is not None:
+            mask = check_attention_mask(attention_mask, prompt)
+            real = mask.long().sum(dim=1, keepdim=True)
+            left = torch.arange(prompt.shape[1], device=mask.device) >= prompt.shape[1] - real
+            if not is_traced(mask) and not torch.equal(mask, left):
+                raise ValueError(
+                    "attention_mask must pad on the left (zeros before each row's tokens) for "
+                    "generation, as HF's generate does; or pass token lists"
+                )
+            tokens = tokens.masked_fill(~mask, PAD)
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a prompt tensor; token lists make their own")
+        if not isinstance(prompt, Sequence) or isinstance(prompt, str):
+            raise TypeError(
+                f"prompt must be a (batch, seq) tensor or a list of token lists, got "
+                f"{type(prompt).__name__}"
+            )
+        tokens, mask = pad(prompt, side="left", device=params["wte.weight"].device)
+        check_tokens(tokens, config, cropped=True, name="prompt")
+        tokens = tokens.masked_fill(~mask, PAD)
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(
+            f"prompt must hold at least one token per row, got shape {tuple(tokens.shape)}"
+        )
+    if not cropped:
+        longest = int((tokens != PAD).sum(dim=1).max())
+        if longest > config.block_size:
+            raise ValueError(
+                f"a prompt of {longest} tokens is longer than block_size={config.block_size}"
+            )
+    return tokens
+
+
+def _check_step(
+    params: Params, state: DecodeState, next_tokens: Tensor, config: GPTConfig, hooks: Hooks | None
+) -> None:
+    check_params(params, config)
+    check_token_tensor("next_tokens", next_tokens)
+    if next_tokens.ndim != 1:
+        raise ValueError(
+            f"next_tokens must have shape (batch,), one token per row, got shape "
+            f"{tuple(next_tokens.shape)}"
+        )
+    if next_tokens.shape[0] != state.tokens.shape[0]:
+        raise ValueError(
+            f"next_tokens has {next_tokens.shape[0]} rows, the state {state.tokens.shape[0]}"
+        )
+    check_token_ids("next_tokens: token id", next_tokens, vocab_size=config.vocab_size)
+    if hooks is not None:
+        check_hooks(hooks, config)

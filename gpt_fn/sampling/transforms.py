@@ -1,7 +1,9 @@
 """Logit transforms: pure functions `(logits, context) -> logits` that compose with `chain`.
 
 A transform takes next-token logits `(batch, vocab)` and the tokens seen so far `(batch, seq)`
-(prompt included, as HF does for decoder-only models) and returns new logits. Every transform
+(prompt included, as HF does for decoder-only models) and returns new logits. In a ragged
+batch the context rows are left-padded with `PAD` (-1), which every transform ignores: a
+row's penalties and n-grams are its own tokens'. Every transform
 
 - never changes its input in place and returns fp32 (fp16/bf16 logits are upcast first, so the
   arithmetic is fp32);
@@ -49,6 +51,8 @@ Transform = Callable[[Float[Tensor, "batch vocab"], Int[Tensor, "batch seq"]], T
 """`(logits, context) -> logits`, both `(batch, ...)`; see the module docstring for the contract."""
 
 _NEG_INF = float("-inf")
+PAD = -1
+"""Padding in a context row (decoding left-pads ragged batches): not a token, never counted."""
 
 MIN_TEMPERATURE = 1e-30
 """The smallest positive temperature: `logits / t` stays finite in fp32 for every |logit| up to
@@ -288,8 +292,10 @@ def no_repeat_ngram(n: int) -> Transform:
         _check_context(context, logits)
         windows = context.long().unfold(dimension=1, size=n, step=1)  # (batch, window, n)
         prefix = context[:, context.shape[1] - (n - 1) :].long()
-        matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
-        banned = torch.zeros_like(logits).scatter_add(-1, windows[..., -1], matches.float()) > 0
+        # An n-gram that reaches into a row's padding is no n-gram of the row's.
+        matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1) & (windows >= 0).all(-1)
+        following = windows[..., -1].clamp(min=0)
+        banned = torch.zeros_like(logits).scatter_add(-1, following, matches.float()) > 0
         return logits.masked_fill(banned, _NEG_INF)
 
     return apply
@@ -379,8 +385,9 @@ def _scatter_values(index: Tensor, values: Tensor) -> Tensor:
 def _token_counts(context: Tensor, logits: Tensor) -> Tensor:
     """How often each vocab id occurs in each row of `context`, as fp32 `(batch, vocab)`."""
     _check_context(context, logits)
+    real = context != PAD
     counts = torch.zeros_like(logits)
-    return counts.scatter_add(-1, context.long(), torch.ones_like(context, dtype=logits.dtype))
+    return counts.scatter_add(-1, context.long().clamp(min=0), real.to(logits.dtype))
 
 
 def _check_context(context: Tensor, logits: Tensor) -> None:
@@ -388,7 +395,9 @@ def _check_context(context: Tensor, logits: Tensor) -> None:
     check_token_tensor("context", context)
     if context.shape[0] != logits.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows but logits have {logits.shape[0]}")
-    check_token_ids("context token id", context, vocab_size=logits.shape[-1])
+    check_token_ids(
+        "context token id", context.masked_fill(context == PAD, 0), vocab_size=logits.shape[-1]
+    )
 
 
 def _check_ids_in_vocab(name: str, ids: list[int], logits: Tensor) -> None:

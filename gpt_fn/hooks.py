@@ -1,0 +1,162 @@
+"""Interventions as hooks: ablate heads, patch activations, add steering vectors.
+
+Each constructor checks its arguments at once and returns `{site: hook}`, ready to pass as
+`hooks=` (or to `merge` with others); a hook returns a new tensor and never edits its input,
+so the same hooks work under `torch.func.grad`, `vmap` and `torch.compile`:
+
+    cache = run_with_cache(params, clean, config, names=["h.1.attn.z"])[1]
+    hooks = merge(
+        ablate_heads(0, [3]),                                      # zero head 3 of block 0
+        patch("h.1.attn.z", cache["h.1.attn.z"], heads=[2]),       # head 2 from the clean run
+        add_vector("h.2.resid_post", steering, scale=4.0),         # activation steering
+    )
+    logits = forward(params, corrupted, config, hooks=hooks)
+
+`positions` index the sequence axis of the activation a hook is given: in a decode step that
+is the one new position, so during generation leave `positions` unset (every position).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gpt_fn.checks import check_int, check_number
+from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook
+
+# Per block-relative site: the axis of heads (None: the site has no head axis) and of positions.
+_AXES: dict[str, tuple[int | None, int]] = {
+    **dict.fromkeys(("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern"), (1, 2)),
+    "attn.z": (2, 1),
+}
+
+
+def ablate_heads(layer: int, heads: Sequence[int], *, means: Tensor | None = None) -> Hooks:
+    """Replace the per-head outputs `h.{layer}.attn.z` of `heads` by 0, or by `means`.
+
+    `means`: `(n_head, d_head)` mean outputs (e.g. `cache["h.1.attn.z"].mean((0, 1))`) for mean
+    ablation; only the ablated heads' rows are read.
+    """
+    site = f"h.{check_int('layer', layer, at_least=0)}.attn.z"
+    chosen = _indices("heads", heads)
+
+    def hook(z: Tensor) -> Tensor:
+        selected = _selector(z, "attn.z", site, heads=chosen, positions=None)
+        replacement = torch.zeros((), dtype=z.dtype, device=z.device) if means is None else means
+        return torch.where(selected, replacement.to(z.dtype), z)
+
+    return {site: hook}
+
+
+def patch(
+    site: str,
+    source: Tensor,
+    *,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> Hooks:
+    """Replace the activation at `site` by `source` (broadcast to it), optionally only at some
+    `positions` and/or `heads` (sites with a head axis: `attn.q/k/v/scores/pattern/z`)."""
+    part = _part(site)
+    if not isinstance(source, Tensor):
+        raise TypeError(f"patch source must be a tensor, got {type(source).__name__}")
+    if heads is not None and _AXES.get(part, (None, 1))[0] is None:
+        raise ValueError(
+            f"heads= needs a site with a head axis (attn.q/k/v/scores/pattern/z), not {site!r}"
+        )
+    chosen_heads = None if heads is None else _indices("heads", heads)
+    chosen_positions = None if positions is None else _indices("positions", positions, signed=True)
+
+    def hook(activation: Tensor) -> Tensor:
+        selected = _selector(activation, part, site, heads=chosen_heads, positions=chosen_positions)
+        return torch.where(selected, source.to(activation.dtype), activation)
+
+    return {site: hook}
+
+
+def add_vector(
+    site: str,
+    vector: Tensor,
+    *,
+    positions: Sequence[int] | None = None,
+    scale: float = 1.0,
+) -> Hooks:
+    """Add `scale * vector` to the activation at `site` (broadcast over batch and positions:
+    a `(d_model,)` steering vector at a residual site), optionally only at `positions`."""
+    part = _part(site)
+    if not isinstance(vector, Tensor):
+        raise TypeError(f"vector must be a tensor, got {type(vector).__name__}")
+    scale = check_number("scale", scale)
+    chosen_positions = None if positions is None else _indices("positions", positions, signed=True)
+
+    def hook(activation: Tensor) -> Tensor:
+        delta = scale * vector.to(activation.dtype)
+        if chosen_positions is None:
+            return activation + delta
+        selected = _selector(activation, part, site, heads=None, positions=chosen_positions)
+        return activation + selected * delta
+
+    return {site: hook}
+
+
+def merge(*hooks: Hooks) -> Hooks:
+    """One hooks dict from several; hooks at the same site run left to right."""
+    merged: dict[str, list[Hook]] = {}
+    for hook_dict in hooks:
+        for site, hook in hook_dict.items():
+            merged.setdefault(site, []).append(hook)
+    return {site: _sequence(site, fns) if len(fns) > 1 else fns[0] for site, fns in merged.items()}
+
+
+def _sequence(site: str, fns: list[Hook]) -> Hook:
+    def hook(activation: Tensor) -> Tensor:
+        for fn in fns:
+            activation = apply_hook(site, fn, activation)
+        return activation
+
+    return hook
+
+
+def _part(site: str) -> str:
+    """A site's name within its block (`h.3.attn.z` -> `attn.z`); top-level sites as they are."""
+    if not isinstance(site, str):
+        raise TypeError(f"site must be a site name, got {site!r}")
+    if site.startswith("h."):
+        pieces = site.split(".", 2)
+        if len(pieces) == 3 and pieces[1].isdigit() and pieces[2] in BLOCK_SITES:
+            return pieces[2]
+    elif site in ("embed", "ln_f", "logits"):
+        return site
+    raise ValueError(f"unknown activation site {site!r} (gpt_fn.site_names(config) lists them)")
+
+
+def _indices(name: str, values: Sequence[int], *, signed: bool = False) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty list of ints, got {values!r}")
+    return [check_int(name, v, at_least=None if signed else 0) for v in values]
+
+
+def _selector(
+    activation: Tensor,
+    part: str,
+    site: str,
+    *,
+    heads: list[int] | None,
+    positions: list[int] | None,
+) -> Tensor:
+    """A bool tensor broadcastable to `activation`: True at the chosen heads and positions."""
+    head_axis, position_axis = _AXES.get(part, (None, 1))
+    selected = torch.ones((1,) * activation.ndim, dtype=torch.bool, device=activation.device)
+    for axis, chosen, what in ((head_axis, heads, "head"), (position_axis, positions, "position")):
+        if chosen is None or axis is None:
+            continue
+        size = activation.shape[axis]
+        for index in chosen:
+            if not -size <= index < size:
+                raise ValueError(f"{what} {index} is outside the {size} at {site!r}")
+        shape = [1] * activation.ndim
+        shape[axis] = size
+        mask = torch.zeros(size, dtype=torch.bool, device=activation.device)
+        mask[torch.tensor(chosen, device=activation.device)] = True
+        selected = selected & mask.view(shape)
+    return selected

@@ -1,0 +1,73 @@
+"""Padded batches: rows of different lengths in one tensor, a mask saying which tokens are real.
+
+An attention mask (`batch seq`, 1/True = a real token) is all the model needs to treat each
+row as if it were alone: every token's position counts the real tokens before it in its row
+(`positions`), and no query ever attends to a padded key (`attention_mask_4d`). Padding may be
+on either side (generation pads on the left, so new tokens line up in one column).
+
+A query at a padded position has no real key to attend to; it attends to itself only, so its
+(meaningless) output stays finite and never reaches a real token.
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from gpt_fn.nn.attention import Mask
+
+
+def pad(
+    rows: Sequence[Sequence[int]],
+    *,
+    side: Literal["left", "right"],
+    device: torch.device | str | None = None,
+) -> tuple[Int[Tensor, "batch seq"], Bool[Tensor, "batch seq"]]:
+    """Token lists as one int64 tensor, padded with 0 on `side`, and its mask (True = real)."""
+    if isinstance(rows, Tensor) or not rows:
+        raise ValueError("expected a non-empty list of token lists")
+    lengths = [len(row) for row in rows]
+    if min(lengths) == 0:
+        raise ValueError(f"row {lengths.index(0)} has no tokens; every row needs at least one")
+    width = max(lengths)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        try:
+            tokens[i, span] = torch.as_tensor(row, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"row {i} is not a list of integer token ids: {error}") from None
+        mask[i, span] = True
+    return tokens.to(device), mask.to(device)
+
+
+def positions(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
+    """Each token's position in its row: the number of real tokens before it (0 at padding)."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def attention_mask_4d(mask: Bool[Tensor, "batch seq"]) -> Mask:
+    """Causal attention over the real tokens of each row (padded queries see themselves)."""
+    seq = mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal & mask[:, None, :]
+    itself = torch.eye(seq, dtype=torch.bool, device=mask.device) & ~mask[:, :, None]
+    return (allowed | itself)[:, None]
+
+
+def cache_attention_mask(
+    starts: Int[Tensor, " batch"], lengths: Int[Tensor, " batch"], seq: int, capacity: int
+) -> Mask:
+    """Attention of a chunk of `seq` new tokens written at slots `lengths .. lengths + seq - 1`
+    of a cache of `capacity` slots whose row `b` holds real tokens from slot `starts[b]` on."""
+    slots = torch.arange(capacity, device=lengths.device)
+    query_slots = lengths[:, None] + torch.arange(seq, device=lengths.device)  # (batch, seq)
+    allowed = (slots[None, None, :] >= starts[:, None, None]) & (
+        slots[None, None, :] <= query_slots[:, :, None]
+    )
+    padded_query = query_slots < starts[:, None]  # a prompt's left padding, at prefill
+    itself = (slots[None, None, :] == query_slots[:, :, None]) & padded_query[:, :, None]
+    return (allowed | itself)[:, None]

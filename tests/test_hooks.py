@@ -1,0 +1,284 @@
+"""Activation sites and hooks: names, errors, exactness, the cache's identities, interventions,
+and composition with grad, vmap and compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt_fn
+from gpt_fn import hooks as interventions
+from gpt_fn import optim
+from gpt_fn.model import forward, init_params, loss, run_with_cache
+from gpt_fn.shapes import shape_checks
+from gpt_fn.sites import BLOCK_SITES, site_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Sums of the same terms in another grouping (an explicit softmax instead of the fused kernel,
+# a batched matmul under vmap): a few fp32 ulps of activations of order 1-10.
+ATOL = 1e-5
+
+
+@pytest.fixture
+def params(tiny_config):
+    return init_params(tiny_config, seed=0)
+
+
+@pytest.fixture
+def tokens(tiny_config):
+    return torch.randint(
+        0, tiny_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3)
+    )
+
+
+def identity(x):
+    return x
+
+
+# --- names and errors ----------------------------------------------------------------------
+
+
+def test_every_site_of_a_config_is_listed_in_forward_order(tiny_config):
+    sites = site_names(tiny_config)
+    assert sites[0] == "embed" and sites[-2:] == ("ln_f", "logits")
+    assert len(sites) == 3 + tiny_config.n_layer * len(BLOCK_SITES)
+    assert sites[1:4] == ("h.0.resid_pre", "h.0.ln_1", "h.0.attn.q")
+    assert "h.1.mlp.post" in sites and "h.2.resid_pre" not in sites
+
+
+def test_unknown_sites_bad_hooks_and_wrong_shapes_are_named(params, tokens, tiny_config):
+    with pytest.raises(ValueError, match="unknown activation site 'h.0.attn.zz'"):
+        forward(params, tokens, tiny_config, hooks={"h.0.attn.zz": identity})
+    with pytest.raises(ValueError, match="unknown activation site 'h.2.resid_pre'"):
+        forward(params, tokens, tiny_config, hooks={"h.2.resid_pre": identity})
+    with shape_checks(False):
+        with pytest.raises(TypeError, match="hook at 'h.0.ln_1' is not callable"):
+            forward(params, tokens, tiny_config, hooks={"h.0.ln_1": 3})
+        with pytest.raises(TypeError, match="hooks must be a mapping"):
+            forward(params, tokens, tiny_config, hooks=[identity])
+    with pytest.raises(ValueError, match="hook at 'h.1.attn.z' returned shape \\(2, 9, 24\\)"):
+        forward(params, tokens, tiny_config, hooks={"h.1.attn.z": lambda z: z.flatten(2)})
+    with pytest.raises(TypeError, match="hook at 'h.0.mlp.pre' returned a NoneType"):
+        forward(params, tokens, tiny_config, hooks={"h.0.mlp.pre": lambda x: None})
+
+
+# --- exactness and the cache's identities ------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_identity_hooks_give_bit_identical_logits(params, tokens, tiny_config, attention):
+    plain = forward(params, tokens, tiny_config, attention=attention)
+    sites = site_names(tiny_config)
+    if attention == "sdpa":  # scores/pattern hooks switch a layer to the explicit kernel
+        sites = [s for s in sites if not s.endswith(("attn.scores", "attn.pattern"))]
+    hooked = forward(
+        params, tokens, tiny_config, attention=attention, hooks=dict.fromkeys(sites, identity)
+    )
+    assert torch.equal(plain, hooked)
+    _, cache = run_with_cache(params, tokens, tiny_config, attention=attention, names=sites)
+    assert torch.equal(cache["logits"], plain)
+
+
+def test_asking_for_the_pattern_of_one_layer_leaves_the_others_fused(params, tokens, tiny_config):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", counting)
+        logits, cache = run_with_cache(params, tokens, tiny_config, names=["h.1.attn.pattern"])
+    assert len(calls) == tiny_config.n_layer - 1  # layer 1 ran explicitly
+    assert list(cache) == ["h.1.attn.pattern"]  # only what was asked for is kept
+    torch.testing.assert_close(logits, forward(params, tokens, tiny_config), atol=ATOL, rtol=0)
+
+
+def test_the_cache_is_self_consistent(params, tokens, tiny_config):
+    _, c = run_with_cache(params, tokens, tiny_config)
+    d = tiny_config.n_embd
+    positions = torch.arange(tokens.shape[1])
+    torch.testing.assert_close(
+        c["embed"], params["wte.weight"][tokens] + params["wpe.weight"][positions]
+    )
+    for i in range(tiny_config.n_layer):
+        h = f"h.{i}."
+        torch.testing.assert_close(c[h + "resid_mid"], c[h + "resid_pre"] + c[h + "attn.out"])
+        torch.testing.assert_close(c[h + "resid_post"], c[h + "resid_mid"] + c[h + "mlp.out"])
+        z = c[h + "attn.z"].flatten(2)
+        out = F.linear(z, params[h + "attn.c_proj.weight"], params[h + "attn.c_proj.bias"])
+        torch.testing.assert_close(c[h + "attn.out"], out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(c[h + "mlp.post"], F.gelu(c[h + "mlp.pre"], approximate="tanh"))
+        pattern = c[h + "attn.pattern"]
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+        assert bool((pattern.triu(diagonal=1) == 0).all())  # causal: no query sees the future
+        torch.testing.assert_close(pattern, c[h + "attn.scores"].softmax(-1))
+        assert c[h + "attn.q"].shape == (2, tiny_config.n_head, 9, d // tiny_config.n_head)
+        if i + 1 < tiny_config.n_layer:
+            assert torch.equal(c[h + "resid_post"], c[f"h.{i + 1}.resid_pre"])
+    torch.testing.assert_close(c["logits"], c["ln_f"] @ params["wte.weight"].T, atol=ATOL, rtol=0)
+
+
+def test_names_as_a_predicate_keep_only_the_matching_sites(params, tokens, tiny_config):
+    _, cache = run_with_cache(
+        params, tokens, tiny_config, names=lambda name: name.endswith("resid_post")
+    )
+    assert list(cache) == [f"h.{i}.resid_post" for i in range(tiny_config.n_layer)]
+    with pytest.raises(ValueError, match="unknown activation site 'h.0.resid'"):
+        run_with_cache(params, tokens, tiny_config, names=["h.0.resid"])
+
+
+def test_a_cache_records_what_flows_on_after_a_users_hook(params, tokens, tiny_config):
+    doubled = {"h.0.mlp.out": lambda x: 2 * x}
+    _, plain = run_with_cache(params, tokens, tiny_config, names=["h.0.mlp.out"])
+    _, hooked = run_with_cache(params, tokens, tiny_config, names=["h.0.mlp.out"], hooks=doubled)
+    torch.testing.assert_close(hooked["h.0.mlp.out"], 2 * plain["h.0.mlp.out"])
+
+
+def test_a_logits_hook_reaches_the_loss(params, tokens, tiny_config):
+    ban_all_but_zero = {"logits": lambda x: torch.where(torch.arange(x.shape[-1]) == 0, x, -1e4)}
+    targets = torch.zeros_like(tokens)
+    assert loss(params, tokens, targets, tiny_config, hooks=ban_all_but_zero) < 1e-3
+
+
+# --- interventions ---------------------------------------------------------------------------
+
+
+def test_zero_and_mean_ablation_replace_only_the_named_heads(params, tokens, tiny_config):
+    _, clean = run_with_cache(params, tokens, tiny_config, names=["h.1.attn.z"])
+    z = clean["h.1.attn.z"]
+    hooks = interventions.ablate_heads(1, [2])
+    _, zeroed = run_with_cache(params, tokens, tiny_config, names=["h.1.attn.z"], hooks=hooks)
+    assert bool((zeroed["h.1.attn.z"][:, :, 2] == 0).all())
+    assert torch.equal(zeroed["h.1.attn.z"][:, :, :2], z[:, :, :2])
+    means = z.mean(dim=(0, 1))
+    hooks = interventions.ablate_heads(1, [0, 2], means=means)
+    _, averaged = run_with_cache(params, tokens, tiny_config, names=["h.1.attn.z"], hooks=hooks)
+    torch.testing.assert_close(averaged["h.1.attn.z"][:, :, 0], means[0].expand(2, 9, -1))
+    assert torch.equal(averaged["h.1.attn.z"][:, :, 1], z[:, :, 1])
+
+
+def test_patching_some_positions_and_heads_from_another_run(params, tokens, tiny_config):
+    other = torch.flip(tokens, dims=[0])
+    _, source = run_with_cache(params, other, tiny_config, names=["h.0.attn.z"])
+    hooks = interventions.patch("h.0.attn.z", source["h.0.attn.z"], positions=[3, -1], heads=[1])
+    _, patched = run_with_cache(params, tokens, tiny_config, names=["h.0.attn.z"], hooks=hooks)
+    _, clean = run_with_cache(params, tokens, tiny_config, names=["h.0.attn.z"])
+    got, src, base = patched["h.0.attn.z"], source["h.0.attn.z"], clean["h.0.attn.z"]
+    for position in range(9):
+        for head in range(tiny_config.n_head):
+            expected = src if (position in (3, 8) and head == 1) else base
+            assert torch.equal(got[:, position, head], expected[:, position, head])
+    with pytest.raises(ValueError, match="heads= needs a site with a head axis"):
+        interventions.patch("h.0.resid_pre", source["h.0.attn.z"], heads=[1])
+    with pytest.raises(ValueError, match="head 5 is outside the 3 at 'h.0.attn.z'"):
+        forward(
+            params, tokens, tiny_config, hooks=interventions.patch("h.0.attn.z", src, heads=[5])
+        )
+
+
+def test_steering_adds_the_vector_where_asked_and_merge_runs_hooks_in_order(
+    params, tokens, tiny_config
+):
+    vector = torch.randn(tiny_config.n_embd, generator=torch.Generator().manual_seed(0))
+    site = "h.0.resid_post"
+    _, clean = run_with_cache(params, tokens, tiny_config, names=[site])
+    steer = interventions.add_vector(site, vector, positions=[0], scale=2.0)
+    _, steered = run_with_cache(params, tokens, tiny_config, names=[site], hooks=steer)
+    torch.testing.assert_close(steered[site][:, 0], clean[site][:, 0] + 2 * vector)
+    assert torch.equal(steered[site][:, 1:], clean[site][:, 1:])
+    twice = interventions.merge(steer, interventions.add_vector(site, vector, scale=-2.0))
+    _, undone = run_with_cache(params, tokens, tiny_config, names=[site], hooks=twice)
+    torch.testing.assert_close(undone[site][:, 0], clean[site][:, 0], atol=ATOL, rtol=0)
+
+
+# --- composition: grad, vmap, compile, per-example gradients --------------------------------
+
+
+def _metric(params, tokens, config, delta, site):
+    logits = forward(params, tokens, config, hooks={site: lambda x: x + delta})
+    return logits[:, -1, 7].sum() - logits[:, -1, 11].sum()
+
+
+def test_attribution_by_grad_of_an_additive_delta_matches_finite_differences(
+    params, tokens, tiny_config
+):
+    site = "h.0.resid_mid"  # block 1's attention carries every position to the last one
+    delta = torch.zeros(2, 9, tiny_config.n_embd, dtype=torch.float64)
+    params64 = {k: v.double() for k, v in params.items()}  # fp64: clean finite differences
+    grad = torch.func.grad(lambda d: _metric(params64, tokens, tiny_config, d, site))(delta)
+    eps = 1e-6
+    for index in [(0, 8, 3), (1, 4, 10), (1, 8, 0)]:
+        bump = delta.clone()
+        bump[index] = eps
+        up = _metric(params64, tokens, tiny_config, bump, site)
+        bump[index] = -eps
+        down = _metric(params64, tokens, tiny_config, bump, site)
+        assert float(grad[index]) == pytest.approx(float(up - down) / (2 * eps), abs=1e-6)
+    assert float(grad[:, :8].abs().sum()) > 0  # earlier positions reach the last through attention
+
+
+def test_vmap_over_deltas_equals_running_them_one_by_one(params, tokens, tiny_config):
+    site = "h.0.attn.out"
+    deltas = torch.randn(4, tiny_config.n_embd, generator=torch.Generator().manual_seed(1))
+    batched = torch.func.vmap(lambda d: _metric(params, tokens, tiny_config, d, site))(deltas)
+    one_by_one = torch.stack([_metric(params, tokens, tiny_config, d, site) for d in deltas])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-5)
+
+
+def test_forward_with_a_fixed_hooks_dict_compiles_without_graph_breaks(plain_python):
+    # In a fresh interpreter: pytest's jaxtyping hook wraps every gpt_fn function in a checker
+    # that dynamo cannot trace; users compile the plain functions.
+    plain_python("""
+import torch, gpt_fn
+from gpt_fn import hooks as iv
+config = gpt_fn.GPTConfig(vocab_size=101, block_size=16, n_layer=2, n_head=3, n_embd=24)
+params = gpt_fn.init_params(config, seed=0)
+tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+steer = iv.merge(
+    iv.ablate_heads(0, [1]),
+    iv.add_vector("h.1.resid_pre", torch.ones(config.n_embd)),
+    {"h.1.attn.pattern": lambda x: x},
+)
+expected = gpt_fn.forward(params, tokens, config, hooks=steer)
+compiled = torch.compile(lambda p, t: gpt_fn.forward(p, t, config, hooks=steer), fullgraph=True)
+torch.testing.assert_close(compiled(params, tokens), expected, atol=1e-5, rtol=0)
+""")
+
+
+def test_per_example_gradients_and_norms_equal_a_loop(params, tokens, tiny_config):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def example_loss(p, xi, yi):
+        return loss(p, xi[None], yi[None], tiny_config)
+
+    grads, norms = optim.per_example_grads(example_loss, params, x, y)
+    for i in range(2):
+        alone = torch.func.grad(example_loss)(params, x[i], y[i])
+        for name in alone:
+            torch.testing.assert_close(grads[name][i], alone[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(norms[i], optim.global_norm(alone), atol=1e-5, rtol=1e-5)
+    clipped, before = torch.func.vmap(lambda g: optim.clip_by_global_norm(g, 0.5))(grads)
+    torch.testing.assert_close(before, norms)
+    after = torch.func.vmap(optim.global_norm)(clipped)
+    assert bool((after <= 0.5 + 1e-5).all())
+
+
+def test_hooks_see_the_positions_of_each_call_during_generation(params, tiny_config):
+    from gpt_fn import sampling
+
+    seen = []
+
+    def record(x):
+        seen.append(x.shape[1])
+        return x
+
+    prompt = torch.randint(
+        0, tiny_config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0)
+    )
+    sampling.generate(
+        params, prompt, tiny_config, max_new_tokens=4, greedy=True, hooks={"h.0.ln_2": record}
+    )
+    assert seen == [5, 1, 1, 1]  # the prompt at prefill, then one position per step
+    assert gpt_fn.site_names(tiny_config) == site_names(tiny_config)
