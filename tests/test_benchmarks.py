@@ -31,6 +31,7 @@ TOY_SIZES = {
     "attention": {"seq_lens": TOY_SEQ_LENS},
     "train_step": {"config": TOY, "batch": 2},
     "generate": {"config": TOY},  # 16-token prompt + 32 new tokens fit its 64-token block
+    "hooks": {"config": TOY},
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
 }
