@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("attention", "train_step", "generate", "optimizer", "lm_head_loss")
+BENCHMARKS = ("attention", "train_step", "generate", "optimizer", "lm_head_loss", "prepare")
 DEFAULT_OUT = Path("bench-out")
 
 
