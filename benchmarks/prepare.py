@@ -9,9 +9,10 @@ returns the rusage of exactly that child, the per-child `RUSAGE_CHILDREN`). A pr
 only imports `gpt_fn.data` gives the baseline (torch, numpy, tiktoken). Peak RSS must stay
 flat as the corpus grows.
 
-A second table compares the two ways to encode in parallel on this machine, on the same
-text cut into 1 MiB pieces: tiktoken on a thread pool (its encoder releases the GIL; what
-`prepare` uses) and a process pool (each worker returns its tokens as uint16 bytes).
+A second table compares ways to encode on this machine, on the same text cut into 1 MiB
+pieces: in the calling thread (what `prepare` does with one thread), on a thread pool
+(tiktoken's encoder releases the GIL; what `prepare` does with more) and on a process pool
+(each worker returns its tokens as uint16 bytes).
 
     python benchmarks/prepare.py [--quick] [--threads N] [--out DIR]
 
@@ -22,6 +23,7 @@ default: every core this process may use. `run(quick)` returns the numbers as a 
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -115,49 +117,52 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
     return (json.loads(output) if output else {}), rss_mb, wall
 
 
-def _process_encode(piece: str) -> bytes:
+def _encode(piece: str) -> bytes:
+    """What prepare does with a piece (a module function, so process pools can pickle it)."""
     return gpt2().encode_to_numpy(piece, disallowed_special=()).astype(np.uint16).tobytes()
 
 
 def encode_strategies(megabytes: float, workers: int, repeats: int) -> list[dict]:
-    """Tokens/s of a thread pool and a process pool encoding the same 1 MiB pieces."""
+    """Tokens/s of the calling thread, thread pools and process pools on the same 1 MiB pieces.
+
+    The contenders take turns within each repeat (who goes first rotates); pools are started
+    before timing.
+    """
     text = "".join(shuffled_lines(int(megabytes * 1e6), seed=SEED + 1))
     pieces = [text[i : i + data.PIECE_CHARS] for i in range(0, len(text), data.PIECE_CHARS)]
-    encoding = gpt2()
-    reference = [encoding.encode_ordinary(piece) for piece in pieces]
+    reference = [gpt2().encode_ordinary(piece) for piece in pieces]
     n_tokens = sum(len(ids) for ids in reference)
-
-    def thread_encode(piece: str) -> bytes:
-        return encoding.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16).tobytes()
-
-    rows = []
-    for kind in ("thread pool", "process pool"):
-        for n in sorted({1, workers}):
-            pool_type = (
-                concurrent.futures.ThreadPoolExecutor
-                if kind == "thread pool"
-                else concurrent.futures.ProcessPoolExecutor
-            )
-            times = []
-            with pool_type(n) as pool:
-                list(pool.map(_process_encode, pieces[:n]))  # start the workers
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    encode = thread_encode if kind == "thread pool" else _process_encode
-                    out = list(pool.map(encode, pieces))
-                    times.append(time.perf_counter() - start)
-            same = [np.frombuffer(b, np.uint16).tolist() for b in out] == reference
-            seconds = statistics.median(times)
-            rows.append(
-                {
-                    "strategy": kind,
-                    "workers": n,
-                    "seconds": seconds,
-                    "tokens_per_s": n_tokens / seconds,
-                    "same_tokens": same,
-                }
-            )
-    return rows
+    counts = sorted({1, workers})
+    with contextlib.ExitStack() as stack:
+        contenders = {("calling thread", 1): lambda: list(map(_encode, pieces))}
+        for kind, pool_type in (
+            ("thread pool", concurrent.futures.ThreadPoolExecutor),
+            ("process pool", concurrent.futures.ProcessPoolExecutor),
+        ):
+            for n in counts:
+                pool = stack.enter_context(pool_type(n))
+                list(pool.map(_encode, pieces[:n]))  # start the workers
+                contenders[(kind, n)] = lambda pool=pool: list(pool.map(_encode, pieces))
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in contenders}
+        same = dict.fromkeys(contenders, True)
+        keys = list(contenders)
+        for repeat in range(repeats):
+            shift = repeat % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                start = time.perf_counter()
+                out = contenders[key]()
+                times[key].append(time.perf_counter() - start)
+                same[key] &= [np.frombuffer(b, np.uint16).tolist() for b in out] == reference
+    return [
+        {
+            "strategy": kind,
+            "workers": n,
+            "seconds": statistics.median(times[(kind, n)]),
+            "tokens_per_s": n_tokens / statistics.median(times[(kind, n)]),
+            "same_tokens": same[(kind, n)],
+        }
+        for kind, n in keys
+    ]
 
 
 def run(quick: bool = False, *, threads: int | None = None, work_dir: Path | None = None) -> dict:
@@ -226,8 +231,8 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "Encoding the same 1 MiB pieces in parallel (median seconds; tokens checked equal to "
-        "`encode_ordinary`):",
+        "Encoding the same 1 MiB pieces (median seconds, contenders taking turns; tokens checked "
+        "equal to `encode_ordinary`):",
         "",
         "| strategy | workers | seconds | tokens/s | same tokens |",
         "| --- | ---: | ---: | ---: | --- |",

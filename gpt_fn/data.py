@@ -20,10 +20,10 @@ Three steps, each a plain function:
      and `*.jsonl` files, recursively, sorted by path (hidden files and folders skipped).
 
    `load_corpus` returns the documents in memory (small corpora, tests); `prepare` streams
-   them and never holds more than `PIECE_CHARS` characters of one document at a time: a long
-   document is cut into pieces, but only where GPT-2's pre-tokenizer splits anyway (a single
-   space or newline between two non-space characters), so the tokens are those of the
-   whole document.
+   them: a text file is read in blocks of `PIECE_CHARS` and a long document (a big file, a
+   long JSON line, which is held whole) is tokenized in pieces of about `PIECE_CHARS`
+   characters, cut only where GPT-2's pre-tokenizer splits anyway (a lone space or newline
+   between two non-space characters), so the tokens are those of the whole document.
 
 2. `prepare(corpus, out_dir)` encodes every document with GPT-2's BPE (tiktoken, in batches
    on a thread pool: its encoder releases the GIL), appends `<|endoftext|>` after each (GPT-2
@@ -112,8 +112,8 @@ PIECE_CHARS = 1 << 20
 """About how many characters of a document are tokenized as one unit (one thread's task)."""
 _BATCH_PIECES_PER_THREAD = 4
 """Pieces in flight per thread: enough to keep every thread busy, few enough to bound memory."""
-_COPY_TOKENS = 1 << 23
-"""Tokens per read when the val tail is copied out of the train shards (16 MB)."""
+_COPY_TOKENS = 1 << 20
+"""Tokens per read when the val tail is copied out of the train shards (2 MB)."""
 
 
 class Corpus(NamedTuple):
@@ -600,8 +600,10 @@ def _encoded(
     """The token stream of `pieces`, `<|endoftext|>` after each document, as uint16 arrays.
 
     Pieces are encoded in batches on a thread pool (tiktoken's encoder releases the GIL);
-    each thread takes a run of consecutive pieces, so many small documents cost few tasks.
-    `documents[0]` counts the documents seen.
+    each thread takes every `num_threads`-th piece of a batch as one task, so many small
+    documents cost few tasks. One thread encodes in the calling thread: tiktoken measured
+    ~20% slower in any other thread here (benchmarks/prepare.py). `documents[0]` counts the
+    documents seen.
     """
     encoding = gpt2()
     eot = np.array([EOT_TOKEN], dtype=TOKEN_DTYPE)
@@ -611,9 +613,9 @@ def _encoded(
         # a Python list of ints per token.
         return [encoding.encode_to_numpy(text, disallowed_special=()) for text in run]
 
-    def flush(batch: list[str], ends: list[bool], pool: ThreadPoolExecutor) -> np.ndarray:
+    def flush(batch: list[str], ends: list[bool], pool: ThreadPoolExecutor | None) -> np.ndarray:
         runs = [batch[i::num_threads] for i in range(num_threads)]
-        encoded = list(pool.map(encode, runs))
+        encoded = list(map(encode, runs) if pool is None else pool.map(encode, runs))
         parts = []
         for i, last in enumerate(ends):
             parts.append(encoded[i % num_threads][i // num_threads].astype(TOKEN_DTYPE))
@@ -623,7 +625,8 @@ def _encoded(
         return np.concatenate(parts)
 
     limit = _BATCH_PIECES_PER_THREAD * num_threads * PIECE_CHARS
-    with ThreadPoolExecutor(num_threads) as pool:
+    pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+    try:
         batch: list[str] = []
         ends: list[bool] = []
         size = 0
@@ -636,6 +639,9 @@ def _encoded(
                 batch, ends, size = [], [], 0
         if batch:
             yield flush(batch, ends, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def source_sha256(documents: Iterable[str]) -> str:

@@ -446,12 +446,14 @@ def test_streamed_shards_hold_exactly_the_one_file_datasets_tokens_and_batches(
     tmp_path, monkeypatch
 ):
     documents = write_varied_corpus(tmp_path / "corpus")
-    one_file = data.prepare(tmp_path / "corpus", tmp_path / "one")
+    one_file = data.prepare(tmp_path / "corpus", tmp_path / "one", num_threads=1)
     # Tiny pieces (documents cut in many places, files read in many blocks, multi-byte
-    # characters split across reads) and tiny shards: the same token stream.
+    # characters split across reads), a thread pool and tiny shards: the same token stream.
     monkeypatch.setattr(data, "PIECE_CHARS", 37)
     monkeypatch.setattr(data, "_COPY_TOKENS", 11)
-    sharded = data.prepare(tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100)
+    sharded = data.prepare(
+        tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100, num_threads=3
+    )
     expected = [t for d in documents for t in [*gpt2().encode_ordinary(d), EOT_TOKEN]]
     for key in ("source_sha256", "train_tokens", "val_tokens", "documents"):
         assert one_file.meta[key] == sharded.meta[key], key
