@@ -33,7 +33,15 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 
 from benchmarks.timing import check_dtypes, native_bf16
 
-BENCHMARKS = ("attention", "train_step", "generate", "hooks", "optimizer", "lm_head_loss")
+BENCHMARKS = (
+    "attention",
+    "train_step",
+    "generate",
+    "hooks",
+    "optimizer",
+    "lm_head_loss",
+    "prepare",
+)
 DEFAULT_OUT = Path("bench-out")
 
 

@@ -32,6 +32,7 @@ TOY_SIZES = {
     "train_step": {"config": TOY, "batch": 2},
     "generate": {"config": TOY},  # 16-token prompt + 32 new tokens fit its 64-token block
     "hooks": {"config": TOY},
+    "prepare": {"sizes_mb": (0.2,)},
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
 }

@@ -1,6 +1,7 @@
 """Tests for gpt_fn.data: corpora, token files and the batch rule."""
 
 import hashlib
+import itertools
 import json
 
 import jaxtyping
@@ -84,6 +85,8 @@ Speak, speak.
 """
 
 SMALL_TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n" * 20
+# A corpus under `shard_tokens` tokens is one shard per split.
+TRAIN_SHARD, VAL_SHARD = "tokens_train_000000.bin", "tokens_val_000000.bin"
 
 
 def test_play_text_drops_markup_and_stage_directions():
@@ -149,7 +152,7 @@ def test_prepare_again_is_a_noop_until_source_or_settings_change(tmp_path):
     source.write_text(SMALL_TEXT)
     out = tmp_path / "out"
     first = data.prepare(source, out)
-    files = [out / name for name in ("train.bin", "val.bin", "meta.json")]
+    files = [out / name for name in (TRAIN_SHARD, VAL_SHARD, "meta.json")]
     mtimes = [path.stat().st_mtime_ns for path in files]
 
     again = data.prepare(source, out)
@@ -165,7 +168,7 @@ def test_prepare_again_is_a_noop_until_source_or_settings_change(tmp_path):
     )
     assert data.prepare(source, out, val_fraction=0.2).rebuilt
 
-    (out / "val.bin").write_bytes(b"")  # a damaged token file is rebuilt too
+    (out / VAL_SHARD).write_bytes(b"")  # a damaged token file is rebuilt too
     assert data.prepare(source, out, val_fraction=0.2).rebuilt
 
 
@@ -256,13 +259,13 @@ def test_load_split_errors_say_what_to_do(tmp_path, prepared_dir):
 
 
 def test_load_split_rejects_files_that_do_not_match_the_metadata(prepared_dir):
-    train = prepared_dir / "train.bin"
+    train = prepared_dir / TRAIN_SHARD
     good = train.read_bytes()
     train.write_bytes(good[:-2])
     with pytest.raises(ValueError, match="bytes"):
         data.load_split(prepared_dir, "train", block_size=8)
     tokens = np.frombuffer(good, dtype=np.uint16).copy()
-    tokens[3] = 50257  # one past GPT-2's last id
+    tokens[data.SHARD_HEADER_BYTES // 2 + 3] = 50257  # one past GPT-2's last id
     train.write_bytes(tokens.tobytes())
     with pytest.raises(ValueError, match="50257"):
         data.load_split(prepared_dir, "train", block_size=8)
@@ -381,3 +384,211 @@ def test_batch_rejects_tokens_that_are_not_uint16():
     # Without the test-time shape checks (a real caller) the batch rule checks it itself.
     with shape_checks(False), pytest.raises(TypeError, match="1-d uint16 array.*int64"):
         data.get_batch(COUNTING_TOKENS.astype(np.int64), batch_size=1, block_size=4, seed=0, step=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming prepare, shards and token streams
+
+# Every kind of character the pre-tokenizer treats apart: letters, digits, punctuation,
+# contractions, runs of spaces and newlines, tabs, \r, non-ASCII letters and spaces.
+PIECES_ALPHABET = ["a", "Bc", "é", "中文", "7", "42", ".", "!?", "'s", "'ll", " ", "  ", "\n"]
+PIECES_ALPHABET += ["\n\n", "\t", "\r\n", "\u00a0", "\u3000", "<|endoftext|>"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PIECES_ALPHABET), max_size=60).map("".join))
+def test_cutting_text_at_every_safe_cut_keeps_its_tokens(text):
+    encoding = gpt2()
+    cuts = [m.end() for m in data._SAFE_CUT.finditer(text)]
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert "".join(pieces) == text
+    assert [t for piece in pieces for t in encoding.encode_ordinary(piece)] == (
+        encoding.encode_ordinary(text)
+    )
+    # What prepare encodes with: the same ids as encode_ordinary, special text included.
+    assert encoding.encode_to_numpy(text, disallowed_special=()).tolist() == (
+        encoding.encode_ordinary(text)
+    )
+
+
+VARIED_TEXT = (
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n"
+    "JULIET:\nO Roméo, Roméo! 中文 wherefore art thou Romeo?  It's 42.\r\n\tDeny thy father.\n\n"
+)
+
+
+def write_varied_corpus(folder):
+    """A nested folder of .txt and .jsonl files; returns its documents in the order prepare reads them."""
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_text(VARIED_TEXT * 30)
+    (folder / "b" / "c.jsonl").write_text(
+        json.dumps({"text": VARIED_TEXT * 3, "id": 1})
+        + "\n\n"
+        + json.dumps({"text": "JULIET:\nAy me!"})
+        + "\n"
+    )
+    (folder / "b" / "d.txt").write_text(VARIED_TEXT[::-1] * 20)
+    (folder / ".hidden.txt").write_text("never read")
+    (folder / "notes.md").write_text("not a corpus file")
+    return (VARIED_TEXT * 30, VARIED_TEXT * 3, "JULIET:\nAy me!", VARIED_TEXT[::-1] * 20)
+
+
+def test_folder_corpus_is_recursive_txt_and_jsonl_in_path_order(tmp_path):
+    documents = write_varied_corpus(tmp_path)
+    assert data.load_corpus(tmp_path, cache_dir=tmp_path) == (str(tmp_path), documents)
+    assert (
+        data.load_corpus(tmp_path / "b" / "c.jsonl", cache_dir=tmp_path).documents
+        == (documents[1:3])
+    )
+
+
+def test_streamed_shards_hold_exactly_the_one_file_datasets_tokens_and_batches(
+    tmp_path, monkeypatch
+):
+    documents = write_varied_corpus(tmp_path / "corpus")
+    one_file = data.prepare(tmp_path / "corpus", tmp_path / "one", num_threads=1)
+    # Tiny pieces (documents cut in many places, files read in many blocks, multi-byte
+    # characters split across reads), a thread pool and tiny shards: the same token stream.
+    monkeypatch.setattr(data, "PIECE_CHARS", 37)
+    monkeypatch.setattr(data, "_COPY_TOKENS", 11)
+    sharded = data.prepare(
+        tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100, num_threads=3
+    )
+    expected = [t for d in documents for t in [*gpt2().encode_ordinary(d), EOT_TOKEN]]
+    for key in ("source_sha256", "train_tokens", "val_tokens", "documents"):
+        assert one_file.meta[key] == sharded.meta[key], key
+    assert sharded.meta["documents"] == 4
+    assert sharded.meta["source_sha256"] == data.source_sha256(documents)
+    n_train = sharded.meta["train_tokens"]
+    assert n_train == int(len(expected) * 0.9)
+    for split, tokens in (("train", expected[:n_train]), ("val", expected[n_train:])):
+        shards = sharded.meta["shards"][split]
+        counts = list(shards.values())
+        assert len(counts) > 1 and all(c == 100 for c in counts[:-1]) and 0 < counts[-1] <= 100
+        assert list(shards) == [f"tokens_{split}_{i:06d}.bin" for i in range(len(shards))]
+        whole = data.load_split(tmp_path / "one", split, block_size=8)
+        stream = data.load_split(tmp_path / "sharded", split, block_size=8)
+        assert isinstance(whole, np.memmap) and isinstance(stream, data.TokenStream)
+        assert whole.tolist() == np.asarray(stream).tolist() == tokens
+        for step in range(5):
+            common = dict(batch_size=8, block_size=32, seed=1, step=step)
+            pairs = zip(
+                data.get_batch(whole, **common), data.get_batch(stream, **common), strict=True
+            )
+            for a, b in pairs:
+                assert torch.equal(a, b)
+        x, _ = data.eval_batch(stream, batch_size=8, block_size=32, seed=1, index=0)
+        assert torch.equal(
+            x, data.eval_batch(whole, batch_size=8, block_size=32, seed=1, index=0)[0]
+        )
+    # The shard files on disk are llm.c's format, and nothing but them and meta.json is left.
+    names = {p.name for p in (tmp_path / "sharded").iterdir()}
+    listed = {n for split in ("train", "val") for n in sharded.meta["shards"][split]}
+    assert names == listed | {"meta.json"}
+    assert not data.prepare(tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100).rebuilt
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(1, 4999), max_size=6, unique=True), seed=st.integers(0, 99))
+def test_token_stream_reads_like_the_concatenated_array(cuts, seed):
+    bounds = [0, *sorted(cuts), len(COUNTING_TOKENS)]
+    stream = data.TokenStream([COUNTING_TOKENS[a:b] for a, b in itertools.pairwise(bounds)])
+    assert len(stream) == len(COUNTING_TOKENS) and stream.shape == COUNTING_TOKENS.shape
+    for i in (0, 1, bounds[1] - 1, bounds[-2], -1, -len(COUNTING_TOKENS)):
+        assert stream[i] == COUNTING_TOKENS[i]
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        a, b = sorted(rng.integers(-5100, 5100, size=2))
+        assert np.array_equal(stream[a:b], COUNTING_TOKENS[a:b])
+        assert np.array_equal(stream[a:b:3], COUNTING_TOKENS[a:b:3])
+    positions = rng.integers(0, len(COUNTING_TOKENS), size=(3, 7))
+    assert np.array_equal(stream[positions], COUNTING_TOKENS[positions])
+    common = dict(batch_size=3, block_size=64, seed=seed, step=seed)
+    assert torch.equal(batch(**common)[0], data.get_batch(stream, **common)[0])
+    with pytest.raises(IndexError):
+        stream[len(COUNTING_TOKENS)]
+
+
+def write_llmc_shard(path, tokens, *, magic=20240520, version=1, count=None):
+    """A shard as llm.c's `write_datafile` writes it: 256 int32 of header, then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_a_folder_of_llmc_shards_loads_as_it_is(tmp_path):
+    write_llmc_shard(tmp_path / "fineweb_val_000000.bin", COUNTING_TOKENS[:300])
+    write_llmc_shard(tmp_path / "fineweb_train_000001.bin", COUNTING_TOKENS[:1000])
+    write_llmc_shard(tmp_path / "fineweb_train_000002.bin", COUNTING_TOKENS[1000:1500])
+    meta = data.load_meta(tmp_path)
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1500, 300, 50257)
+    train = data.load_split(tmp_path, "train", block_size=64)
+    val = data.load_split(tmp_path, "val", block_size=64)
+    assert isinstance(train, data.TokenStream) and isinstance(val, np.memmap)
+    assert np.array_equal(np.asarray(train), COUNTING_TOKENS[:1500])
+    assert np.array_equal(val, COUNTING_TOKENS[:300])
+    x, y = data.get_batch(train, batch_size=4, block_size=64, seed=0, step=0)
+    assert torch.equal(x, x[:, :1] + torch.arange(64)) and torch.equal(y, x + 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"magic": 20240521}, "magic 20240521"),
+        ({"version": 2}, "version 2"),
+        ({"count": 999}, "header says 999 tokens"),
+    ],
+)
+def test_bad_shard_headers_are_errors_naming_the_file(tmp_path, fields, match):
+    write_llmc_shard(tmp_path / "x_train_000000.bin", COUNTING_TOKENS[:1000], **fields)
+    with pytest.raises(ValueError, match=rf"x_train_000000\.bin .*{match}"):
+        data.load_split(tmp_path, "train", block_size=8)
+    (tmp_path / "x_train_000000.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match=r"x_train_000000\.bin holds 100 bytes"):
+        data.read_shard(tmp_path / "x_train_000000.bin")
+
+
+def test_an_interrupted_prepare_leaves_no_dataset_that_loads(tmp_path, monkeypatch):
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    out = tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        yield np.arange(50, dtype=np.uint16)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_encoded", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare(source, out, shard_tokens=20)
+    assert list(out.glob("tokens_*.bin"))  # shards were written, but meta.json says incomplete
+    with pytest.raises(ValueError, match="incomplete"):
+        data.load_split(out, "train", block_size=8)
+    assert data.prepare(source, out, shard_tokens=20).rebuilt
+    assert len(data.load_split(out, "train", block_size=8)) == data.load_meta(out)["train_tokens"]
+
+
+def test_a_format_1_dataset_is_rebuilt_and_its_token_files_removed(tmp_path, prepared_dir):
+    meta = json.loads((prepared_dir / "meta.json").read_text())
+    (prepared_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    (prepared_dir / "train.bin").write_bytes(b"\0\0")
+    (prepared_dir / "val.bin").write_bytes(b"\0\0")
+    assert data.prepare(tmp_path / "romeo.txt", prepared_dir).rebuilt
+    assert not (prepared_dir / "train.bin").exists() and not (prepared_dir / "val.bin").exists()
+
+
+def test_bad_jsonl_lines_are_errors_naming_file_and_line(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"docs\.jsonl:2 has no \"text\""):
+        data.prepare(corpus, tmp_path / "out")
+    corpus.write_text('{"text": "fine"}\n\n{"text": 3\n')
+    with pytest.raises(ValueError, match=r"docs\.jsonl:3 is not a JSON object"):
+        data.load_corpus(corpus, cache_dir=tmp_path)
+    corpus.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"docs\.jsonl:1 .*UTF-8"):
+        data.load_corpus(corpus, cache_dir=tmp_path)
+    corpus.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_corpus(corpus, cache_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
