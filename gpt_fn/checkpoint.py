@@ -1,4 +1,4 @@
-"""Training checkpoints: one safetensors file holding params, optimizer state and metadata.
+"""Training checkpoints: one safetensors file, or a sharded `torch.distributed.checkpoint` folder.
 
 The file is written atomically (`gpt_fn.files.write_atomic`: a temporary file, flushed and
 renamed over the old one), so a run killed mid-write keeps the last good checkpoint. Tensors
@@ -9,10 +9,20 @@ settings and a sha256 of every tensor go in the safetensors metadata as JSON.
 in the tensor data is an error, not a silently different model), and that the params are
 exactly those of the recorded model config. `save_checkpoint` refuses non-finite params, so
 a diverged run can never replace its last good checkpoint.
+
+An FSDP run writes `checkpoint.dcp/` instead (`save_sharded_checkpoint`): every rank writes
+its shards of the same `params/...` and `optimizer/...` tensors through
+`torch.distributed.checkpoint` (DCP), and `gpt_fn.json` holds the step, config and settings.
+It is written to a temporary folder and swapped in by renames, so an interrupted save never
+replaces the last good one. DCP reshards on load: `load_sharded_into` fills the tensors of a
+run on any number of ranks (DTensors or plain), and `load_checkpoint` reads it whole, so an
+FSDP checkpoint converts to the single file (`save_checkpoint`) and to HF (`gpt_fn.hf.save`).
+DCP carries no checksum of ours (its files have no place for one).
 """
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,8 +37,11 @@ from gpt_fn.shapes import Params
 
 FORMAT = "gpt_fn-checkpoint-v2"
 UNCHECKED_FORMATS = ("gpt_fn-checkpoint-v1",)
+SHARDED_FORMAT = "gpt_fn-dcp-v1"
 """Older formats that still load: written before checkpoints carried a checksum."""
 FILENAME = "checkpoint.safetensors"
+SHARDED = "checkpoint.dcp"
+SHARDED_META = "gpt_fn.json"
 
 
 class CheckpointError(ValueError):
@@ -53,9 +66,15 @@ class CheckpointInfo(NamedTuple):
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """`path` itself if it is a file, else the checkpoint file inside the folder `path`."""
+    """The checkpoint `path` names: a `.safetensors` file or a `checkpoint.dcp` folder itself,
+    else the one inside the run folder `path` (the newer step, if it holds both)."""
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path / FILENAME
+    if path.suffix in (".safetensors", ".dcp"):
+        return path
+    found = [p for p in (path / FILENAME, path / SHARDED) if p.exists()]
+    if len(found) == 2:
+        return max(found, key=lambda p: _info(p, _read_metadata(p)).step)
+    return found[0] if found else path / FILENAME
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
@@ -91,6 +110,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
     """Read and verify a checkpoint written by `save_checkpoint`; `CheckpointError` names what is wrong."""
     source = checkpoint_path(path)
     metadata = _read_metadata(source)
+    if source.is_dir():
+        return _load_sharded_whole(source, metadata, device)
     try:
         with safetensors.safe_open(str(source), framework="pt", device=str(device)) as f:
             # clone(): safetensors hands out views at 32-byte offsets; fresh 64-byte-aligned
@@ -104,6 +125,12 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
             f"checkpoint {source} is corrupt: its tensors do not match the sha256 recorded "
             "when it was written"
         )
+    return _checked(source, metadata, tensors)
+
+
+def _checked(
+    source: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]
+) -> Checkpoint:
     info = _info(source, metadata)
     params = _under(tensors, "params/")
     try:
@@ -139,6 +166,16 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _read_metadata(source: Path) -> dict[str, str]:
+    if source.is_dir():
+        try:
+            metadata = json.loads((source / SHARDED_META).read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {source} has no readable {SHARDED_META}: {error}"
+            ) from None
+        if not isinstance(metadata, dict) or metadata.get("format") != SHARDED_FORMAT:
+            raise CheckpointError(f"{source} is not a gpt_fn sharded checkpoint")
+        return metadata
     if not source.is_file():
         raise CheckpointError(f"no checkpoint at {source}")
     try:
@@ -171,3 +208,91 @@ def _info(source: Path, metadata: dict[str, str]) -> CheckpointInfo:
 
 def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def save_sharded_checkpoint(run_folder: str | Path, checkpoint: Checkpoint, *, rank: int) -> Path:
+    """Write `run_folder/checkpoint.dcp` with every rank's shards (call on every rank).
+
+    The tensors may be DTensors (FSDP) or plain. Written to `.checkpoint.dcp.tmp`, then swapped
+    in: the old folder becomes `.checkpoint.dcp.old` for one rename, which
+    `recover_sharded` undoes if a crash falls between the two renames.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(run_folder)
+    final, temporary, old = folder / SHARDED, folder / f".{SHARDED}.tmp", folder / f".{SHARDED}.old"
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    state = {f"params/{k}": v.detach() for k, v in checkpoint.params.items()}
+    state |= {f"optimizer/{k}": v.detach() for k, v in checkpoint.optimizer_state.items()}
+    dcp.save(state, checkpoint_id=temporary)
+    if rank == 0:
+        metadata = {
+            "format": SHARDED_FORMAT,
+            "step": str(checkpoint.step),
+            "model_config": json.dumps(checkpoint.model_config.to_dict()),
+            "train_settings": json.dumps(checkpoint.train_settings),
+        }
+        write_atomic(temporary / SHARDED_META, json.dumps(metadata).encode())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        temporary.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def recover_sharded(run_folder: str | Path) -> list[Path]:
+    """After a crash mid-save: put back a swapped-out checkpoint, drop a half-written one."""
+    folder = Path(run_folder)
+    final, temporary, old = folder / SHARDED, folder / f".{SHARDED}.tmp", folder / f".{SHARDED}.old"
+    removed = []
+    if old.exists() and not final.exists():
+        old.rename(final)
+    for leftover in (temporary, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+            removed.append(leftover)
+    return removed
+
+
+def load_sharded_into(
+    path: str | Path, params: Params, optimizer_state: dict[str, torch.Tensor]
+) -> CheckpointInfo:
+    """Fill `params` and `optimizer_state` (DTensors or plain, on any number of ranks) from a
+    sharded checkpoint, resharding as needed; returns its metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    source = checkpoint_path(path)
+    info = _info(source, _read_metadata(source))
+    state = {f"params/{k}": v for k, v in params.items()}
+    state |= {f"optimizer/{k}": v for k, v in optimizer_state.items()}
+    with torch.no_grad():
+        try:
+            dcp.load(state, checkpoint_id=source)
+        except Exception as error:  # DCP wraps missing keys and bad files in its own types
+            raise CheckpointError(f"checkpoint {source} does not fit this run: {error}") from error
+    return info
+
+
+def _load_sharded_whole(
+    source: Path, metadata: dict[str, str], device: torch.device | str
+) -> Checkpoint:
+    """A sharded checkpoint read whole into plain tensors, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        saved = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
+        tensors = {
+            name: torch.empty(item.size, dtype=item.properties.dtype, device=device)
+            for name, item in saved.items()
+        }
+        dcp.load(tensors, checkpoint_id=source, no_dist=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {source} is corrupt or truncated: {error}") from error
+    return _checked(source, metadata, tensors)

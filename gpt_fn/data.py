@@ -860,6 +860,15 @@ def _listed_shards(meta: dict[str, object]) -> dict[str, dict[str, int]]:
     return shards
 
 
+def is_shard_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a folder of llm.c / modded-nanogpt shards (`*_train_*.bin`, no
+    `meta.json`): it trains as it is, with nothing to prepare."""
+    path = Path(path)
+    return (
+        path.is_dir() and not (path / META_FILE).exists() and bool(_foreign_shards(path, "train"))
+    )
+
+
 def _foreign_shards(data_dir: Path, split: Split) -> list[Path]:
     """llm.c / modded-nanogpt shards of a split, found by name (`*_train_*.bin`), sorted."""
     return sorted(data_dir.glob(f"*_{split}_*.bin"))

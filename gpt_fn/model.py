@@ -95,15 +95,19 @@ def init_params(
     return params
 
 
-def check_params(params: Params, config: GPTConfig) -> None:
+def check_params(params: Params, config: GPTConfig, *, top_level: bool = False) -> None:
     """Raise naming the first param that does not fit `config` or the others.
 
     `KeyError` for a missing or unexpected key, `ValueError` for a wrong shape or a param on
     another device than `wte.weight`, `TypeError` for a non-floating param or one whose dtype
     differs from `wte.weight`'s. Mixed dtypes are let through under autocast on the params'
     device, which casts the matmuls' operands (fp16 weights with fp32 LayerNorms, apex's O2).
+    `top_level=True`: only the params outside the blocks (`wte`, `wpe`, `ln_f`).
     """
-    check_shapes(params, param_shapes(config), what="params")
+    expected = param_shapes(config)
+    if top_level:
+        expected = {name: shape for name, shape in expected.items() if not name.startswith("h.")}
+    check_shapes(params, expected, what="params")
     dtypes = {value.dtype for value in params.values()}
     devices = {value.device for value in params.values()}
     if len(dtypes) == 1 and len(devices) == 1 and next(iter(dtypes)).is_floating_point:
@@ -454,15 +458,17 @@ def forward(
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
     hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
+    blocks: Sequence[BlockFn] | None = None,
 ) -> Logits:
     """Next-token logits at every position: tokens in, logits out.
 
     `tokens` is a `(batch, seq)` tensor (with `attention_mask` when padded: each row's logits
     are then what the row gives alone; at padded positions they mean nothing), or token lists
-    of any lengths, padded on the right. `hooks`: `{site: hook}` (`gpt_fn.sites`).
+    of any lengths, padded on the right. `hooks`: `{site: hook}` (`gpt_fn.sites`). `blocks`:
+    see `transformer` (the `GPT` module's way in; `params` then holds the top-level params).
     """
     tokens, mask = _batch(tokens, attention_mask, params)
-    _check_inputs(params, tokens, config, hooks)
+    _check_inputs(params, tokens, config, hooks, blocks)
     hidden, _ = transformer(
         params,
         tokens,
@@ -471,6 +477,7 @@ def forward(
         attention_mask=mask,
         hooks=hooks,
         generator=generator,
+        blocks=blocks,
     )
     logits = lm_head(params, hidden)
     if hooks and "logits" in hooks:
@@ -488,6 +495,7 @@ def loss(
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
     hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
+    blocks: Sequence[BlockFn] | None = None,
 ) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of `targets` (usually `tokens` shifted left by one).
 
@@ -504,7 +512,7 @@ def loss(
             target_mask = torch.ones_like(targets, dtype=torch.bool)
         if target_mask.shape != real.shape or not torch.equal(target_mask, real):
             raise ValueError("targets must have as many tokens as tokens in every row")
-    _check_inputs(params, tokens, config, hooks)
+    _check_inputs(params, tokens, config, hooks, blocks)
     check_token_tensor("targets", targets)
     if targets.shape != tokens.shape:
         raise ValueError(
@@ -524,6 +532,7 @@ def loss(
         attention_mask=mask,
         hooks=hooks,
         generator=generator,
+        blocks=blocks,
     )
     if hooks and "logits" in hooks:
         logits = apply_hook("logits", hooks["logits"], lm_head(params, hidden))
@@ -613,8 +622,14 @@ def _batch(
     return padded, (None if bool(mask.all()) else mask)
 
 
-def _check_inputs(params: Params, tokens: Tensor, config: GPTConfig, hooks: Hooks | None) -> None:
-    check_params(params, config)
+def _check_inputs(
+    params: Params,
+    tokens: Tensor,
+    config: GPTConfig,
+    hooks: Hooks | None,
+    blocks: Sequence[BlockFn] | None,
+) -> None:
+    check_params(params, config, top_level=blocks is not None)
     check_tokens(tokens, config)
     if hooks is not None:
         check_hooks(hooks, config)

@@ -1,10 +1,12 @@
 """`GPT`: a thin `nn.Module` over the same parameter dict, for the tools that want a Module.
 
-DDP, `torch.compile`, `state_dict`, `torch.func.functional_call` and the optimizers in
+DDP, FSDP, `torch.compile`, `state_dict`, `torch.func.functional_call` and the optimizers in
 `torch.optim` all speak `nn.Module`. `GPT` registers the dict's tensors as Parameters under
-the same dotted names (so `state_dict()` keys are the param-dict keys) and its `forward` is the
-pure `gpt_fn.model.forward` applied to whatever parameters the module holds at call time, which
-includes the ones `functional_call` swaps in.
+the same dotted names (so `state_dict()` keys are the param-dict keys). Each block `h.{i}` is
+a submodule (`Block`) whose `forward` is the pure `gpt_fn.model.block` over the Parameters it
+holds at call time, and `GPT.forward` is `gpt_fn.model.forward`/`loss` with those blocks:
+FSDP2's `fully_shard(model.h[i])` gathers a block's weights when its `forward` runs, and
+`functional_call` swaps in whatever parameters it is given.
 """
 
 import torch
@@ -14,8 +16,54 @@ from torch import Tensor, nn
 from gpt_fn import model
 from gpt_fn.checks import check_choice
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import KERNELS, AttentionKernel
-from gpt_fn.shapes import Logits, Params, Tokens
+from gpt_fn.nn import KERNELS, AttentionKernel, KVWriter, Mask
+from gpt_fn.shapes import Activations, Logits, Params, Tokens
+from gpt_fn.sites import LayerTaps
+
+
+def _register(module: nn.Module, params: Params) -> None:
+    """Register each tensor of `params` as a Parameter of `module` at its dotted name."""
+    for name, value in params.items():
+        *path, leaf = name.split(".")
+        parent = module
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.register_parameter(leaf, nn.Parameter(value))
+
+
+class Block(nn.Module):
+    """Block `h.{i}`: its Parameters (`ln_1.weight`, `attn.c_attn.weight`, ...) and a forward."""
+
+    def __init__(self, params: Params, config: GPTConfig, attention: AttentionKernel) -> None:
+        super().__init__()
+        self.config, self.attention = config, attention
+        _register(self, params)
+
+    def forward(
+        self,
+        x: Activations,
+        *,
+        mask: Mask | None = None,
+        kv: KVWriter | None = None,
+        taps: LayerTaps | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Activations:
+        parts: model.BlockParams = {"ln_1": {}, "attn": {}, "ln_2": {}, "mlp": {}}
+        for name, value in self.named_parameters():
+            part, rest = name.split(".", 1)
+            parts[part][rest] = value
+        return model.block(
+            parts,
+            x,
+            self.config,
+            attention=self.attention,
+            mask=mask,
+            kv=kv,
+            taps=taps,
+            generator=generator,
+        )
 
 
 class GPT(nn.Module):
@@ -37,14 +85,15 @@ class GPT(nn.Module):
         if params is None:
             params = model.init_params(config, seed=seed, dtype=dtype, device=device)
         model.check_params(params, config)
+        # In `param_shapes` order, so `named_parameters()` lists them as the dict does.
+        by_block: list[Params] = [{} for _ in range(config.n_layer)]
         for name, value in params.items():
-            *path, leaf = name.split(".")
-            parent: nn.Module = self
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.register_parameter(leaf, nn.Parameter(value))
+            if name.startswith("h."):
+                _, index, rest = name.split(".", 2)
+                by_block[int(index)][rest] = value
+        _register(self, {k: v for k, v in params.items() if k in ("wte.weight", "wpe.weight")})
+        self.h = nn.ModuleList(Block(p, config, self.attention) for p in by_block)
+        _register(self, {k: v for k, v in params.items() if k.startswith("ln_f.")})
 
     @classmethod
     def from_params(
@@ -65,14 +114,21 @@ class GPT(nn.Module):
     ) -> Logits | Float[Tensor, ""]:
         """Logits of `tokens`; with `targets`, the mean cross-entropy loss instead.
 
-        The loss goes through `forward` (not a separate method) because DDP and
+        The loss goes through `forward` (not a separate method) because DDP, FSDP and
         `torch.compile` wrap `forward` only; it never materialises the full logits.
         """
-        params = self.params()
+        top = {
+            name: value
+            for name, value in self.named_parameters(recurse=True)
+            if not name.startswith("h.")
+        }
+        blocks = list(self.h)
         if targets is None:
             return model.forward(
-                params, tokens, self.config, attention=self.attention, generator=generator
-            )
+                top, tokens, self.config, attention=self.attention, generator=generator,
+                blocks=blocks,
+            )  # fmt: skip
         return model.loss(
-            params, tokens, targets, self.config, attention=self.attention, generator=generator
-        )
+            top, tokens, targets, self.config, attention=self.attention, generator=generator,
+            blocks=blocks,
+        )  # fmt: skip

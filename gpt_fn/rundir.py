@@ -3,6 +3,7 @@
     out/
       .lock                    held (flock) by the one process training into out/
       checkpoint.safetensors   params + optimizer state + step + settings (gpt_fn.checkpoint)
+      checkpoint.dcp/          the same, sharded by an FSDP run (torch.distributed.checkpoint)
       metrics.jsonl            one JSON object per step (strict JSON: a NaN is written null)
       loss.png                 train and val loss against steps
 
@@ -17,11 +18,12 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt_fn.checkpoint import FILENAME
+from gpt_fn.checkpoint import FILENAME, SHARDED, recover_sharded
 from gpt_fn.files import remove_temporaries
 
 try:
@@ -44,6 +46,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.checkpoint = self.path / FILENAME
+        self.sharded_checkpoint = self.path / SHARDED
         self.metrics = self.path / METRICS
         self.plot = self.path / PLOT
 
@@ -74,25 +77,33 @@ class RunDir:
                 handle.seek(0)
                 handle.truncate()
 
+    def holds_checkpoint(self) -> bool:
+        return self.checkpoint.exists() or self.sharded_checkpoint.exists()
+
     def holds_run(self) -> bool:
-        return self.checkpoint.exists() or self.metrics.exists()
+        return self.holds_checkpoint() or self.metrics.exists()
 
     def start_fresh(self, *, overwrite: bool) -> None:
         """Make the folder ready for a new run: refuse one that holds a run unless `overwrite`."""
         if not self.holds_run():
             return
         if not overwrite:
-            found = [p.name for p in (self.checkpoint, self.metrics) if p.exists()]
+            found = [
+                p.name
+                for p in (self.checkpoint, self.sharded_checkpoint, self.metrics)
+                if p.exists()
+            ]
             raise RunDirError(
                 f"{self.path} already holds a run ({', '.join(found)}): pass --resume to "
                 "continue it, or --overwrite to delete it and start a new one"
             )
         for path in (self.checkpoint, self.metrics, self.plot):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.sharded_checkpoint, ignore_errors=True)
 
     def clean(self) -> list[Path]:
         """Delete the temporary files a killed save left behind; returns what was removed."""
-        return remove_temporaries(self.path, FILENAME)
+        return remove_temporaries(self.path, FILENAME) + recover_sharded(self.path)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(_strict(record), allow_nan=False)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpt_fn.config import PRESETS, GPTConfig
-from gpt_fn.data import BUILTIN_CORPORA
+from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
 from gpt_fn.nn import AttentionKernel
 
 Kind = Literal["run", "model", "execution", "length", "flag"]
@@ -57,8 +57,8 @@ class TrainSettings:
 
     data: str = _setting(
         "shakespeare",
-        "corpus: shakespeare (offline, the default), tinyshakespeare (downloaded), or a "
-        "local text file or folder of .txt files",
+        "corpus: shakespeare (offline, the default), tinyshakespeare (downloaded), a local "
+        ".txt/.jsonl file or folder of them, or a folder of llm.c token shards (used as is)",
         "run",
     )
     data_dir: str | None = _setting(
@@ -92,7 +92,16 @@ class TrainSettings:
     lr_decay_steps: int | None = _setting(
         None, "step at which the cosine decay reaches --min-lr (default: --max-steps)", "run"
     )
-    weight_decay: float = _setting(0.1, "AdamW weight decay on matrices", "run")
+    optimizer: Literal["adamw", "muon"] = _setting(
+        "adamw",
+        "adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, gains, biases",
+        "run",
+    )
+    muon_lr: float = _setting(
+        0.02, "Muon's peak learning rate (the same warmup and cosine as --lr)", "run"
+    )
+    muon_momentum: float = _setting(0.95, "Muon's (Nesterov) momentum", "run")
+    weight_decay: float = _setting(0.1, "weight decay on matrices (AdamW and Muon)", "run")
     beta1: float = _setting(0.9, "AdamW beta1", "run")
     beta2: float = _setting(0.95, "AdamW beta2", "run")
     grad_clip: float = _setting(1.0, "clip the global gradient norm to this (0: off)", "run")
@@ -103,12 +112,21 @@ class TrainSettings:
     )
     sample_tokens: int = _setting(160, "tokens in each printed sample", "execution")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _setting(
-        "auto", "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)", "run"
+        "auto",
+        "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU; float16 with dynamic loss "
+        "scaling)",
+        "run",
     )
     compile: bool | None = _setting(
         None, "torch.compile the model (default: on for CUDA, off on CPU)", "execution"
     )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:1, ...", "execution")
+    parallel: Literal["ddp", "fsdp"] = _setting(
+        "ddp",
+        "under torchrun: ddp (every rank holds the model) or fsdp (params, grads and "
+        "optimizer state sharded; checkpoints through torch.distributed.checkpoint)",
+        "execution",
+    )
     seed: int = _setting(0, "seed of the init, the batches and dropout", "run")
     resume: bool = _setting(
         False, "continue the run in --out-dir from its checkpoint, with its settings", "flag"
@@ -136,13 +154,13 @@ class TrainSettings:
             raise SettingsError(
                 f"lr_decay_steps must be >= 1 (or unset: --max-steps), got {self.lr_decay_steps}"
             )
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "muon_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SettingsError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.min_lr > self.lr:
             raise SettingsError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -209,6 +227,8 @@ class TrainSettings:
         return dataclasses.replace(base, **overrides)
 
     def data_path(self) -> Path:
+        if is_shard_folder(self.data):
+            return Path(self.data)
         if self.data_dir is not None:
             return Path(self.data_dir)
         return Path("data") / (self.data if self.data in BUILTIN_CORPORA else Path(self.data).stem)

@@ -27,28 +27,40 @@ import torch
 import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt_fn import data, flops, hf, sampling
 from gpt_fn.checkpoint import (
     Checkpoint,
     CheckpointError,
+    checkpoint_path,
     load_checkpoint,
+    load_sharded_into,
     read_checkpoint_info,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
+    LossScaleState,
     Optimizer,
     OptState,
     Schedule,
     adamw,
     clip_by_global_norm_,
     global_norm,
+    gpt_muon_adamw,
+    loss_scale_init,
+    muon,
+    unscale_,
+    update_loss_scale_,
     warmup_cosine,
 )
+from gpt_fn.optim.loss_scale import SMALLEST_SCALE
 from gpt_fn.rundir import RunDir, plot_losses
 from gpt_fn.runtime import (
     CPU_FP32,
@@ -64,6 +76,8 @@ from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 Log = Callable[[str], None]
+LOSS_SCALE = "loss_scale."
+"""Prefix of the fp16 loss scale's state among a checkpoint's optimizer tensors."""
 DROPOUT_STREAM = 2
 """SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
 SAMPLE_PROMPT = "ROMEO:"
@@ -87,29 +101,43 @@ def train_step(
     runtime: Runtime,
     grad_clip: float,
     generator: torch.Generator | None = None,
+    loss_scale: LossScaleState | None = None,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]]:
     """One optimizer step over `batches` (the micro-batches): returns (mean loss, grad norm).
 
-    `model` is the `GPT` (maybe compiled or DDP-wrapped) whose Parameters are `params`; the
-    gradients are averaged over the micro-batches (and over DDP ranks by DDP), clipped to
-    `grad_clip` (0: not clipped) and applied in place by `optimizer.update_`. Raises
+    `model` is the `GPT` (maybe compiled, DDP- or FSDP-wrapped) whose Parameters are `params`;
+    the gradients are averaged over the micro-batches (and over ranks by DDP/FSDP), clipped
+    to `grad_clip` (0: not clipped) and applied in place by `optimizer.update_`. Raises
     `TrainingDiverged` if the loss or the gradient norm is not finite (before the parameters
-    are touched) or if the update made a parameter non-finite.
+    are touched) or if the update made a parameter non-finite. With `loss_scale` (fp16) the
+    loss is scaled for backward, and a step whose gradients overflow is skipped instead (the
+    returned norm is then not finite, and the scale backs off).
     """
     total = torch.zeros((), device=runtime.device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
-        # DDP all-reduces gradients on every backward unless told not to: only the last counts.
+        # DDP and FSDP reduce gradients on every backward unless told not to: only the last counts.
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
         with sync or contextlib.nullcontext(), runtime.autocast():
             loss = model(x, y, generator) / len(batches)
-        loss.backward()
+        (loss if loss_scale is None else loss * loss_scale["scale"]).backward()
         total += loss.detach()
     grads = {name: param.grad for name, param in params.items()}
+    if loss_scale is not None:
+        unscale_(grads, loss_scale)
     grad_norm = clip_by_global_norm_(grads, grad_clip) if grad_clip > 0 else global_norm(grads)
     if runtime.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+    finite = bool(torch.isfinite(total) and torch.isfinite(grad_norm))
+    if loss_scale is not None:
+        update_loss_scale_(loss_scale, finite)
+        if not finite and float(loss_scale["scale"]) >= SMALLEST_SCALE:
+            for param in params.values():
+                param.grad = None
+            return total, grad_norm  # an fp16 overflow: skipped, the scale backed off
+    if not finite:
         raise TrainingDiverged(f"loss {total.item()}, gradient norm {grad_norm.item()}")
     optimizer.update_(grads, opt_state, params)
     for param in params.values():
@@ -183,7 +211,7 @@ def _settings_for_this_run(
 ) -> TrainSettings:
     """Resumed: the checkpoint's settings with the allowed changes. Fresh: the folder checked."""
     if settings.resume:
-        info = read_checkpoint_info(run_dir.checkpoint)
+        info = read_checkpoint_info(checkpoint_path(run_dir.path))
         settings, notes = resume_settings(settings, info.train_settings, step=info.step)
         for note in notes:
             log(f"resume: {note}")
@@ -212,31 +240,53 @@ class _Run:
     ) -> None:
         self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
         self.log, self.stop_requested = log, stop_requested
-        params, self.config, self.start_step, saved_opt_state = _initial_state(
-            settings, run_dir, log
-        )
+        self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
+        params, self.config = _initial_params(settings, run_dir, log)
         self.train_tokens, self.val_tokens = _load_data(settings, self.config, runtime, log)
         self.module = GPT.from_params(
             {k: v.to(runtime.device) for k, v in params.items()},
             self.config,
             attention=settings.attention,
         )
-        self.params = self.module.params()
+        if self.sharded:  # FSDP2: each block a unit, the root takes wte, wpe and ln_f
+            for block in self.module.h:
+                fully_shard(block)
+            fully_shard(self.module)
+        self.params = self.module.params()  # DTensor shards under FSDP
         self.schedule: Schedule = warmup_cosine(
             settings.lr, settings.min_lr, settings.warmup_steps, settings.lr_decay_steps
         )
-        self.optimizer = adamw(
-            self.schedule,
-            betas=(settings.beta1, settings.beta2),
-            weight_decay=settings.weight_decay,
-        )
+        self.optimizer = _optimizer(settings, self.schedule)
         self.opt_state = self.optimizer.init(self.params)
-        if saved_opt_state is not None:
-            _restore_optimizer_state(self.opt_state, saved_opt_state)
+        self.loss_scale = (
+            loss_scale_init(device=runtime.device) if runtime.dtype == torch.float16 else None
+        )
+        self.start_step = 0
+        if settings.resume:
+            self.start_step = self._restore()
         self.model = self._wrapped_model()
         self.tokens_per_step = settings.batch_size * settings.grad_accum * self.config.block_size
         self.flops_per_token = flops.train_flops_per_token(self.config, self.config.block_size)
         self.peak = flops.peak_flops(runtime.device, runtime.dtype)
+
+    def _saved_state(self) -> dict[str, Tensor]:
+        """What a checkpoint's optimizer part holds: the optimizer's state and the loss scale."""
+        scale = {} if self.loss_scale is None else self.loss_scale
+        return {**self.opt_state, **{f"{LOSS_SCALE}{k}": v for k, v in scale.items()}}
+
+    def _restore(self) -> int:
+        """Load the run's checkpoint into the params and states; returns its step."""
+        state = self._saved_state()
+        source = checkpoint_path(self.run_dir.path)
+        if source.is_dir():
+            step = load_sharded_into(source, self.params, state).step
+        else:
+            saved = load_checkpoint(source)
+            _copy_into(self.params, saved.params, "params")
+            _copy_into(state, saved.optimizer_state, "optimizer state")
+            step = saved.step
+        self.log(f"resuming from {source} at step {step}")
+        return step
 
     def _wrapped_model(self) -> nn.Module:
         model: nn.Module = self.module
@@ -246,7 +296,7 @@ class _Run:
         if compile_model:
             self.log("compiling the model (torch.compile): the first step takes longer")
             model = torch.compile(model)
-        if self.runtime.world_size > 1:
+        if self.runtime.world_size > 1 and not self.sharded:
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         return model
@@ -267,7 +317,7 @@ class _Run:
                 if self._should_stop():
                     self._checkpoint(step)
                     raise TrainingInterrupted(
-                        f"interrupted before step {step}: saved {self.run_dir.checkpoint} "
+                        f"interrupted before step {step}: saved {checkpoint_path(self.run_dir.path)} "
                         "(continue with --resume)"
                     )
                 record = self._step(step)
@@ -320,13 +370,14 @@ class _Run:
                 runtime=runtime,
                 grad_clip=settings.grad_clip,
                 generator=self._dropout_generator(step),
+                loss_scale=self.loss_scale,
             )
         except TrainingDiverged as error:
             raise TrainingDiverged(
                 f"training diverged at step {step}: {error}; {self._kept()}"
             ) from None
         tokens_per_s = self.tokens_per_step / (time.perf_counter() - started)
-        return {
+        record = {
             "step": step,
             "loss": loss.item(),
             "lr": self.schedule(step),
@@ -334,6 +385,12 @@ class _Run:
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
         }
+        if settings.optimizer == "muon":
+            record["muon_lr"] = self.schedule(step) * settings.muon_lr / settings.lr
+        if self.loss_scale is not None:
+            record["loss_scale"] = float(self.loss_scale["scale"])
+            record["skipped"] = not np.isfinite(record["grad_norm"])
+        return record
 
     def _mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilisation, a fraction of the device's peak (see `gpt_fn.flops`)."""
@@ -363,16 +420,19 @@ class _Run:
         return val_loss
 
     def _checkpoint(self, step: int) -> None:
-        if self.runtime.is_main:
-            save_checkpoint(
-                self.run_dir.checkpoint,
-                Checkpoint(self.params, self.opt_state, step, self.config, self.settings.to_dict()),
-            )
+        checkpoint = Checkpoint(
+            self.params, self._saved_state(), step, self.config, self.settings.to_dict()
+        )
+        if self.sharded:  # every rank writes its shards
+            save_sharded_checkpoint(self.run_dir.path, checkpoint, rank=self.runtime.rank)
+        elif self.runtime.is_main:
+            save_checkpoint(self.run_dir.checkpoint, checkpoint)
 
     def _kept(self) -> str:
-        if self.run_dir.checkpoint.exists():
-            step = read_checkpoint_info(self.run_dir.checkpoint).step
-            return f"the last good checkpoint ({self.run_dir.checkpoint}, step {step}) is kept"
+        if self.run_dir.holds_checkpoint():
+            source = checkpoint_path(self.run_dir.path)
+            step = read_checkpoint_info(source).step
+            return f"the last good checkpoint ({source}, step {step}) is kept"
         return "no checkpoint had been written yet"
 
     def _should_stop(self) -> bool:
@@ -411,8 +471,13 @@ class _Run:
             progress.close()
 
     def sample(self) -> str:
+        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
+        full = {
+            name: value.full_tensor() if isinstance(value, DTensor) else value
+            for name, value in self.module.params().items()
+        }
         return sample_text(
-            self.module.params(),
+            full,
             self.config,
             tokens=self.settings.sample_tokens,
             seed=self.settings.seed,
@@ -421,16 +486,20 @@ class _Run:
 
     def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         summary["steps"] = self.settings.max_steps
-        if self.runtime.is_main and self.settings.max_steps > self.start_step:
+        if self.settings.max_steps == self.start_step:
+            return summary
+        sample = self.sample()
+        if self.runtime.is_main:
             records = self.run_dir.read_metrics()
             summary["tokens_per_s_median"] = statistics.median_high(
                 [r["tokens_per_s"] for r in records[1:]] or [0.0]
             )
             plot_losses(records, self.run_dir.plot)
             self.log(
-                f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and {self.run_dir.checkpoint}"
+                f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and "
+                f"{checkpoint_path(self.run_dir.path)}"
             )
-            summary["sample"] = self.sample()
+            summary["sample"] = sample
             self.log(f"--- sample at step {self.settings.max_steps} ---\n{summary['sample']}")
         return summary
 
@@ -460,9 +529,9 @@ def sample_text(
 
 def _load_data(
     settings: TrainSettings, config: GPTConfig, runtime: Runtime, log: Log
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[data.Tokens, data.Tokens]:
     data_dir = settings.data_path()
-    if runtime.is_main:
+    if runtime.is_main and not data.is_shard_folder(data_dir):  # llm.c shards train as they are
         prepared = data.prepare(settings.data, data_dir)
         if prepared.rebuilt:
             meta = prepared.meta
@@ -483,17 +552,17 @@ def _load_data(
     return train_tokens, val_tokens
 
 
-def _initial_state(
-    settings: TrainSettings, run_dir: RunDir, log: Log
-) -> tuple[Params, GPTConfig, int, dict[str, Tensor] | None]:
-    """(params, model config, first step, saved optimizer state): fresh, pretrained or resumed.
+def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple[Params, GPTConfig]:
+    """(params, model config) a run starts from: fresh, or GPT-2's weights.
 
     With `--init-from`, the model's shape comes from the GPT-2 weights (the preset is not
-    used); `--block-size` (crops the position embeddings) and `--dropout` still apply.
+    used); `--block-size` (crops the position embeddings) and `--dropout` still apply. A
+    resumed run takes its config from the checkpoint and its weights are loaded later into
+    the (possibly sharded) params, so it starts from a fresh init here.
     """
     pretrained = None if settings.init_from == "scratch" else settings.init_from
     if settings.resume:
-        saved = load_checkpoint(run_dir.checkpoint)
+        saved = read_checkpoint_info(checkpoint_path(run_dir.path))
         config = settings.model_config(saved.model_config if pretrained else None)
         if saved.model_config != config:
             differing = {
@@ -505,8 +574,7 @@ def _initial_state(
                 f"the checkpoint in {run_dir.path} is of another model config: "
                 + ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in differing.items())
             )
-        log(f"resuming from {run_dir.checkpoint} at step {saved.step}")
-        return saved.params, config, saved.step, saved.optimizer_state
+        return init_params(config, seed=settings.seed), config
     if pretrained:
         weights, weights_config = hf.load(pretrained)
         config = settings.model_config(weights_config)
@@ -520,9 +588,30 @@ def _initial_state(
             )
             + f": {settings.batch_size * settings.grad_accum * config.block_size:,} tokens a step"
         )
-        return _fit_pretrained(weights, weights_config, config), config, 0, None
+        return _fit_pretrained(weights, weights_config, config), config
     config = settings.model_config()
-    return init_params(config, seed=settings.seed), config, 0, None
+    return init_params(config, seed=settings.seed), config
+
+
+def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
+    """AdamW, or Muon for the blocks' matrices with AdamW for the rest (`optim.gpt_muon_adamw`).
+
+    Muon follows the same schedule scaled to its own peak (`muon_lr / lr`).
+    """
+    adam = adamw(
+        schedule, betas=(settings.beta1, settings.beta2), weight_decay=settings.weight_decay
+    )
+    if settings.optimizer == "adamw":
+        return adam
+    ratio = settings.muon_lr / settings.lr if settings.lr > 0 else 0.0
+
+    def muon_schedule(step: int) -> float:
+        return schedule(step) * ratio
+
+    return gpt_muon_adamw(
+        muon(muon_schedule, momentum=settings.muon_momentum, weight_decay=settings.weight_decay),
+        adam,
+    )
 
 
 def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) -> Params:
@@ -540,12 +629,22 @@ def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) ->
     return {**params, "wpe.weight": params["wpe.weight"][: config.block_size].clone()}
 
 
-def _restore_optimizer_state(state: OptState, saved: dict[str, Tensor]) -> None:
-    if state.keys() != saved.keys():
-        raise CheckpointError("the checkpoint's optimizer state does not match the model")
+def _copy_into(targets: dict[str, Tensor], saved: dict[str, Tensor], what: str) -> None:
+    """Copy a checkpoint's full tensors into a run's (shards of DTensors under FSDP)."""
+    if targets.keys() != saved.keys():
+        missing, extra = targets.keys() - saved.keys(), saved.keys() - targets.keys()
+        raise CheckpointError(
+            f"the checkpoint's {what} does not match this run: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]} (another --optimizer or --dtype?)"
+        )
     with torch.no_grad():
-        for name, value in state.items():
-            value.copy_(saved[name])
+        for name, target in targets.items():
+            value = saved[name].to(target.device if not isinstance(target, DTensor) else "cpu")
+            if isinstance(target, DTensor):
+                value = distribute_tensor(
+                    value.to(target.device_mesh.device_type), target.device_mesh, target.placements
+                )
+            target.copy_(value)
 
 
 def _all_finite(params: Params) -> bool:

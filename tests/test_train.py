@@ -245,3 +245,99 @@ def test_init_from_gpt2_weights_takes_their_shape_and_crops_the_block(corpus, tm
             _settings(corpus, tmp_path / "bad", init_from=str(tmp_path / "gpt2-dir")),
             log=_quiet,
         )
+
+
+# --- scale-out: FSDP, Muon, fp16 loss scaling, llm.c shards -------------------------------
+
+
+def _torchrun(tmp_path, *args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "gpt_fn", "train", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fsdp_equals_one_process_and_resumes_exactly_on_another_number_of_ranks(corpus, tmp_path):
+    common = [
+        f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}", "--preset=cpu-tiny", "--n-layer=1",
+        "--n-embd=32", "--block-size=16", "--batch-size=4", "--eval-interval=2",
+        "--eval-batches=1", "--sample-tokens=4", "--lr-decay-steps=6", "--lr=3e-3",
+    ]  # fmt: skip
+    sharded = tmp_path / "fsdp"
+    assert cli.main(["train", f"--out-dir={tmp_path / 'one'}", "--max-steps=6", *common]) == 0
+    _torchrun(tmp_path, f"--out-dir={sharded}", "--parallel=fsdp", "--max-steps=2", *common)
+    assert (sharded / "checkpoint.dcp").is_dir() and not (
+        sharded / "checkpoint.safetensors"
+    ).exists()
+    _torchrun(tmp_path, f"--out-dir={sharded}", "--resume", "--max-steps=4")  # FSDP resume
+    # ... and the last two steps in one process, from the sharded checkpoint (resharded).
+    assert cli.main(["train", f"--out-dir={sharded}", "--resume", "--max-steps=6"]) == 0
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    resumed = read_metrics(sharded / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(6))
+    # FSDP reduce-scatters two half-batch means where one process takes one mean: fp32
+    # rounding ~1e-7 per step, as for DDP; the same bound.
+    for a, b in zip(one, resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+        assert a["lr"] == b["lr"]
+    # The sharded checkpoint reads whole: it converts to the single file and to HF.
+    whole = load_checkpoint(sharded)
+    assert whole.step == 6 and whole.params["wte.weight"].shape == (50304, 32)
+    assert cli.main(["export", "--checkpoint", str(sharded), "--out", str(tmp_path / "hf")]) == 0
+
+
+@pytest.mark.parametrize("optimizer", ["muon"])
+def test_a_muon_run_resumes_exactly(corpus, tmp_path, optimizer):
+    full = _settings(corpus, tmp_path / "full", optimizer=optimizer, max_steps=8, eval_interval=4)
+    train(full, log=_quiet)
+    half = _settings(corpus, tmp_path / "half", optimizer=optimizer, max_steps=4, lr_decay_steps=8)
+    train(half, log=_quiet)
+    saved = load_checkpoint(tmp_path / "half")
+    assert any(k.startswith("muon/momentum_buffer.h.0.") for k in saved.optimizer_state)
+    train(_settings(corpus, tmp_path / "half", optimizer=optimizer, max_steps=8, lr_decay_steps=8,
+                    resume=True), log=_quiet)  # fmt: skip
+    a = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "half" / "metrics.jsonl")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert a[0]["muon_lr"] > a[0]["lr"] and a[-1]["loss"] < a[0]["loss"]
+
+
+def test_fp16_skips_an_overflowing_step_and_backs_off_its_loss_scale(corpus, tmp_path, monkeypatch):
+    real_loss = gpt_fn.model.loss
+    calls = []
+
+    def overflow_once(*args, **kwargs):
+        calls.append(1)
+        value = real_loss(*args, **kwargs)
+        return value * float("inf") if len(calls) == 3 else value  # the third step's loss
+
+    monkeypatch.setattr(gpt_fn.model, "loss", overflow_once)
+    summary = train(
+        _settings(corpus, tmp_path / "run", dtype="float16", max_steps=5, eval_interval=5),
+        log=_quiet,
+    )
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped"] for r in records] == [False, False, True, False, False]
+    assert records[2]["loss_scale"] == records[1]["loss_scale"] / 2 == 2.0**15
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    assert "loss_scale.scale" in load_checkpoint(tmp_path / "run").optimizer_state
+
+
+def test_a_folder_of_llmc_shards_trains_as_it_is(corpus, tmp_path):
+    import numpy as np
+
+    from gpt_fn import data
+
+    tokens = np.random.default_rng(0).integers(0, 50257, 5000, dtype=np.uint16)
+    folder = tmp_path / "fineweb"
+    folder.mkdir()
+    for name, part in (("x_val_000000.bin", tokens[:1000]), ("x_train_000001.bin", tokens[1000:3000]),
+                       ("x_train_000002.bin", tokens[3000:])):  # fmt: skip
+        (folder / name).write_bytes(data.shard_header(len(part)) + part.tobytes())
+    settings = _settings(corpus, tmp_path / "run", data=str(folder), max_steps=2, eval_interval=2)
+    summary = train(settings, log=_quiet)
+    assert torch.isfinite(torch.tensor(summary["val_loss"]))
+    assert not (folder / "meta.json").exists()  # read in place, nothing prepared

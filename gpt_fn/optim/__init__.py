@@ -11,6 +11,12 @@ opt = optim.gpt_muon_adamw(optim.muon(0.02, split_fused=optim.FUSED_QKV), optim.
 
 from gpt_fn.optim.adamw import DecayMask, Optimizer, OptState, adamw, default_decay_mask
 from gpt_fn.optim.clipping import clip_by_global_norm, clip_by_global_norm_, global_norm
+from gpt_fn.optim.loss_scale import (
+    LossScaleState,
+    loss_scale_init,
+    unscale_,
+    update_loss_scale_,
+)
 from gpt_fn.optim.muon import FUSED_QKV, adjusted_lr, muon, newton_schulz
 from gpt_fn.optim.partition import Label, gpt_muon_adamw, gpt_muon_label, partition
 from gpt_fn.optim.per_example import per_example_grads
@@ -42,9 +48,13 @@ __all__ = [
     "gpt_muon_label",
     "join",
     "linear_warmup",
+    "LossScaleState",
+    "loss_scale_init",
     "muon",
     "newton_schulz",
     "partition",
     "per_example_grads",
+    "unscale_",
+    "update_loss_scale_",
     "warmup_cosine",
 ]
