@@ -1,23 +1,33 @@
-"""Greedy decoding speed: gpt_fn with and without the KV cache against HF `generate`.
+"""Greedy decoding speed: gpt_fn's preallocated KV cache (eager and compiled) against HF `generate`.
 
-A 4-layer, 256-wide GPT-2 with GPT-2's vocabulary (50257) and a 256-token block, random
-weights; HF's `GPT2LMHeadModel` gets the same weights through `gpt_fn.hf.to_hf_state_dict`.
-Each contender continues the same 16-token prompts by 128 greedy tokens (batch 1 and 8), and
-the run checks that all three produce the same tokens. Contenders alternate within each repeat,
-so drift in a shared machine's load hits all alike; figures are medians over repeats.
+A 4-layer, 256-wide GPT-2 with GPT-2's vocabulary (50257), random weights; HF's
+`GPT2LMHeadModel` gets the same weights through `gpt_fn.hf.to_hf_state_dict` and decodes with
+its own KV cache. Cases, 128 new greedy tokens each:
+
+- batch 1 and batch 8, 16-token prompts;
+- a ragged batch of 8 prompts of 4 to 64 tokens: gpt_fn takes the token lists, HF the same
+  prompts left-padded with their attention mask.
+
+Contenders: `gpt_fn cached` (`sampling.generate`), `gpt_fn compiled` (the same with
+`compile=True`: the cached step through `torch.compile`, fixed shapes, compiled in warm-up),
+`gpt_fn uncached` (the whole context recomputed each step) and `HF generate`. Every run
+checks that all contenders produce the same tokens. A second table holds the cost of a step
+as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model with a
+1088-token block (batch 1), gpt_fn cached against HF. Contenders take turns within each
+repeat; figures are medians.
 
     python benchmarks/generate.py [--quick] [--threads N] [--out DIR] [--profile]
 
 At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the
-weights, the LM head's (50257 x 256) above all; gpt_fn multiplies by a contiguous
-(d_model, vocab) copy of `wte` made once per `generate` call (`lm_head_matrix`), which this
-CPU reads ~3x faster than `F.linear`'s (vocab, d_model) layout. `--profile` prints
+weights, the LM head's (50257 x 256) above all: on one CPU thread that alone is ~2 ms of a
+~4 ms step, a floor no decoder on the same weights avoids. `--profile` prints
 torch.profiler's table for one cached batch-1 run.
 
 `run(quick, ...)` returns the numbers as a dict (its keyword arguments set the model, the
-prompt and the batch sizes) and `markdown(result)` renders them.
+prompts and the lengths) and `markdown(result)` renders them.
 """
 
+import dataclasses
 import statistics
 import sys
 from collections.abc import Callable
@@ -35,13 +45,15 @@ import gpt_fn
 from benchmarks.run import command_line, finish
 from benchmarks.timing import cpu_threads, take_turns
 from gpt_fn import hf, sampling
+from gpt_fn.nn.padding import pad
 from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_embd=256)
 PROMPT_TOKENS = 16
-NEW_TOKENS, QUICK_NEW_TOKENS = 128, 32
-BATCHES = (1, 8)
-CONTENDERS = ("gpt_fn cached", "gpt_fn uncached", "HF generate")
+NEW_TOKENS, QUICK_NEW_TOKENS = 128, 8
+RAGGED = (4, 64)  # prompt lengths of the ragged batch, from .. to
+LENGTHS, QUICK_LENGTHS = (64, 256, 1024), (8, 16)
+CONTENDERS = ("gpt_fn cached", "gpt_fn compiled", "gpt_fn uncached", "HF generate")
 
 
 def run(
@@ -51,61 +63,59 @@ def run(
     config: gpt_fn.GPTConfig = CONFIG,
     prompt_tokens: int = PROMPT_TOKENS,
     new_tokens: int | None = None,
-    batches: tuple[int, ...] = BATCHES,
+    lengths: tuple[int, ...] | None = None,
+    compile: bool | None = None,
 ) -> dict:
-    """Median tokens/s of each contender at each batch size, and the speed-up ratios.
+    """Tokens/s of each contender per case, the ratios, and tokens/s against length.
 
-    `new_tokens` defaults to `NEW_TOKENS` (quick: `QUICK_NEW_TOKENS`); `prompt_tokens +
-    new_tokens` must fit `config.block_size`. `threads`: torch's intra-op CPU threads for the
-    run, 1 by default: decode steps are tiny kernels, and on a shared 2-core machine a second
-    thread spends more time waiting for a busy core than it saves (we measured 5x slower runs
-    of both gpt_fn and HF with 2 threads under load). `None` keeps torch's setting.
+    `threads`: torch's intra-op CPU threads, 1 by default: decode steps are small kernels,
+    and on a shared 2-core machine a second thread waits for a busy core more than it helps.
+    `compile` (default: not in quick runs) adds the compiled contender.
     """
     new_tokens = new_tokens or (QUICK_NEW_TOKENS if quick else NEW_TOKENS)
+    lengths = lengths or (QUICK_LENGTHS if quick else LENGTHS)
+    compile = (not quick) if compile is None else compile
     warmup, repeats = (1, 1) if quick else (1, 3)
-    with cpu_threads(threads):
+    with cpu_threads(threads), shape_checks(False), torch.no_grad():
         threads_used = torch.get_num_threads()
         params = gpt_fn.init_params(config, seed=0)
         model = _hf_model(params, config)
-        results = []
-        for batch in batches:
-            prompt = torch.randint(
-                0,
-                config.vocab_size,
-                (batch, prompt_tokens),
-                generator=torch.Generator().manual_seed(batch),
-            )
-            contenders: dict[str, Callable[[], torch.Tensor]] = {
-                "gpt_fn cached": lambda prompt=prompt: sampling.generate(
-                    params, prompt, config, max_new_tokens=new_tokens, greedy=True
-                ),
-                "gpt_fn uncached": lambda prompt=prompt: sampling.generate(
-                    params, prompt, config, max_new_tokens=new_tokens, greedy=True, use_cache=False
-                ),
-                "HF generate": lambda prompt=prompt: _hf_generate(model, prompt, new_tokens),
+        generator = torch.Generator().manual_seed(0)
+        low, high = RAGGED
+        ragged_lengths = torch.linspace(low, min(high, config.block_size - new_tokens), 8).long()
+        cases = {
+            "batch 1": _rows(1, prompt_tokens, config, generator),
+            "batch 8": _rows(8, prompt_tokens, config, generator),
+            f"ragged batch 8 (prompts {low}-{int(ragged_lengths[-1])})": [
+                torch.randint(0, config.vocab_size, (int(n),), generator=generator).tolist()
+                for n in ragged_lengths
+            ],
+        }
+        results = [
+            _case(name, rows, params, model, config, new_tokens, compile, warmup, repeats)
+            for name, rows in cases.items()
+        ]
+        long_config = dataclasses.replace(config, block_size=prompt_tokens + max(lengths))
+        long_params = {
+            **params,
+            "wpe.weight": torch.randn(long_config.block_size, config.n_embd) * 0.02,
+        }
+        long_model = _hf_model(long_params, long_config)
+        prompt = _rows(1, prompt_tokens, config, generator)
+        growth = []
+        for n in lengths:
+            contenders = {
+                "gpt_fn cached": lambda n=n: _gpt_fn(long_params, prompt, long_config, n),
+                "HF generate": lambda n=n: _hf_generate(long_model, prompt, n),
             }
-            outputs: dict[str, torch.Tensor] = {}
-            with shape_checks(False), torch.no_grad():
-                timings = take_turns(
-                    contenders,
-                    warmup + repeats,
-                    device=torch.device("cpu"),
-                    record=outputs.__setitem__,
-                )
-            tokens_per_s = {
-                name: batch * new_tokens / statistics.median(times[warmup:])
-                for name, times in timings.seconds.items()
-            }
-            results.append(
+            timings = take_turns(contenders, warmup + repeats, device=torch.device("cpu"))
+            growth.append(
                 {
-                    "batch": batch,
-                    "tokens_per_s": tokens_per_s,
-                    "cached_over_hf": tokens_per_s["gpt_fn cached"] / tokens_per_s["HF generate"],
-                    "cached_over_uncached": tokens_per_s["gpt_fn cached"]
-                    / tokens_per_s["gpt_fn uncached"],
-                    "same_tokens": all(
-                        torch.equal(outputs[name], outputs["HF generate"]) for name in outputs
-                    ),
+                    "new_tokens": n,
+                    "tokens_per_s": {
+                        name: n / statistics.median(t[warmup:])
+                        for name, t in timings.seconds.items()
+                    },
                 }
             )
     return {
@@ -113,13 +123,53 @@ def run(
         "config": config.to_dict(),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
+        "long_block_size": long_config.block_size,
         "warmup": warmup,
         "repeats": repeats,
         "threads": threads_used,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "results": results,
+        "growth": growth,
     }
+
+
+def _rows(batch: int, length: int, config: gpt_fn.GPTConfig, generator: torch.Generator):
+    return torch.randint(0, config.vocab_size, (batch, length), generator=generator).tolist()
+
+
+def _case(name, rows, params, model, config, new_tokens, compile, warmup, repeats) -> dict:
+    contenders: dict[str, Callable[[], list[list[int]]]] = {
+        "gpt_fn cached": lambda: _gpt_fn(params, rows, config, new_tokens),
+        "gpt_fn uncached": lambda: _gpt_fn(params, rows, config, new_tokens, use_cache=False),
+        "HF generate": lambda: _hf_generate(model, rows, new_tokens),
+    }
+    if compile:
+        contenders["gpt_fn compiled"] = lambda: _gpt_fn(
+            params, rows, config, new_tokens, compile=True
+        )
+    outputs: dict[str, list[list[int]]] = {}
+    timings = take_turns(
+        contenders, warmup + repeats, device=torch.device("cpu"), record=outputs.__setitem__
+    )
+    tokens = len(rows) * new_tokens
+    tokens_per_s = {
+        name: tokens / statistics.median(times[warmup:]) for name, times in timings.seconds.items()
+    }
+    hf_speed = tokens_per_s["HF generate"]
+    return {
+        "case": name,
+        "batch": len(rows),
+        "tokens_per_s": tokens_per_s,
+        "over_hf": {name: speed / hf_speed for name, speed in tokens_per_s.items()},
+        "same_tokens": all(out == outputs["HF generate"] for out in outputs.values()),
+    }
+
+
+def _gpt_fn(params, rows, config, new_tokens, **options) -> list[list[int]]:
+    """The new tokens of each row (lists in, lists out)."""
+    out = sampling.generate(params, rows, config, max_new_tokens=new_tokens, greedy=True, **options)
+    return [row[len(prompt) :] for row, prompt in zip(out, rows, strict=True)]
 
 
 def _hf_model(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> GPT2LMHeadModel:
@@ -128,40 +178,52 @@ def _hf_model(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> GPT2LMHeadMode
     return model
 
 
-def _hf_generate(model: GPT2LMHeadModel, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def _hf_generate(model: GPT2LMHeadModel, rows, new_tokens: int) -> list[list[int]]:
+    tokens, mask = pad(rows, side="left")
     out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
+        tokens,
+        attention_mask=mask.long(),
         do_sample=False,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,  # random weights may emit GPT-2's eos; generate them all
         pad_token_id=0,
         use_cache=True,
     )
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return out
+    return out[:, tokens.shape[1] :].tolist()
 
 
 def markdown(result: dict) -> str:
-    """A table of tokens/s per batch size and the speed-up ratios."""
+    """Tokens/s per case with the ratios to HF, then tokens/s against the number generated."""
     c = result["config"]
+    names = [n for n in CONTENDERS if n in result["results"][0]["tokens_per_s"]]
     lines = [
         f"Greedy decoding, {c['n_layer']} layers x {c['n_embd']} wide, vocab {c['vocab_size']}, "
-        f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} new tokens, CPU, "
-        f"{result['threads']} thread(s), torch {result['torch']}, transformers "
-        f"{result['transformers']}; median of {result['repeats']} after {result['warmup']} warmup",
+        f"{result['new_tokens']} new tokens, CPU, {result['threads']} thread(s), torch "
+        f"{result['torch']}, transformers {result['transformers']}; median of "
+        f"{result['repeats']} after {result['warmup']} warm-up",
         "",
-        "| batch | "
-        + " | ".join(f"{name} tok/s" for name in CONTENDERS)
-        + " | cached / HF | cached / uncached | same tokens |",
-        "| ---: | " + " | ".join("---:" for _ in CONTENDERS) + " | ---: | ---: | :---: |",
-    ]
+        "| case | " + " | ".join(f"{n} tok/s" for n in names)
+        + " | " + " | ".join(f"{n} / HF" for n in names if n.startswith("gpt_fn"))
+        + " | same tokens |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | "
+        + " | ".join("---:" for n in names if n.startswith("gpt_fn")) + " | :---: |",
+    ]  # fmt: skip
     for row in result["results"]:
-        speeds = " | ".join(f"{row['tokens_per_s'][name]:.1f}" for name in CONTENDERS)
-        lines.append(
-            f"| {row['batch']} | {speeds} | **{row['cached_over_hf']:.2f}x** | "
-            f"**{row['cached_over_uncached']:.2f}x** | {'yes' if row['same_tokens'] else 'NO'} |"
-        )
+        speeds = " | ".join(f"{row['tokens_per_s'][n]:.1f}" for n in names)
+        ratios = " | ".join(f"{row['over_hf'][n]:.2f}x" for n in names if n.startswith("gpt_fn"))
+        same = "yes" if row["same_tokens"] else "NO"
+        lines.append(f"| {row['case']} | {speeds} | {ratios} | {same} |")
+    lines += [
+        "",
+        f"Tokens/s against the number of tokens generated (batch 1, "
+        f"{result['prompt_tokens']}-token prompt, block {result['long_block_size']}):",
+        "",
+        "| new tokens | gpt_fn cached tok/s | HF generate tok/s | gpt_fn / HF |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["growth"]:
+        ours, theirs = row["tokens_per_s"]["gpt_fn cached"], row["tokens_per_s"]["HF generate"]
+        lines.append(f"| {row['new_tokens']} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,14 +241,15 @@ def profile_table(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = command_line(
-        "generate", __doc__, quick="32 tokens, one repeat: a smoke run", threads=1
-    )
+    parser = command_line("generate", __doc__, quick="8 tokens, one repeat: a smoke run", threads=1)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's op table")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the compiled contender"
+    )
     args = parser.parse_args(argv)
     if args.profile:
         print(profile_table(threads=args.threads))
-    result = run(args.quick, threads=args.threads)
+    result = run(args.quick, threads=args.threads, compile=False if args.no_compile else None)
     finish("generate", result, args.out, markdown=markdown)
 
 
