@@ -205,3 +205,61 @@ def test_every_experiment_takes_the_shared_options(name, capsys, tmp_path):
         experiment.main([*options, "--threads", "0"])
     assert "--threads must be >= 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_induction_heads_scores_every_head_and_ablates(tmp_path):
+    experiment = load("induction_heads")
+    out = tmp_path / "induction"
+    result = experiment.main(["--quick", "--out", str(out)])
+    assert read_results(out, "induction_heads")["steps"] == 30
+    scores = torch.tensor(result["induction_scores"])
+    assert scores.shape == (2, 4) and bool(((scores >= 0) & (scores <= 1)).all())
+    assert (
+        len(result["induction_heads"]) == 2 and result["induction_heads"] != result["control_heads"]
+    )
+    assert all(math.isfinite(v) for v in result["loss"].values())
+
+
+def test_repeated_sequences_copy_a_segment_of_varying_length():
+    experiment = load("induction_heads")
+    repeats = experiment.repeated_sequences(64, torch.Generator().manual_seed(0))
+    assert len(set(repeats.period.tolist())) > 5  # no fixed offset to copy by position
+    for tokens, period in zip(repeats.tokens, repeats.period.tolist(), strict=True):
+        assert torch.equal(tokens[period : 2 * period], tokens[:period])
+    first, copy = experiment.copy_masks(repeats)
+    assert not bool((first & copy).any())
+
+
+def test_attribution_patching_maps_every_head(tmp_path):
+    experiment = load("attribution_patching")
+    out = tmp_path / "attribution"
+    result = experiment.main(["--quick", "--out", str(out)])
+    assert read_results(out, "attribution_patching")["examples"] == 16
+    for name in ("activation_patching", "attribution_patching"):
+        assert torch.tensor(result[name]).shape == (2, 4)
+    assert -1 <= result["pearson"] <= 1 and result["clean_metric"] > result["corrupted_metric"]
+
+
+def test_per_example_grads_equal_the_loop(tmp_path, data_dir):
+    experiment = load("per_example_grads")
+    out = tmp_path / "per_example"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "per_example_grads")["batch"] == 4
+    for entry in result["kernels"].values():
+        # fp32 sums in another grouping (batched matmuls): far below the gradients' ~1e-2.
+        assert entry["max_abs_grad_diff"] < 1e-6 and entry["max_abs_norm_diff"] < 1e-5
+        assert len(entry["norms"]) == 4 and min(entry["norms"]) > 0
+
+
+def test_muon_vs_adamw_runs_both_optimizers_through_the_training_loop(tmp_path, data_dir):
+    experiment = load("muon_vs_adamw")
+    out = tmp_path / "muon"
+    result = experiment.main(
+        ["--quick", "--out", str(out), "--data-dir", str(data_dir), "--adamw-lrs", "1e-3",
+         "--muon-lrs", "0.02"]
+    )  # fmt: skip
+    assert read_results(out, "muon_vs_adamw")["steps"] == 3
+    assert {r["optimizer"] for r in result["runs"]} == {"adamw", "muon"}
+    for run in result["runs"]:
+        assert run["val_steps"][-1] == 3 and abs(run["final_val_loss"] - UNIFORM_LOSS) < 1.0
+        assert (out / f"{run['optimizer']}-{run['lr']:g}" / "metrics.jsonl").is_file()
