@@ -16,10 +16,12 @@ lm-eval's own CLI (`lm_eval.__main__.cli_evaluate`, every flag as is) run after 
 that registers `gpt_fn`.
 
 `--model_args`: `checkpoint=DIR_OR_FILE` (a gpt_fn checkpoint) or `hf=DIR` (a Hugging Face
-GPT-2 directory), `device` (default: cuda if available, else cpu), `batch_size` (default 8),
-`dtype` (`float32`, the default, `bfloat16`, `float16`: the params are cast to it, as HF's
-`dtype=` loads a model), `max_length` (default `block_size`), `max_gen_toks` (default 256),
-`seed` (sampling only; default 1234, lm-eval's torch seed).
+GPT-2 directory), `device` (default: cuda if available, else cpu; a CUDA device on a machine
+without CUDA falls back to cpu, as lm-eval's `hf` model does, since lm-eval's CLI asks for
+`cuda:0` by default), `batch_size` (default 8), `dtype` (`float32`, the default, `bfloat16`,
+`float16`: the params are cast to it, as HF's `dtype=` loads a model; `auto`: as loaded),
+`max_length` (default `block_size`), `max_gen_toks` (default 256), `seed` (sampling only;
+default 1234, lm-eval's torch seed).
 
 What each request computes is what lm-eval's `hf` model computes for GPT-2 (`HFLM`), so the
 same weights score the same (tests hold them equal):
@@ -40,6 +42,7 @@ padded to 50304 for speed) are never generated, and log-probs are normalised ove
 real ids, so a checkpoint scores what `gpt-fn export --vocab-size 50257` of it scores in HF.
 """
 
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -69,6 +72,7 @@ from gpt_fn.runtime import DTYPES, resolve_device
 from gpt_fn.shapes import Params
 from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 
+logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
 """lm-eval's `HFLM.max_gen_toks`: tokens a `generate_until` request may make unless it says."""
@@ -133,11 +137,13 @@ class GPTFnLM(TemplateLM):
                 f"gpt_fn model: vocab_size {config.vocab_size} is smaller than GPT-2's tokenizer "
                 f"({GPT2_VOCAB_SIZE} ids); lm-eval feeds it GPT-2 tokens"
             )
-        if dtype not in DTYPES:
-            raise ValueError(f"gpt_fn model: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self._device = resolve_device("auto" if device is None else str(device))
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(
+                f"gpt_fn model: dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}"
+            )
+        self._device = _device(device)
         self.params = {
-            name: value.to(device=self._device, dtype=DTYPES[dtype])
+            name: value.to(device=self._device, dtype=DTYPES.get(dtype, value.dtype))
             for name, value in params.items()
         }
         self.config = config
@@ -338,6 +344,17 @@ if __name__ != "__main__":
     # Registered by the importable module only: `python -m gpt_fn.harness` runs this file as
     # __main__ and imports `gpt_fn.harness` below, which must not meet a second GPTFnLM.
     register_model("gpt_fn", "gpt-fn")(GPTFnLM)
+
+
+def _device(spec: str | None) -> torch.device:
+    """The device to run on. lm-eval's CLI asks for `cuda:0` unless `--device` is given; as
+    its `hf` model does, a CUDA device without CUDA falls back to the CPU (with a warning)."""
+    if spec is None:
+        return resolve_device("auto")
+    if str(spec).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("gpt_fn model: device %r, but CUDA is not available; running on cpu", spec)
+        return torch.device("cpu")
+    return resolve_device(str(spec))
 
 
 def _batch_size(value: int | str | None) -> int:

@@ -269,14 +269,15 @@ def test_generation_never_picks_a_padded_vocabulary_id(setup):
         ({"checkpoint": "CKPT", "pretrained": "gpt2"}, r"unknown model_args \['pretrained'\]"),
         ({"checkpoint": "CKPT", "batch_size": "auto"}, "batch_size=auto is not supported"),
         ({"checkpoint": "CKPT", "max_length": 49}, "max_length=49 is more than the model's"),
-        ({"checkpoint": "CKPT", "dtype": "float64"}, "dtype must be one of"),
+        ({"checkpoint": "CKPT", "dtype": "float64"}, "dtype must be auto or one of"),
+        ({"checkpoint": "CKPT", "device": "gpu"}, "unknown device 'gpu'"),
         ({"checkpoint": "missing"}, "no checkpoint at"),
     ],
 )
 def test_bad_model_args_are_named(setup, args, message):
     args = {k: (str(setup["root"] / "ckpt") if v == "CKPT" else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=message):
-        GPTFnLM.create_from_arg_obj(args, {"device": "cpu"})
+        GPTFnLM.create_from_arg_obj(args, {} if "device" in args else {"device": "cpu"})
 
 
 def test_generation_kwargs_gpt_fn_cannot_honour_are_refused(setup):
@@ -353,3 +354,11 @@ def test_the_prefix_token_is_gpt2s_end_of_text(setup):
     lm = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cpu")
     assert lm.prefix_token_id == lm.eot_token_id == EOT_TOKEN
     assert lm.tok_decode([EOT_TOKEN, *gpt2().encode("Hi")]) == "Hi"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_as_its_hf_model_does(setup, caplog):
+    # lm-eval's CLI passes device="cuda:0" when --device is not given.
+    lm = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cuda:0", dtype="auto")
+    assert lm.device == torch.device("cpu") and "CUDA is not available" in caplog.text
+    assert lm.params["wte.weight"].dtype == torch.float32
