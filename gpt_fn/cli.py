@@ -20,14 +20,18 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from gpt_fn import data, hf, sampling
+from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.model import init_params
@@ -361,12 +365,6 @@ def _add_eval_parsers(commands: Any) -> None:
 
 
 def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import time
-
-    from tqdm import tqdm
-
-    from gpt_fn import eval as evaluation
-
     if args.checkpoint is None and args.hf is None:
         parser.error("give the model: --checkpoint DIR or --hf DIR")
     if args.text is None and args.tokens is None and args.choices is None:
@@ -457,9 +455,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_token_file(path: Path) -> Any:
-    import numpy as np
-
+def _read_token_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"--tokens {path}: no such file")
     size = path.stat().st_size
