@@ -76,6 +76,7 @@ def token_scores(
     config: GPTConfig,
     *,
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    positions: Bool[Tensor, "batch next"] | None = None,
     vocab_size: int | None = None,
     attention: AttentionKernel = "sdpa",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -85,7 +86,8 @@ def token_scores(
     `tokens`: a `(batch, seq)` tensor (padded on either side, with `attention_mask`, 1 = real)
     or token lists of any lengths (padded on the right). A row may hold `block_size + 1`
     tokens: the model reads the first `seq - 1` and scores the last `seq - 1`. A position is
-    scored when the token and its predecessor are real; elsewhere the log-prob is 0, so
+    scored when the token and its predecessor are real (and, with `positions`, where it is
+    True: the LM head then runs only there); elsewhere the log-prob is 0, so
     `.logprobs.sum(1)` is each row's total. `vocab_size`: normalise over the first
     `vocab_size` ids only (default: the model's whole vocabulary). Runs without gradients.
     """
@@ -115,6 +117,13 @@ def token_scores(
         scored = torch.ones_like(targets, dtype=torch.bool)
     else:
         scored = mask[:, :-1] & mask[:, 1:]
+    if positions is not None:
+        if positions.dtype != torch.bool or positions.shape != targets.shape:
+            raise ValueError(
+                f"positions must be a bool tensor of shape {tuple(targets.shape)} (batch, seq - 1), "
+                f"got {positions.dtype} {tuple(positions.shape)}"
+            )
+        scored = scored & positions.to(scored.device)
     logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=wte.device)
     greedy = torch.zeros(targets.shape, dtype=torch.bool, device=wte.device)
     if inputs.shape[1] == 0 or not bool(scored.any()):
@@ -348,15 +357,14 @@ def perplexity(
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         rows = [ids[w.begin : w.end].tolist() for w in batch]
-        scores = token_scores(
-            params, rows, config, vocab_size=vocab_size, attention=attention
-        ).logprobs
-        # Output column j predicts token begin + 1 + j: keep the ones from `first` on.
-        columns = torch.arange(scores.shape[1], device=device)
+        # Output column j predicts token begin + 1 + j: score the ones from `first` on.
+        columns = torch.arange(max(w.end - w.begin for w in batch) - 1, device=device)
         offsets = torch.tensor([w.first - w.begin - 1 for w in batch], device=device)
-        ends = torch.tensor([w.end - w.begin - 1 for w in batch], device=device)
-        keep = (columns >= offsets[:, None]) & (columns < ends[:, None])
-        nats -= float(scores[keep].double().sum())
+        keep = columns >= offsets[:, None]
+        scores = token_scores(
+            params, rows, config, positions=keep, vocab_size=vocab_size, attention=attention
+        )
+        nats -= float(scores.logprobs[scores.scored].double().sum())
         for w in batch:
             targets = ids[w.first : w.end]
             n_tokens += len(targets)
@@ -456,13 +464,21 @@ def score_continuations(
     results: list[ContinuationScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        # Only the continuation's positions (the last ones of each row) need the LM head.
+        spans = [slice(len(rows[i]) - 1 - len(requests[i][1]), len(rows[i]) - 1) for i in chunk]
+        keep = torch.zeros(len(chunk), len(rows[chunk[0]]) - 1, dtype=torch.bool)
+        for row, span in enumerate(spans):
+            keep[row, span] = True
         scores = token_scores(
-            params, [rows[i] for i in chunk], config, vocab_size=vocab_size, attention=attention
+            params,
+            [rows[i] for i in chunk],
+            config,
+            positions=keep.to(params["wte.weight"].device),
+            vocab_size=vocab_size,
+            attention=attention,
         )
         logprobs, greedy = scores.logprobs.double().cpu(), scores.greedy.cpu()
-        for row, i in enumerate(chunk):
-            stop = len(rows[i]) - 1
-            span = slice(stop - len(requests[i][1]), stop)
+        for row, (i, span) in enumerate(zip(chunk, spans, strict=True)):
             results[i] = ContinuationScore(
                 float(logprobs[row, span].sum()), bool(greedy[row, span].all())
             )

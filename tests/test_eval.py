@@ -112,6 +112,20 @@ def test_left_padding_with_a_mask_scores_only_real_pairs(tiny_config):
     assert scores.logprobs[0, :2].tolist() == [0.0, 0.0]
 
 
+def test_positions_limit_what_is_scored_and_change_nothing_else(tiny_config, generator):
+    params = spread_params(tiny_config, seed=1)
+    rows = [[5, 17, 3, 99, 42, 8], [7, 1, 2]]
+    full = evaluation.token_scores(params, rows, tiny_config)
+    positions = torch.tensor([[False, True, True, False, True], [True, False, True, True, True]])
+    part = evaluation.token_scores(params, rows, tiny_config, positions=positions)
+    # Row 1 has 2 real pairs: its positions 2..4 are padding and stay unscored.
+    assert torch.equal(part.scored, full.scored & positions)
+    torch.testing.assert_close(part.logprobs[part.scored], full.logprobs[part.scored], **FP32)
+    assert bool((part.logprobs[~part.scored] == 0).all()) and not part.greedy[~part.scored].any()
+    with pytest.raises(ValueError, match=r"positions must be a bool tensor of shape \(2, 5\)"):
+        evaluation.token_scores(params, rows, tiny_config, positions=positions[:, :4])
+
+
 def test_vocab_size_normalises_over_the_first_ids_only(tiny_config, generator):
     params = spread_params(tiny_config, seed=2)
     tokens = torch.randint(0, 50, (2, 9), generator=generator)
