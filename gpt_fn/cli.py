@@ -1,4 +1,4 @@
-"""The `gpt-fn` command: `train`, `prepare`, `sample` and `export`.
+"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval` and `lm-eval`.
 
     gpt-fn train                          # cpu-small on the offline Shakespeare corpus, then samples
     gpt-fn train --config run.json --max-steps 2000
@@ -6,6 +6,8 @@
     gpt-fn prepare --data tinyshakespeare
     gpt-fn sample --checkpoint out --prompt "ROMEO:" --top-k 200
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
+    gpt-fn eval --checkpoint out --tokens data/shakespeare/val.bin --choices hellaswag_val.jsonl
+    gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
 on stderr naming the problem and a non-zero exit: 2 for a bad flag, 1 for bad input or a
@@ -18,14 +20,18 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from gpt_fn import data, hf, sampling
+from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.model import init_params
@@ -33,7 +39,7 @@ from gpt_fn.rundir import RunDirError
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN, gpt2
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
@@ -123,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "rows padded for speed)",
     )
     export.set_defaults(run=_export)
+    _add_eval_parsers(commands)
     return parser
 
 
@@ -310,6 +317,188 @@ def _crop_vocab(params: Params, config: GPTConfig, vocab_size: int) -> tuple[Par
         )
     cropped = dataclasses.replace(config, vocab_size=vocab_size)
     return {**params, "wte.weight": params["wte.weight"][:vocab_size].clone()}, cropped
+
+
+# --- eval and lm-eval ---------------------------------------------------------------------
+
+
+def _add_eval_parsers(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="perplexity, bits per byte and multiple-choice accuracy of a model"
+    )
+    _add_model_source(evaluate)
+    texts = evaluate.add_mutually_exclusive_group()
+    texts.add_argument(
+        "--text", type=Path, help="a UTF-8 text file: sliding-window perplexity and bits/byte"
+    )
+    texts.add_argument(
+        "--tokens",
+        type=Path,
+        help="a uint16 GPT-2 token file (gpt-fn prepare's val.bin), scored like --text",
+    )
+    evaluate.add_argument(
+        "--choices",
+        type=Path,
+        help="a HellaSwag-style jsonl file ({ctx, endings, label} a line): acc and acc_norm",
+    )
+    evaluate.add_argument(
+        "--stride", type=int, help="tokens between window starts (default: block_size // 2)"
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=8, help="windows or endings per forward (default: 8)"
+    )
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("eval.json"), help="the JSON results file (eval.json)"
+    )
+    evaluate.set_defaults(run=_eval)
+
+    # prefix_chars="+": every flag after `lm-eval` is lm-eval's, passed on untouched.
+    harness = commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's CLI with the gpt_fn model registered (--model gpt_fn)",
+        add_help=False,
+        prefix_chars="+",
+    )
+    harness.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    harness.set_defaults(run=_lm_eval)
+
+
+def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.checkpoint is None and args.hf is None:
+        parser.error("give the model: --checkpoint DIR or --hf DIR")
+    if args.text is None and args.tokens is None and args.choices is None:
+        parser.error("give something to evaluate: --text FILE, --tokens FILE and/or --choices FILE")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stride is not None and args.stride < 1:
+        parser.error(f"--stride must be >= 1, got {args.stride}")
+    device = resolve_device(args.device)
+    # Inputs first: a bad file fails before the model loads.
+    text_path = args.text or args.tokens
+    tokens = None
+    if args.text is not None:
+        tokens = evaluation.encode_text(_read_text(args.text))
+    elif args.tokens is not None:
+        tokens = _read_token_file(args.tokens)
+    items = evaluation.read_choices(args.choices) if args.choices is not None else None
+    params, config, about = _eval_model(args)
+    params = {name: value.to(device) for name, value in params.items()}
+    results: dict[str, Any] = {"model": about}
+    rows: list[tuple[str, str]] = []
+    started = time.perf_counter()
+    if tokens is not None:
+        stride = config.block_size // 2 if args.stride is None else args.stride
+        if stride > config.block_size:
+            raise ValueError(
+                f"--stride {stride} is more than the model's block_size {config.block_size}: "
+                "windows would skip tokens"
+            )
+        if len(tokens) < 2:
+            raise ValueError(
+                f"{text_path} holds {len(tokens)} token(s); perplexity needs at least 2"
+            )
+        windows = len(
+            evaluation.sliding_windows(len(tokens), block_size=config.block_size, stride=stride)
+        )
+        begun = time.perf_counter()
+        with tqdm(total=windows, unit="window", file=sys.stderr, dynamic_ncols=True) as bar:
+            scored = evaluation.perplexity(
+                params, tokens, config, stride=stride, batch_size=args.batch_size,
+                progress=bar.update,
+            )  # fmt: skip
+        seconds = time.perf_counter() - begun
+        results["text"] = {"path": str(text_path), **scored.to_dict(), "seconds": seconds}
+        rows += [
+            (f"{text_path}", f"{scored.tokens:,} tokens, {scored.bytes:,} bytes"),
+            ("  windows", f"{scored.windows:,} of {config.block_size}, stride {stride}"),
+            ("  nats/token", f"{scored.nats_per_token:.4f}"),
+            ("  perplexity", f"{scored.perplexity:.2f}"),
+            ("  bits/byte", f"{scored.bits_per_byte:.4f}"),
+            ("  seconds", f"{seconds:.1f}"),
+        ]
+    if items is not None:
+        endings = sum(len(item.endings) for item in items)
+        begun = time.perf_counter()
+        with tqdm(total=endings, unit="ending", file=sys.stderr, dynamic_ncols=True) as bar:
+            chosen = evaluation.multiple_choice(
+                params, items, config, batch_size=args.batch_size, progress=bar.update
+            )
+        seconds = time.perf_counter() - begun
+        results["choices"] = {"path": str(args.choices), **chosen.to_dict(), "seconds": seconds}
+        rows += [
+            (f"{args.choices}", f"{chosen.items:,} items, {endings:,} endings"),
+            ("  acc", f"{chosen.acc:.4f}"),
+            ("  acc_norm", f"{chosen.acc_norm:.4f}"),
+            ("  acc_bytes", f"{chosen.acc_bytes:.4f}"),
+            ("  seconds", f"{seconds:.1f}"),
+        ]
+    results["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"model: {about['source']} ({about['description']})")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"--text {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--text {path} is not UTF-8 text: {error}") from None
+    if not text.strip():
+        raise ValueError(f"--text {path} is empty: there is nothing to score")
+    return text
+
+
+def _read_token_file(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"--tokens {path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"--tokens {path} is empty: there is nothing to score")
+    if size % 2:
+        raise ValueError(
+            f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
+        )
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if int(tokens.max()) >= GPT2_VOCAB_SIZE:
+        raise ValueError(
+            f"--tokens {path} holds id {int(tokens.max())}, not a GPT-2 token (< "
+            f"{GPT2_VOCAB_SIZE}): is it a uint16 token file?"
+        )
+    return tokens
+
+
+def _eval_model(args: argparse.Namespace) -> tuple[Params, GPTConfig, dict[str, Any]]:
+    if args.checkpoint is not None:
+        saved = load_checkpoint(args.checkpoint)
+        params, config = saved.params, saved.model_config
+        about = {"source": str(args.checkpoint), "step": saved.step}
+    else:
+        params, config = hf.load(args.hf)
+        about = {"source": str(args.hf)}
+    about["config"] = config.to_dict()
+    about["description"] = (
+        f"{config.n_layer} layers x {config.n_embd}, block {config.block_size}, "
+        f"vocab {config.vocab_size}" + (f", step {about['step']}" if "step" in about else "")
+    )
+    return params, config, about
+
+
+def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        from gpt_fn import harness
+    except ImportError as error:
+        raise OSError(
+            f"gpt-fn lm-eval needs lm-evaluation-harness: pip install 'gpt_fn[lm-eval]' ({error})"
+        ) from error
+    harness.main(args.args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -357,3 +357,134 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert stop, err
     assert load_checkpoint(out).step == int(stop[1])
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
+
+
+# --- gpt-fn eval ----------------------------------------------------------------------------
+
+EVAL_TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 4
+
+
+@pytest.fixture
+def eval_files(tmp_path):
+    text = tmp_path / "plays.txt"
+    text.write_text(EVAL_TEXT)
+    choices = tmp_path / "items.jsonl"
+    choices.write_text(
+        '{"ctx": "ROMEO:", "endings": ["But, soft!", "Hello there"], "label": 0}\n'
+        '{"ctx": "It is the", "endings": ["east", "west", "sun"], "label": 2}\n'
+    )
+    return text, choices
+
+
+def test_eval_prints_a_table_and_writes_json(capsys, checkpoint_dir, eval_files, tmp_path):
+    text, choices = eval_files
+    out = tmp_path / "results.json"
+    code, stdout, err = run(
+        capsys, "eval", "--checkpoint", checkpoint_dir, "--text", text, "--choices", choices,
+        "--stride", "8", "--batch-size", "3", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    from gpt_fn import eval as evaluation
+
+    saved = load_checkpoint(checkpoint_dir)
+    expected = evaluation.perplexity(saved.params, EVAL_TEXT, saved.model_config, stride=8)
+    assert results["text"]["nats_per_token"] == pytest.approx(expected.nats_per_token)
+    assert results["text"]["bits_per_byte"] == pytest.approx(expected.bits_per_byte)
+    assert results["text"]["tokens"] == expected.tokens and results["text"]["stride"] == 8
+    assert results["choices"]["items"] == 2 and 0 <= results["choices"]["acc_norm"] <= 1
+    assert results["model"]["step"] == 5
+    for label in ("perplexity", "bits/byte", "acc_norm", f"wrote {out}"):
+        assert label in stdout
+    assert "window" in err  # the progress bar
+
+
+def test_eval_scores_a_token_file_like_its_text(capsys, checkpoint_dir, tmp_path):
+    import numpy as np
+
+    from gpt_fn.tokenizer import gpt2
+
+    (tmp_path / "val.bin").write_bytes(
+        np.array(gpt2().encode_ordinary(EVAL_TEXT), dtype=np.uint16).tobytes()
+    )
+    (tmp_path / "val.txt").write_text(EVAL_TEXT)
+    for name in ("val.bin", "val.txt"):
+        flag = "--tokens" if name.endswith(".bin") else "--text"
+        out = tmp_path / f"{name}.json"
+        code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, flag, tmp_path / name,
+                           "--out", out)  # fmt: skip
+        assert code == 0, err
+    by_tokens, by_text = (json.loads((tmp_path / f"{n}.json").read_text())["text"]
+                          for n in ("val.bin", "val.txt"))  # fmt: skip
+    assert by_tokens["nats"] == pytest.approx(by_text["nats"]) and by_tokens["stride"] == 16
+
+
+@pytest.mark.parametrize(
+    ("make", "flag", "pattern"),
+    [
+        (None, "--text", r"--text .*missing.txt: no such file"),
+        ("", "--text", r"--text .* is empty: there is nothing to score"),
+        ("\n  \n", "--text", r"is empty"),
+        ("Hi", "--text", r"holds 1 token\(s\); perplexity needs at least 2"),
+        (None, "--tokens", r"--tokens .*: no such file"),
+        (b"\x01", "--tokens", r"holds 1 bytes, not a whole number of uint16"),
+        (None, "--choices", r"no such file"),
+        ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": ', "--choices",
+         r"line 2: not valid JSON"),
+        ('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n\n'
+         '{"ctx": "a", "endings": ["b", "c"], "label": 3}\n', "--choices",
+         r"line 3: label 3 is out of range for 2 endings"),
+    ],
+)  # fmt: skip
+def test_eval_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, make, flag, pattern):
+    path = tmp_path / "missing.txt"
+    if make is not None:
+        path = tmp_path / "input"
+        if isinstance(make, bytes):
+            path.write_bytes(make)
+        else:
+            path.write_text(make)
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, flag, path,
+                       "--out", tmp_path / "r.json")  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--text", "x.txt"], "give the model: --checkpoint DIR or --hf DIR"),
+        (["--checkpoint", "ckpt"], "give something to evaluate"),
+        (["--checkpoint", "ckpt", "--text", "a", "--tokens", "b"], "not allowed with argument"),
+        (["--checkpoint", "ckpt", "--text", "a", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--checkpoint", "ckpt", "--text", "a", "--stride", "0"], "--stride must be >= 1"),
+    ],
+)
+def test_eval_usage_errors_exit_2(capsys, args, pattern):
+    code, _, err = run(capsys, "eval", *args)
+    assert code == 2 and re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_eval_stride_beyond_the_block_and_a_missing_checkpoint(capsys, checkpoint_dir, eval_files):
+    text, _ = eval_files
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text", text,
+                       "--stride", "33")  # fmt: skip
+    assert_one_line(code, err, r"--stride 33 is more than the model's block_size 32")
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir / "nope", "--text", text)
+    assert_one_line(code, err, "no checkpoint at")
+
+
+def test_eval_reads_a_hf_directory_like_the_checkpoint(
+    capsys, checkpoint_dir, eval_files, tmp_path
+):
+    text, _ = eval_files
+    saved = load_checkpoint(checkpoint_dir)
+    hf.save(saved.params, saved.model_config, tmp_path / "exported")
+    for source, out in ((["--checkpoint", checkpoint_dir], "a.json"),
+                        (["--hf", tmp_path / "exported"], "b.json")):  # fmt: skip
+        code, stdout, err = run(capsys, "eval", *source, "--text", text, "--out", tmp_path / out)
+        assert code == 0, err
+    by_checkpoint, by_hf = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert by_hf["text"]["nats"] == pytest.approx(by_checkpoint["text"]["nats"], rel=1e-6)
+    assert "step" not in by_hf["model"] and by_checkpoint["model"]["step"] == 5

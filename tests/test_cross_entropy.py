@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from jaxtyping import TypeCheckError
 
 import gpt_fn.nn.cross_entropy as cross_entropy
-from gpt_fn.nn.cross_entropy import linear_cross_entropy
+from gpt_fn.nn.cross_entropy import linear_cross_entropy, linear_log_probs
 from gpt_fn.shapes import shape_checks
 
 # fp32: the chunked matmuls sum in another order than one big matmul, and each row's 1/n share
@@ -267,3 +267,68 @@ def test_bad_input_is_named():
         linear_cross_entropy(hidden, weight, targets.index_fill(0, torch.tensor([0]), -1))
     with pytest.raises(ValueError, match="every one of the 6 targets is ignore_index=-100"):
         linear_cross_entropy(hidden, weight, torch.full_like(targets, -100))
+
+
+# --- per-row log-probs (evaluation) ---------------------------------------------------------
+
+
+def _reference_log_probs(hidden, weight, targets):
+    logits = F.linear(hidden, weight).float()
+    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
+
+
+@pytest.mark.parametrize(("n", "chunk_size"), [(1, 512), (37, 8), (64, 64), (65, 16)])
+def test_log_probs_and_greedy_equal_the_reference(n, chunk_size):
+    hidden, weight, targets = (t.detach() for t in _problem(n, 12, 53, scale=2.0))
+    # Make a third of the targets the argmax, so `greedy` is tested both ways.
+    argmax = F.linear(hidden, weight).argmax(-1)
+    targets = torch.where(torch.arange(n) % 3 == 0, argmax, targets)
+    ours = linear_log_probs(hidden, weight, targets, chunk_size=chunk_size)
+    logprobs, greedy = _reference_log_probs(hidden, weight, targets)
+    torch.testing.assert_close(ours.logprobs, logprobs, **FP32)
+    assert torch.equal(ours.greedy, greedy) and bool(ours.greedy[::3].all())
+
+
+def test_log_probs_are_exact_and_finite_for_large_logits():
+    hidden, weight, targets = (t.detach() for t in _problem(9, 4, 17, scale=1e4))
+    ours = linear_log_probs(hidden, weight, targets, chunk_size=4)
+    assert bool(ours.logprobs.isfinite().all()) and bool((ours.logprobs <= 0).all())
+    torch.testing.assert_close(ours.logprobs, _reference_log_probs(hidden, weight, targets)[0])
+
+
+def test_ignored_rows_get_log_prob_zero_and_are_not_greedy():
+    hidden, weight, targets = (t.detach() for t in _problem(8, 6, 11))
+    targets = targets.index_fill(0, torch.tensor([1, 4]), -100)
+    ours = linear_log_probs(hidden, weight, targets)
+    assert ours.logprobs[[1, 4]].tolist() == [0.0, 0.0] and not ours.greedy[[1, 4]].any()
+    kept = targets != -100
+    reference = _reference_log_probs(hidden[kept], weight, targets[kept])[0]
+    torch.testing.assert_close(ours.logprobs[kept], reference, **FP32)
+    # Unlike the mean loss, an all-ignored batch is fine: nothing to score.
+    assert linear_log_probs(hidden, weight, torch.full_like(targets, -100)).logprobs.sum() == 0
+
+
+@pytest.mark.parametrize("matmuls", ["as on this machine", "native bf16"])
+def test_log_probs_under_bf16_autocast_round_where_the_reference_does(matmuls, monkeypatch):
+    if matmuls == "native bf16":
+        monkeypatch.setattr(cross_entropy, "_matmul_dtype", lambda dtype, device: dtype)
+    hidden, weight, targets = (t.detach() for t in _problem(40, 32, 301, scale=0.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_log_probs(hidden, weight, targets, chunk_size=16)
+        logprobs, greedy = _reference_log_probs(hidden, weight, targets)
+    assert ours.logprobs.dtype == torch.float32
+    # Both log-softmax the bf16-rounded logits in fp32: they differ by summation order only.
+    torch.testing.assert_close(ours.logprobs, logprobs, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.greedy, greedy)
+
+
+def test_log_probs_refuse_to_be_differentiated_and_check_their_arguments():
+    hidden, weight, targets = _problem(6, 4, 9)
+    with pytest.raises(RuntimeError, match="not differentiable; call it under torch.no_grad"):
+        linear_log_probs(hidden, weight, targets)
+    with torch.no_grad():
+        assert linear_log_probs(hidden, weight, targets).logprobs.shape == (6,)
+        with pytest.raises(ValueError, match=r"target 9 is outside \[0, vocab=9\)"):
+            linear_log_probs(hidden, weight, targets.index_fill(0, torch.tensor([2]), 9))
+        with shape_checks(False), pytest.raises(ValueError, match="targets has 5 rows"):
+            linear_log_probs(hidden, weight, targets[:5])

@@ -13,7 +13,7 @@ from gpt_fn.nn.attention import (
     sdpa_kernel,
     self_attention,
 )
-from gpt_fn.nn.cross_entropy import linear_cross_entropy
+from gpt_fn.nn.cross_entropy import TokenLogProbs, linear_cross_entropy, linear_log_probs
 from gpt_fn.nn.layers import dropout, embed, layer_norm, mlp
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "KVWriter",
     "Mask",
     "Tap",
+    "TokenLogProbs",
     "attention_pattern",
     "attention_scores",
     "causal_mask",
@@ -29,6 +30,7 @@ __all__ = [
     "embed",
     "layer_norm",
     "linear_cross_entropy",
+    "linear_log_probs",
     "manual_kernel",
     "mlp",
     "sdpa_kernel",

@@ -25,13 +25,17 @@ Transforms: `torch.func.grad` works (setup_context-style `autograd.Function`),
 `torch.func.vmap` loops over the mapped axis (per-sample gradients), and `torch.compile`
 traces it without graph breaks. Second derivatives (`create_graph=True` and a second
 backward, `grad` of `grad`) and forward-mode AD are not supported: they raise.
+
+`linear_log_probs(hidden, weight, targets)` is the evaluation side of the same sweep: each
+row's `log softmax(hidden @ weight.T)[target]` and whether the target is the row's argmax
+(lm-evaluation-harness's `is_greedy`), chunk by chunk, without gradients.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt_fn.checks import check_int, check_token_tensor, is_traced
@@ -80,6 +84,78 @@ def linear_cross_entropy(
     return loss
 
 
+class TokenLogProbs(NamedTuple):
+    """Per-row results of `linear_log_probs`."""
+
+    logprobs: Float[Tensor, " n"]
+    """`log softmax(logits)[target]` in fp32 (fp64 for fp64 inputs); 0 for ignored rows."""
+    greedy: Bool[Tensor, " n"]
+    """Whether the target is the row's argmax (`logits.argmax() == target`); False if ignored."""
+
+
+def linear_log_probs(
+    hidden: Float[Tensor, "n d_model"],
+    weight: Float[Tensor, "vocab d_model"],
+    targets: Int[Tensor, " n"],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = -100,
+) -> TokenLogProbs:
+    """Each row's log-probability of its target under logits `hidden @ weight.T`, and whether
+    the target is the argmax, computed `chunk_size` rows at a time: the `(n, vocab)` logits
+    never exist at once.
+
+    Equals `F.log_softmax(F.linear(hidden, weight).float(), -1).gather(1, targets[:, None])`
+    and `logits.argmax(-1) == targets`, with the rounding `linear_cross_entropy` has under
+    autocast. Not differentiable: with grad mode on and an input that requires grad it raises
+    (use `linear_cross_entropy`, or `F.log_softmax` over materialised logits, for gradients).
+    Raises `ValueError`/`TypeError` for the arguments `linear_cross_entropy` rejects, except
+    that every target may be `ignore_index`.
+    """
+    _check_arguments(
+        hidden,
+        weight,
+        targets,
+        chunk_size=chunk_size,
+        ignore_index=ignore_index,
+        need_counted=False,
+    )
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise RuntimeError(
+            "linear_log_probs is not differentiable; call it under torch.no_grad() (or use "
+            "linear_cross_entropy for gradients of the loss)"
+        )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        operand_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        operand_dtype = hidden.dtype
+    matmul_dtype = _matmul_dtype(operand_dtype, hidden.device)
+    wide_dtype = torch.promote_types(operand_dtype, torch.float32)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    counted = targets != ignore_index
+    safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
+    logprobs = hidden.new_zeros(n, dtype=wide_dtype)
+    greedy = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    with torch.autocast(device_type, enabled=False):
+        h = hidden.to(operand_dtype).to(matmul_dtype).contiguous()
+        w = weight.to(operand_dtype).to(matmul_dtype).contiguous()
+        chunk = max(1, min(chunk_size, n))
+        buffer = hidden.new_empty((chunk, vocab), dtype=matmul_dtype)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            product = torch.mm(h[start:stop], w.T, out=buffer[: stop - start])
+            # Round where F.linear's output is rounded (operand precision), then widen.
+            logits = product.to(operand_dtype).to(wide_dtype)
+            target_c = safe_targets[start:stop]
+            # The argmax of the logits, not of the probabilities: exp can round ties into them.
+            greedy[start:stop] = logits.argmax(1) == target_c[:, 0]
+            logprobs[start:stop] = (
+                logits.gather(1, target_c) - torch.logsumexp(logits, 1, keepdim=True)
+            )[:, 0]
+    return TokenLogProbs(logprobs.masked_fill(~counted, 0.0), greedy & counted)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """The non-tensor arguments of one call: how to chunk, which dtypes, which gradients."""
@@ -109,7 +185,13 @@ def _matmul_dtype(operand_dtype: torch.dtype, device: torch.device) -> torch.dty
 
 
 def _check_arguments(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int, ignore_index: int
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int,
+    ignore_index: int,
+    need_counted: bool = True,
 ) -> None:
     check_int("chunk_size", chunk_size, at_least=1)
     check_int("ignore_index", ignore_index)
@@ -150,7 +232,7 @@ def _check_arguments(
         raise ValueError(
             f"target {bad} is outside [0, vocab={vocab}) and is not ignore_index={ignore_index}"
         )
-    if n_counted == 0:
+    if n_counted == 0 and need_counted:
         raise ValueError(
             f"every one of the {targets.shape[0]} targets is ignore_index={ignore_index}: "
             "the mean loss over no targets is undefined"
