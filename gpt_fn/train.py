@@ -14,6 +14,7 @@ current step and saves a checkpoint of that step (a second Ctrl-C aborts at once
 """
 
 import contextlib
+import functools
 import signal
 import statistics
 import sys
@@ -43,6 +44,7 @@ from gpt_fn.checkpoint import (
     save_sharded_checkpoint,
 )
 from gpt_fn.config import GPTConfig
+from gpt_fn.eval import bits_per_byte
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -324,9 +326,11 @@ class _Run:
                 done = step + 1
                 if done % settings.eval_interval == 0 or done == settings.max_steps:
                     record["val_loss"] = self._evaluate(done)
+                    record["val_bpb"] = bits_per_byte(record["val_loss"], self._val_targets)
                     self._checkpoint(done)
                     say(
-                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
+                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
+                        f"({record['val_bpb']:.3f} bits/byte)"
                     )
                 if runtime.is_main:
                     self.run_dir.append_metrics(record)
@@ -418,6 +422,19 @@ class _Run:
                 f"{self._kept()}"
             )
         return val_loss
+
+    @functools.cached_property
+    def _val_targets(self) -> Tensor:
+        """Every target token of the evaluation batches (all ranks' rows): what val bpb counts."""
+        return torch.cat(
+            [
+                data.eval_batch(
+                    self.val_tokens, batch_size=self.settings.batch_size,
+                    block_size=self.config.block_size, seed=self.settings.seed, index=index,
+                )[1]
+                for index in range(self.settings.eval_batches)
+            ]
+        )  # fmt: skip
 
     def _checkpoint(self, step: int) -> None:
         checkpoint = Checkpoint(

@@ -341,3 +341,21 @@ def test_a_folder_of_llmc_shards_trains_as_it_is(corpus, tmp_path):
     summary = train(settings, log=_quiet)
     assert torch.isfinite(torch.tensor(summary["val_loss"]))
     assert not (folder / "meta.json").exists()  # read in place, nothing prepared
+
+
+def test_evals_log_val_bits_per_byte_next_to_val_loss(corpus, tmp_path):
+    import math
+
+    from gpt_fn import data
+    from gpt_fn.eval import count_bytes
+
+    settings = _settings(corpus, tmp_path / "run", max_steps=2, eval_interval=2)
+    train(settings, log=_quiet)
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    val = data.load_split(settings.data_dir, "val", block_size=16)
+    targets = [
+        data.eval_batch(val, batch_size=4, block_size=16, seed=0, index=i)[1] for i in range(2)
+    ]
+    tokens = sum(t.numel() for t in targets)
+    expected = record["val_loss"] * tokens / (math.log(2) * sum(count_bytes(t) for t in targets))
+    assert record["val_bpb"] == pytest.approx(expected, rel=1e-9)
