@@ -6,7 +6,7 @@
     gpt-fn prepare --data tinyshakespeare
     gpt-fn sample --checkpoint out --prompt "ROMEO:" --top-k 200
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
-    gpt-fn eval --checkpoint out --tokens data/shakespeare/val.bin --choices hellaswag_val.jsonl
+    gpt-fn eval --checkpoint out --tokens data/shakespeare --choices hellaswag_val.jsonl
     gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
@@ -334,7 +334,8 @@ def _add_eval_parsers(commands: Any) -> None:
     texts.add_argument(
         "--tokens",
         type=Path,
-        help="a uint16 GPT-2 token file (gpt-fn prepare's val.bin), scored like --text",
+        help="GPT-2 tokens scored like --text: a prepared data folder (its val split), an "
+        "llm.c token shard, or a raw uint16 token file",
     )
     evaluate.add_argument(
         "--choices",
@@ -456,8 +457,13 @@ def _read_text(path: Path) -> str:
 
 
 def _read_token_file(path: Path) -> np.ndarray:
+    if path.is_dir():  # `gpt-fn prepare`'s folder (or llm.c shards): its val split
+        return np.asarray(data.load_split(path, "val", block_size=1))
     if not path.is_file():
         raise FileNotFoundError(f"--tokens {path}: no such file")
+    with path.open("rb") as file:
+        if file.read(4) == np.int32(data.SHARD_MAGIC).tobytes():
+            return data.read_shard(path)
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--tokens {path} is empty: there is nothing to score")

@@ -93,7 +93,7 @@ class TrainSettings:
         None, "step at which the cosine decay reaches --min-lr (default: --max-steps)", "run"
     )
     optimizer: Literal["adamw", "muon"] = _setting(
-        "adamw",
+        "muon",
         "adamw, or muon: Muon for the blocks' matrices, AdamW for embeddings, gains, biases",
         "run",
     )

@@ -408,6 +408,16 @@ def test_eval_scores_a_token_file_like_its_text(capsys, checkpoint_dir, tmp_path
         np.array(gpt2().encode_ordinary(EVAL_TEXT), dtype=np.uint16).tobytes()
     )
     (tmp_path / "val.txt").write_text(EVAL_TEXT)
+    ids = np.array(gpt2().encode_ordinary(EVAL_TEXT), dtype=np.uint16)
+    shards = tmp_path / "shards"  # llm.c's layout: a header, then the tokens
+    shards.mkdir()
+    (shards / "x_val_000000.bin").write_bytes(data.shard_header(len(ids)) + ids.tobytes())
+    (shards / "x_train_000000.bin").write_bytes(data.shard_header(len(ids)) + ids.tobytes())
+    for name, source in (("shard", shards / "x_val_000000.bin"), ("folder", shards)):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--tokens", source,
+                           "--out", out)  # fmt: skip
+        assert code == 0, err
     for name in ("val.bin", "val.txt"):
         flag = "--tokens" if name.endswith(".bin") else "--text"
         out = tmp_path / f"{name}.json"
@@ -417,6 +427,10 @@ def test_eval_scores_a_token_file_like_its_text(capsys, checkpoint_dir, tmp_path
     by_tokens, by_text = (json.loads((tmp_path / f"{n}.json").read_text())["text"]
                           for n in ("val.bin", "val.txt"))  # fmt: skip
     assert by_tokens["nats"] == pytest.approx(by_text["nats"]) and by_tokens["stride"] == 16
+    for name in ("shard", "folder"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["text"]["nats"] == pytest.approx(
+            by_text["nats"]
+        )
 
 
 @pytest.mark.parametrize(
