@@ -11,8 +11,10 @@
 - `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
 - `samplers`: `greedy` and `categorical` (explicit generators).
 - `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+- `beam`: `beam_search` (HF's rules and scores).
 """
 
+from gpt_fn.sampling.beam import BeamSearchOutput, beam_search
 from gpt_fn.sampling.decoding import (
     DecodeState,
     cut_at_stop,
@@ -46,9 +48,11 @@ from gpt_fn.sampling.transforms import (
 
 __all__ = [
     "PAD",
+    "BeamSearchOutput",
     "DecodeState",
     "Transform",
     "ban_tokens",
+    "beam_search",
     "categorical",
     "chain",
     "check_logits",
