@@ -52,7 +52,8 @@ def _hf(model, prompt, mask=None, **options):
 
 
 @pytest.mark.parametrize(
-    ("num_beams", "returned", "length_penalty"), [(4, 1, 1.0), (4, 3, 1.0), (3, 2, 2.0), (2, 2, 0.0)]
+    ("num_beams", "returned", "length_penalty"),
+    [(4, 1, 1.0), (4, 3, 1.0), (3, 2, 2.0), (2, 2, 0.0)],
 )
 def test_fixed_length_beams_and_scores_equal_hf_generate(
     model, converted, num_beams, returned, length_penalty
@@ -79,7 +80,9 @@ def test_fixed_length_beams_and_scores_equal_hf_generate(
     ("early_stopping", "length_penalty"),
     [(False, 1.0), (True, 0.5), ("never", 2.0), (False, -1.0)],
 )
-def test_beams_that_end_with_eos_equal_hf_generate(model, converted, early_stopping, length_penalty):
+def test_beams_that_end_with_eos_equal_hf_generate(
+    model, converted, early_stopping, length_penalty
+):
     params, config = converted
     prompt, new = _prompt(), 12
     free = beam_search(params, prompt, config, 4, max_new_tokens=new)
@@ -119,7 +122,9 @@ def test_each_prompt_of_a_ragged_batch_gets_the_beams_it_gets_alone(converted):
     for i, row in enumerate(rows):
         alone = beam_search(params, [row], config, 3, max_new_tokens=6, num_return_sequences=2)
         assert batched.sequences[2 * i : 2 * i + 2] == alone.sequences
-        torch.testing.assert_close(batched.scores[2 * i : 2 * i + 2], alone.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            batched.scores[2 * i : 2 * i + 2], alone.scores, atol=1e-5, rtol=0
+        )
 
 
 def test_a_score_is_the_summed_log_probability_over_length_to_the_penalty_also_past_block_size(
@@ -146,7 +151,9 @@ def test_one_beam_is_greedy_and_a_transform_sees_the_log_probs(converted):
     params, config = converted
     prompt = _prompt()
     one = beam_search(params, prompt, config, 1, max_new_tokens=10)
-    assert torch.equal(one.sequences, generate(params, prompt, config, max_new_tokens=10, greedy=True))
+    assert torch.equal(
+        one.sequences, generate(params, prompt, config, max_new_tokens=10, greedy=True)
+    )
     penalised = beam_search(
         params, prompt, config, 1, max_new_tokens=10, transform=repetition_penalty(50.0)
     )
@@ -173,4 +180,6 @@ def test_bad_arguments_are_named(converted, change, message):
     arguments = dict(prompt=_prompt(), num_beams=4, max_new_tokens=8) | change
     # Our own checks, as a user without the test-time shape checker meets them.
     with shape_checks(False), pytest.raises(ValueError, match=message):
-        beam_search(params, arguments.pop("prompt"), config, arguments.pop("num_beams"), **arguments)
+        beam_search(
+            params, arguments.pop("prompt"), config, arguments.pop("num_beams"), **arguments
+        )

@@ -12,6 +12,7 @@
 - `samplers`: `greedy` and `categorical` (explicit generators).
 - `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
 - `beam`: `beam_search` (HF's rules and scores).
+- `speculative`: `speculative_generate`, a draft model's tokens checked by the target.
 """
 
 from gpt_fn.sampling.beam import BeamSearchOutput, beam_search
@@ -28,6 +29,11 @@ from gpt_fn.sampling.decoding import (
     row_generators,
 )
 from gpt_fn.sampling.samplers import categorical, check_logits, greedy
+from gpt_fn.sampling.speculative import (
+    SpeculativeOutput,
+    SpeculativeStats,
+    speculative_generate,
+)
 from gpt_fn.sampling.transforms import (
     PAD,
     Transform,
@@ -50,6 +56,8 @@ __all__ = [
     "PAD",
     "BeamSearchOutput",
     "DecodeState",
+    "SpeculativeOutput",
+    "SpeculativeStats",
     "Transform",
     "ban_tokens",
     "beam_search",
@@ -73,6 +81,7 @@ __all__ = [
     "presence_penalty",
     "repetition_penalty",
     "row_generators",
+    "speculative_generate",
     "temperature",
     "top_k",
     "top_p",
