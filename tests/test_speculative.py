@@ -109,7 +109,7 @@ def test_a_draft_that_is_the_target_makes_k_plus_one_tokens_per_target_forward()
     )  # fmt: skip
     assert out.stats.acceptance_rate == 1.0
     # Rounds of 5, 5: two target forwards for ten tokens per row (plain decoding: ten).
-    assert out.stats.rounds == 2 and out.stats.new_tokens == 20
+    assert out.stats.rounds == 2 and out.stats.row_rounds == 4 and out.stats.new_tokens == 20
 
 
 def test_a_padded_tensor_with_its_mask_gives_what_token_lists_give():

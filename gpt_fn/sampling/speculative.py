@@ -75,6 +75,9 @@ class SpeculativeStats(NamedTuple):
     rounds: int
     """Target forwards over the cache after the prefill (one per round, all rows together),
     plus plain decode steps past `block_size`."""
+    row_rounds: int
+    """Rounds summed over the rows each included: `new_tokens / row_rounds` is the mean
+    number of tokens a row gets per target forward (1 without a draft)."""
     draft_forwards: int
     """Draft forwards after its prefill."""
     new_tokens: int
@@ -196,7 +199,7 @@ class _Speculation:
         self.stops = _StopStrings(stop, tokenizer, rows) if stop else None
         self.attention = attention
         self.new: list[list[int]] = [[] for _ in range(rows)]
-        self.proposed = self.accepted = self.rounds = self.draft_forwards = 0
+        self.proposed = self.accepted = self.rounds = self.row_rounds = self.draft_forwards = 0
 
     # ------------------------------------------------------------------ the decoding loop
 
@@ -268,7 +271,8 @@ class _Speculation:
             self.params, chunk, self.config, attention=self.attention, cache=self.target,
             write="in_place",
         )  # fmt: skip
-        model_logits = hidden @ self.head  # (rows, k + 1, vocab)
+        # (rows, k + 1, vocab); a 2-D matmul: ~1.5x faster on CPU than the batched 3-D one.
+        model_logits = (hidden.flatten(0, 1) @ self.head).view(rows, k + 1, -1)
         logits = model_logits
         if self.transform is not None:
             # Position i's context is the row so far and the first i proposals, left-padded.
@@ -291,6 +295,7 @@ class _Speculation:
         else:
             accepted, last = self._accept(logits.float().softmax(dim=-1), proposals, q_probs)
         self.rounds += 1
+        self.row_rounds += rows
         self.proposed += k * rows
         self.accepted += int(accepted.sum())
         emitted = torch.cat([proposals, proposals.new_zeros(rows, 1)], dim=1)
@@ -432,6 +437,7 @@ class _Speculation:
             else:
                 token = samplers._categorical(logits, self.gens)
             self.rounds += 1
+            self.row_rounds += len(self.active)
             ones = torch.ones_like(token)
             done = self._emit(token[:, None], ones)
             self.generated = self.generated + 1
@@ -456,6 +462,7 @@ class _Speculation:
             proposed=self.proposed,
             accepted=self.accepted,
             rounds=self.rounds,
+            row_rounds=self.row_rounds,
             draft_forwards=self.draft_forwards,
             new_tokens=sum(len(new) for new in self.new),
         )
