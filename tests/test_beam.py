@@ -173,6 +173,11 @@ def test_one_beam_is_greedy_and_a_transform_sees_the_log_probs(converted):
         (dict(eos_token_id=101), r"eos_token_id 101 is outside \[0, vocab_size=101\)"),
         (dict(prompt=[[1], []]), "row 1 has no tokens"),
         (dict(prompt=torch.zeros(1, 17, dtype=torch.long)), "longer than block_size=16"),
+        (dict(attention_mask=torch.ones(3, 2)), r"attention_mask has shape \(3, 2\), the tokens"),
+        (
+            dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])),
+            "attention_mask row 1 has no real token",
+        ),
     ],
 )
 def test_bad_arguments_are_named(converted, change, message):
