@@ -45,6 +45,8 @@ from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
 # that diverged. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RunDirError, TrainingDiverged)
+DEFAULT_PROMPT = "ROMEO:"
+DEFAULT_TEMPERATURE = 0.8
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,9 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="stream samples from a checkpoint or GPT-2 weights")
     _add_model_source(sample)
     sample.add_argument("--preset", default="cpu-tiny", help="random model when neither is given")
-    sample.add_argument("--prompt", default="ROMEO:", help="text to continue")
+    prompts = sample.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help=f"text to continue (default {DEFAULT_PROMPT!r})")
+    prompts.add_argument(
+        "--prompt-file", type=Path, help="a text file of prompts, one a line: one batch"
+    )
     sample.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    sample.add_argument("--temperature", type=float, default=0.8, help="softmax temperature")
+    sample.add_argument(
+        "--temperature", type=float, help=f"softmax temperature (default {DEFAULT_TEMPERATURE})"
+    )
     sample.add_argument("--top-k", type=int, help="keep the k most likely tokens")
     sample.add_argument("--top-p", type=float, help="keep the smallest set with this mass")
     sample.add_argument("--min-p", type=float, help="keep tokens >= this x the top probability")
@@ -112,7 +120,27 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
     sample.add_argument(
-        "--num-samples", type=int, default=1, help="samples of the prompt (one batch)"
+        "--num-samples",
+        type=int,
+        default=1,
+        help="samples of each prompt (one batch); with --num-beams, the best beams to print",
+    )
+    sample.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end a sample after this text (repeatable); the printed text ends with it",
+    )
+    sample.add_argument(
+        "--num-beams", type=int, help="beam search with this many beams: the best beam per prompt"
+    )
+    sample.add_argument(
+        "--draft-checkpoint",
+        type=Path,
+        help="speculative decoding: a smaller gpt_fn checkpoint of the same vocabulary drafts",
+    )
+    sample.add_argument(
+        "--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round"
     )
     sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
     sample.set_defaults(run=_sample)
@@ -218,69 +246,241 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    for name in ("max_new_tokens", "num_samples"):
+    for name in ("max_new_tokens", "num_samples", "num_draft_tokens"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            _usage_error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
+        _usage_error(f"--seed must be >= 0, got {args.seed}")
+    if args.stop is not None and not all(args.stop):
+        _usage_error("--stop must not be empty")
+    if args.num_beams is not None:
+        _check_beam_flags(args, parser)
     device = resolve_device(args.device)
     encoding = gpt2()
-    prompt_ids = encoding.encode(args.prompt, allowed_special="all")
-    if not prompt_ids:
-        parser.error("--prompt must not be empty")
+    texts = _prompt_texts(args, parser)
+    prompts = [encoding.encode(text, allowed_special="all") for text in texts]
     try:
         transform = sampling.make_transform(
-            temperature=None if args.greedy else args.temperature,
+            temperature=None if args.greedy or args.num_beams else _temperature(args),
             top_k=args.top_k,
             top_p=args.top_p,
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
         )
     except ValueError as error:
-        parser.error(str(error))
+        _usage_error(str(error))
     params, config = _sampling_model(args)
-    if len(prompt_ids) > config.block_size:
-        raise ValueError(
-            f"--prompt is {len(prompt_ids)} tokens, longer than the model's block_size "
-            f"{config.block_size}"
-        )
+    for index, ids in enumerate(prompts):
+        if len(ids) > config.block_size:
+            where = "--prompt" if args.prompt_file is None else f"--prompt-file line {index + 1}"
+            raise ValueError(
+                f"{where} is {len(ids)} tokens, longer than the model's block_size "
+                f"{config.block_size}"
+            )
     if config.vocab_size > encoding.n_vocab:  # ids the tokenizer never makes: padding rows
         banned = sampling.ban_tokens(range(encoding.n_vocab, config.vocab_size))
         transform = sampling.chain(banned, transform)
     params = {k: v.to(device) for k, v in params.items()}
+    if args.num_beams is not None:
+        return _beam_search(args, params, config, texts, prompts, transform, encoding)
+    if args.draft_checkpoint is not None:
+        return _speculative(args, params, config, texts, prompts, transform, encoding, device)
+    seed = None if args.greedy else args.seed
+    if len(prompts) == 1 and args.num_samples == 1:
+        stream = sampling.generate_stream(
+            params,
+            torch.tensor(prompts, device=device),
+            config,
+            max_new_tokens=args.max_new_tokens,
+            transform=transform,
+            greedy=args.greedy,
+            seed=seed,
+            eos_token_id=EOT_TOKEN,
+            stop=args.stop,
+        )
+        _print_stream(texts[0], (int(token) for token in stream), encoding, args.stop)
+        return 0
     # One batch: row i's randomness depends only on (seed, i) (`sampling.row_generators`),
     # so sample 1 of `--num-samples 2 --seed 0` never repeats sample 0 of `--seed 1`.
-    prompt = torch.tensor([prompt_ids] * args.num_samples, device=device)
-    stream = sampling.generate_stream(
+    rows = sampling.generate(
         params,
-        prompt,
+        prompts,
         config,
         max_new_tokens=args.max_new_tokens,
         transform=transform,
         greedy=args.greedy,
-        seed=None if args.greedy else args.seed,
+        seed=seed,
         eos_token_id=EOT_TOKEN,
+        stop=args.stop,
+        num_samples=args.num_samples,
     )
-    if args.num_samples == 1:
-        _print_stream(args.prompt, (int(token) for token in stream), encoding)
-        return 0
-    rows = torch.stack(list(stream), dim=1).tolist() if args.max_new_tokens else []
-    for index, row in enumerate(rows):
-        print(f"--- sample {index + 1} ---")
-        _print_stream(args.prompt, iter(row), encoding)
+    _print_rows(args, texts, prompts, rows, encoding)
     return 0
 
 
-def _print_stream(prompt: str, tokens: Iterator[int], encoding: Any) -> None:
-    """The prompt, then each token's text as soon as it forms whole UTF-8 characters."""
+def _temperature(args: argparse.Namespace) -> float:
+    return DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+
+
+def _check_beam_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Beam search is deterministic: flags that sample or draft would be silently ignored."""
+    if args.num_beams < 1:
+        _usage_error(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.draft_checkpoint is not None:
+        _usage_error("--num-beams searches, --draft-checkpoint drafts samples: choose one")
+    for flag in ("temperature", "top_k", "top_p", "min_p"):
+        if getattr(args, flag) is not None:
+            _usage_error(
+                f"--{flag.replace('_', '-')} shapes sampling; --num-beams searches "
+                "deterministically: drop one of them"
+            )
+    if args.num_samples > args.num_beams:
+        _usage_error(
+            f"--num-samples {args.num_samples} with --num-beams {args.num_beams}: beam search "
+            "keeps at most num-beams best beams per prompt"
+        )
+
+
+def _prompt_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The prompts: `--prompt`'s text, or the non-blank lines of `--prompt-file`."""
+    if args.prompt_file is None:
+        text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        if not text:
+            _usage_error("--prompt must not be empty")
+        return [text]
+    try:
+        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        raise ValueError(f"--prompt-file {args.prompt_file}: cannot read it: {reason}") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ValueError(f"--prompt-file {args.prompt_file} holds no prompts (one a line)")
+    return texts
+
+
+def _beam_search(
+    args: argparse.Namespace,
+    params: Params,
+    config: GPTConfig,
+    texts: list[str],
+    prompts: list[list[int]],
+    transform: sampling.Transform,
+    encoding: Any,
+) -> int:
+    out = sampling.beam_search(
+        params,
+        prompts,
+        config,
+        args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        num_return_sequences=args.num_samples,
+        eos_token_id=EOT_TOKEN,
+        transform=transform,
+    )
+    for index, (row, score) in enumerate(zip(out.sequences, out.scores.tolist(), strict=True)):
+        prompt, beam = divmod(index, args.num_samples)
+        where = f"prompt {prompt + 1}, " if len(texts) > 1 else ""
+        print(f"--- {where}beam {beam + 1}, score {score:.4f} ---")
+        _print_stream(texts[prompt], iter(row[len(prompts[prompt]) :]), encoding, args.stop)
+    return 0
+
+
+def _speculative(
+    args: argparse.Namespace,
+    params: Params,
+    config: GPTConfig,
+    texts: list[str],
+    prompts: list[list[int]],
+    transform: sampling.Transform,
+    encoding: Any,
+    device: torch.device,
+) -> int:
+    draft = load_checkpoint(args.draft_checkpoint)
+    if draft.model_config.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"--draft-checkpoint {args.draft_checkpoint} has vocab_size "
+            f"{draft.model_config.vocab_size}, the model {config.vocab_size}: a draft must "
+            "share the model's vocabulary"
+        )
+    rows = [ids for ids in prompts for _ in range(args.num_samples)]
+    out = sampling.speculative_generate(
+        params,
+        rows,
+        config,
+        draft_params={k: v.to(device) for k, v in draft.params.items()},
+        draft_config=draft.model_config,
+        max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens,
+        transform=transform,
+        greedy=args.greedy,
+        seed=None if args.greedy else args.seed,
+        eos_token_id=EOT_TOKEN,
+        stop=args.stop,
+    )
+    _print_rows(args, texts, prompts, out.tokens, encoding)
+    stats = out.stats
+    print(
+        f"(speculative decoding: {stats.accepted} of {stats.proposed} draft tokens accepted "
+        f"({stats.acceptance_rate:.0%}); {stats.new_tokens} tokens in {stats.rounds} target "
+        f"forwards over {len(rows)} rows)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _print_rows(
+    args: argparse.Namespace,
+    texts: list[str],
+    prompts: list[list[int]],
+    rows: list[list[int]],
+    encoding: Any,
+) -> None:
+    """Each row's prompt and its new tokens' text, under a header when there are several."""
+    samples = args.num_samples
+    for index, row in enumerate(rows):
+        prompt, sample = divmod(index, samples)
+        if len(texts) > 1:
+            which = f", sample {sample + 1}" if samples > 1 else ""
+            print(f"--- prompt {prompt + 1}{which} ---")
+        elif samples > 1:
+            print(f"--- sample {sample + 1} ---")
+        _print_stream(texts[prompt], iter(row[len(prompts[prompt]) :]), encoding, args.stop)
+
+
+def _print_stream(
+    prompt: str, tokens: Iterator[int], encoding: Any, stop: Sequence[str] | None = None
+) -> None:
+    """The prompt, then each token's text as soon as it forms whole UTF-8 characters.
+
+    With `stop` strings the new text ends with the first one it contains
+    (`sampling.cut_at_stop`); the last characters that may begin one are held back until it
+    is clear they do not.
+    """
     print(prompt, end="", flush=True)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    keep = max(len(s) for s in stop) - 1 if stop else 0
+    pending = ""
     with torch.no_grad():
         for token in tokens:
             if token == EOT_TOKEN:
                 break
-            print(text.decode(encoding.decode_single_token_bytes(token)), end="", flush=True)
-    print(text.decode(b"", final=True))
+            pending += text.decode(encoding.decode_single_token_bytes(token))
+            if stop and any(s in pending for s in stop):
+                print(sampling.cut_at_stop(pending, stop))
+                return
+            shown = len(pending) - keep
+            if shown > 0:
+                print(pending[:shown], end="", flush=True)
+                pending = pending[shown:]
+    pending += text.decode(b"", final=True)
+    print(sampling.cut_at_stop(pending, stop) if stop else pending)
+
+
+def _usage_error(message: str) -> typing.NoReturn:
+    """A bad combination of `sample` flags: one line naming it, exit 2 (argparse's code)."""
+    print(f"gpt-fn sample: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _sampling_model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:

@@ -20,6 +20,8 @@ import torch
 from gpt_fn import GPTConfig, cli, data, flops, forward, hf, init_params
 from gpt_fn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gpt_fn.rundir import read_metrics
+from gpt_fn.sampling import ban_tokens, beam_search, cut_at_stop
+from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 TINY_RUN = [
     "--preset=cpu-tiny", "--n-layer=1", "--n-embd=32", "--block-size=16", "--batch-size=4",
@@ -502,3 +504,161 @@ def test_eval_reads_a_hf_directory_like_the_checkpoint(
     by_checkpoint, by_hf = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert by_hf["text"]["nats"] == pytest.approx(by_checkpoint["text"]["nats"], rel=1e-6)
     assert "step" not in by_hf["model"] and by_checkpoint["model"]["step"] == 5
+
+
+# --- batches of prompts, stop strings, beams and drafts --------------------------------------
+
+
+def _spread_checkpoint(path: Path, config: GPTConfig, seed: int) -> Path:
+    """A random checkpoint whose greedy paths are far from ties (as in test_decoding), so that
+    tokens computed in other groupings (beams, draft chunks) agree with plain decoding."""
+    params = init_params(config, seed=seed)
+    params = {
+        **params,
+        "wte.weight": params["wte.weight"] * 10,
+        "wpe.weight": params["wpe.weight"] * 100,
+    }
+    save_checkpoint(path, Checkpoint(params, {}, 5, config, {}))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path, one_thread) -> dict[str, Path]:
+    # one_thread: these tiny models decode in milliseconds a step; a second thread on a busy
+    # machine makes each step wait for it (10x slower here).
+    target = GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    draft = GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=1, n_embd=8)
+    other_vocab = GPTConfig(vocab_size=50304, block_size=32, n_layer=1, n_head=1, n_embd=8)
+    return {
+        "target": _spread_checkpoint(tmp_path / "target", target, 0),
+        "draft": _spread_checkpoint(tmp_path / "draft", draft, 1),
+        "other_vocab": _spread_checkpoint(tmp_path / "other", other_vocab, 2),
+    }
+
+
+PROMPTS = ["ROMEO:", "JULIET: O Romeo", "", "Wherefore"]  # a blank line is no prompt
+
+
+def _prompt_file(tmp_path, lines=PROMPTS, name="prompts.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _blocks(out: str) -> dict[str, str]:
+    """Printed samples by header (`--- prompt 2 ---` -> its text)."""
+    parts = re.split(r"^--- (.*) ---\n", out, flags=re.M)
+    return dict(zip(parts[1::2], (text.rstrip("\n") for text in parts[2::2]), strict=True))
+
+
+def test_a_prompt_file_is_one_batch_and_each_sample_is_what_its_prompt_gives_alone(
+    capsys, models, tmp_path
+):
+    ckpt = f"--checkpoint={models['target']}"
+    code, out, err = run(
+        capsys, "sample", ckpt, "--prompt-file", _prompt_file(tmp_path), "--greedy",
+        "--max-new-tokens=10",
+    )  # fmt: skip
+    assert code == 0, err
+    blocks = _blocks(out)
+    assert list(blocks) == ["prompt 1", "prompt 2", "prompt 3"]
+    for header, prompt in zip(blocks, ["ROMEO:", "JULIET: O Romeo", "Wherefore"], strict=True):
+        code, alone, err = run(capsys, "sample", ckpt, "--prompt", prompt, "--greedy",
+                               "--max-new-tokens=10")  # fmt: skip
+        assert blocks[header] == alone.rstrip("\n") and alone.startswith(prompt)
+    code, out, _ = run(
+        capsys, "sample", ckpt, "--prompt-file", _prompt_file(tmp_path), "--num-samples=2",
+        "--max-new-tokens=4",
+    )  # fmt: skip
+    assert code == 0 and list(_blocks(out))[:3] == [
+        "prompt 1, sample 1", "prompt 1, sample 2", "prompt 2, sample 1",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_stop_ends_the_printed_text_with_the_stop_string(capsys, models, tmp_path, batched):
+    ckpt = f"--checkpoint={models['target']}"
+    code, free, _ = run(
+        capsys, "sample", ckpt, "--prompt=ROMEO:", "--greedy", "--max-new-tokens=12"
+    )
+    generated = free.rstrip("\n")[len("ROMEO:") :]
+    stop = generated[4:7]  # three characters in the middle of the new text
+    source = ["--prompt-file", _prompt_file(tmp_path, ["ROMEO:", "x"])] if batched else []
+    code, out, err = run(
+        capsys, "sample", ckpt, *(source or ["--prompt=ROMEO:"]), "--greedy",
+        "--max-new-tokens=12", "--stop", stop, "--stop", "never printed",
+    )  # fmt: skip
+    assert code == 0, err
+    text = _blocks(out)["prompt 1"] if batched else out.rstrip("\n")
+    assert text == "ROMEO:" + cut_at_stop(generated, [stop]) and text.endswith(stop)
+
+
+def test_num_beams_prints_the_best_beams_of_each_prompt_with_their_scores(capsys, models, tmp_path):
+    ckpt = f"--checkpoint={models['target']}"
+    code, out, err = run(
+        capsys, "sample", ckpt, "--prompt-file", _prompt_file(tmp_path), "--num-beams=3",
+        "--num-samples=2", "--max-new-tokens=6",
+    )  # fmt: skip
+    assert code == 0, err
+    blocks = _blocks(out)
+    assert len(blocks) == 6
+    saved = load_checkpoint(models["target"])
+    encoding = gpt2()
+    prompt = encoding.encode("JULIET: O Romeo")
+    best = beam_search(saved.params, [prompt], saved.model_config, 3, max_new_tokens=6,
+                       eos_token_id=EOT_TOKEN, transform=ban_tokens([]))  # fmt: skip
+    header = f"prompt 2, beam 1, score {float(best.scores[0]):.4f}"
+    assert blocks[header] == "JULIET: O Romeo" + encoding.decode(best.sequences[0][len(prompt) :])
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_draft_checkpoint_decodes_speculatively_and_reports_acceptance(
+    capsys, models, tmp_path, greedy
+):
+    common = [
+        "sample", f"--checkpoint={models['target']}", "--prompt-file", _prompt_file(tmp_path),
+        "--max-new-tokens=12", *(["--greedy"] if greedy else ["--seed=3"]),
+    ]  # fmt: skip
+    code, out, err = run(capsys, *common, f"--draft-checkpoint={models['draft']}")
+    assert code == 0, err
+    assert re.search(r"speculative decoding: \d+ of \d+ draft tokens accepted", err)
+    assert len(_blocks(out)) == 3
+    if greedy:  # the target's own greedy tokens
+        assert out == run(capsys, *common)[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "pattern", "expected"),
+    [
+        (["--num-beams=2", "--top-k=5"], "--top-k shapes sampling; --num-beams searches", 2),
+        (["--num-beams=2", "--temperature=0.5"], "--temperature shapes sampling", 2),
+        (["--num-beams=2", "--num-samples=3"], "--num-samples 3 with --num-beams 2", 2),
+        (["--num-beams=0"], "--num-beams must be >= 1", 2),
+        (["--num-beams=2", "--draft-checkpoint=x"], "--num-beams searches, --draft-checkpoint", 2),
+        (["--num-draft-tokens=0"], "--num-draft-tokens must be >= 1", 2),
+        (["--stop="], "--stop must not be empty", 2),
+    ],
+)
+def test_sample_flags_that_cannot_go_together(capsys, models, flags, pattern, expected):
+    code, _, err = run(capsys, "sample", f"--checkpoint={models['target']}", *flags)
+    assert_one_line(code, err, re.escape(pattern), expected=expected)
+
+
+def test_prompt_files_and_drafts_that_cannot_be_used_are_one_line(capsys, models, tmp_path):
+    ckpt = f"--checkpoint={models['target']}"
+    cases = [
+        (["--prompt-file", tmp_path / "none.txt"], "--prompt-file .*none.txt: cannot read it"),
+        (["--prompt-file", _prompt_file(tmp_path, ["", "  "], "blank.txt")], "holds no prompts"),
+        (
+            ["--prompt-file", _prompt_file(tmp_path, ["ROMEO:", "a " * 40], "long.txt")],
+            "--prompt-file line 2 is 41 tokens, longer than the model's block_size 32",
+        ),
+        (
+            [f"--draft-checkpoint={models['other_vocab']}"],
+            "--draft-checkpoint .* has vocab_size 50304, the model 50257",
+        ),
+        ([f"--draft-checkpoint={tmp_path / 'nowhere'}"], "no checkpoint"),
+    ]
+    for flags, pattern in cases:
+        code, _, err = run(capsys, "sample", ckpt, "--max-new-tokens=2", *flags)
+        assert_one_line(code, err, pattern)

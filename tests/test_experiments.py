@@ -192,8 +192,30 @@ def test_gpt2_logits_reads_weights_from_a_directory(tmp_path):
     assert max(e["max_abs_diff"] for k in result["comparisons"].values() for e in k.values()) < 1e-5
 
 
+def test_speculative_decoding_measures_both_decoders_and_the_k_sweep(tmp_path, data_dir):
+    experiment = load("speculative_decoding")
+    out = tmp_path / "speculative"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "speculative_decoding")["k"] == result["k"] == 4
+    settings = result["measurements"]["settings"]
+    assert {(e["batch"], e["mode"]) for e in settings} == {
+        (b, m) for b in experiment.BATCHES for m in experiment.MODES
+    }
+    for entry in settings:
+        assert entry["tokens_per_s"]["plain"] > 0 and entry["tokens_per_s"]["speculative"] > 0
+        assert 0 <= entry["acceptance_rate"] <= 1 and entry["predicted_speedup"] > 0
+        if entry["mode"] == "greedy":  # the target's greedy tokens, row for row
+            assert entry["identical_rows"] == max(experiment.BATCHES)
+    assert {e["k"] for e in result["k_sweep"]} == {1, 2}
+    assert (out / "target" / "metrics.jsonl").is_file() and (out / "draft").is_dir()
+    # One token per round (nothing accepted) at 3 target steps' cost; five for free.
+    assert experiment.predicted_speedup(1.0, 4, 0.5) == pytest.approx(1 / 3)
+    assert experiment.predicted_speedup(5.0, 4, 0.0) == 5
+
+
 @pytest.mark.parametrize(
-    "name", ["ensemble_vmap", "attention_kernels", "lr_schedules", "gpt2_logits"]
+    "name",
+    ["ensemble_vmap", "attention_kernels", "lr_schedules", "gpt2_logits", "speculative_decoding"],
 )
 def test_every_experiment_takes_the_shared_options(name, capsys, tmp_path):
     experiment = load(name)

@@ -260,8 +260,18 @@ def _torchrun(tmp_path, *args, nproc=2):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_fsdp_equals_one_process_and_resumes_exactly_on_another_number_of_ranks(corpus, tmp_path):
-    common = [
+# FSDP reduce-scatters two half-batch means where one process takes one mean: fp32 rounding
+# ~1e-7 per step, as for DDP, under AdamW. Muon orthogonalises in bf16 (8 mantissa bits, as
+# torch.optim.Muon): a 1e-7 difference in a gradient can flip a bf16 rounding in
+# Newton-Schulz, which moves that update by ~2^-8 of itself; measured 3.9e-5 after 6 steps.
+FSDP_TOLERANCE = {"adamw": 1e-5, "muon": 2e-4}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fsdp_equals_one_process_and_resumes_exactly_on_another_number_of_ranks(
+    corpus, tmp_path, optimizer
+):
+    common = [f"--optimizer={optimizer}",
         f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}", "--preset=cpu-tiny", "--n-layer=1",
         "--n-embd=32", "--block-size=16", "--batch-size=4", "--eval-interval=2",
         "--eval-batches=1", "--sample-tokens=4", "--lr-decay-steps=6", "--lr=3e-3",
@@ -278,10 +288,8 @@ def test_fsdp_equals_one_process_and_resumes_exactly_on_another_number_of_ranks(
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     resumed = read_metrics(sharded / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(6))
-    # FSDP reduce-scatters two half-batch means where one process takes one mean: fp32
-    # rounding ~1e-7 per step, as for DDP; the same bound.
     for a, b in zip(one, resumed, strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5
+        assert abs(a["loss"] - b["loss"]) <= FSDP_TOLERANCE[optimizer]
         assert a["lr"] == b["lr"]
     # The sharded checkpoint reads whole: it converts to the single file and to HF.
     whole = load_checkpoint(sharded)

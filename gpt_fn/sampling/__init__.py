@@ -11,8 +11,11 @@
 - `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
 - `samplers`: `greedy` and `categorical` (explicit generators).
 - `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+- `beam`: `beam_search` (HF's rules and scores).
+- `speculative`: `speculative_generate`, a draft model's tokens checked by the target.
 """
 
+from gpt_fn.sampling.beam import BeamSearchOutput, beam_search
 from gpt_fn.sampling.decoding import (
     DecodeState,
     cut_at_stop,
@@ -26,6 +29,11 @@ from gpt_fn.sampling.decoding import (
     row_generators,
 )
 from gpt_fn.sampling.samplers import categorical, check_logits, greedy
+from gpt_fn.sampling.speculative import (
+    SpeculativeOutput,
+    SpeculativeStats,
+    speculative_generate,
+)
 from gpt_fn.sampling.transforms import (
     PAD,
     Transform,
@@ -46,9 +54,13 @@ from gpt_fn.sampling.transforms import (
 
 __all__ = [
     "PAD",
+    "BeamSearchOutput",
     "DecodeState",
+    "SpeculativeOutput",
+    "SpeculativeStats",
     "Transform",
     "ban_tokens",
+    "beam_search",
     "categorical",
     "chain",
     "check_logits",
@@ -69,6 +81,7 @@ __all__ = [
     "presence_penalty",
     "repetition_penalty",
     "row_generators",
+    "speculative_generate",
     "temperature",
     "top_k",
     "top_p",

@@ -85,6 +85,17 @@ class DecodeState(NamedTuple):
         """Which of `tokens` are real (not padding)."""
         return self.tokens != PAD
 
+    def select(self, rows: Int[Tensor, " rows"]) -> "DecodeState":
+        """The state of `rows` (in that order, repeats allowed): fan-out, beam reordering,
+        dropping finished rows. The cache buffers are copied, so both states stay valid."""
+        tokens = self.tokens.index_select(0, rows)
+        return DecodeState(
+            tokens,
+            None if self.cache is None else self.cache.select(rows),
+            self.logits.index_select(0, rows),
+            int((tokens != PAD).sum(dim=1).max()) if len(rows) else 0,
+        )
+
 
 def prefill(
     params: Params,
@@ -178,12 +189,7 @@ def fan_out(state: DecodeState, n: int) -> DecodeState:
     if n == 1:
         return state
     rows = torch.arange(state.tokens.shape[0], device=state.tokens.device).repeat_interleave(n)
-    return DecodeState(
-        state.tokens.index_select(0, rows),
-        None if state.cache is None else state.cache.select(rows),
-        state.logits.index_select(0, rows),
-        state.longest,
-    )
+    return state.select(rows)
 
 
 def generate_stream(
