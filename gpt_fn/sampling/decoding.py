@@ -198,41 +198,13 @@ def generate_stream(
     config: GPTConfig,
     *,
     max_new_tokens: int,
-    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
-    transform: Transform | None = None,
-    greedy: bool = False,
-    seed: int | None = None,
-    eos_token_id: int | None = None,
-    stop: Sequence[str] | None = None,
-    tokenizer: Any = None,
-    pad_token_id: int | None = None,
-    num_samples: int = 1,
-    use_cache: bool = True,
-    attention: AttentionKernel = "sdpa",
-    hooks: Hooks | None = None,
-    compile: bool = False,
+    **options: Any,
 ) -> Iterator[Int[Tensor, " rows"]]:
-    """Yield each new token (one per row) as soon as it is chosen; `generate` says what each
-    argument does. Arguments are validated when this is called, not at the first token."""
-    return _Generation(
-        params,
-        prompt,
-        config,
-        max_new_tokens=max_new_tokens,
-        attention_mask=attention_mask,
-        transform=transform,
-        greedy=greedy,
-        seed=seed,
-        eos_token_id=eos_token_id,
-        stop=stop,
-        tokenizer=tokenizer,
-        pad_token_id=pad_token_id,
-        num_samples=num_samples,
-        use_cache=use_cache,
-        attention=attention,
-        hooks=hooks,
-        compile=compile,
-    ).stream()
+    """Yield each new token (one per row) as soon as it is chosen; the options are `generate`'s.
+
+    Arguments are validated when this is called, not at the first token.
+    """
+    return _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options).stream()
 
 
 def generate(
@@ -442,31 +414,16 @@ class _Generation:
         self.params, self.config, self.prompt = params, config, prompt
         self.tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, at_least=0)
-        if transform is not None and not callable(transform):
-            raise ValueError(
-                f"transform must be a function (logits, context) -> logits, got {transform!r}"
-            )
-        self.transform = transform
         self.num_samples = check_int("num_samples", num_samples, at_least=1)
         rows = self.tokens.shape[0] * self.num_samples
-        self.generators = None
-        if not check_bool("greedy", greedy):
-            if seed is None:
-                raise ValueError(
-                    "seed must be an int >= 0 when sampling (greedy=False), got None: "
-                    "randomness is an argument"
-                )
-            check_int("seed", seed, at_least=0)
-            self.generators = row_generators(seed, rows, self.tokens.device)
-        if eos_token_id is not None:
-            check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
-        self.eos_token_id = eos_token_id
-        if pad_token_id is None:
-            pad_token_id = 0 if eos_token_id is None else eos_token_id
-        self.pad_token_id = check_token_id(
-            "pad_token_id", pad_token_id, vocab_size=config.vocab_size
-        )
-        self.stops = _StopStrings(stop, tokenizer, rows) if stop else None
+        choices = sampling_choices(
+            config, rows=rows, device=self.tokens.device, transform=transform, greedy=greedy,
+            seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
+            tokenizer=tokenizer,
+        )  # fmt: skip
+        self.transform, self.generators = choices.transform, choices.generators
+        self.eos_token_id, self.pad_token_id = choices.eos_token_id, choices.pad_token_id
+        self.stops = choices.stops
         self.use_cache = check_bool("use_cache", use_cache)
         self.attention = attention
         if hooks is not None:
@@ -542,6 +499,52 @@ class _Generation:
             row + generated[: None if end is None else end + 1]
             for row, generated, end in zip(rows, columns, self.finished_at, strict=True)
         ]
+
+
+class SamplingChoices(NamedTuple):
+    """How a decoder picks and stops: the checked options `generate` and its siblings share."""
+
+    transform: Transform | None
+    generators: list[torch.Generator] | None  # one per row; None: greedy
+    eos_token_id: int | None
+    pad_token_id: int  # what a stopped row emits
+    stops: "_StopStrings | None"
+
+
+def sampling_choices(
+    config: GPTConfig,
+    *,
+    rows: int,
+    device: torch.device,
+    transform: Transform | None,
+    greedy: bool,
+    seed: int | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    stop: Sequence[str] | None,
+    tokenizer: Any,
+) -> SamplingChoices:
+    """The decoding options checked once (`ValueError` naming the bad one), for `rows` rows."""
+    if transform is not None and not callable(transform):
+        raise ValueError(
+            f"transform must be a function (logits, context) -> logits, got {transform!r}"
+        )
+    generators = None
+    if not check_bool("greedy", greedy):
+        if seed is None:
+            raise ValueError(
+                "seed must be an int >= 0 when sampling (greedy=False), got None: "
+                "randomness is an argument"
+            )
+        check_int("seed", seed, at_least=0)
+        generators = row_generators(seed, rows, device)
+    if eos_token_id is not None:
+        check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
+    if pad_token_id is None:
+        pad_token_id = 0 if eos_token_id is None else eos_token_id
+    pad_token_id = check_token_id("pad_token_id", pad_token_id, vocab_size=config.vocab_size)
+    stops = _StopStrings(stop, tokenizer, rows) if stop else None
+    return SamplingChoices(transform, generators, eos_token_id, pad_token_id, stops)
 
 
 class _StopStrings:

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_bool, check_int, check_token_id
+from gpt_fn.checks import check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import TokenRows, check_params, transformer
 from gpt_fn.nn import AttentionKernel
@@ -57,9 +57,8 @@ from gpt_fn.sampling.decoding import (
     _advance,
     _prefill,
     _prompt_tokens,
-    _StopStrings,
     lm_head_matrix,
-    row_generators,
+    sampling_choices,
 )
 from gpt_fn.sampling.transforms import PAD, Transform
 from gpt_fn.shapes import Params
@@ -175,28 +174,14 @@ class _Speculation:
         self.tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
         self.max_new = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.k = check_int("num_draft_tokens", num_draft_tokens, at_least=1)
-        if transform is not None and not callable(transform):
-            raise ValueError(
-                f"transform must be a function (logits, context) -> logits, got {transform!r}"
-            )
-        self.transform = transform
         rows = self.tokens.shape[0]
-        self.generators: list[torch.Generator] | None = None
-        if not check_bool("greedy", greedy):
-            if seed is None:
-                raise ValueError(
-                    "seed must be an int >= 0 when sampling (greedy=False), got None: "
-                    "randomness is an argument"
-                )
-            check_int("seed", seed, at_least=0)
-            self.generators = row_generators(seed, rows, self.tokens.device)
-        if eos_token_id is not None:
-            check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
-        self.eos = eos_token_id
-        if pad_token_id is None:
-            pad_token_id = 0 if eos_token_id is None else eos_token_id
-        self.pad = check_token_id("pad_token_id", pad_token_id, vocab_size=config.vocab_size)
-        self.stops = _StopStrings(stop, tokenizer, rows) if stop else None
+        choices = sampling_choices(
+            config, rows=rows, device=self.tokens.device, transform=transform, greedy=greedy,
+            seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
+            tokenizer=tokenizer,
+        )  # fmt: skip
+        self.transform, self.generators = choices.transform, choices.generators
+        self.eos, self.pad, self.stops = choices.eos_token_id, choices.pad_token_id, choices.stops
         self.attention = attention
         self.new: list[list[int]] = [[] for _ in range(rows)]
         self.proposed = self.accepted = self.rounds = self.row_rounds = self.draft_forwards = 0
