@@ -108,7 +108,7 @@ def adamw(
 
     def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         """One AdamW step as new tensors; `grads`, `state` and `params` are left untouched."""
-        _check_inputs(grads, state, params)
+        check_update_inputs(grads, state, params, buffers=("exp_avg", "exp_avg_sq"))
         mask = decayed(params)
         decay_factor, step_size, bias_correction2_sqrt = scalars(state)
         new_params: Params = {}
@@ -129,7 +129,7 @@ def adamw(
 
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """`update` written into `params` and `state`'s own tensors (foreach kernels); returns `state`."""
-        _check_inputs(grads, state, params)
+        check_update_inputs(grads, state, params, buffers=("exp_avg", "exp_avg_sq"))
         mask = decayed(params)
         decay_factor, step_size, bias_correction2_sqrt = scalars(state)
         names = list(params)
@@ -156,8 +156,11 @@ def adamw(
     return Optimizer(init=init, update=update, update_=update_)
 
 
-def _check_inputs(grads: Params, state: OptState, params: Params) -> None:
-    """Raise `KeyError`/`ValueError` naming the first grad or state entry that does not fit `params`."""
+def check_update_inputs(
+    grads: Params, state: OptState, params: Params, *, buffers: tuple[str, ...]
+) -> None:
+    """Raise `KeyError`/`ValueError` naming the first grad or state entry that does not fit
+    `params`: the same keys and shapes, a `"step"`, and each `"<buffer>.<name>"`."""
     if grads.keys() != params.keys():
         missing, extra = params.keys() - grads.keys(), grads.keys() - params.keys()
         raise KeyError(
@@ -171,6 +174,8 @@ def _check_inputs(grads: Params, state: OptState, params: Params) -> None:
             raise ValueError(
                 f"grad {name!r} has shape {tuple(grads[name].shape)}, param has {tuple(param.shape)}"
             )
-        for moment in (f"exp_avg.{name}", f"exp_avg_sq.{name}"):
-            if moment not in state:
-                raise KeyError(f"optimizer state has no {moment!r}; was it made for these params?")
+        for buffer in buffers:
+            if f"{buffer}.{name}" not in state:
+                raise KeyError(
+                    f"optimizer state has no '{buffer}.{name}'; was it made for these params?"
+                )

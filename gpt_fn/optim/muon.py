@@ -52,7 +52,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.optim.adamw import Optimizer, OptState
+from gpt_fn.optim.adamw import Optimizer, OptState, check_update_inputs
 from gpt_fn.optim.schedules import Schedule, constant
 from gpt_fn.shapes import Params
 
@@ -208,7 +208,7 @@ def muon(
 
     def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         """One Muon step as new tensors; `grads`, `state` and `params` are left untouched."""
-        _check_inputs(grads, state, params)
+        check_update_inputs(grads, state, params, buffers=("momentum_buffer",))
         blocks = blocks_of(params)
         lr = lr_now(state)
         new_params: Params = {}
@@ -225,7 +225,7 @@ def muon(
 
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """`update` written into `params` and `state`'s own tensors; returns `state`."""
-        _check_inputs(grads, state, params)
+        check_update_inputs(grads, state, params, buffers=("momentum_buffer",))
         blocks = blocks_of(params)
         lr = lr_now(state)
         with torch.no_grad():  # params may be nn.Parameters that require grad
@@ -242,24 +242,3 @@ def muon(
         return state
 
     return Optimizer(init=init, update=update, update_=update_)
-
-
-def _check_inputs(grads: Params, state: OptState, params: Params) -> None:
-    """Raise `KeyError`/`ValueError` naming the first grad or state entry that does not fit `params`."""
-    if grads.keys() != params.keys():
-        missing, extra = params.keys() - grads.keys(), grads.keys() - params.keys()
-        raise KeyError(
-            f"grads must have exactly the params' keys: missing {sorted(missing)[:3]}, "
-            f"unknown {sorted(extra)[:3]}"
-        )
-    if "step" not in state:
-        raise KeyError("optimizer state has no 'step'; make it with init(params)")
-    for name, param in params.items():
-        if grads[name].shape != param.shape:
-            raise ValueError(
-                f"grad {name!r} has shape {tuple(grads[name].shape)}, param has {tuple(param.shape)}"
-            )
-        if f"momentum_buffer.{name}" not in state:
-            raise KeyError(
-                f"optimizer state has no 'momentum_buffer.{name}'; was it made for these params?"
-            )
