@@ -285,35 +285,23 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
     if args.draft_checkpoint is not None:
         return _speculative(args, params, config, texts, prompts, transform, encoding, device)
-    seed = None if args.greedy else args.seed
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        transform=transform,
+        greedy=args.greedy,
+        seed=None if args.greedy else args.seed,
+        eos_token_id=EOT_TOKEN,
+        stop=args.stop,
+    )
     if len(prompts) == 1 and args.num_samples == 1:
         stream = sampling.generate_stream(
-            params,
-            torch.tensor(prompts, device=device),
-            config,
-            max_new_tokens=args.max_new_tokens,
-            transform=transform,
-            greedy=args.greedy,
-            seed=seed,
-            eos_token_id=EOT_TOKEN,
-            stop=args.stop,
+            params, torch.tensor(prompts, device=device), config, **options
         )
         _print_stream(texts[0], (int(token) for token in stream), encoding, args.stop)
         return 0
     # One batch: row i's randomness depends only on (seed, i) (`sampling.row_generators`),
     # so sample 1 of `--num-samples 2 --seed 0` never repeats sample 0 of `--seed 1`.
-    rows = sampling.generate(
-        params,
-        prompts,
-        config,
-        max_new_tokens=args.max_new_tokens,
-        transform=transform,
-        greedy=args.greedy,
-        seed=seed,
-        eos_token_id=EOT_TOKEN,
-        stop=args.stop,
-        num_samples=args.num_samples,
-    )
+    rows = sampling.generate(params, prompts, config, num_samples=args.num_samples, **options)
     _print_rows(args, texts, prompts, rows, encoding)
     return 0
 
