@@ -369,3 +369,28 @@ def test_evals_log_val_bits_per_byte_next_to_val_loss(corpus, tmp_path):
     tokens = sum(t.numel() for t in targets)
     expected = record["val_loss"] * tokens / (math.log(2) * sum(count_bytes(t) for t in targets))
     assert record["val_bpb"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_compiling_is_announced(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # no real compile
+    train(_settings(corpus, tmp_path / "run", max_steps=2, eval_interval=2, compile=True))
+    assert "compiling the model (torch.compile)" in capsys.readouterr().out
+
+
+def test_log_lines_are_not_glued_to_the_progress_bar_in_a_redirected_log(corpus, tmp_path):
+    log = tmp_path / "train.log"
+    args = [
+        sys.executable, "-m", "gpt_fn", "train", f"--data={corpus}",
+        f"--data-dir={tmp_path / 'tokens'}", f"--out-dir={tmp_path / 'run'}", "--preset=cpu-tiny",
+        "--n-layer=1", "--n-embd=32", "--block-size=16", "--batch-size=4", "--max-steps=4",
+        "--eval-interval=2", "--eval-batches=1", "--sample-tokens=4",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    with log.open("w") as handle:  # `gpt-fn train > train.log 2>&1`
+        subprocess.run(
+            args, stdout=handle, stderr=subprocess.STDOUT, env=env, check=True, timeout=300
+        )
+    text = log.read_text()
+    for step in (2, 4):
+        at = text.index(f"step {step}: train loss")
+        assert text[at - 1] in "\n\r", text[max(0, at - 80) : at + 40]
