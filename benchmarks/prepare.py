@@ -52,18 +52,25 @@ LINES_PER_DOCUMENT = 100
 SEED = 0
 REPO = Path(__file__).resolve().parents[1]
 
-# The child: prepare one corpus, print what it measured as JSON (its peak RSS comes from wait4).
+# The child: prepare one corpus, print what it measured as JSON, with its own peak RSS: VmHWM
+# of its address space, which starts afresh at exec (wait4's ru_maxrss may carry the forking
+# parent's high-water mark: a runner that already held 3.3 GB reported 3.3 GB for every child).
 _CHILD = """
 import json, sys, time
 from gpt_fn import data
+result = {}
 if sys.argv[1] != "--baseline":
     start = time.perf_counter()
     prepared = data.prepare(sys.argv[1], sys.argv[2], num_threads=int(sys.argv[3]))
     seconds = time.perf_counter() - start
     meta = prepared.meta
-    print(json.dumps({"seconds": seconds, "tokens": meta["train_tokens"] + meta["val_tokens"],
-                      "shards": sum(len(s) for s in meta["shards"].values()),
-                      "documents": meta["documents"], "rebuilt": prepared.rebuilt}))
+    result = {"seconds": seconds, "tokens": meta["train_tokens"] + meta["val_tokens"],
+              "shards": sum(len(s) for s in meta["shards"].values()),
+              "documents": meta["documents"], "rebuilt": prepared.rebuilt}
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        result["peak_rss_kib"] = int(line.split()[1])
+print(json.dumps(result))
 """
 
 
@@ -114,10 +121,12 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
         stderr = errors.read().decode(errors="replace")
     if child.returncode != 0:
         raise RuntimeError(f"prepare child failed ({child.returncode}): {stderr[-2000:]}")
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    rss_mb = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    output = stdout.decode().strip()
-    return (json.loads(output) if output else {}), rss_mb, wall
+    measured = json.loads(stdout.decode().strip())
+    if "peak_rss_kib" in measured:  # Linux: the child's own high-water mark
+        rss_mb = measured.pop("peak_rss_kib") / 2**10
+    else:  # no /proc: ru_maxrss, in KiB on Linux-likes and bytes on macOS
+        rss_mb = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return measured, rss_mb, wall
 
 
 def _encode(piece: str) -> bytes:
@@ -230,7 +239,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"`prepare` in a fresh process per corpus, {result['threads']} encoder threads "
         f"({result['cores']} cores available), pieces of {result['piece_chars']:,} characters, "
-        f"shards of {result['shard_tokens']:,} tokens; peak RSS is the child's `ru_maxrss` "
+        f"shards of {result['shard_tokens']:,} tokens; peak RSS is the child's own high-water mark (VmHWM) "
         f"(a process that only imports `gpt_fn.data`: {result['baseline_rss_mb']:.0f} MB)",
         "",
         "| layout | corpus MB | tokens | documents | shards | seconds | tokens/s | MB/s | peak RSS MB |",
