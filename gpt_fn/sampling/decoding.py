@@ -453,18 +453,7 @@ class _Generation:
         finished = torch.zeros(state.tokens.shape[0], dtype=torch.bool, device=state.tokens.device)
         for step in range(self.max_new_tokens):
             with torch.no_grad():
-                logits = state.logits
-                if self.transform is not None:
-                    logits = self.transform(logits, state.tokens)
-                # One host sync checks the model's logits and the transforms' output together;
-                # a NaN/+inf row of the model's is reported as the model's (a filter such as
-                # top_k would hide it behind -inf). Transforms are pure: running them first
-                # changes nothing.
-                samplers.check_logits(logits, model_logits=state.logits)
-                if self.generators is None:
-                    token = samplers._greedy(logits)
-                else:
-                    token = samplers._categorical(logits, self.generators)
+                token = pick_tokens(state.logits, state.tokens, self.transform, self.generators)
                 token = token.masked_fill(finished, self.pad_token_id)
                 stopped = finished.clone()
                 if self.eos_token_id is not None:
@@ -499,6 +488,25 @@ class _Generation:
             row + generated[: None if end is None else end + 1]
             for row, generated, end in zip(rows, columns, self.finished_at, strict=True)
         ]
+
+
+def pick_tokens(
+    model_logits: Float[Tensor, "batch vocab"],
+    context: Int[Tensor, "batch seq"],
+    transform: Transform | None,
+    generators: list[torch.Generator] | None,
+) -> Int[Tensor, " batch"]:
+    """One token per row: `transform`, then the argmax (no generators) or a draw per row.
+
+    One host sync checks the model's logits and the transforms' output together; a NaN/+inf
+    row of the model's is reported as the model's (a filter such as top_k would hide it
+    behind -inf). Transforms are pure: running them first changes nothing.
+    """
+    logits = model_logits if transform is None else transform(model_logits, context)
+    samplers.check_logits(logits, model_logits=model_logits)
+    if generators is None:
+        return samplers._greedy(logits)
+    return samplers._categorical(logits, generators)
 
 
 class SamplingChoices(NamedTuple):

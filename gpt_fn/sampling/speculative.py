@@ -58,6 +58,7 @@ from gpt_fn.sampling.decoding import (
     _prefill,
     _prompt_tokens,
     lm_head_matrix,
+    pick_tokens,
     sampling_choices,
 )
 from gpt_fn.sampling.transforms import PAD, Transform
@@ -413,14 +414,7 @@ class _Speculation:
             attention=self.attention, hooks=None, head=self.head,
         )  # fmt: skip
         while True:
-            logits = state.logits
-            if self.transform is not None:
-                logits = self.transform(logits, state.tokens)
-            samplers.check_logits(logits, model_logits=state.logits)
-            if self.gens is None:
-                token = samplers._greedy(logits)
-            else:
-                token = samplers._categorical(logits, self.gens)
+            token = pick_tokens(state.logits, state.tokens, self.transform, self.gens)
             self.rounds += 1
             self.row_rounds += len(self.active)
             ones = torch.ones_like(token)
