@@ -32,6 +32,7 @@ from gpt_fn import model
 from gpt_fn.nn import embed, layer_norm, linear_cross_entropy, mlp, self_attention
 from gpt_fn.nn.padding import cache_attention_mask
 from gpt_fn.sampling import decoding
+from gpt_fn.sampling.head import decoding_head
 from gpt_fn.shapes import shape_checks
 
 CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=1024, n_layer=4, n_head=4, n_embd=256)
@@ -127,15 +128,19 @@ def _decode_contenders(
         0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)
     )
     state = decoding.prefill(params, prompt, config, capacity=min(CAPACITY, config.block_size))
-    cache, head = state.cache, decoding.lm_head_matrix(params)
+    cache, head = state.cache, decoding_head(params)
     token = state.logits.argmax(-1)
 
     def model_step(step_hooks):
         # Writes the same slot every call (the returned cache is dropped): one step, repeated.
-        return lambda: decoding._cached_step(
-            params, cache, token, head, config=config, attention="sdpa", hooks=step_hooks,
-            write="in_place",
-        )[0]  # fmt: skip
+        def step():
+            hidden, _ = decoding._cached_step(
+                params, cache, token, config=config, attention="sdpa", hooks=step_hooks,
+                write="in_place",
+            )  # fmt: skip
+            return decoding._next_logits(params, hidden, head, step_hooks)
+
+        return step
 
     return {
         CONTENDERS[0]: lambda: _plain_decode_step(params, cache, token, head, config),
@@ -162,7 +167,7 @@ def _plain_decode_step(params, cache, token, head, config):
         )
         h = h + a
         h = h + mlp(p["mlp"], layer_norm(p["ln_2"], h, eps=eps))
-    return layer_norm(top["ln_f"], h, eps=eps)[:, -1] @ head
+    return head(layer_norm(top["ln_f"], h, eps=eps)[:, -1])
 
 
 def markdown(result: dict) -> str:

@@ -11,6 +11,7 @@
 - `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
 - `samplers`: `greedy` and `categorical` (explicit generators).
 - `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+- `head`: `decoding_head`, the tied LM head laid out for decode steps (`LMHead`).
 - `beam`: `beam_search` (HF's rules and scores).
 - `speculative`: `speculative_generate`, a draft model's tokens checked by the target.
 """
@@ -24,10 +25,10 @@ from gpt_fn.sampling.decoding import (
     fan_out,
     generate,
     generate_stream,
-    lm_head_matrix,
     prefill,
     row_generators,
 )
+from gpt_fn.sampling.head import LMHead, decoding_head
 from gpt_fn.sampling.samplers import categorical, check_logits, greedy
 from gpt_fn.sampling.speculative import (
     SpeculativeOutput,
@@ -56,6 +57,7 @@ __all__ = [
     "PAD",
     "BeamSearchOutput",
     "DecodeState",
+    "LMHead",
     "SpeculativeOutput",
     "SpeculativeStats",
     "Transform",
@@ -72,7 +74,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "greedy",
-    "lm_head_matrix",
+    "decoding_head",
     "logit_bias",
     "make_transform",
     "min_p",

@@ -47,8 +47,8 @@ from gpt_fn.sampling.decoding import (
     _prefill,
     _prompt_tokens,
     fan_out,
-    lm_head_matrix,
 )
+from gpt_fn.sampling.head import decoding_head
 from gpt_fn.sampling.transforms import Transform
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, check_hooks
@@ -157,7 +157,7 @@ def _search(
     their lengths `(batch, beams)` and scores `(batch, beams)`."""
     batch, width = tokens.shape
     vocab, device = config.vocab_size, tokens.device
-    head = lm_head_matrix(params)
+    head = decoding_head(params, rows=batch * beams)
     prompt_width = min(width, config.block_size)
     capacity = max(min(config.block_size, prompt_width + max_new - 1), prompt_width)
     state = _prefill(

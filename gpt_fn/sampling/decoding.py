@@ -32,7 +32,6 @@ Sampling randomness comes from one generator per row seeded from `(seed, row)` (
 its neighbours or the batch size.
 """
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -63,6 +62,7 @@ from gpt_fn.model import (
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.nn.padding import pad
 from gpt_fn.sampling import samplers
+from gpt_fn.sampling.head import LMHead, decoding_head
 from gpt_fn.sampling.transforms import PAD, Transform
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, apply_hook, check_hooks
@@ -128,7 +128,7 @@ def prefill(
         use_cache=use_cache,
         attention=attention,
         hooks=hooks,
-        head=lm_head_matrix(params),
+        head=decoding_head(params, rows=tokens.shape[0]),
     )
 
 
@@ -155,7 +155,7 @@ def decode_step(
         config,
         attention=attention,
         hooks=hooks,
-        head=lm_head_matrix(params),
+        head=decoding_head(params, rows=state.tokens.shape[0]),
         write="copy",
     )
 
@@ -178,7 +178,7 @@ def decode_step_(
         config,
         attention=attention,
         hooks=hooks,
-        head=lm_head_matrix(params),
+        head=decoding_head(params, rows=state.tokens.shape[0]),
         write="in_place",
     )
 
@@ -252,31 +252,6 @@ def row_generators(seed: int, batch: int, device: torch.device | str) -> list[to
     ]
 
 
-_HEADS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-
-
-def lm_head_matrix(params: Params) -> Float[Tensor, "d_model vocab"]:
-    """The tied LM head as a contiguous `(d_model, vocab)` copy of `wte`, made once per `wte`.
-
-    One decode step multiplies a single hidden vector per row by the LM head; on CPU that
-    matrix-vector product runs ~3x faster against a contiguous `(d_model, vocab)` matrix than
-    against `wte`'s `(vocab, d_model)` layout (which `F.linear` would read). The copy is
-    remembered for the tensor (by identity and version, so an in-place update makes a new
-    one); under autograd, vmap or compile it is made afresh.
-    """
-    wte = params["wte.weight"]
-    if (wte.requires_grad and torch.is_grad_enabled()) or is_traced(wte):
-        return wte.t().contiguous()
-    entry = _HEADS.get(id(wte))
-    if entry is not None and entry[0]() is wte and entry[1] == wte._version:
-        return entry[2]
-    for key in [key for key, (ref, _, _) in _HEADS.items() if ref() is None]:
-        del _HEADS[key]
-    head = wte.detach().t().contiguous()
-    _HEADS[id(wte)] = (weakref.ref(wte), wte._version, head)
-    return head
-
-
 def _prefill(
     params: Params,
     tokens: Tensor,
@@ -286,7 +261,7 @@ def _prefill(
     use_cache: bool,
     attention: AttentionKernel,
     hooks: Hooks | None,
-    head: Tensor,
+    head: LMHead,
 ) -> DecodeState:
     """A state for `tokens` (left-padded with PAD): each row's last <= block_size tokens run."""
     real = tokens != PAD
@@ -330,7 +305,7 @@ def _advance(
     *,
     attention: AttentionKernel,
     hooks: Hooks | None,
-    head: Tensor,
+    head: LMHead,
     write: str,
     capacity: int | None = None,
     step: Callable[..., tuple[Tensor, KVCache]] | None = None,
@@ -351,39 +326,39 @@ def _advance(
             head=head,
         )
     if step is None:
-        logits, cache = _cached_step(
-            params, cache, next_tokens, head, config=config, attention=attention, hooks=hooks,
+        hidden, cache = _cached_step(
+            params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
             write=write,
         )  # fmt: skip
     else:
-        logits, cache = step(params, cache, next_tokens, head)
-    return DecodeState(tokens, cache, logits, longest)
+        hidden, cache = step(params, cache, next_tokens)
+    return DecodeState(tokens, cache, _next_logits(params, hidden, head, hooks), longest)
 
 
 def _cached_step(
     params: Params,
     cache: KVCache,
     next_tokens: Tensor,
-    head: Tensor,
     *,
     config: GPTConfig,
     attention: AttentionKernel,
     hooks: Hooks | None,
     write: str,
 ) -> tuple[Tensor, KVCache]:
-    """One token per row through the model over a cache with room: fixed shapes, compilable."""
-    hidden, cache = transformer(
+    """One token per row through the blocks over a cache with room: fixed shapes, compilable.
+
+    The LM head stays outside (`_next_logits`): its packed CPU kernel is not inductor's."""
+    return transformer(
         params, next_tokens[:, None], config, attention=attention, cache=cache, write=write,
         hooks=hooks,
     )  # fmt: skip
-    return _next_logits(params, hidden, head, hooks), cache
 
 
-def _next_logits(params: Params, hidden: Tensor, head: Tensor, hooks: Hooks | None) -> Tensor:
+def _next_logits(params: Params, hidden: Tensor, head: LMHead, hooks: Hooks | None) -> Tensor:
     """The logits after each row's last position (a `logits` hook sees this call's positions)."""
     if hooks and "logits" in hooks:
         return apply_hook("logits", hooks["logits"], lm_head(params, hidden))[:, -1]
-    return hidden[:, -1] @ head
+    return head(hidden[:, -1])
 
 
 class _Generation:
@@ -442,7 +417,7 @@ class _Generation:
         config, params = self.config, self.params
         # no_grad per block, never around a `yield`: grad mode would leak into the caller's loop.
         with torch.no_grad():
-            head = lm_head_matrix(params)
+            head = decoding_head(params, rows=self.tokens.shape[0] * self.num_samples)
             prompt_width = min(self.tokens.shape[1], config.block_size)
             capacity = min(config.block_size, prompt_width + self.max_new_tokens - 1)
             state = _prefill(
@@ -502,6 +477,10 @@ def pick_tokens(
     row of the model's is reported as the model's (a filter such as top_k would hide it
     behind -inf). Transforms are pure: running them first changes nothing.
     """
+    if transform is None and generators is None:  # plain greedy: one pass for both
+        maxima, tokens = model_logits.max(dim=-1)
+        samplers.check_logits(model_logits, model_logits=model_logits, maxima=maxima)
+        return tokens
     logits = model_logits if transform is None else transform(model_logits, context)
     samplers.check_logits(logits, model_logits=model_logits)
     if generators is None:
@@ -593,9 +572,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def _compiled_step(
     config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
 ) -> Callable[..., tuple[Tensor, KVCache]]:
-    def step(params: Params, cache: KVCache, next_tokens: Tensor, head: Tensor):
+    def step(params: Params, cache: KVCache, next_tokens: Tensor):
         return _cached_step(
-            params, cache, next_tokens, head, config=config, attention=attention, hooks=hooks,
+            params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
             write="in_place",
         )  # fmt: skip
 

@@ -70,16 +70,18 @@ def check_logits(
     logits: Float[Tensor, "batch vocab"],
     *,
     model_logits: Float[Tensor, "batch vocab"] | None = None,
+    maxima: Float[Tensor, " batch"] | None = None,
 ) -> None:
     """Raise `ValueError` naming the first row that no sampler can draw from.
 
     `model_logits`: the model's logits that transforms turned into `logits` (or `logits`
     itself), checked in the same host sync. A NaN/+inf row there is reported as the model's
     error: a filter would have hidden its NaN behind -inf, and the transforms are not to blame.
+    `maxima`: each row's max of `logits` where the caller has it already (greedy decoding).
     """
     # A row's max is finite exactly when the row has a finite logit and no NaN/+inf (max
     # propagates NaN): one cheap reduction per tensor and one host sync in the common case.
-    finite = torch.isfinite(logits.amax(dim=-1)).all()
+    finite = torch.isfinite(logits.amax(dim=-1) if maxima is None else maxima).all()
     if model_logits is not None and model_logits is not logits:
         finite = finite & torch.isfinite(model_logits.amax(dim=-1)).all()
     if bool(finite):
