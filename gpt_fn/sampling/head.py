@@ -9,8 +9,8 @@ that product is most of a small model's step on CPU. Two layouts make it faster 
 - for the row count of a decoding loop (`rows`, at least 2), MKL's prepacked GEMM (the
   weight laid out once for MKL's kernel, what inductor uses for frozen linears on CPU): with
   4 to 32 rows, 1.4-1.6x faster than the copy for a 50257 x 256 head on one thread, bitwise
-  the copy's logits with MKL's AVX-512 kernels. It needs an MKL build, fp32 and a CPU tensor; elsewhere the copy
-  serves every row count.
+  the copy's logits with MKL's AVX-512 kernels. It needs an MKL build, fp32 and a CPU
+  tensor; elsewhere the copy serves every row count.
 
 Both are made once per `wte` (remembered by identity and version, so an in-place update makes
 new ones) and only the latest row count's packing is kept: it is ~2.7x the weight's size for
