@@ -16,12 +16,16 @@ as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model
 1088-token block (batch 1), gpt_fn cached against HF. Contenders take turns within each
 repeat; figures are medians.
 
+A third figure bounds what any decoder could reach at batch 1: `matvecs only` times the
+matrix-vector products of a step and nothing else (one row times each block's four weight
+matrices and the LM head, back to back: no attention, norms or Python between them), taking
+turns with HF generate. A batch-1 step is a chain of such products whose cost is reading the
+weights (~66 MB at 4 x 256 with GPT-2's vocabulary), so its tokens/s over HF's is the highest
+ratio a decoder on the same weights can reach on this machine in this run.
+
     python benchmarks/generate.py [--quick] [--threads N] [--out DIR] [--profile]
 
-At batch 1 a decode step is a chain of matrix-vector products whose cost is reading the
-weights, the LM head's (50257 x 256) above all: on one CPU thread that alone is ~2 ms of a
-~4 ms step, a floor no decoder on the same weights avoids. `--profile` prints
-torch.profiler's table for one cached batch-1 run.
+`--profile` prints torch.profiler's table for one cached batch-1 run.
 
 `run(quick, ...)` returns the numbers as a dict (its keyword arguments set the model, the
 prompts and the lengths) and `markdown(result)` renders them.
@@ -95,6 +99,7 @@ def run(
             _case(name, rows, params, model, config, new_tokens, compile, warmup, repeats)
             for name, rows in cases.items()
         ]
+        floor = _floor(params, model, cases["batch 1"], config, new_tokens, warmup, repeats)
         long_config = dataclasses.replace(config, block_size=prompt_tokens + max(lengths))
         long_params = {
             **params,
@@ -130,6 +135,7 @@ def run(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "results": results,
+        "floor": floor,
         "growth": growth,
     }
 
@@ -163,6 +169,40 @@ def _case(name, rows, params, model, config, new_tokens, compile, warmup, repeat
         "tokens_per_s": tokens_per_s,
         "over_hf": {name: speed / hf_speed for name, speed in tokens_per_s.items()},
         "same_tokens": all(out == outputs["HF generate"] for out in outputs.values()),
+    }
+
+
+def _floor(params, model, rows, config, new_tokens, warmup, repeats) -> dict:
+    """Tokens/s of a batch-1 "decoder" that only reads the weights, against HF generate."""
+    matrices = [
+        params[f"h.{i}.{name}.weight"]
+        for i in range(config.n_layer)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    inputs = [torch.randn(1, w.shape[1]) for w in matrices]
+    head = sampling.decoding_head(params, rows=1)
+    hidden = torch.randn(1, config.n_embd)
+
+    def matvecs_only() -> None:
+        for _ in range(new_tokens):
+            for x, w in zip(inputs, matrices, strict=True):
+                torch.nn.functional.linear(x, w)
+            head(hidden)
+
+    contenders = {
+        "matvecs only": matvecs_only,
+        "HF generate": lambda: _hf_generate(model, rows, new_tokens),
+    }
+    timings = take_turns(contenders, warmup + repeats, device=torch.device("cpu"))
+    tokens_per_s = {
+        name: new_tokens / statistics.median(t[warmup:]) for name, t in timings.seconds.items()
+    }
+    weights = [*matrices, head.matrix]
+    return {
+        "weight_mb": sum(w.numel() * w.element_size() for w in weights) / 1e6,
+        "step_ms": 1e3 / tokens_per_s["matvecs only"],
+        "tokens_per_s": tokens_per_s,
+        "over_hf": tokens_per_s["matvecs only"] / tokens_per_s["HF generate"],
     }
 
 
@@ -213,7 +253,15 @@ def markdown(result: dict) -> str:
         ratios = " | ".join(f"{row['over_hf'][n]:.2f}x" for n in names if n.startswith("gpt_fn"))
         same = "yes" if row["same_tokens"] else "NO"
         lines.append(f"| {row['case']} | {speeds} | {ratios} | {same} |")
+    floor = result["floor"]
     lines += [
+        "",
+        f"Floor at batch 1: a step's matrix-vector products alone (one row times "
+        f"{floor['weight_mb']:.1f} MB of weights, nothing between them) take "
+        f"{floor['step_ms']:.2f} ms here, {floor['tokens_per_s']['matvecs only']:.1f} tok/s: "
+        f"{floor['over_hf']:.2f}x HF generate's "
+        f"{floor['tokens_per_s']['HF generate']:.1f} tok/s in the same turns, the most any "
+        "decoder on these weights could reach.",
         "",
         f"Tokens/s against the number of tokens generated (batch 1, "
         f"{result['prompt_tokens']}-token prompt, block {result['long_block_size']}):",

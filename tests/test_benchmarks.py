@@ -103,6 +103,15 @@ def test_train_step_contenders_compute_the_same_loss(out_dir):
     assert mode["last_loss_diff"] < 1e-3
 
 
+def test_generate_contenders_agree_and_the_floor_counts_every_weight(out_dir):
+    result = json.loads((out_dir / "generate.json").read_text())
+    assert all(row["same_tokens"] for row in result["results"])
+    # The floor reads each block's four weight matrices and the LM head, fp32: at the toy
+    # size 1 x (16*48 + 16*16 + 16*64 + 64*16) + 97*16 floats.
+    assert result["floor"]["weight_mb"] == pytest.approx((48 + 16 + 64 + 64 + 97) * 16 * 4 / 1e6)
+    assert result["floor"]["step_ms"] > 0
+
+
 def assert_attention_cases(result: dict, dtypes: list[str]) -> None:
     """Every (dtype, pass, seq, kernel) of the quick grid was timed, and the kernels agree."""
     cases = {(row["dtype"], row["pass"], row["seq"], row["kernel"]) for row in result["rows"]}
