@@ -13,7 +13,8 @@ Contenders: `gpt_fn cached` (`sampling.generate`), `gpt_fn compiled` (the same w
 `gpt_fn uncached` (the whole context recomputed each step) and `HF generate`. Every run
 checks that all contenders produce the same tokens. A second table holds the cost of a step
 as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model with a
-1088-token block (batch 1), gpt_fn cached against HF. Contenders take turns within each
+1040-token block (batch 1), gpt_fn cached against HF, and the median step early and late in
+the longest request (the clock read at every token). Contenders take turns within each
 repeat; figures are medians.
 
 A third figure bounds what any decoder could reach at batch 1: `matvecs only` times the
@@ -32,8 +33,10 @@ prompts and the lengths) and `markdown(result)` renders them.
 """
 
 import dataclasses
+import itertools
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +82,7 @@ def run(
     new_tokens = new_tokens or (QUICK_NEW_TOKENS if quick else NEW_TOKENS)
     lengths = lengths or (QUICK_LENGTHS if quick else LENGTHS)
     compile = (not quick) if compile is None else compile
-    warmup, repeats = (1, 1) if quick else (1, 3)
+    warmup, repeats = (1, 1) if quick else (1, 5)
     with cpu_threads(threads), shape_checks(False), torch.no_grad():
         threads_used = torch.get_num_threads()
         params = gpt_fn.init_params(config, seed=0)
@@ -123,6 +126,7 @@ def run(
                     },
                 }
             )
+        steps = _step_times(long_params, long_model, prompt, long_config, max(lengths))
     return {
         "benchmark": "generate",
         "config": config.to_dict(),
@@ -137,6 +141,7 @@ def run(
         "results": results,
         "floor": floor,
         "growth": growth,
+        "steps": steps,
     }
 
 
@@ -206,6 +211,41 @@ def _floor(params, model, rows, config, new_tokens, warmup, repeats) -> dict:
     }
 
 
+def _step_times(params, model, rows, config, new_tokens) -> dict:
+    """Median ms of a decode step early and late in one request of `new_tokens` tokens.
+
+    The clock is read at every new token (`generate_stream`'s yields; HF's `streamer.put`), so
+    a step is the time from one token to the next: the windows are the first and the last
+    `min(64, new_tokens // 4)` steps."""
+    window = max(1, min(64, new_tokens // 4))
+    clocks: dict[str, list[float]] = {"gpt_fn cached": [], "HF generate": []}
+    stream = sampling.generate_stream(params, rows, config, max_new_tokens=new_tokens, greedy=True)
+    for _ in stream:
+        clocks["gpt_fn cached"].append(time.perf_counter())
+
+    class Clock:  # HF's streamer protocol: put(prompt), put(token) per step, end()
+        def put(self, value) -> None:
+            clocks["HF generate"].append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    tokens, mask = pad(rows, side="left")
+    model.generate(
+        tokens, attention_mask=mask.long(), do_sample=False, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, pad_token_id=0, use_cache=True, streamer=Clock(),
+    )  # fmt: skip
+    result = {"new_tokens": new_tokens, "window": window}
+    for name, times in clocks.items():
+        times = times[-new_tokens:]  # HF's first put is the prompt
+        steps = [1e3 * (b - a) for a, b in itertools.pairwise(times)]
+        result[name] = {
+            "first_ms": statistics.median(steps[:window]),
+            "last_ms": statistics.median(steps[-window:]),
+        }
+    return result
+
+
 def _gpt_fn(params, rows, config, new_tokens, **options) -> list[list[int]]:
     """The new tokens of each row (lists in, lists out)."""
     out = sampling.generate(params, rows, config, max_new_tokens=new_tokens, greedy=True, **options)
@@ -272,6 +312,16 @@ def markdown(result: dict) -> str:
     for row in result["growth"]:
         ours, theirs = row["tokens_per_s"]["gpt_fn cached"], row["tokens_per_s"]["HF generate"]
         lines.append(f"| {row['new_tokens']} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    steps = result["steps"]
+    lines += [
+        "",
+        f"A step early and late in one request of {steps['new_tokens']} new tokens (median ms of "
+        f"the first and the last {steps['window']} steps): "
+        + "; ".join(
+            f"{name} {steps[name]['first_ms']:.2f} -> {steps[name]['last_ms']:.2f}"
+            for name in ("gpt_fn cached", "HF generate")
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
