@@ -21,7 +21,7 @@ A third figure bounds what any decoder could reach at batch 1: `matvecs only` ti
 matrix-vector products of a step and nothing else (one row times each block's four weight
 matrices and the LM head, back to back: no attention, norms or Python between them), taking
 turns with HF generate. A batch-1 step is a chain of such products whose cost is reading the
-weights (~66 MB at 4 x 256 with GPT-2's vocabulary), so its tokens/s over HF's is the highest
+weights (64 MB at 4 x 256 with GPT-2's vocabulary), so its tokens/s over HF's is the highest
 ratio a decoder on the same weights can reach on this machine in this run.
 
     python benchmarks/generate.py [--quick] [--threads N] [--out DIR] [--profile]
@@ -177,7 +177,15 @@ def _case(name, rows, params, model, config, new_tokens, compile, warmup, repeat
     }
 
 
-def _floor(params, model, rows, config, new_tokens, warmup, repeats) -> dict:
+def _floor(
+    params: gpt_fn.Params,
+    model: GPT2LMHeadModel,
+    rows: list[list[int]],
+    config: gpt_fn.GPTConfig,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+) -> dict:
     """Tokens/s of a batch-1 "decoder" that only reads the weights, against HF generate."""
     matrices = [
         params[f"h.{i}.{name}.weight"]
@@ -211,7 +219,13 @@ def _floor(params, model, rows, config, new_tokens, warmup, repeats) -> dict:
     }
 
 
-def _step_times(params, model, rows, config, new_tokens) -> dict:
+def _step_times(
+    params: gpt_fn.Params,
+    model: GPT2LMHeadModel,
+    rows: list[list[int]],
+    config: gpt_fn.GPTConfig,
+    new_tokens: int,
+) -> dict:
     """Median ms of a decode step early and late in one request of `new_tokens` tokens.
 
     The clock is read at every new token (`generate_stream`'s yields; HF's `streamer.put`), so
@@ -230,11 +244,7 @@ def _step_times(params, model, rows, config, new_tokens) -> dict:
         def end(self) -> None:
             pass
 
-    tokens, mask = pad(rows, side="left")
-    model.generate(
-        tokens, attention_mask=mask.long(), do_sample=False, max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, pad_token_id=0, use_cache=True, streamer=Clock(),
-    )  # fmt: skip
+    _hf_generate(model, rows, new_tokens, streamer=Clock())
     result = {"new_tokens": new_tokens, "window": window}
     for name, times in clocks.items():
         times = times[-new_tokens:]  # HF's first put is the prompt
@@ -258,7 +268,10 @@ def _hf_model(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> GPT2LMHeadMode
     return model
 
 
-def _hf_generate(model: GPT2LMHeadModel, rows, new_tokens: int) -> list[list[int]]:
+def _hf_generate(
+    model: GPT2LMHeadModel, rows: list[list[int]], new_tokens: int, streamer: object = None
+) -> list[list[int]]:
+    """HF's greedy new tokens of each row; `streamer` (HF's protocol) sees every token."""
     tokens, mask = pad(rows, side="left")
     out = model.generate(
         tokens,
@@ -268,6 +281,7 @@ def _hf_generate(model: GPT2LMHeadModel, rows, new_tokens: int) -> list[list[int
         min_new_tokens=new_tokens,  # random weights may emit GPT-2's eos; generate them all
         pad_token_id=0,
         use_cache=True,
+        streamer=streamer,
     )
     return out[:, tokens.shape[1] :].tolist()
 

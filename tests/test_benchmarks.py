@@ -110,10 +110,11 @@ def test_generate_contenders_agree_and_the_floor_counts_every_weight(out_dir):
     # size 1 x (16*48 + 16*16 + 16*64 + 64*16) + 97*16 floats.
     assert result["floor"]["weight_mb"] == pytest.approx((48 + 16 + 64 + 64 + 97) * 16 * 4 / 1e6)
     assert result["floor"]["step_ms"] > 0
-    # One step per new token but the first (the prefill's), early and late, for both.
+    # Steps early and late in one request were timed for both contenders.
     assert result["steps"]["window"] >= 1
     for name in ("gpt_fn cached", "HF generate"):
-        assert result["steps"][name]["first_ms"] > 0 < result["steps"][name]["last_ms"]
+        assert result["steps"][name]["first_ms"] > 0
+        assert result["steps"][name]["last_ms"] > 0
 
 
 def assert_attention_cases(result: dict, dtypes: list[str]) -> None:

@@ -18,6 +18,7 @@ a 256-wide head. Under autograd, vmap or compile the copy is made afresh and nev
 """
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -46,7 +47,17 @@ class LMHead:
         return hidden @ self.matrix
 
 
-_HEADS: dict[int, tuple[weakref.ref, int, Tensor, tuple[int, Tensor] | None]] = {}
+class _Prepared(NamedTuple):
+    """What is remembered of one `wte`: whether it is still that tensor unchanged, and its
+    layouts."""
+
+    ref: weakref.ref
+    version: int
+    matrix: Tensor
+    packed: tuple[int, Tensor] | None
+
+
+_HEADS: dict[int, _Prepared] = {}
 
 
 def decoding_head(params: Params, rows: int | None = None) -> LMHead:
@@ -59,15 +70,15 @@ def decoding_head(params: Params, rows: int | None = None) -> LMHead:
     if (wte.requires_grad and torch.is_grad_enabled()) or is_traced(wte):
         return LMHead(wte, wte.t().contiguous(), None)
     entry = _HEADS.get(id(wte))
-    if entry is None or entry[0]() is not wte or entry[1] != wte._version:
-        for key in [key for key, (ref, *_) in _HEADS.items() if ref() is None]:
+    if entry is None or entry.ref() is not wte or entry.version != wte._version:
+        for key in [key for key, old in _HEADS.items() if old.ref() is None]:
             del _HEADS[key]
-        entry = (weakref.ref(wte), wte._version, wte.detach().t().contiguous(), None)
-    packed = entry[3]
-    if _packs(wte, rows) and (packed is None or packed[0] != rows):
-        packed = (rows, torch.ops.mkl._mkl_reorder_linear_weight(wte.detach(), rows))
-    _HEADS[id(wte)] = (*entry[:3], packed)
-    return LMHead(wte.detach(), entry[2], packed)
+        entry = _Prepared(weakref.ref(wte), wte._version, wte.detach().t().contiguous(), None)
+    if _packs(wte, rows) and (entry.packed is None or entry.packed[0] != rows):
+        packing = torch.ops.mkl._mkl_reorder_linear_weight(wte.detach(), rows)
+        entry = entry._replace(packed=(rows, packing))
+    _HEADS[id(wte)] = entry
+    return LMHead(wte.detach(), entry.matrix, entry.packed)
 
 
 def _packs(wte: Tensor, rows: int | None) -> bool:
