@@ -29,12 +29,13 @@ with `--vocab-size 50257` computes; `gpt_fn.harness` does this).
 
 Every function that runs the model takes `hooks={site: hook}` (`gpt_fn.sites`,
 `gpt_fn.hooks`) and applies them at every forward it makes: the scores of a model under an
-intervention (ablated heads, a steering vector, an SAE spliced in). A forward reads a batch of
-rows padded on the right, so position `p` of a hook's activation is token `p` of each row (of
-a window, for `perplexity`); which rows share a batch is the evaluation's choice, so a hook
-should treat every row alike. A `logits` hook gets the `(batch, seq, vocab)` logits over the
-model's whole vocabulary, which are then materialised for the whole batch; without one the
-fused LM head never builds them.
+intervention (ablated heads, a steering vector, an SAE spliced in). `perplexity`,
+`score_continuations` and `multiple_choice` batch rows padded on the right, so position `p` of
+a hook's activation is token `p` of each row (of each window, for `perplexity`); which rows
+share a batch is the evaluation's choice, so a hook should treat every row alike. A `logits`
+hook gets the `(batch, seq, vocab)` logits over the model's whole vocabulary, which are then
+materialised for the whole batch (lower `batch_size` if they do not fit); without one the
+fused LM head never builds them, and `hooks=None` runs exactly the unhooked code.
 
 References: HF transformers docs, `perplexity.md`; karpathy/nanochat `nanochat/loss_eval.py`
 (`evaluate_bpb`); EleutherAI lm-evaluation-harness `api/model.py` (`TemplateLM`), `api/task.py`
