@@ -53,7 +53,10 @@ def head_heatmap(
     (layer x position) fits. `annotate` writes each value in its cell (default: up to 400
     cells). NaN cells are left blank.
     """
-    grid = _matrix("values", values)
+    if not isinstance(values, Tensor) or values.ndim != 2 or 0 in values.shape:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must be a non-empty (n_layer, n_head) tensor, got {shape}")
+    grid = values.detach().cpu().double()
     n_rows, n_columns = grid.shape
     row_labels = _labels("row_labels", row_labels, n_rows, rows)
     column_labels = _labels("column_labels", column_labels, n_columns, columns)
@@ -115,7 +118,7 @@ def logit_lens_table(
     figure = _figure(max(4.0, 1.1 * seq + 2.0), max(3.0, (0.3 + 0.2 * ids.shape[-1]) * n_layers))
     axes = figure.subplots()
     if shade is None:
-        axes.imshow(torch.zeros(n_layers, seq).numpy(), cmap="Greys", vmin=0, vmax=1)
+        axes.imshow(torch.zeros(n_layers, seq).numpy(), cmap="Greys", vmin=0, vmax=1, aspect="auto")
     else:
         image = axes.imshow(shade.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
         figure.colorbar(image, ax=axes, label="probability of the top token")
@@ -191,13 +194,6 @@ def _saved(figure: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
         write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=PNG_DPI))
     return figure
-
-
-def _matrix(name: str, values: object) -> Tensor:
-    if not isinstance(values, Tensor) or values.ndim != 2 or 0 in values.shape:
-        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"{name} must be a non-empty (n_layer, n_head) tensor, got {shape}")
-    return values.detach().cpu().double()
 
 
 def _labels(name: str, labels: Sequence[str] | None, count: int, unit: str) -> list[str]:
