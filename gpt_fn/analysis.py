@@ -19,13 +19,13 @@ logit readouts here apply `ln_f`'s).
 from collections.abc import Mapping
 from typing import Literal
 
-import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_choice, check_token_ids, check_token_tensor
+from gpt_fn.checks import check_choice, check_int, check_token_ids, check_token_tensor
 from gpt_fn.config import GPTConfig
+from gpt_fn.nn import project_heads
 from gpt_fn.shapes import Params
 
 Cache = Mapping[str, Tensor]
@@ -54,7 +54,8 @@ def accumulated_resid(
 
     `apply_ln`: normalised by the LayerNorm that reads the stream at `layer` (`h.{layer}.ln_1`,
     or `ln_f` for the final stream), with `ln` as in `apply_ln_to_stack`.
-    TransformerLens: `cache.accumulated_resid(layer, incl_mid, apply_ln, pos_slice)`.
+    TransformerLens: `cache.accumulated_resid(layer, incl_mid, apply_ln, pos_slice)`, which
+    at the final stream recomputes the final LayerNorm with its gain and bias.
     """
     layer = _layer(layer, config)
     parts, labels = [], []
@@ -118,16 +119,13 @@ def head_results(
     """Each head's contribution to `h.{layer}.attn.out`: the cached `attn.result` if there is
     one, else `attn.z` through each head's slice of `c_proj` (summed over heads, plus the
     bias, it is `attn.out`). TransformerLens: `cache.compute_head_results()`."""
-    if not 0 <= layer < config.n_layer:
+    if check_int("layer", layer, at_least=0) >= config.n_layer:
         raise ValueError(f"layer {layer} is outside the model's {config.n_layer} blocks")
     site = f"h.{layer}.attn.result"
     if site in cache:
         return cache[site]
     z = _site(cache, f"h.{layer}.attn.z", "head_results", also=site)
-    w_o = params[f"h.{layer}.attn.c_proj.weight"].view(config.n_embd, config.n_head, -1)
-    return einops.einsum(
-        z, w_o, "batch seq n_head d_head, d_model n_head d_head -> batch seq n_head d_model"
-    )
+    return project_heads(z, params[f"h.{layer}.attn.c_proj.weight"])
 
 
 def stack_head_results(

@@ -108,6 +108,17 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
     return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(diagonal=seq_k - seq_q)
 
 
+def project_heads(
+    z: Float[Tensor, "batch seq n_head d_head"], weight: Float[Tensor, "d_model d_model"]
+) -> Float[Tensor, "batch seq n_head d_model"]:
+    """Each head's output through its slice of the output projection `weight` (`c_proj`,
+    `(out, in)` with `in` = heads x d_head): what each head writes to the residual stream."""
+    w_o = weight.view(weight.shape[0], z.shape[2], z.shape[3])
+    return einops.einsum(
+        z, w_o, "batch seq n_head d_head, d_model n_head d_head -> batch seq n_head d_model"
+    )
+
+
 def self_attention(
     p: Params,
     x: Activations,
@@ -153,13 +164,6 @@ def self_attention(
     if tap is not None:
         z = tap("z", z)
     if results and tap is not None:
-        w_o = p["c_proj.weight"].view(d_model, n_head, d_model // n_head)
-        result = tap(
-            "result",
-            einops.einsum(
-                z, w_o, "batch seq n_head d_head, d_model n_head d_head -> batch seq n_head d_model"
-            ),
-        )
-        out = result.sum(2)
+        out = tap("result", project_heads(z, p["c_proj.weight"])).sum(2)
         return out if p.get("c_proj.bias") is None else out + p["c_proj.bias"]
     return F.linear(z.reshape(batch, seq, d_model), p["c_proj.weight"], p.get("c_proj.bias"))
