@@ -387,7 +387,8 @@ def center_writing_weights(params: Params, config: GPTConfig) -> Params:
     mean anyway, so the model is unchanged, and the residual stream's mean is the token
     embedding's alone.
 
-    `wte` is not centred: it is also the LM head, whose logits would change. TransformerLens:
+    `wte` is not centred: it is also the LM head, whose logits would change (`ln_f`, not folded
+    into the tied head, does not output zero-mean vectors). TransformerLens:
     `center_writing_weights=True` (which centres `W_E` as well: its unembedding is untied).
     """
     out = dict(params)
@@ -400,6 +401,23 @@ def center_writing_weights(params: Params, config: GPTConfig) -> Params:
                 bias = params[f"h.{i}.{linear}.bias"]
                 out[f"h.{i}.{linear}.bias"] = bias - bias.mean()
     return out
+
+
+def center_unembed(params: Params, config: GPTConfig) -> Params:
+    """The LM head's columns centred over the vocabulary (`wte` minus its mean row `m`): each
+    position's logits shift by one constant, so log-probs and logit differences are unchanged.
+
+    `wte` is also the token embedding, so `m` moves into `wpe` (`wpe + m`): every token loses
+    `m`, every position gains it, and the residual stream is unchanged. TransformerLens:
+    `center_unembed=True` (on its untied `W_U`, whose columns hold `ln_f`'s gain: the same
+    logits once `logit_attrs` applies the gain).
+    """
+    mean = params["wte.weight"].mean(0)
+    return {
+        **params,
+        "wte.weight": params["wte.weight"] - mean,
+        "wpe.weight": params["wpe.weight"] + mean,
+    }
 
 
 def fold_value_biases(params: Params, config: GPTConfig) -> Params:

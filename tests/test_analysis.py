@@ -68,9 +68,10 @@ def tl(gpt2):
 
 @pytest.fixture(scope="module")
 def tl_processed(gpt2):
-    """TransformerLens with its default processing but for the tied-head steps (see below)."""
+    """TransformerLens with its default processing: fold_ln, center_writing_weights,
+    center_unembed, fold_value_biases."""
     directory, *_, tokens, _, _ = gpt2
-    model = bridge(directory, center_unembed=False)
+    model = bridge(directory)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     return model, cache
@@ -171,31 +172,33 @@ def test_logit_lens_recomputed_equals_transformer_lens(gpt2, tl):
     torch.testing.assert_close(ours, theirs.readout.values, atol=1e-4, rtol=0)
 
 
-def test_logit_attrs_of_a_difference_equal_transformer_lens_on_processed_weights(
-    gpt2, tl_processed
-):
-    # Their processing folds ln_f's gain into an untied unembedding; centring it (off here)
-    # would shift each column by a constant, which a logit difference cancels anyway.
+def processed(params, config):
+    """Our four processing steps in TransformerLens's order."""
+    folded = analysis.fold_layer_norm(params, config)
+    centred = analysis.center_unembed(analysis.center_writing_weights(folded, config), config)
+    return analysis.fold_value_biases(centred, config)
+
+
+def test_logit_attrs_equal_transformer_lens_on_processed_weights(gpt2, tl_processed):
+    # Their processing folds ln_f's gain into an untied, centred unembedding; ours applies the
+    # gain in logit_attrs and centres the tied head with center_unembed.
     _, params, config, tokens, _, cache = gpt2
     answer, wrong = tokens[:, -1], tokens[:, 0]
     stack, _ = analysis.decompose_resid(cache, config, embeds="split", pos=-1)
     normed = analysis.apply_ln_to_stack(stack, cache, config, pos=-1)
-    ours = analysis.logit_attrs(params, normed, answer, config, incorrect=wrong)
     their_stack = tl_processed[1].decompose_resid(pos_slice=-1)
+    difference = analysis.logit_attrs(params, normed, answer, config, incorrect=wrong)
     theirs = tl_processed[1].logit_attrs(their_stack, answer, wrong, pos_slice=-1)
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
-    single = analysis.logit_attrs(params, normed, answer, config)
+    torch.testing.assert_close(difference, theirs, atol=ATOL, rtol=0)
+    single = analysis.logit_attrs(processed(params, config), normed, answer, config)
     their_single = tl_processed[1].logit_attrs(their_stack, answer, pos_slice=-1)
     torch.testing.assert_close(single, their_single, atol=ATOL, rtol=0)
 
 
 def test_processed_params_give_transformer_lens_processed_activations(gpt2, tl_processed):
     _, params, config, tokens, _, _ = gpt2
-    processed = analysis.fold_value_biases(
-        analysis.center_writing_weights(analysis.fold_layer_norm(params, config), config), config
-    )
     with torch.no_grad():
-        _, ours = run_with_cache(processed, tokens, config)
+        logits, ours = run_with_cache(processed(params, config), tokens, config)
     theirs = tl_processed[1]
     for i in range(config.n_layer):
         for site, hook in [
@@ -220,6 +223,10 @@ def test_processed_params_give_transformer_lens_processed_activations(gpt2, tl_p
             atol=ATOL,
             rtol=0,
         )
+    # Both heads centred over the vocabulary and holding ln_f's gain: the same logits.
+    with torch.no_grad():
+        their_logits = tl_processed[0](tokens)
+    torch.testing.assert_close(logits, their_logits, atol=1e-4, rtol=0)
 
 
 # --- identities ------------------------------------------------------------------------------
@@ -294,19 +301,20 @@ def test_frozen_and_recomputed_layer_norms_differ_before_the_last_layer():
     [
         analysis.fold_layer_norm,
         analysis.center_writing_weights,
+        analysis.center_unembed,
         analysis.fold_value_biases,
-        lambda p, c: analysis.fold_value_biases(
-            analysis.center_writing_weights(analysis.fold_layer_norm(p, c), c), c
-        ),
+        processed,
     ],
-    ids=["fold_layer_norm", "center_writing_weights", "fold_value_biases", "all three"],
+    ids=["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases", "all"],
 )
 def test_processed_params_give_the_same_log_probs(process):
     params, tokens, logits, _ = small_run(3)
-    processed = process(params, TINY)
-    assert set(processed) == set(params) and processed is not params
-    after = forward(processed, tokens, TINY)
+    changed = process(params, TINY)
+    assert set(changed) == set(params) and changed is not params
+    after = forward(changed, tokens, TINY)
     torch.testing.assert_close(after.log_softmax(-1), logits.log_softmax(-1), atol=ATOL, rtol=0)
+    shift = after - logits  # one constant per position (0 but for center_unembed)
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=ATOL, rtol=0)
 
 
 def test_folding_leaves_unit_gains_zero_biases_and_centred_writes():
