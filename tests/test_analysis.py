@@ -195,6 +195,41 @@ def test_logit_attrs_equal_transformer_lens_on_processed_weights(gpt2, tl_proces
     torch.testing.assert_close(single, their_single, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("by", ["component", "head", "layer"])
+def test_direct_logit_attribution_equals_transformer_lens(gpt2, tl_processed, by):
+    from transformer_lens.tools.analysis.direct_logit_attribution import (
+        direct_logit_attribution,
+    )
+
+    # Processed params, so that each head's value bias sits in c_proj's bias as in theirs.
+    _, params, config, tokens, _, _ = gpt2
+    params = processed(params, config)
+    with torch.no_grad():
+        _, cache = run_with_cache(params, tokens, config)
+    answer, wrong = tokens[:, -1], tokens[:, 0]
+    for incorrect in (wrong, None):
+        ours, labels = analysis.direct_logit_attribution(
+            params, cache, answer, config, by=by, incorrect=incorrect
+        )
+        theirs = direct_logit_attribution(
+            tl_processed[0],
+            answer_tokens=answer,
+            incorrect_tokens=incorrect,
+            unit=by,
+            cache=tl_processed[1],
+        )
+        ours, labels = ours[:-1], labels[:-1]  # their processing folds ln_f's bias into b_U
+        if by == "component":  # their "embed" and "pos_embed" are our one "embed"
+            theirs_rows = torch.cat(
+                [theirs.attribution[:2].sum(0, keepdim=True), theirs.attribution[2:]]
+            )
+            assert labels == ["embed", *theirs.labels[2:]]
+        else:
+            theirs_rows = theirs.attribution
+            assert labels == theirs.labels
+        torch.testing.assert_close(ours, theirs_rows, atol=ATOL, rtol=0)
+
+
 def test_processed_params_give_transformer_lens_processed_activations(gpt2, tl_processed):
     _, params, config, tokens, _, _ = gpt2
     with torch.no_grad():
@@ -257,7 +292,7 @@ def test_the_decomposition_and_the_head_stack_sum_to_the_residual_stream(seed, l
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 10_000), by=st.sampled_from(["layer", "head"]))
+@given(seed=st.integers(0, 10_000), by=st.sampled_from(["component", "head"]))
 def test_direct_logit_attribution_sums_to_the_logit_difference(seed, by):
     params, tokens, logits, cache = small_run(seed)
     answer, wrong = tokens[:, 0], tokens[:, 1]
@@ -273,6 +308,19 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(seed, by):
     torch.testing.assert_close(
         single.sum(0), last.gather(1, answer[:, None])[:, 0], atol=1e-4, rtol=0
     )
+
+
+def test_attribution_by_layer_plus_the_bias_is_the_frozen_logit_lens():
+    params, tokens, _, cache = small_run(5)
+    answer, wrong = tokens[:, 0], tokens[:, 1]
+    attrs, labels = analysis.direct_logit_attribution(
+        params, cache, answer, TINY, by="layer", incorrect=wrong
+    )
+    lens, lens_labels = analysis.logit_lens(params, cache, TINY, incl_mid=True, pos=-1)
+    assert labels == [*lens_labels, "ln_f.bias"]
+    difference = lens[:, [0, 1], answer] - lens[:, [0, 1], wrong]
+    # Logits of order 1-10 summed in another order than the lens: fp32 ulps.
+    torch.testing.assert_close(attrs[:-1] + attrs[-1], difference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("ln", ["frozen", "recompute"])
