@@ -153,12 +153,15 @@ def test_head_results_equal_transformer_lens(gpt2, tl, layer):
     torch.testing.assert_close(stack, theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("at, layer", [("h.1.ln_1", 1), ("h.0.ln_1", 0), ("ln_f", None)])
-def test_apply_ln_to_stack_frozen_equals_transformer_lens(gpt2, tl, at, layer):
+@pytest.mark.parametrize(
+    "at, layer, mlp_input",
+    [("h.1.ln_1", 1, False), ("h.0.ln_1", 0, False), ("h.1.ln_2", 1, True), ("ln_f", None, False)],
+)
+def test_apply_ln_to_stack_frozen_equals_transformer_lens(gpt2, tl, at, layer, mlp_input):
     _, _, config, _, _, cache = gpt2
     stack, _ = analysis.decompose_resid(cache, config, pos=slice(0, 6))
     ours = analysis.apply_ln_to_stack(stack, cache, config, at=at, pos=slice(0, 6))
-    theirs = tl[1].apply_ln_to_stack(stack, layer, pos_slice=slice(0, 6))
+    theirs = tl[1].apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=slice(0, 6))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
