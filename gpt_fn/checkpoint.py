@@ -18,11 +18,19 @@ replaces the last good one. DCP reshards on load: `load_sharded_into` fills the 
 run on any number of ranks (DTensors or plain), and `load_checkpoint` reads it whole, so an
 FSDP checkpoint converts to the single file (`save_checkpoint`) and to HF (`gpt_fn.hf.save`).
 DCP carries no checksum of ours (its files have no place for one).
+
+A run with `--keep-checkpoints` (`KeepSchedule`) also keeps a series of checkpoints under
+`checkpoints/step_000001.safetensors`, ...: each a whole checkpoint in the format above
+(params and optimizer state, atomic and checksummed, resumable). `load_series` reads a series
+back as one param dict stacked along a leading `step` axis, so `torch.func.vmap` analyses
+every checkpoint in one call.
 """
 
 import hashlib
 import json
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +50,9 @@ SHARDED_FORMAT = "gpt_fn-dcp-v1"
 FILENAME = "checkpoint.safetensors"
 SHARDED = "checkpoint.dcp"
 SHARDED_META = "gpt_fn.json"
+SERIES = "checkpoints"
+"""The run folder's subfolder that holds the kept checkpoints (`series_path`)."""
+SERIES_NAME = re.compile(r"step_(\d+)\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -296,3 +307,109 @@ def _load_sharded_whole(
     except Exception as error:
         raise CheckpointError(f"checkpoint {source} is corrupt or truncated: {error}") from error
     return _checked(source, metadata, tensors)
+
+
+@dataclass(frozen=True)
+class KeepSchedule:
+    """Which steps a run keeps a checkpoint of (`--keep-checkpoints`): log-spaced steps 1, 2, 4,
+    8, ... (Pythia's spacing), every `every` steps, or both; a run also keeps its last step.
+
+    `KeepSchedule.parse("log+every:100")`; `step in schedule` says whether it is kept.
+    """
+
+    log: bool = False
+    every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"every:N needs N >= 1, got {self.every}")
+        if not self.log and self.every is None:
+            raise ValueError("a keep schedule keeps log-spaced steps, every N steps, or both")
+
+    @classmethod
+    def parse(cls, spec: str) -> "KeepSchedule":
+        """`every:N`, `log` or `log+every:N` (either order); `ValueError` naming the spec."""
+        log, every = False, None
+        for part in spec.split("+"):
+            match = re.fullmatch(r"every:(\d+)", part)
+            if part == "log" and not log:
+                log = True
+            elif match and every is None and int(match[1]) >= 1:
+                every = int(match[1])
+            else:
+                raise ValueError(
+                    f"keep_checkpoints {spec!r} is not one of every:N (N >= 1), log, log+every:N"
+                )
+        return cls(log=log, every=every)
+
+    def __contains__(self, step: int) -> bool:
+        if step < 1:
+            return False
+        power_of_two = (step & (step - 1)) == 0
+        return (self.log and power_of_two) or (self.every is not None and step % self.every == 0)
+
+    def steps(self, start: int, last: int) -> list[int]:
+        """The steps a run from `start` to `last` keeps: those in (start, last], with `last`."""
+        return [s for s in range(start + 1, last + 1) if s in self or s == last]
+
+
+class Series(NamedTuple):
+    """A run's kept checkpoints: their steps, and their params stacked along a first axis."""
+
+    steps: list[int]
+    params: Params
+    """Each tensor `(len(steps), *shape)`: `params[name][i]` is the param at `steps[i]`."""
+    model_config: GPTConfig
+
+
+def series_path(run_folder: str | Path, step: int) -> Path:
+    """Where the run in `run_folder` keeps its checkpoint of `step`."""
+    return Path(run_folder) / SERIES / f"step_{step:06d}.safetensors"
+
+
+def series_steps(run_folder: str | Path) -> list[int]:
+    """The steps the run in `run_folder` has kept a checkpoint of, in order."""
+    folder = Path(run_folder) / SERIES
+    if not folder.is_dir():
+        return []
+    names = (SERIES_NAME.fullmatch(path.name) for path in folder.iterdir())
+    return sorted(int(match[1]) for match in names if match)
+
+
+def load_series(
+    run_folder: str | Path,
+    *,
+    steps: list[int] | None = None,
+    device: torch.device | str = "cpu",
+) -> Series:
+    """The kept checkpoints of the run in `run_folder` (all, or those of `steps`), each
+    verified like `load_checkpoint`, with their params stacked along a leading `step` axis:
+
+        series = load_series("out")
+        logits = torch.func.vmap(lambda p: gpt_fn.forward(p, tokens, series.model_config))(
+            series.params)                                  # (step, batch, seq, vocab)
+
+    `CheckpointError` if there are none, a step is not kept, or two differ in model config.
+    """
+    kept = series_steps(run_folder)
+    if not kept:
+        raise CheckpointError(
+            f"no kept checkpoints in {Path(run_folder) / SERIES} (train with --keep-checkpoints)"
+        )
+    wanted = kept if steps is None else list(steps)
+    missing = [step for step in wanted if step not in kept]
+    if missing or not wanted:
+        raise CheckpointError(
+            f"{Path(run_folder) / SERIES} keeps no checkpoint of steps {missing}; "
+            f"it keeps steps {kept}"
+        )
+    loaded = [load_checkpoint(series_path(run_folder, step), device=device) for step in wanted]
+    config = loaded[0].model_config
+    for step, checkpoint in zip(wanted, loaded, strict=True):
+        if checkpoint.model_config != config:
+            raise CheckpointError(
+                f"the kept checkpoint of step {step} is of another model config than that of "
+                f"step {wanted[0]}: a series stacks checkpoints of one model"
+            )
+    params = {name: torch.stack([c.params[name] for c in loaded]) for name in loaded[0].params}
+    return Series(wanted, params, config)

@@ -1,18 +1,26 @@
 """Checkpoints round-trip exactly, are written atomically, and bad files give clear errors."""
 
+import dataclasses
 import os
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+import gpt_fn
 from gpt_fn import init_params
 from gpt_fn.checkpoint import (
     FILENAME,
     Checkpoint,
     CheckpointError,
+    KeepSchedule,
     load_checkpoint,
+    load_series,
     read_checkpoint_info,
     save_checkpoint,
+    series_path,
+    series_steps,
 )
 
 
@@ -105,3 +113,89 @@ def test_metadata_reads_without_the_tensors(tmp_path, tiny_config):
     save_checkpoint(tmp_path, _checkpoint(tiny_config, step=9))
     info = read_checkpoint_info(tmp_path)
     assert (info.step, info.model_config, info.train_settings["seed"]) == (9, tiny_config, 1)
+
+
+# --- checkpoint series ----------------------------------------------------------------------
+
+
+def test_keep_schedules_keep_log_spaced_steps_every_n_and_the_last():
+    assert KeepSchedule.parse("log").steps(0, 40) == [1, 2, 4, 8, 16, 32, 40]
+    assert KeepSchedule.parse("every:10").steps(0, 35) == [10, 20, 30, 35]
+    both = KeepSchedule.parse("log+every:10")
+    assert both == KeepSchedule.parse("every:10+log") == KeepSchedule(log=True, every=10)
+    assert both.steps(0, 40) == [1, 2, 4, 8, 10, 16, 20, 30, 32, 40]
+    assert both.steps(16, 40) == [20, 30, 32, 40]  # a resumed run keeps the steps it takes
+
+
+@given(st.integers(1, 2**40))
+def test_log_schedule_keeps_exactly_the_powers_of_two(step):
+    assert (step in KeepSchedule(log=True)) == (step == 2 ** (step.bit_length() - 1))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "every", "every:0", "every:-1", "every:x", "log+log", "lin", "log+", "every:2+every:3"],
+)
+def test_a_bad_keep_spec_is_one_clear_error(spec):
+    with pytest.raises(ValueError, match="not one of every:N"):
+        KeepSchedule.parse(spec)
+
+
+def _series(tmp_path, config, steps):
+    """A run folder keeping a checkpoint of each of `steps`, params drifting with the step."""
+    base = init_params(config, seed=0)
+    for step in steps:
+        params = {k: v + 0.01 * step * torch.randn_like(v) for k, v in base.items()}
+        save_checkpoint(series_path(tmp_path, step), Checkpoint(params, {}, step, config, {}))
+    return tmp_path
+
+
+def test_series_stacks_the_kept_checkpoints_along_a_step_axis(tmp_path, tiny_config):
+    run = _series(tmp_path, tiny_config, [4, 1, 2])
+    (run / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    assert series_steps(run) == [1, 2, 4]
+    series = load_series(run)
+    assert series.steps == [1, 2, 4] and series.model_config == tiny_config
+    for i, step in enumerate(series.steps):
+        single = load_checkpoint(series_path(run, step)).params
+        assert all(torch.equal(series.params[k][i], single[k]) for k in single)
+    picked = load_series(run, steps=[4, 1])
+    assert picked.steps == [4, 1] and torch.equal(
+        picked.params["wte.weight"][1], series.params["wte.weight"][0]
+    )
+
+
+def test_vmapped_analysis_of_a_series_equals_a_loop_over_its_checkpoints(tmp_path, tiny_config):
+    run = _series(tmp_path, tiny_config, [1, 2, 4, 8])
+    series = load_series(run)
+    tokens = torch.randint(
+        0, tiny_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)
+    )
+    names = ["h.1.attn.pattern", "h.0.resid_post", "ln_f.scale"]
+
+    def analyse(params):
+        return gpt_fn.run_with_cache(params, tokens, tiny_config, names=names, attention="manual")
+
+    logits, cache = torch.func.vmap(analyse)(series.params)
+    assert logits.shape == (4, 2, 9, tiny_config.vocab_size)
+    for i, step in enumerate(series.steps):
+        one_logits, one_cache = analyse(load_checkpoint(series_path(run, step)).params)
+        # vmap batches the same fp32 ops along a new axis; the issue allows 1e-6, and the
+        # batched matmuls may sum in another order, so a few ulps of these O(1) values.
+        torch.testing.assert_close(logits[i], one_logits, atol=1e-6, rtol=0)
+        for name in names:
+            torch.testing.assert_close(cache[name][i], one_cache[name], atol=1e-6, rtol=0)
+
+
+def test_an_empty_or_mixed_series_and_a_missing_step_are_named(tmp_path, tiny_config):
+    with pytest.raises(CheckpointError, match="no kept checkpoints .* --keep-checkpoints"):
+        load_series(tmp_path)
+    run = _series(tmp_path, tiny_config, [1, 2])
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint of steps \[3\]; it keeps steps \[1, 2\]"
+    ):
+        load_series(run, steps=[1, 3])
+    wider = dataclasses.replace(tiny_config, n_embd=30)
+    save_checkpoint(series_path(run, 4), Checkpoint(init_params(wider, seed=0), {}, 4, wider, {}))
+    with pytest.raises(CheckpointError, match="step 4 is of another model config"):
+        load_series(run)
