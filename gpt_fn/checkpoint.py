@@ -367,6 +367,19 @@ def series_path(run_folder: str | Path, step: int) -> Path:
     return Path(run_folder) / SERIES / f"step_{step:06d}.safetensors"
 
 
+def kept_checkpoint(run_folder: str | Path, step: int) -> Path:
+    """The path of the run's kept checkpoint of `step`; `CheckpointError` naming the kept
+    steps if there is none."""
+    path = series_path(run_folder, step)
+    if not path.exists():
+        kept = series_steps(run_folder)
+        raise CheckpointError(
+            f"{Path(run_folder) / SERIES} keeps no checkpoint of step {step}"
+            + (f"; it keeps steps {kept}" if kept else " (the run kept none: --keep-checkpoints)")
+        )
+    return path
+
+
 def series_steps(run_folder: str | Path) -> list[int]:
     """The steps the run in `run_folder` has kept a checkpoint of, in order."""
     folder = Path(run_folder) / SERIES

@@ -32,7 +32,12 @@ from tqdm import tqdm
 
 from gpt_fn import data, hf, sampling
 from gpt_fn import eval as evaluation
-from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
+from gpt_fn.checkpoint import (
+    CheckpointError,
+    kept_checkpoint,
+    load_checkpoint,
+    read_checkpoint_info,
+)
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.hooks import load_hooks
 from gpt_fn.model import init_params
@@ -223,7 +228,13 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     if given.get("resume"):
         out_dir = given.get("out_dir", TrainSettings.out_dir)
         try:
-            base = read_checkpoint_info(out_dir).train_settings
+            # --from-step: the settings of the kept checkpoint the run goes back to
+            source = (
+                out_dir
+                if given.get("from_step") is None
+                else kept_checkpoint(out_dir, given["from_step"])
+            )
+            base = read_checkpoint_info(source).train_settings
         except CheckpointError as error:
             raise CheckpointError(f"--resume: {error}") from None
         base = {k: v for k, v in base.items() if k in TrainSettings.__dataclass_fields__}

@@ -4,6 +4,7 @@
       .lock                    held (flock) by the one process training into out/
       checkpoint.safetensors   params + optimizer state + step + settings (gpt_fn.checkpoint)
       checkpoint.dcp/          the same, sharded by an FSDP run (torch.distributed.checkpoint)
+      checkpoints/             kept checkpoints step_000001.safetensors, ... (--keep-checkpoints)
       metrics.jsonl            one JSON object per step (strict JSON: a NaN is written null)
       loss.png                 train and val loss against steps
 
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt_fn.checkpoint import FILENAME, SHARDED, recover_sharded
+from gpt_fn.checkpoint import FILENAME, SERIES, SHARDED, recover_sharded
 from gpt_fn.files import remove_temporaries
 
 try:
@@ -47,6 +48,7 @@ class RunDir:
         self.path = Path(path)
         self.checkpoint = self.path / FILENAME
         self.sharded_checkpoint = self.path / SHARDED
+        self.series = self.path / SERIES
         self.metrics = self.path / METRICS
         self.plot = self.path / PLOT
 
@@ -81,7 +83,7 @@ class RunDir:
         return self.checkpoint.exists() or self.sharded_checkpoint.exists()
 
     def holds_run(self) -> bool:
-        return self.holds_checkpoint() or self.metrics.exists()
+        return self.holds_checkpoint() or self.metrics.exists() or self.series.exists()
 
     def start_fresh(self, *, overwrite: bool) -> None:
         """Make the folder ready for a new run: refuse one that holds a run unless `overwrite`."""
@@ -90,7 +92,7 @@ class RunDir:
         if not overwrite:
             found = [
                 p.name
-                for p in (self.checkpoint, self.sharded_checkpoint, self.metrics)
+                for p in (self.checkpoint, self.sharded_checkpoint, self.metrics, self.series)
                 if p.exists()
             ]
             raise RunDirError(
@@ -100,10 +102,15 @@ class RunDir:
         for path in (self.checkpoint, self.metrics, self.plot):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.sharded_checkpoint, ignore_errors=True)
+        shutil.rmtree(self.series, ignore_errors=True)
 
     def clean(self) -> list[Path]:
         """Delete the temporary files a killed save left behind; returns what was removed."""
-        return remove_temporaries(self.path, FILENAME) + recover_sharded(self.path)
+        return (
+            remove_temporaries(self.path, FILENAME)
+            + remove_temporaries(self.series, "step_*.safetensors")
+            + recover_sharded(self.path)
+        )
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = json.dumps(_strict(record), allow_nan=False)

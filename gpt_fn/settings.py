@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt_fn.checkpoint import KeepSchedule
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
 from gpt_fn.nn import AttentionKernel
@@ -106,6 +107,12 @@ class TrainSettings:
     beta2: float = _setting(0.95, "AdamW beta2", "run")
     grad_clip: float = _setting(1.0, "clip the global gradient norm to this (0: off)", "run")
     eval_interval: int = _setting(100, "evaluate and checkpoint every N steps", "execution")
+    keep_checkpoints: str | None = _setting(
+        None,
+        "also keep the checkpoints of some steps in OUT/checkpoints/: every:N, log (steps 1, 2, "
+        "4, 8, ...) or log+every:N, and the last step; each is resumable (--from-step)",
+        "execution",
+    )
     eval_batches: int = _setting(10, "batches in each validation-loss estimate", "execution")
     sample_every: int = _setting(
         0, "also print a sample every N steps (0: only at the end)", "execution"
@@ -139,6 +146,12 @@ class TrainSettings:
     )
     overwrite: bool = _setting(
         False, "start a new run in an --out-dir that holds one, deleting it", "flag"
+    )
+    from_step: int | None = _setting(
+        None,
+        "with --resume: resume from the kept checkpoint of step N (OUT/checkpoints/); the "
+        "later steps' records and kept checkpoints are dropped",
+        "flag",
     )
     allow_changes: bool = _setting(
         False, "with --resume: train on with settings that differ from the run's", "flag"
@@ -181,6 +194,15 @@ class TrainSettings:
             )
         if self.allow_changes and not self.resume:
             raise SettingsError("allow_changes only applies with resume")
+        if self.from_step is not None and not self.resume:
+            raise SettingsError("from_step only applies with resume")
+        if self.from_step is not None and self.from_step < 1:
+            raise SettingsError(f"from_step must be >= 1, got {self.from_step!r}")
+        if self.keep_checkpoints is not None:
+            try:
+                KeepSchedule.parse(self.keep_checkpoints)
+            except ValueError as error:
+                raise SettingsError(str(error)) from None
         if self.overwrite and self.resume:
             raise SettingsError(
                 "resume continues the run in out_dir; overwrite deletes it: pick one"
@@ -264,7 +286,13 @@ def resume_settings(
     `SettingsError` naming every refused change.
     """
     try:
-        run = TrainSettings.from_dict({**saved, "resume": False, "overwrite": False})
+        # Flags say how this command starts; the run's own flags are not kept.
+        flags = {
+            f.name: f.default
+            for f in dataclasses.fields(TrainSettings)
+            if f.metadata["kind"] == "flag"
+        }
+        run = TrainSettings.from_dict({**saved, **flags})
     except (SettingsError, TypeError) as error:
         raise SettingsError(f"the checkpoint's training settings are unusable: {error}") from error
     run = run.resolved(run.dtype)  # checkpoints record resolved settings; older ones may not

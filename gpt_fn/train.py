@@ -34,17 +34,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpt_fn import data, flops, hf, sampling
 from gpt_fn.checkpoint import (
+    SERIES,
     Checkpoint,
     CheckpointError,
+    KeepSchedule,
     checkpoint_path,
+    kept_checkpoint,
     load_checkpoint,
     load_sharded_into,
     read_checkpoint_info,
     save_checkpoint,
     save_sharded_checkpoint,
+    series_path,
+    series_steps,
 )
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import bits_per_byte
+from gpt_fn.files import write_atomic
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -213,6 +219,11 @@ def _settings_for_this_run(
 ) -> TrainSettings:
     """Resumed: the checkpoint's settings with the allowed changes. Fresh: the folder checked."""
     if settings.resume:
+        if settings.from_step is not None:
+            if rank == 0:
+                _rewind(run_dir, settings.from_step, log)
+            if dist.is_initialized():  # the other ranks read the checkpoint once it is in place
+                dist.barrier()
         info = read_checkpoint_info(checkpoint_path(run_dir.path))
         settings, notes = resume_settings(settings, info.train_settings, step=info.step)
         for note in notes:
@@ -229,6 +240,18 @@ def _settings_for_this_run(
     return settings.resolved(resolve_dtype(settings.dtype, device))
 
 
+def _rewind(run_dir: RunDir, step: int, log: Log) -> None:
+    """Make the run's kept checkpoint of `step` its checkpoint (verified, then copied atomically)."""
+    source = kept_checkpoint(run_dir.path, step)
+    if run_dir.sharded_checkpoint.exists():
+        raise CheckpointError(
+            f"--from-step resumes single-file checkpoints; {run_dir.sharded_checkpoint} is sharded"
+        )
+    load_checkpoint(source)  # checksums verified before the run's checkpoint is replaced
+    write_atomic(run_dir.checkpoint, source.read_bytes())
+    log(f"resume: the run goes back to its kept checkpoint of step {step} ({source})")
+
+
 class _Run:
     """One training run from its first step to its last: the loop and what it reports."""
 
@@ -243,6 +266,13 @@ class _Run:
         self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
         self.log, self.stop_requested = log, stop_requested
         self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
+        self.keep = (
+            KeepSchedule.parse(settings.keep_checkpoints) if settings.keep_checkpoints else None
+        )
+        if self.keep is not None and self.sharded:
+            raise ValueError(
+                "--keep-checkpoints writes single-file checkpoints: use --parallel ddp"
+            )
         params, self.config = _initial_params(settings, run_dir, log)
         self.train_tokens, self.val_tokens = _load_data(settings, self.config, runtime, log)
         self.module = GPT.from_params(
@@ -308,6 +338,8 @@ class _Run:
         settings, config, runtime = self.settings, self.config, self.runtime
         if runtime.is_main:
             self.run_dir.truncate_metrics(self.start_step)
+            self._prune_series()
+            self._announce_series()
         n_params = sum(p.numel() for p in self.params.values())
         self.log(
             f"model {config.n_layer} layers x {config.n_embd} wide, {n_params / 1e6:.1f}M "
@@ -341,6 +373,8 @@ class _Run:
                         refresh=False,
                     )
                     progress.update(1)
+                if self.keep is not None and (done in self.keep or done == settings.max_steps):
+                    self._keep(done)
                 sample_due = settings.sample_every and done % settings.sample_every == 0
                 if sample_due and done < settings.max_steps:
                     say(self.sample())
@@ -437,14 +471,50 @@ class _Run:
             ]
         )  # fmt: skip
 
-    def _checkpoint(self, step: int) -> None:
-        checkpoint = Checkpoint(
+    def _state(self, step: int) -> Checkpoint:
+        """What a checkpoint of `step` holds: the params, the optimizer state, the settings."""
+        return Checkpoint(
             self.params, self._saved_state(), step, self.config, self.settings.to_dict()
         )
+
+    def _checkpoint(self, step: int) -> None:
+        checkpoint = self._state(step)
         if self.sharded:  # every rank writes its shards
             save_sharded_checkpoint(self.run_dir.path, checkpoint, rank=self.runtime.rank)
         elif self.runtime.is_main:
             save_checkpoint(self.run_dir.checkpoint, checkpoint)
+
+    def _keep(self, step: int) -> None:
+        """Write the series' checkpoint of `step` (after the step's record, like `_checkpoint`)."""
+        if self.runtime.is_main:
+            save_checkpoint(series_path(self.run_dir.path, step), self._state(step))
+
+    def _prune_series(self) -> None:
+        """Drop the kept checkpoints after the start step: the run writes them again."""
+        later = [s for s in series_steps(self.run_dir.path) if s > self.start_step]
+        for step in later:
+            series_path(self.run_dir.path, step).unlink()
+        if later:
+            self.log(
+                f"resume: dropped the kept checkpoints of steps {later}, after step {self.start_step}"
+            )
+
+    def _announce_series(self) -> None:
+        """Say which steps the run will keep a checkpoint of, and the disk they will take."""
+        if self.keep is None or self.start_step == self.settings.max_steps:
+            return
+        steps = self.keep.steps(self.start_step, self.settings.max_steps)
+        tensors = [*self.params.values(), *self._saved_state().values()]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        shown = (
+            ", ".join(map(str, steps))
+            if len(steps) <= 8
+            else (f"{', '.join(map(str, steps[:5]))}, ..., {steps[-1]}")
+        )
+        self.log(
+            f"keeping {len(steps)} checkpoints (steps {shown}) in {self.run_dir.path / SERIES}: "
+            f"{len(steps)} x {size / 1e6:.1f} MB = {len(steps) * size / 1e6:.1f} MB"
+        )
 
     def _kept(self) -> str:
         if self.run_dir.holds_checkpoint():

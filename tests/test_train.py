@@ -11,9 +11,9 @@ import torch
 
 import gpt_fn.model
 from gpt_fn import cli
-from gpt_fn.checkpoint import CheckpointError, load_checkpoint
+from gpt_fn.checkpoint import CheckpointError, load_checkpoint, load_series, series_steps
 from gpt_fn.rundir import read_metrics
-from gpt_fn.settings import TrainSettings
+from gpt_fn.settings import SettingsError, TrainSettings
 from gpt_fn.train import TrainingDiverged, train
 
 
@@ -410,3 +410,44 @@ def test_activation_checkpointing_trains_as_the_plain_run(corpus, tmp_path):
     assert [r["step"] for r in b] == [r["step"] for r in a]
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-6
+
+
+def test_a_series_keeps_its_steps_states_its_disk_use_and_resumes_from_any_of_them(
+    corpus, tmp_path, one_thread
+):
+    lines = []
+    keep = {"keep_checkpoints": "log+every:3", "max_steps": 8}
+    train(_settings(corpus, tmp_path / "run", **keep), log=lines.append)
+    run = tmp_path / "run"
+    # Log-spaced and every 3rd, whether or not an eval step (6, 8), and the last step.
+    assert series_steps(run) == [1, 2, 3, 4, 6, 8]
+    stated = next(line for line in lines if line.startswith("keeping 6 checkpoints"))
+    each = float(stated.split(": 6 x ")[1].split(" MB")[0]) * 1e6
+    sizes = [p.stat().st_size for p in (run / "checkpoints").iterdir()]
+    # The statement counts the tensors' bytes (to 0.1 MB); each file adds its JSON header.
+    assert all(abs(size - each) < 60_000 for size in sizes), (stated, sizes)
+    series = load_series(run)
+    assert torch.equal(series.params["wte.weight"][-1], load_checkpoint(run).params["wte.weight"])
+    first = read_metrics(run / "metrics.jsonl")
+
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 5; it keeps steps \[1, 2, 3"):
+        train(_settings(corpus, run, **keep, resume=True, from_step=5), log=_quiet)
+    train(_settings(corpus, run, **keep, resume=True, from_step=3), log=lines.append)
+    assert any("goes back to its kept checkpoint of step 3" in line for line in lines)
+    assert any("dropped the kept checkpoints of steps [4, 6, 8]" in line for line in lines)
+    again = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in again] == list(range(8)) and series_steps(run) == series.steps
+    # The replayed steps see the same batches, lr and state: the losses of the first run to
+    # 1e-6 (the exact-resume bound) and params within MKL's alignment noise (see above).
+    for a, b in zip(first, again, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    replayed = load_series(run)
+    for name, stacked in series.params.items():
+        torch.testing.assert_close(replayed.params[name], stacked, atol=1e-5, rtol=0)
+
+
+def test_series_settings_are_checked_when_built(corpus, tmp_path):
+    with pytest.raises(SettingsError, match="from_step only applies with resume"):
+        _settings(corpus, tmp_path, from_step=2)
+    with pytest.raises(SettingsError, match="'every:0' is not one of every:N"):
+        _settings(corpus, tmp_path, keep_checkpoints="every:0")
