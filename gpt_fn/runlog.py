@@ -69,11 +69,7 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The fields of `record` a UI plots: numbers (booleans as 0/1), finite or not; not `step`."""
     out = {}
     for key, value in record.items():
-        if key == "step" or isinstance(value, str):
-            continue
-        if isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, int | float):
+        if key != "step" and isinstance(value, int | float):  # bool is an int: 0/1
             out[key] = float(value)
     return out
 
