@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from gpt_fn import GPTConfig, cli, data, flops, forward, hf, init_params
-from gpt_fn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from gpt_fn.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_series,
+    save_checkpoint,
+    series_steps,
+)
 from gpt_fn.rundir import read_metrics
 from gpt_fn.sampling import ban_tokens, beam_search, cut_at_stop
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
@@ -359,6 +365,54 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert stop, err
     assert load_checkpoint(out).step == int(stop[1])
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
+
+
+def test_a_killed_series_run_resumes_and_rewrites_the_same_series(
+    corpus, tmp_path, capsys, one_thread
+):
+    out = tmp_path / "run"
+    given = [
+        "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}", f"--out-dir={out}",
+        *TINY_RUN, "--eval-interval=6", "--keep-checkpoints=log+every:5",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [*ENTRY_POINT, *given, "--max-steps=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    # Killed from step 9 on: after the kept step 8 and (mostly) before the checkpoint of 12,
+    # so the resumed run usually replays a kept step.
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out / "metrics.jsonl")) < 9:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.kill()  # SIGKILL: no handler runs, a write may be cut anywhere
+    stdout, _ = process.communicate(timeout=120)
+    # 17 powers of two and 20000 multiples of 5 up to step 100000, stated before step 0.
+    assert re.search(
+        r"keeping 20017 checkpoints \(steps 1, 2, 4, 5, 8, ..., 100000\) .*: "
+        r"20017 x [\d.]+ MB = [\d.]+ MB",
+        stdout,
+    ), stdout
+    before = read_metrics(out / "metrics.jsonl")
+    killed = load_series(out)
+    resumed_at = load_checkpoint(out).step
+
+    # The same steps again: the resumed run replays those after its checkpoint.
+    code, stdout, err = run(capsys, *given, "--resume", f"--max-steps={len(before)}")
+    assert code == 0, err
+    after = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in after] == list(range(len(before)))
+    # Same batches, lr and state: equal to the last bit; 1e-6 is the exact-resume bound.
+    for a, b in zip(before, after, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    assert set(killed.steps) <= set(series_steps(out))
+    again = load_series(out, steps=killed.steps)
+    for name, stacked in killed.params.items():
+        # Params within MKL's alignment noise over replayed steps (see test_train's resume test).
+        torch.testing.assert_close(again.params[name], stacked, atol=1e-5, rtol=0)
+    replayed = [step for step in killed.steps if step > resumed_at]
+    if replayed:
+        assert f"dropped the kept checkpoints of steps {replayed}" in stdout
 
 
 # --- gpt-fn eval ----------------------------------------------------------------------------
