@@ -93,3 +93,22 @@ def test_the_plots_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     for name in ("attn.png", "heads.png", "lens.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_checkpoint_series_example_runs(tmp_path, monkeypatch):
+    from gpt_fn.checkpoint import Checkpoint, save_checkpoint, series_path
+
+    text = README.read_text()
+    section = text[text.index("### Checkpoint series") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    config = GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    for step in (1, 2, 4):
+        params = init_params(config, seed=step)
+        save_checkpoint(
+            series_path(tmp_path / "out", step), Checkpoint(params, {}, step, config, {})
+        )
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert namespace["series"].steps == [1, 2, 4]
+    assert namespace["losses"].shape == (3,) and namespace["patterns"].shape == (3, 4, 2, 32, 32)
