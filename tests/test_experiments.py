@@ -17,6 +17,8 @@ import torch
 
 import gpt_fn
 from gpt_fn import hf, optim
+from gpt_fn.checkpoint import load_series
+from gpt_fn.rundir import read_metrics
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # ln(50304): the loss of a uniform guess over the padded GPT-2 vocabulary, where every
@@ -250,6 +252,32 @@ def test_repeated_sequences_copy_a_segment_of_varying_length():
         assert torch.equal(tokens[period : 2 * period], tokens[:period])
     first, copy = experiment.copy_masks(repeats)
     assert not bool((first & copy).any())
+
+
+def test_training_dynamics_reads_a_series_with_one_vmapped_call(tmp_path, data_dir):
+    experiment = load("training_dynamics")
+    out = tmp_path / "dynamics"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "training_dynamics")["steps"] == [1, 2, 4]
+    run = out / "run"
+    # The vmapped val loss of the last kept step is the training loop's own eval of that step
+    # (the same batches; the loop's fused sdpa against manual attention here: ~1e-6).
+    logged = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert result["val_loss"][-1] == pytest.approx(logged[-1], abs=1e-5)
+    assert all(abs(v - UNIFORM_LOSS) < 0.2 for v in result["val_loss"])
+    # The induction score read off a diagonal equals the mean over the copy's queries.
+    series = load_series(run)
+    length = series.model_config.block_size // 2
+    repeated = experiment.copies(experiment.COPIES, length, torch.Generator().manual_seed(0))
+    params = {k: v[0] for k, v in series.params.items()}
+    _, cache = gpt_fn.run_with_cache(params, repeated, series.model_config)
+    pattern = cache["h.0.attn.pattern"]  # (batch, head, query, key)
+    expected = torch.stack(
+        [pattern[:, :, t, t - length + 1] for t in range(length, 2 * length)], dim=-1
+    ).mean((0, 2))
+    torch.testing.assert_close(torch.tensor(result["induction_scores"][0][0]), expected)
+    again = experiment.main(["--quick", "--out", str(tmp_path / "again"), "--run", str(run)])
+    assert again["val_loss"] == result["val_loss"] and again["steps"] == result["steps"]
 
 
 def test_attribution_patching_maps_every_head(tmp_path):

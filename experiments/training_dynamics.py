@@ -1,0 +1,226 @@
+"""Training dynamics: a run's checkpoint series, every readout vmapped over its steps.
+
+Question. Over the main job's training, when does the model start to copy from its context
+(an induction head, Olsson et al. 2022, "In-context Learning and Induction Heads"), and how
+does that line up with its val loss and with the depth at which its prediction forms (the
+logit lens)? Pythia answered this with log-spaced checkpoints; `--keep-checkpoints` keeps
+such a series, and `gpt_fn.checkpoint.load_series` stacks it so one `torch.func.vmap` call
+analyses every checkpoint.
+
+Setup. `gpt-fn train`'s main job (`cpu-small` on the Shakespeare corpus, 300 steps) run with
+`--keep-checkpoints log+every:25` into `--out/run` (or an existing run: `--run DIR`). One
+function of one checkpoint's params computes, and `vmap` maps it over the step axis:
+
+- val loss: the mean loss on the training loop's evaluation batches
+  (`gpt_fn.data.eval_batch(seed, index)`, the run's batch size and seed);
+- induction score: on sequences of `L = block_size / 2` random GPT-2 token ids followed by
+  their copy, each head's mean attention from a query `t` in the copy to key `t - L + 1` (the
+  token after the first occurrence of the query's token), from `h.{i}.attn.pattern`; a
+  checkpoint's score is its best head's (`induction_heads.py` measures the same thing);
+- logit-lens depth: at each position of the copy, the top token of the logit lens
+  (`gpt_fn.logit_lens`, `ln="recompute"`) at each depth (0: the embeddings; i: after block
+  i); the answer is the copied token. Its accuracy per depth, and the depth at which the
+  answer first comes out on top, averaged over the positions the model gets right.
+
+    python experiments/training_dynamics.py                 # trains the main job, ~6 idle CPU min
+    python experiments/training_dynamics.py --run out       # a run of yours, kept with --keep-checkpoints
+    python experiments/training_dynamics.py --quick         # a smoke run
+
+Writes `training_dynamics.png` (the three readouts against the step) and `results.json` into
+`--out`.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpt_fn
+from experiments import conventions
+from gpt_fn import data
+from gpt_fn.checkpoint import load_series, read_checkpoint_info, series_path
+from gpt_fn.rundir import read_metrics
+from gpt_fn.settings import TrainSettings
+from gpt_fn.shapes import shape_checks
+from gpt_fn.tokenizer import GPT2_VOCAB_SIZE
+from gpt_fn.train import train
+
+NAME = "training_dynamics"
+KEEP = "log+every:25"
+COPIES = 8
+"""Sequences (a random segment and its copy) the induction score and the logit lens read."""
+STEPS_AT_ONCE = 2
+"""Checkpoints per vmapped chunk: the logit lens holds (depth, batch, seq, vocab) logits."""
+
+
+def train_main_job(args: Any) -> Path:
+    """The main job with a kept series, trained into `--out/run`; returns the run folder."""
+    run = args.out / "run"
+    shape = conventions.QUICK_SHAPE if args.quick else {}
+    quick = {"max_steps": 4, "batch_size": 4, "eval_batches": 1, "sample_tokens": 4}
+    settings = TrainSettings(
+        data_dir=str(args.data_dir),
+        out_dir=str(run),
+        keep_checkpoints=KEEP,
+        seed=args.seed,
+        device="cpu",
+        overwrite=True,
+        **({**shape, "preset": "cpu-tiny", **quick} if args.quick else {}),
+    )
+    train(settings)
+    return run
+
+
+def copies(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`(batch, 2 length)`: random GPT-2 token ids, then the same ids again."""
+    segment = torch.randint(0, GPT2_VOCAB_SIZE, (batch, length), generator=generator)
+    return torch.cat([segment, segment], dim=1)
+
+
+def readouts(
+    params: gpt_fn.Params,
+    config: gpt_fn.GPTConfig,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    repeated: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One checkpoint's val loss, induction scores `(n_layer, n_head)` and logit-lens top
+    tokens `(depth, batch, L - 1)` at the copy's positions that have a next token."""
+    val_loss = torch.stack(
+        [gpt_fn.loss(params, x, y, config, attention="manual") for x, y in val_batches]
+    ).mean()
+    length = repeated.shape[1] // 2
+    patterns = [f"h.{i}.attn.pattern" for i in range(config.n_layer)]
+    _, cache = gpt_fn.run_with_cache(
+        params,
+        repeated,
+        config,
+        names=lambda site: site in patterns or site.endswith(("resid_pre", "resid_post")),
+        attention="manual",
+    )
+    # Query t (from L - 1 on) against key t - L + 1; drop t = L - 1, the segment's last token.
+    induction = torch.stack(
+        [
+            cache[name].diagonal(offset=-(length - 1), dim1=-2, dim2=-1)[..., 1:].mean((0, 2))
+            for name in patterns
+        ]
+    )
+    lens, _ = gpt_fn.logit_lens(
+        params, cache, config, ln="recompute", pos=slice(length, 2 * length - 1)
+    )
+    return val_loss, induction, lens.argmax(-1)
+
+
+def analyse(run: Path, seed: int) -> dict[str, Any]:
+    series = load_series(run)
+    config = series.model_config
+    settings = read_checkpoint_info(series_path(run, series.steps[-1])).train_settings
+    val_tokens = data.load_split(
+        TrainSettings.from_dict(settings).data_path(), "val", block_size=config.block_size
+    )
+    val_batches = [
+        data.eval_batch(
+            val_tokens,
+            batch_size=settings["batch_size"],
+            block_size=config.block_size,
+            seed=settings["seed"],
+            index=index,
+        )
+        for index in range(settings["eval_batches"])
+    ]
+    length = config.block_size // 2
+    repeated = copies(COPIES, length, torch.Generator().manual_seed(seed))
+    started = time.perf_counter()
+    with torch.no_grad(), shape_checks(False):
+        val_loss, induction, top = torch.func.vmap(
+            lambda params: readouts(params, config, val_batches, repeated),
+            chunk_size=STEPS_AT_ONCE,
+        )(series.params)
+    seconds = time.perf_counter() - started
+    answers = repeated[:, length + 1 :]
+    correct = top == answers  # (step, depth, batch, position)
+    right = correct[:, -1]  # the model's own prediction
+    first = correct.int().argmax(dim=1).float()  # first depth with the answer on top
+    depth = [
+        (first[i][right[i]].mean().item() if right[i].any() else None)
+        for i in range(len(series.steps))
+    ]
+    best = induction.flatten(1).max(dim=1)
+    metrics = read_metrics(run / "metrics.jsonl")
+    return {
+        "run": str(run),
+        "config": config.to_dict(),
+        "steps": series.steps,
+        "val_loss": val_loss.tolist(),
+        "induction_score": best.values.tolist(),
+        "induction_head": [divmod(int(i), config.n_head) for i in best.indices],
+        "induction_scores": induction.tolist(),
+        "lens_accuracy": correct.float().mean((2, 3)).tolist(),
+        "answer_depth": depth,
+        "copy_accuracy": right.float().mean((1, 2)).tolist(),
+        "train_loss": [[r["step"] + 1, r["loss"]] for r in metrics if r.get("loss") is not None],
+        "analysis_seconds": seconds,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    steps = result["steps"]
+    fig = Figure(figsize=(16, 4.4))
+    axes = fig.subplots(1, 3, sharex=True)
+    train_steps, train_loss = zip(*result["train_loss"], strict=True)
+    axes[0].plot(train_steps, train_loss, lw=0.6, alpha=0.6, label="train (every step)")
+    axes[0].plot(steps, result["val_loss"], "o-", label="val (each kept checkpoint)")
+    axes[0].set(ylabel="loss (nats/token)", title="loss")
+    axes[0].legend()
+    axes[1].plot(steps, result["induction_score"], "o-", label="best head")
+    axes[1].plot(steps, result["copy_accuracy"], "s--", label="copy accuracy (top-1)")
+    axes[1].set(ylim=(0, 1), title="induction: attention to t - L + 1; copying")
+    axes[1].legend()
+    accuracy = torch.tensor(result["lens_accuracy"]).T  # (depth, step)
+    image = axes[2].pcolormesh(
+        steps, range(accuracy.shape[0]), accuracy, vmin=0, vmax=1, cmap="viridis", shading="nearest"
+    )
+    depth = [(s, d) for s, d in zip(steps, result["answer_depth"], strict=True) if d is not None]
+    if depth:
+        axes[2].plot(*zip(*depth, strict=True), "w.-", label="mean first depth of a right answer")
+        axes[2].legend(loc="upper left", fontsize="small")
+    axes[2].set(
+        ylabel="depth (0: embeddings, i: after block i)",
+        title="logit lens on the copy",
+        yticks=range(accuracy.shape[0]),
+    )
+    fig.colorbar(image, ax=axes[2], label="top-1 accuracy of the copied token")
+    for ax in axes:
+        ax.set(xscale="log", xlabel="step (kept checkpoints, log scale)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = conventions.command_line(
+        NAME, __doc__, quick="a 1-layer model for 4 steps: a smoke run",
+        seed="seed of the training run and of the copied sequences",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run", type=Path, help="analyse this run folder's kept checkpoints instead of training"
+    )
+    args = conventions.start(parser, argv)
+    run = args.run if args.run is not None else train_main_job(args)
+    result = analyse(run, args.seed)
+    print(
+        f"steps {result['steps']}: val loss "
+        f"{[round(v, 3) for v in result['val_loss']]}, induction score "
+        f"{[round(v, 2) for v in result['induction_score']]}, answer depth "
+        f"{[None if d is None else round(d, 2) for d in result['answer_depth']]}"
+    )
+    return conventions.finish(NAME, args, result, plot)
+
+
+if __name__ == "__main__":
+    main()
