@@ -161,6 +161,8 @@ def test_num_samples_prefill_once_and_sample_like_the_repeated_batch(monkeypatch
 class LetterTokenizer:
     """Token i decodes to one letter, so stop strings are easy to place across tokens."""
 
+    n_vocab = 101  # the model's every id has a letter
+
     def decode_single_token_bytes(self, token: int) -> bytes:
         return bytes([ord("a") + token % 26])
 

@@ -19,6 +19,7 @@
 from gpt_fn.sampling.beam import BeamSearchOutput, beam_search
 from gpt_fn.sampling.decoding import (
     DecodeState,
+    ban_padding_ids,
     cut_at_stop,
     decode_step,
     decode_step_,
@@ -61,6 +62,7 @@ __all__ = [
     "SpeculativeOutput",
     "SpeculativeStats",
     "Transform",
+    "ban_padding_ids",
     "ban_tokens",
     "beam_search",
     "categorical",
