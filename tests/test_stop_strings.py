@@ -4,7 +4,10 @@ beam search), ids past the tokenizer, and agreement with HF's `StopStringCriteri
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 import gpt_fn
 from gpt_fn import hf
@@ -176,3 +179,43 @@ def test_beams_end_at_a_stop_string_as_in_hf_generate_with_stop_strings(hf_token
     # The best beam is the free search's, cut after the token that completes the stop string.
     assert torch.equal(ours.sequences[0, 4 : 4 + 5], free.sequences[0, 4 : 4 + 5])
     assert (ours.sequences[0, 4 + 5 :] == 0).all()
+
+
+# Tokens a stop string is hard to find in: one-byte tokens and the byte fragments that GPT-2
+# splits Korean, Japanese and emoji into, beside any id of the vocabulary.
+SHORT_TOKENS = sorted(
+    set(gpt2().encode_ordinary("</s> <|im_end|> 작업 완료. 日本語のテキスト 🎉👍 a\n\nb"))
+)
+
+
+@st.composite
+def tokens_and_stops(draw):
+    """Token ids and one or two stop strings cut out of their decoded text (maybe not in it:
+    a cut through a character drops its bytes)."""
+    token = st.one_of(st.integers(0, GPT2_VOCAB_SIZE - 1), st.sampled_from(SHORT_TOKENS))
+    tokens = draw(st.lists(token, min_size=1, max_size=10))
+    text = token_bytes(tokens)
+    stops = []
+    for _ in range(draw(st.integers(1, 2))):
+        start = draw(st.integers(0, len(text) - 1))
+        end = draw(st.integers(start + 1, min(len(text), start + 12)))
+        stops.append(text[start:end].decode("utf-8", "ignore") or "\n\n")
+    return tokens, stops
+
+
+@settings(max_examples=8, deadline=None)  # HF builds its tables per stop list (0.5-1 s)
+@given(case=tokens_and_stops())
+@example(case=(gpt2().encode_ordinary("</s> more"), ["</s>"]))
+@example(case=(gpt2().encode_ordinary("작업 완료. 다음"), ["완료", "<|im_end|>"]))
+def test_generate_stops_at_the_first_token_where_hf_stop_string_criteria_says_stop(
+    case, hf_tokenizer
+):
+    tokens, stops = case
+    generated = forced_generation("generate", tokens, stops)
+    # HF's criteria see the generated ids only: gpt_fn matches stop strings in new text alone.
+    criteria = StopStringCriteria(hf_tokenizer, stops)
+    says_stop = [
+        bool(criteria(torch.tensor([tokens[:end]]), None)) for end in range(1, len(tokens) + 1)
+    ]
+    expected = says_stop.index(True) + 1 if True in says_stop else len(tokens)
+    assert generated == tokens[:expected]
