@@ -39,6 +39,7 @@ from gpt_fn.sampling.speculative import (
 from gpt_fn.sampling.transforms import (
     PAD,
     Transform,
+    apply_transform,
     ban_tokens,
     chain,
     frequency_penalty,
@@ -62,6 +63,7 @@ __all__ = [
     "SpeculativeOutput",
     "SpeculativeStats",
     "Transform",
+    "apply_transform",
     "ban_padding_ids",
     "ban_tokens",
     "beam_search",

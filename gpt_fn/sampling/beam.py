@@ -53,7 +53,7 @@ from gpt_fn.sampling.decoding import (
     text_choices,
 )
 from gpt_fn.sampling.head import decoding_head
-from gpt_fn.sampling.transforms import Transform
+from gpt_fn.sampling.transforms import Transform, apply_transform
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, check_hooks
 
@@ -196,7 +196,7 @@ def _search(
         if eos is not None and step < min_new:
             log_probs = log_probs.index_fill(-1, torch.tensor([eos], device=device), -torch.inf)
         if transform is not None:
-            log_probs = transform(log_probs, state.tokens)
+            log_probs = apply_transform(transform, log_probs, state.tokens)
         totals = (log_probs.view(batch, beams, vocab) + running_scores[..., None]).view(batch, -1)
         top_scores, top_index = totals.topk(candidates, dim=-1)
         parents, next_tokens = top_index // vocab, top_index % vocab

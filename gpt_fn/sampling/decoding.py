@@ -63,7 +63,7 @@ from gpt_fn.nn import AttentionKernel
 from gpt_fn.nn.padding import pad
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.head import LMHead, decoding_head
-from gpt_fn.sampling.transforms import PAD, Transform, ban_tokens, chain
+from gpt_fn.sampling.transforms import PAD, Transform, apply_transform, ban_tokens, chain
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, apply_hook, check_hooks
 
@@ -481,7 +481,9 @@ def pick_tokens(
         maxima, tokens = model_logits.max(dim=-1)
         samplers.check_logits(model_logits, model_logits=model_logits, maxima=maxima)
         return tokens
-    logits = model_logits if transform is None else transform(model_logits, context)
+    logits = (
+        model_logits if transform is None else apply_transform(transform, model_logits, context)
+    )
     samplers.check_logits(logits, model_logits=model_logits)
     if generators is None:
         return samplers._greedy(logits)
@@ -714,5 +716,25 @@ def _check_step(
             f"next_tokens has {next_tokens.shape[0]} rows, the state {state.tokens.shape[0]}"
         )
     check_token_ids("next_tokens: token id", next_tokens, vocab_size=config.vocab_size)
+    _check_state_config(state, config)
     if hooks is not None:
         check_hooks(hooks, config)
+
+
+def _check_state_config(state: DecodeState, config: GPTConfig) -> None:
+    """`ValueError` naming the first size in which `state` (its logits, its cache) was made
+    for another config than `config`."""
+    sizes = [("vocab_size", state.logits.shape[-1], config.vocab_size)]
+    if state.cache is not None:
+        keys = state.cache.keys
+        sizes += [
+            ("n_layer", len(keys), config.n_layer),
+            ("n_head", keys[0].shape[1], config.n_head),
+            ("head size (n_embd // n_head)", keys[0].shape[3], config.n_embd // config.n_head),
+        ]
+    for name, made, given in sizes:
+        if made != given:
+            raise ValueError(
+                f"the state was made with another config: its {name} is {made}, the config's "
+                f"{given}; decode with the config that prefilled it"
+            )
