@@ -10,7 +10,8 @@
 
 - `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
 - `samplers`: `greedy` and `categorical` (explicit generators).
-- `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+- `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`; stop
+  strings and `ban_padding_ids` (ids past the tokenizer are never generated where one is used).
 - `head`: `decoding_head`, the tied LM head laid out for decode steps (`LMHead`).
 - `beam`: `beam_search` (HF's rules and scores).
 - `speculative`: `speculative_generate`, a draft model's tokens checked by the target.

@@ -27,6 +27,10 @@ Hooks (`hooks={site: fn}`, `gpt_fn.sites`) see the activations of the positions 
 each call: the prompt's at prefill, one token per row at each decode step. So steering that
 adds a vector at every position gives the same tokens cached and uncached.
 
+Stop strings end a row at the first token whose bytes complete one in the row's generated
+text (`StopStrings`); where a tokenizer is in use, ids past its vocabulary are never generated
+(`ban_padding_ids`, the one policy of every decoder, the CLI and the harness).
+
 Sampling randomness comes from one generator per row seeded from `(seed, row)` (numpy's
 `SeedSequence` spawning), so a row's samples depend on its own logits and the seed, never on
 its neighbours or the batch size.
@@ -223,10 +227,15 @@ def generate(
     - Each step applies `transform(logits, tokens_so_far)` (the context is left-padded with
       `PAD`, -1, which transforms ignore) and then picks the argmax (`greedy=True`) or samples
       (`seed` required: sampling randomness is an argument).
-    - A row stops after producing `eos_token_id`, or once its decoded text (`tokenizer`,
-      default GPT-2's) contains one of the `stop` strings, across token boundaries; it is then
-      padded with `pad_token_id` (default: `eos_token_id`, else 0), and generation ends early
-      once every row has stopped.
+    - A row stops after producing `eos_token_id`, or at the first token that completes one of
+      the `stop` strings in its generated text (`StopStrings`: UTF-8 bytes of `tokenizer`'s
+      tokens, default GPT-2's, across token boundaries; text in the prompt does not count); it
+      is then padded with `pad_token_id` (default: `eos_token_id`, else 0), and generation
+      ends early once every row has stopped.
+    - With a tokenizer in use (`tokenizer` given, or GPT-2's for `stop`), ids past its
+      vocabulary (a vocabulary padded for speed) are banned before `transform`
+      (`ban_padding_ids`): every generated id then has text. Without one, every id of the
+      model's vocabulary may come out.
     - `num_samples=N` runs each prompt once and samples N continuations of it (rows
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
