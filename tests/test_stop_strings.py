@@ -42,7 +42,8 @@ def forcing(tokens: list[int], prompt_length: int):
 
 
 def token_bytes(tokens: list[int]) -> bytes:
-    return b"".join(gpt2().decode_single_token_bytes(t) for t in tokens)
+    """The text of `tokens`: padding ids past the tokenizer have none."""
+    return b"".join(gpt2().decode_single_token_bytes(t) for t in tokens if t < GPT2_VOCAB_SIZE)
 
 
 def first_stop(tokens: list[int], stops: list[str]) -> int:
@@ -121,6 +122,8 @@ def test_with_a_tokenizer_in_use_ids_past_it_are_never_generated(text):
         PADDING_HEAVY, PROMPT, CONFIG, max_new_tokens=8, seed=5, **draft, **text
     )
     assert max(out.tokens[0]) < GPT2_VOCAB_SIZE
+    beams = beam_search(PADDING_HEAVY, PROMPT, CONFIG, 2, max_new_tokens=4, **text)
+    assert max(beams.sequences[0]) < GPT2_VOCAB_SIZE
 
 
 def test_a_transform_that_picks_an_id_with_no_text_is_named_not_a_key_error():
@@ -190,32 +193,41 @@ SHORT_TOKENS = sorted(
 
 @st.composite
 def tokens_and_stops(draw):
-    """Token ids and one or two stop strings cut out of their decoded text (maybe not in it:
-    a cut through a character drops its bytes)."""
+    """Token ids (maybe one padding id past the tokenizer among them) and one or two stop
+    strings cut out of their text (maybe not in it: a cut through a character drops bytes)."""
     token = st.one_of(st.integers(0, GPT2_VOCAB_SIZE - 1), st.sampled_from(SHORT_TOKENS))
     tokens = draw(st.lists(token, min_size=1, max_size=10))
+    if draw(st.booleans()):
+        padding = draw(st.integers(GPT2_VOCAB_SIZE, CONFIG.vocab_size - 1))
+        tokens[draw(st.integers(0, len(tokens) - 1))] = padding
     text = token_bytes(tokens)
     stops = []
     for _ in range(draw(st.integers(1, 2))):
-        start = draw(st.integers(0, len(text) - 1))
-        end = draw(st.integers(start + 1, min(len(text), start + 12)))
+        start = draw(st.integers(0, max(len(text) - 1, 0)))
+        end = draw(st.integers(start + 1, max(min(len(text), start + 12), start + 1)))
         stops.append(text[start:end].decode("utf-8", "ignore") or "\n\n")
     return tokens, stops
 
 
-@settings(max_examples=8, deadline=None)  # HF builds its tables per stop list (0.5-1 s)
+@settings(max_examples=10, deadline=None)  # HF builds its tables per stop list (0.5-1 s)
 @given(case=tokens_and_stops())
 @example(case=(gpt2().encode_ordinary("</s> more"), ["</s>"]))
 @example(case=(gpt2().encode_ordinary("작업 완료. 다음"), ["완료", "<|im_end|>"]))
+@example(case=([198, GPT2_VOCAB_SIZE + 5, 198, 198], ["\n\n"]))
 def test_generate_stops_at_the_first_token_where_hf_stop_string_criteria_says_stop(
     case, hf_tokenizer
 ):
+    """A forced padding id is the transform's choice against the ban: one clear error."""
     tokens, stops = case
-    generated = forced_generation("generate", tokens, stops)
+    padding = next((i for i, t in enumerate(tokens) if t >= GPT2_VOCAB_SIZE), len(tokens))
     # HF's criteria see the generated ids only: gpt_fn matches stop strings in new text alone.
     criteria = StopStringCriteria(hf_tokenizer, stops)
     says_stop = [
-        bool(criteria(torch.tensor([tokens[:end]]), None)) for end in range(1, len(tokens) + 1)
+        bool(criteria(torch.tensor([tokens[:end]]), None)) for end in range(1, padding + 1)
     ]
-    expected = says_stop.index(True) + 1 if True in says_stop else len(tokens)
-    assert generated == tokens[:expected]
+    if True in says_stop or padding == len(tokens):
+        expected = says_stop.index(True) + 1 if True in says_stop else len(tokens)
+        assert forced_generation("generate", tokens, stops) == tokens[:expected]
+    else:
+        with pytest.raises(ValueError, match=f"token id {tokens[padding]} has no text"):
+            forced_generation("generate", tokens, stops)
