@@ -13,10 +13,10 @@ weights (tested):
   not just end.
 - A candidate ends with `eos_token_id`, when its new text completes one of the `stop` strings
   (HF's `stop_strings`, matched as `generate` matches them: on generated text only), or when
-  it reaches `max_new_tokens`. Its final score is
-  its sum over `generated_length ** length_penalty`, the length counting only new tokens (eos
-  included); only candidates among the step's top `num_beams` can become finished hypotheses,
-  and each prompt keeps the `num_beams` best.
+  it reaches `max_new_tokens`. Its final score is its sum over
+  `generated_length ** length_penalty`, the length counting only new tokens (eos or the
+  stop's last token included); only candidates among the step's top `num_beams` can become
+  finished hypotheses, and each prompt keeps the `num_beams` best.
 - `early_stopping`: `True` stops a prompt once it has `num_beams` finished hypotheses; `False`
   (HF's default) also stops it when the best running beam, scored at its current length,
   cannot beat the worst finished one; `"never"` scores it at `max_new_tokens` when
