@@ -237,6 +237,19 @@ def test_resume_without_a_checkpoint_is_one_line(capsys, tmp_path):
     assert_one_line(code, err, "--resume: no checkpoint at")
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--from-step=2"], "from_step only applies with resume"),
+        (["--keep-checkpoints=every:x"], "'every:x' is not one of every:N"),
+        (["--resume", "--from-step=5"], r"--resume: .*checkpoints keeps no checkpoint of step 5"),
+    ],
+)
+def test_series_flags_misused_are_one_line(capsys, tmp_path, flags, message):
+    code, _, err = run(capsys, "train", f"--out-dir={tmp_path / 'none'}", *flags)
+    assert_one_line(code, err, message)
+
+
 def test_a_ruinous_step_never_becomes_the_last_good_checkpoint(capsys, train_args, tmp_path):
     assert run(capsys, *train_args(), "--max-steps=2", "--eval-interval=2")[0] == 0
     code, _, err = run(
