@@ -198,7 +198,9 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
     """Run (or resume) training as `settings` says; returns a summary (steps, losses, speed).
 
     Writes `OUT/metrics.jsonl` (a line per step), `OUT/checkpoint.safetensors` (at every
-    eval and at the end) and `OUT/loss.png`; prints a sample from "ROMEO:" at the end.
+    eval and at the end), with `keep_checkpoints` the series `OUT/checkpoints/step_*.safetensors`
+    (`gpt_fn.checkpoint.KeepSchedule`), and `OUT/loss.png`; prints a sample from "ROMEO:" at
+    the end.
     With `settings.resume` the run continues from its checkpoint with the settings saved
     there (`gpt_fn.settings.resume_settings` says what may differ).
     """
