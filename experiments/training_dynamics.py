@@ -17,16 +17,17 @@ function of one checkpoint's params computes, and `vmap` maps it over the step a
   their copy, each head's mean attention from a query `t` in the copy to key `t - L + 1` (the
   token after the first occurrence of the query's token), from `h.{i}.attn.pattern`; a
   checkpoint's score is its best head's (`induction_heads.py` measures the same thing);
-- logit-lens depth: at each position of the copy, the top token of the logit lens
-  (`gpt_fn.logit_lens`, `ln="recompute"`) at each depth (0: the embeddings; i: after block
-  i); the answer is the copied token. Its accuracy per depth, and the depth at which the
-  answer first comes out on top, averaged over the positions the model gets right.
+- logit-lens depth: the top token of the logit lens (`gpt_fn.logit_lens`, `ln="recompute"`)
+  at each depth (0: the embeddings; i: after block i), against the answer: the next token of
+  held-out text (`LENS_ROWS` rows of the first evaluation batch), and the copied token in
+  the copy. Its top-1 accuracy per depth, and the depth at which the answer first comes out
+  on top, averaged over the positions the model (the last depth) gets right.
 
     python experiments/training_dynamics.py                 # trains the main job, ~6 idle CPU min
     python experiments/training_dynamics.py --run out       # a run of yours, kept with --keep-checkpoints
     python experiments/training_dynamics.py --quick         # a smoke run
 
-Writes `training_dynamics.png` (the three readouts against the step) and `results.json` into
+Writes `training_dynamics.png` (the readouts against the step) and `results.json` into
 `--out`.
 """
 
@@ -55,6 +56,8 @@ NAME = "training_dynamics"
 KEEP = "log+every:25"
 COPIES = 8
 """Sequences (a random segment and its copy) the induction score and the logit lens read."""
+LENS_ROWS = 4
+"""Rows of the first evaluation batch the logit lens reads (its logits are the memory)."""
 STEPS_AT_ONCE = 2
 """Checkpoints per vmapped chunk: the logit lens holds (depth, batch, seq, vocab) logits."""
 
@@ -88,9 +91,10 @@ def readouts(
     config: gpt_fn.GPTConfig,
     val_batches: list[tuple[torch.Tensor, torch.Tensor]],
     repeated: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One checkpoint's val loss, induction scores `(n_layer, n_head)` and logit-lens top
-    tokens `(depth, batch, L - 1)` at the copy's positions that have a next token."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One checkpoint's val loss, induction scores `(n_layer, n_head)`, and logit-lens top
+    tokens at each depth: `(depth, LENS_ROWS, seq)` on the text, `(depth, batch, L - 1)` at the
+    copy's positions that have a next token."""
     val_loss = torch.stack(
         [gpt_fn.loss(params, x, y, config, attention="manual") for x, y in val_batches]
     ).mean()
@@ -113,7 +117,26 @@ def readouts(
     lens, _ = gpt_fn.logit_lens(
         params, cache, config, ln="recompute", pos=slice(length, 2 * length - 1)
     )
-    return val_loss, induction, lens.argmax(-1)
+    _, text_cache = gpt_fn.run_with_cache(
+        params,
+        val_batches[0][0][:LENS_ROWS],
+        config,
+        names=lambda site: site.endswith(("resid_pre", "resid_post")),
+        attention="manual",
+    )
+    text_lens, _ = gpt_fn.logit_lens(params, text_cache, config, ln="recompute")
+    return val_loss, induction, text_lens.argmax(-1), lens.argmax(-1)
+
+
+def lens_readouts(top: torch.Tensor, answers: torch.Tensor) -> tuple[list, list]:
+    """From logit-lens top tokens `(step, depth, *positions)` and the answers `(*positions)`:
+    the top-1 accuracy per step and depth, and per step the mean first depth at which the
+    answer is on top over the positions the last depth gets right (None if there are none)."""
+    correct = (top == answers).flatten(2)  # (step, depth, position)
+    right = correct[:, -1]
+    first = correct.int().argmax(dim=1).float()  # the first depth with the answer on top
+    depth = [first[i][right[i]].mean().item() if right[i].any() else None for i in range(len(top))]
+    return correct.float().mean(2).tolist(), depth
 
 
 def analyse(run: Path, seed: int) -> dict[str, Any]:
@@ -137,19 +160,13 @@ def analyse(run: Path, seed: int) -> dict[str, Any]:
     repeated = copies(COPIES, length, torch.Generator().manual_seed(seed))
     started = time.perf_counter()
     with torch.no_grad(), shape_checks(False):
-        val_loss, induction, top = torch.func.vmap(
+        val_loss, induction, text_top, copy_top = torch.func.vmap(
             lambda params: readouts(params, config, val_batches, repeated),
             chunk_size=STEPS_AT_ONCE,
         )(series.params)
     seconds = time.perf_counter() - started
-    answers = repeated[:, length + 1 :]
-    correct = top == answers  # (step, depth, batch, position)
-    right = correct[:, -1]  # the model's own prediction
-    first = correct.int().argmax(dim=1).float()  # first depth with the answer on top
-    depth = [
-        (first[i][right[i]].mean().item() if right[i].any() else None)
-        for i in range(len(series.steps))
-    ]
+    text_accuracy, text_depth = lens_readouts(text_top, val_batches[0][1][:LENS_ROWS])
+    copy_accuracy, copy_depth = lens_readouts(copy_top, repeated[:, length + 1 :])
     best = induction.flatten(1).max(dim=1)
     metrics = read_metrics(run / "metrics.jsonl")
     return {
@@ -160,9 +177,10 @@ def analyse(run: Path, seed: int) -> dict[str, Any]:
         "induction_score": best.values.tolist(),
         "induction_head": [divmod(int(i), config.n_head) for i in best.indices],
         "induction_scores": induction.tolist(),
-        "lens_accuracy": correct.float().mean((2, 3)).tolist(),
-        "answer_depth": depth,
-        "copy_accuracy": right.float().mean((1, 2)).tolist(),
+        "text_lens_accuracy": text_accuracy,
+        "text_answer_depth": text_depth,
+        "copy_lens_accuracy": copy_accuracy,
+        "copy_answer_depth": copy_depth,
         "train_loss": [[r["step"] + 1, r["loss"]] for r in metrics if r.get("loss") is not None],
         "analysis_seconds": seconds,
     }
@@ -170,34 +188,34 @@ def analyse(run: Path, seed: int) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     steps = result["steps"]
-    fig = Figure(figsize=(16, 4.4))
-    axes = fig.subplots(1, 3, sharex=True)
+    fig = Figure(figsize=(20, 4.4))
+    axes = fig.subplots(1, 4, sharex=True)
     train_steps, train_loss = zip(*result["train_loss"], strict=True)
     axes[0].plot(train_steps, train_loss, lw=0.6, alpha=0.6, label="train (every step)")
     axes[0].plot(steps, result["val_loss"], "o-", label="val (each kept checkpoint)")
     axes[0].set(ylabel="loss (nats/token)", title="loss")
-    axes[0].legend()
-    axes[1].plot(steps, result["induction_score"], "o-", label="best head")
-    axes[1].plot(steps, result["copy_accuracy"], "s--", label="copy accuracy (top-1)")
+    axes[1].plot(steps, result["induction_score"], "o-", label="induction score, best head")
+    copied = [row[-1] for row in result["copy_lens_accuracy"]]
+    axes[1].plot(steps, copied, "s--", label="copy predicted (top-1)")
     axes[1].set(ylim=(0, 1), title="induction: attention to t - L + 1; copying")
-    axes[1].legend()
-    accuracy = torch.tensor(result["lens_accuracy"]).T  # (depth, step)
-    image = axes[2].pcolormesh(
-        steps, range(accuracy.shape[0]), accuracy, vmin=0, vmax=1, cmap="viridis", shading="nearest"
-    )
-    depth = [(s, d) for s, d in zip(steps, result["answer_depth"], strict=True) if d is not None]
-    if depth:
-        axes[2].plot(*zip(*depth, strict=True), "w.-", label="mean first depth of a right answer")
-        axes[2].legend(loc="upper left", fontsize="small")
-    axes[2].set(
+    text = torch.tensor(result["text_lens_accuracy"]).T  # (depth, step)
+    for depth, accuracy in enumerate(text.tolist()):
+        axes[2].plot(steps, accuracy, "o-", ms=3, label=f"depth {depth}")
+    axes[2].set(ylabel="top-1 accuracy of the next token", title="logit lens on held-out text")
+    for key, label in (("text_answer_depth", "held-out text"), ("copy_answer_depth", "the copy")):
+        shown = [(s, d) for s, d in zip(steps, result[key], strict=True) if d is not None]
+        if shown:
+            axes[3].plot(*zip(*shown, strict=True), "o-", label=label)
+    axes[3].set(
         ylabel="depth (0: embeddings, i: after block i)",
-        title="logit lens on the copy",
-        yticks=range(accuracy.shape[0]),
+        title="first depth a right answer is on top",
+        ylim=(-0.1, len(text) - 0.9),
     )
-    fig.colorbar(image, ax=axes[2], label="top-1 accuracy of the copied token")
     for ax in axes:
         ax.set(xscale="log", xlabel="step (kept checkpoints, log scale)")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -216,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"steps {result['steps']}: val loss "
         f"{[round(v, 3) for v in result['val_loss']]}, induction score "
-        f"{[round(v, 2) for v in result['induction_score']]}, answer depth "
-        f"{[None if d is None else round(d, 2) for d in result['answer_depth']]}"
+        f"{[round(v, 2) for v in result['induction_score']]}, answer depth on text "
+        f"{[None if d is None else round(d, 2) for d in result['text_answer_depth']]}"
     )
     return conventions.finish(NAME, args, result, plot)
 
