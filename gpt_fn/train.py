@@ -306,7 +306,14 @@ class _Run:
     def train(self) -> dict[str, Any]:
         settings, config, runtime = self.settings, self.config, self.runtime
         if runtime.is_main:
-            self.run_dir.truncate_metrics(self.start_step)
+            missing = self.run_dir.truncate_metrics(
+                self.start_step, allow_missing=settings.allow_changes
+            )
+            if missing:
+                self.log(
+                    f"resume: {len(missing)} steps before {self.start_step} are missing from "
+                    f"{self.run_dir.metrics} (--allow-changes)"
+                )
         n_params = sum(p.numel() for p in self.params.values())
         self.log(
             f"model {config.n_layer} layers x {config.n_embd} wide, {n_params / 1e6:.1f}M "
@@ -324,14 +331,10 @@ class _Run:
                     )
                 record = self._step(step)
                 done = step + 1
-                if done % settings.eval_interval == 0 or done == settings.max_steps:
+                evaluated = done % settings.eval_interval == 0 or done == settings.max_steps
+                if evaluated:
                     record["val_loss"] = self._evaluate(done)
                     record["val_bpb"] = bits_per_byte(record["val_loss"], self._val_targets)
-                    self._checkpoint(done)
-                    say(
-                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
-                        f"({record['val_bpb']:.3f} bits/byte)"
-                    )
                 if runtime.is_main:
                     self.run_dir.append_metrics(record)
                     progress.set_postfix(
@@ -340,6 +343,14 @@ class _Run:
                         refresh=False,
                     )
                     progress.update(1)
+                if evaluated:
+                    # After the step's record: a checkpoint never exists without the records
+                    # before its step (a resume keeps exactly those).
+                    self._checkpoint(done)
+                    say(
+                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
+                        f"({record['val_bpb']:.3f} bits/byte)"
+                    )
                 sample_due = settings.sample_every and done % settings.sample_every == 0
                 if sample_due and done < settings.max_steps:
                     say(self.sample())

@@ -361,6 +361,35 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
 
 
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from gpt_fn import cli
+rename = os.replace
+def rename_then_die(source, target):
+    rename(source, target)
+    if str(target).endswith("checkpoint.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 right after the checkpoint's rename
+os.replace = rename_then_die
+cli.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_right_after_a_checkpoint_loses_no_record(capsys, corpus, tmp_path):
+    args = [
+        "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+        f"--out-dir={tmp_path / 'run'}", *TINY_RUN, "--max-steps=4", "--eval-interval=2",
+    ]  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, *args],
+        capture_output=True, text=True, env=_environment(), timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "run").step == 2
+    code, _, err = run(capsys, "train", "--resume", f"--out-dir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
 # --- gpt-fn eval ----------------------------------------------------------------------------
 
 EVAL_TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 4
