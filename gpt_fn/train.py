@@ -244,7 +244,9 @@ class _Run:
         self.log, self.stop_requested = log, stop_requested
         self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
         params, self.config = _initial_params(settings, run_dir, log)
-        self.train_tokens, self.val_tokens = _load_data(settings, self.config, runtime, log)
+        self.train_tokens, self.val_tokens, self.data_sha256 = _load_data(
+            settings, self.config, runtime, log
+        )
         self.module = GPT.from_params(
             {k: v.to(runtime.device) for k, v in params.items()},
             self.config,
@@ -281,14 +283,31 @@ class _Run:
         state = self._saved_state()
         source = checkpoint_path(self.run_dir.path)
         if source.is_dir():
-            step = load_sharded_into(source, self.params, state).step
+            info = load_sharded_into(source, self.params, state)
+            step, data_sha256 = info.step, info.data_sha256
         else:
             saved = load_checkpoint(source)
             _copy_into(self.params, saved.params, "params")
             _copy_into(state, saved.optimizer_state, "optimizer state")
-            step = saved.step
+            step, data_sha256 = saved.step, saved.data_sha256
+        self._check_same_data(data_sha256)
         self.log(f"resuming from {source} at step {step}")
         return step
+
+    def _check_same_data(self, trained_on: str | None) -> None:
+        """Refuse to resume on a corpus whose source changed, unless `allow_changes`."""
+        if trained_on is None or self.data_sha256 in (None, trained_on):
+            return  # an older checkpoint, or llm.c shards: no source hash to compare
+        change = (
+            f"the corpus {self.settings.data} changed since the run started (source sha256 "
+            f"{trained_on[:16]}... then, {self.data_sha256[:16]}... now)"
+        )
+        if not self.settings.allow_changes:
+            raise CheckpointError(
+                f"{change}: a resumed run is exact only on the same data; restore it, or pass "
+                "--allow-changes to train on with the new text"
+            )
+        self.log(f"resume: {change} (--allow-changes)")
 
     def _wrapped_model(self) -> nn.Module:
         model: nn.Module = self.module
@@ -401,7 +420,7 @@ class _Run:
             "mfu": self._mfu(tokens_per_s),
         }
         if settings.optimizer == "muon":
-            record["muon_lr"] = self.schedule(step) * settings.muon_lr / settings.lr
+            record["muon_lr"] = self.schedule(step) * _muon_ratio(settings)
         if self.loss_scale is not None:
             record["loss_scale"] = float(self.loss_scale["scale"])
             record["skipped"] = not np.isfinite(record["grad_norm"])
@@ -449,7 +468,12 @@ class _Run:
 
     def _checkpoint(self, step: int) -> None:
         checkpoint = Checkpoint(
-            self.params, self._saved_state(), step, self.config, self.settings.to_dict()
+            self.params,
+            self._saved_state(),
+            step,
+            self.config,
+            self.settings.to_dict(),
+            self.data_sha256,
         )
         if self.sharded:  # every rank writes its shards
             save_sharded_checkpoint(self.run_dir.path, checkpoint, rank=self.runtime.rank)
@@ -557,7 +581,8 @@ def sample_text(
 
 def _load_data(
     settings: TrainSettings, config: GPTConfig, runtime: Runtime, log: Log
-) -> tuple[data.Tokens, data.Tokens]:
+) -> tuple[data.Tokens, data.Tokens, str | None]:
+    """The train and val tokens, and the sha256 of their source (None for llm.c shards)."""
     data_dir = settings.data_path()
     if runtime.is_main and not data.is_shard_folder(data_dir):  # llm.c shards train as they are
         prepared = data.prepare(settings.data, data_dir)
@@ -577,7 +602,8 @@ def _load_data(
         )
     train_tokens = data.load_split(data_dir, "train", block_size=config.block_size)
     val_tokens = data.load_split(data_dir, "val", block_size=config.block_size)
-    return train_tokens, val_tokens
+    source_sha256 = meta.get("source_sha256")
+    return train_tokens, val_tokens, source_sha256 if isinstance(source_sha256, str) else None
 
 
 def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple[Params, GPTConfig]:
@@ -631,7 +657,7 @@ def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
     )
     if settings.optimizer == "adamw":
         return adam
-    ratio = settings.muon_lr / settings.lr if settings.lr > 0 else 0.0
+    ratio = _muon_ratio(settings)
 
     def muon_schedule(step: int) -> float:
         return schedule(step) * ratio
@@ -640,6 +666,11 @@ def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
         muon(muon_schedule, momentum=settings.muon_momentum, weight_decay=settings.weight_decay),
         adam,
     )
+
+
+def _muon_ratio(settings: TrainSettings) -> float:
+    """Muon's lr over AdamW's at every step (`muon_lr / lr`; 0 when lr is 0: nothing trains)."""
+    return settings.muon_lr / settings.lr if settings.lr > 0 else 0.0
 
 
 def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) -> Params:

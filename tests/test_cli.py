@@ -190,10 +190,12 @@ def test_resume_restores_the_runs_settings_without_repeating_flags(capsys, train
     assert run(capsys, *train_args("full"), "--max-steps=6", "--eval-interval=3")[0] == 0
     assert run(capsys, *train_args("half"), "--max-steps=3", "--lr-decay-steps=6")[0] == 0
     # Only the length is given again; data, shape, lr, batch come from the checkpoint.
-    code, _, err = run(
+    code, printed, err = run(
         capsys, "train", "--resume", f"--out-dir={tmp_path / 'half'}", "--max-steps=6"
     )
     assert code == 0, err
+    # The cosine ends at step 6, with the run: no step trains at min_lr.
+    assert "cosine to min_lr=0.0002 at step 6)\n" in printed
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "half" / "metrics.jsonl")
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
@@ -220,10 +222,37 @@ def test_extending_a_run_keeps_its_schedule(capsys, train_args, tmp_path):
         capsys, "train", "--resume", f"--out-dir={tmp_path / 'run'}", "--max-steps=6"
     )
     assert code == 0 and "extending the run from 4 to 6 steps" in printed
+    assert "at step 4), so steps 4 to 5 train at min_lr" in printed
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     min_lr = load_checkpoint(tmp_path / "run").train_settings["min_lr"]
     assert lrs[4:] == [min_lr, min_lr]  # after the run's cosine, no jump back up
     assert max(lrs[4:]) <= min(lrs[:4])
+
+
+def test_resume_refuses_a_changed_corpus_and_a_cut_log(capsys, tmp_path, corpus):
+    text = tmp_path / "plays.txt"
+    text.write_text(corpus.read_text())
+    args = ["train", f"--data={text}", f"--data-dir={tmp_path / 'tokens'}", *TINY_RUN]
+    out = f"--out-dir={tmp_path / 'run'}"
+    assert run(capsys, *args, out, "--max-steps=2", "--eval-interval=2")[0] == 0
+    text.write_text(corpus.read_text() + "A new line.\n")
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4")
+    assert_one_line(code, err, r"plays.txt changed since the run started \(source sha256 \w{16}")
+    text.write_text(corpus.read_text())
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a log emptied by a killed rewrite
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4")
+    assert_one_line(code, err, "metrics.jsonl lacks 2 of the 2 steps before the checkpoint")
+    code, printed, err = run(capsys, "train", "--resume", out, "--max-steps=4", "--allow-changes")
+    assert code == 0 and "2 steps before 2 are missing" in printed, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
+
+
+def test_a_zero_lr_and_a_seed_out_of_range(capsys, train_args, tmp_path):
+    code, _, err = run(capsys, *train_args(), "--max-steps=1", "--lr=0", "--min-lr=0")
+    assert code == 0, err
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["muon_lr"] == 0.0
+    code, _, err = run(capsys, *train_args("other"), "--seed=99999999999999999999999")
+    assert_one_line(code, err, r"seed must be an int in \[0, 2\*\*64\), got 9999")
 
 
 def test_resume_without_a_checkpoint_is_one_line(capsys, tmp_path):
