@@ -10,7 +10,8 @@ The only carried state is the params and the optimizer state, both saved in the 
 
 A run never loses its last good checkpoint: a step whose loss, gradient norm or updated
 weights are not finite stops the run before anything is saved; Ctrl-C stops it after the
-current step and saves a checkpoint of that step (a second Ctrl-C aborts at once).
+current step and saves a checkpoint of that step (a second Ctrl-C aborts at once). After the
+last step the run is saved: Ctrl-C then ends the final sample at once.
 """
 
 import contextlib
@@ -204,8 +205,11 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
             runtime = make_runtime(device, settings.dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
-            with shape_checks(False), _stop_on_sigint(log) as stop_requested:
-                return _Run(settings, runtime, run_dir, log, stop_requested).train()
+            with shape_checks(False):
+                with _stop_on_sigint(log) as stop_requested:
+                    run = _Run(settings, runtime, run_dir, log, stop_requested)
+                    summary = run.train()
+                return run.finish(summary)
 
 
 def _settings_for_this_run(
@@ -374,7 +378,7 @@ class _Run:
                 if sample_due and done < settings.max_steps:
                     say(self.sample())
                 summary.update(record)
-        return self._finish(summary)
+        return summary
 
     def _step(self, step: int) -> dict[str, Any]:
         settings, runtime = self.settings, self.runtime
@@ -536,23 +540,37 @@ class _Run:
             runtime=self.runtime,
         )
 
-    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        summary["steps"] = self.settings.max_steps
-        if self.settings.max_steps == self.start_step:
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """After the last step (saved): the speed, the loss plot and a sample from the weights.
+
+        Runs outside the loop's Ctrl-C handler: a Ctrl-C here (or one pressed during the last
+        step) ends the run with `TrainingInterrupted`, its checkpoint complete.
+        """
+        steps = summary["steps"] = self.settings.max_steps
+        if steps == self.start_step:
             return summary
-        sample = self.sample()
+        saved = (
+            f"the run is complete and saved ({checkpoint_path(self.run_dir.path)}, step {steps})"
+        )
+        try:
+            if self.runtime.is_main:
+                records = self.run_dir.read_metrics()
+                summary["tokens_per_s_median"] = statistics.median_high(
+                    [r["tokens_per_s"] for r in records[1:]] or [0.0]
+                )
+                plot_losses(records, self.run_dir.plot)
+                self.log(
+                    f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and "
+                    f"{checkpoint_path(self.run_dir.path)}"
+                )
+            if self._should_stop():  # Ctrl-C during the last step
+                raise KeyboardInterrupt
+            sample = self.sample()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted after the last step: {saved}") from None
         if self.runtime.is_main:
-            records = self.run_dir.read_metrics()
-            summary["tokens_per_s_median"] = statistics.median_high(
-                [r["tokens_per_s"] for r in records[1:]] or [0.0]
-            )
-            plot_losses(records, self.run_dir.plot)
-            self.log(
-                f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and "
-                f"{checkpoint_path(self.run_dir.path)}"
-            )
             summary["sample"] = sample
-            self.log(f"--- sample at step {self.settings.max_steps} ---\n{summary['sample']}")
+            self.log(f"--- sample at step {steps} ---\n{sample}")
         return summary
 
 

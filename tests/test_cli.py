@@ -8,6 +8,7 @@ need a real process (a closed pipe, Ctrl-C) run the entry point in a subprocess.
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -388,6 +389,42 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert stop, err
     assert load_checkpoint(out).step == int(stop[1])
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
+
+
+def test_ctrl_c_during_the_final_sample_ends_it_and_says_the_run_is_saved(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        *ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+        f"--out-dir={out}", *TINY_RUN, "--max-steps=1", "--sample-tokens=1000000",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**_environment(), "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    for line in process.stdout:  # the last line before the sample
+        if line.startswith("wrote "):
+            break
+    process.send_signal(signal.SIGINT)
+    printed, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "stopping after this step" not in printed
+    assert re.search(r"interrupted after the last step: the run is complete and saved", err)
+    assert load_checkpoint(out).step == 1
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(corpus, tmp_path):
+    def small_files() -> None:  # `ulimit -f 1024`: no file past 1 MiB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+         f"--out-dir={tmp_path / 'run'}", *TINY_RUN, "--max-steps=2"],
+        capture_output=True, text=True, preexec_fn=small_files, env=_environment(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]  # under the progress bar
+    assert re.search(r"error: cannot write checkpoint .*File too large.*disk full", last), last
 
 
 KILL_AFTER_CHECKPOINT = """
