@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_fn import data, flops, hf, sampling
+from gpt_fn import data, flops, hf, memory, sampling
 from gpt_fn.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -84,6 +84,9 @@ LOSS_SCALE = "loss_scale."
 DROPOUT_STREAM = 2
 """SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
 SAMPLE_PROMPT = "ROMEO:"
+MEMORY_ADVICE = (
+    "lower --batch-size (raise --grad-accum to keep the tokens per step) or --block-size"
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -205,7 +208,7 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
             runtime = make_runtime(device, settings.dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
-            with shape_checks(False):
+            with shape_checks(False), memory.allocation_errors("training", MEMORY_ADVICE):
                 with _stop_on_sigint(log) as stop_requested:
                     run = _Run(settings, runtime, run_dir, log, stop_requested)
                     summary = run.train()
@@ -247,7 +250,7 @@ class _Run:
         self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
         self.log, self.stop_requested = log, stop_requested
         self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
-        params, self.config = _initial_params(settings, run_dir, log)
+        params, self.config = _initial_params(settings, run_dir, runtime, log)
         self.train_tokens, self.val_tokens, self.data_sha256 = _load_data(
             settings, self.config, runtime, log
         )
@@ -624,8 +627,13 @@ def _load_data(
     return train_tokens, val_tokens, source_sha256 if isinstance(source_sha256, str) else None
 
 
-def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple[Params, GPTConfig]:
+def _initial_params(
+    settings: TrainSettings, run_dir: RunDir, runtime: Runtime, log: Log
+) -> tuple[Params, GPTConfig]:
     """(params, model config) a run starts from: fresh, or GPT-2's weights.
+
+    Refuses (`memory.InsufficientMemoryError`) a run whose params, optimizer state and
+    activations cannot fit the device, before allocating them.
 
     With `--init-from`, the model's shape comes from the GPT-2 weights (the preset is not
     used); `--block-size` (crops the position embeddings) and `--dropout` still apply. A
@@ -646,6 +654,7 @@ def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple
                 f"the checkpoint in {run_dir.path} is of another model config: "
                 + ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in differing.items())
             )
+        _check_memory(settings, config, runtime)
         return init_params(config, seed=settings.seed), config
     if pretrained:
         weights, weights_config = hf.load(pretrained)
@@ -660,9 +669,29 @@ def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple
             )
             + f": {settings.batch_size * settings.grad_accum * config.block_size:,} tokens a step"
         )
+        _check_memory(settings, config, runtime)
         return _fit_pretrained(weights, weights_config, config), config
     config = settings.model_config()
+    _check_memory(settings, config, runtime)
     return init_params(config, seed=settings.seed), config
+
+
+def _check_memory(settings: TrainSettings, config: GPTConfig, runtime: Runtime) -> None:
+    needed = memory.training_bytes(
+        config,
+        batch_size=settings.batch_size,
+        optimizer=settings.optimizer,
+        dtype=runtime.dtype,
+        world_size=runtime.world_size,
+        sharded=settings.parallel == "fsdp" and runtime.world_size > 1,
+    )
+    memory.check_fits(
+        needed,
+        runtime.device,
+        what=f"training {config.n_layer} layers x {config.n_embd} on {settings.batch_size:,} "
+        f"rows of {config.block_size:,} tokens",
+        advice=MEMORY_ADVICE,
+    )
 
 
 def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:

@@ -256,6 +256,23 @@ def test_a_zero_lr_and_a_seed_out_of_range(capsys, train_args, tmp_path):
     assert_one_line(code, err, r"seed must be an int in \[0, 2\*\*64\), got 9999")
 
 
+@pytest.mark.parametrize(
+    ("flag", "rows", "tokens"),
+    [
+        ("--batch-size=100000000", "100,000,000", "16"),
+        ("--block-size=1000000000", "4", "1,000,000,000"),
+    ],
+)
+def test_a_run_too_large_for_memory_is_refused_before_allocating(
+    capsys, train_args, flag, rows, tokens
+):
+    code, _, err = run(capsys, *train_args(), flag, "--max-steps=1")
+    pattern = (
+        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [TG]iB"
+    )
+    assert_one_line(code, err, pattern + ".*available on cpu: lower --batch-size")
+
+
 def test_resume_without_a_checkpoint_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--resume", f"--out-dir={tmp_path / 'none'}")
     assert_one_line(code, err, "--resume: no checkpoint at")
