@@ -408,6 +408,18 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
 
 
+def test_ctrl_c_while_the_command_imports_is_one_line(corpus, tmp_path):
+    process = subprocess.Popen(
+        [*ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+         f"--out-dir={tmp_path / 'run'}", *TINY_RUN],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+    )  # fmt: skip
+    time.sleep(0.5)  # Python starts in ~0.05 s; importing torch and gpt_fn takes seconds
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert_one_line(process.returncode, err, "^gpt-fn: interrupted$", expected=130)
+
+
 def test_ctrl_c_during_the_final_sample_ends_it_and_says_the_run_is_saved(corpus, tmp_path):
     out = tmp_path / "run"
     args = [
