@@ -136,7 +136,10 @@ class TrainSettings:
         False, "start a new run in an --out-dir that holds one, deleting it", "flag"
     )
     allow_changes: bool = _setting(
-        False, "with --resume: train on with settings that differ from the run's", "flag"
+        False,
+        "with --resume: train on with settings or a corpus that differ from the run's, or a "
+        "metrics log that lacks steps",
+        "flag",
     )
 
     def __post_init__(self) -> None:

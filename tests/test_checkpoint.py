@@ -15,6 +15,7 @@ from gpt_fn.checkpoint import (
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
+    save_sharded_checkpoint,
     tensors_sha256,
 )
 
@@ -177,3 +178,12 @@ def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path, tiny_config,
         save_checkpoint(tmp_path, _checkpoint(tiny_config, step=4))
     assert load_checkpoint(tmp_path).step == 3
     assert os.listdir(tmp_path) == [FILENAME]
+
+
+def test_a_sharded_checkpoints_metadata_is_checksummed_too(tmp_path, tiny_config):
+    save_sharded_checkpoint(tmp_path, _checkpoint(tiny_config, step=5), rank=0)
+    meta = tmp_path / "checkpoint.dcp" / "gpt_fn.json"
+    assert read_checkpoint_info(tmp_path).step == 5
+    meta.write_text(meta.read_text().replace('"step": "5"', '"step": "6"'))
+    with pytest.raises(CheckpointError, match="corrupt: its metadata .* does not match"):
+        read_checkpoint_info(tmp_path)
