@@ -12,7 +12,9 @@ The training estimate counts, per process: the fp32 params, their gradients and 
 optimizer's buffers (AdamW two per param; Muon one per param at least), and per micro-batch
 the token ids and the activations the backward keeps (at least 16 values of `n_embd` per
 token per block: the LayerNorm outputs, q, k, v, the attention output and the MLP's 4x
-hidden layer before and after GELU) in the autocast dtype.
+hidden layer before and after GELU) in the autocast dtype. With activation checkpointing a
+block keeps only its input (one value of `n_embd` per token) and the backward recomputes one
+block at a time, so it needs `n_layer + 16` values per token instead of `16 * n_layer`.
 """
 
 import contextlib
@@ -44,18 +46,25 @@ def training_bytes(
     dtype: torch.dtype = torch.float32,
     world_size: int = 1,
     sharded: bool = False,
+    activation_checkpointing: bool = False,
 ) -> int:
     """A lower bound of the bytes one process needs to train `config` on `batch_size` rows.
 
     `batch_size` counts the rows of a micro-step over all `world_size` ranks; `sharded`
-    (FSDP) splits the params, gradients and optimizer state over the ranks.
+    (FSDP) splits the params, gradients and optimizer state over the ranks;
+    `activation_checkpointing` (`GPT(checkpoint_blocks=True)`) keeps only each block's input.
     """
     params = sum(math.prod(shape) for shape in param_shapes(config).values())
     state = params * 4 * (2 + OPTIMIZER_BUFFERS[optimizer])  # params, grads, buffers in fp32
     if sharded:
         state //= world_size
     tokens = max(batch_size // world_size, 1) * config.block_size
-    per_token = ACTIVATIONS_PER_BLOCK * config.n_layer * config.n_embd * dtype.itemsize
+    blocks = (
+        config.n_layer + ACTIVATIONS_PER_BLOCK
+        if activation_checkpointing
+        else ACTIVATIONS_PER_BLOCK * config.n_layer
+    )
+    per_token = blocks * config.n_embd * dtype.itemsize
     return state + tokens * (per_token + 2 * 8)  # and the int64 inputs and targets
 
 

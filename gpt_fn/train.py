@@ -685,6 +685,7 @@ def _check_memory(settings: TrainSettings, config: GPTConfig, runtime: Runtime) 
         dtype=runtime.dtype,
         world_size=runtime.world_size,
         sharded=settings.parallel == "fsdp" and runtime.world_size > 1,
+        activation_checkpointing=settings.activation_checkpointing,
     )
     memory.check_fits(
         needed,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt_fn import GPTConfig, init_params, loss
+from gpt_fn import GPT, GPTConfig, init_params, loss
 from gpt_fn.memory import (
     InsufficientMemoryError,
     allocation_errors,
@@ -16,8 +16,9 @@ from gpt_fn.optim import adamw, gpt_muon_adamw, muon
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _kept_by_backward(params, tokens, config) -> int:
-    """Bytes of the activations autograd keeps for backward (storages, each once; no params)."""
+def _kept_by_backward(params, tokens, config, forward=None) -> int:
+    """Bytes of the activations autograd keeps for backward (storages, each once; no params)
+    in `forward(inputs, targets)` (default: `gpt_fn.loss`)."""
     storages: dict[int, int] = {}
     own = {p.untyped_storage().data_ptr() for p in params.values()}
 
@@ -28,7 +29,10 @@ def _kept_by_backward(params, tokens, config) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss(params, tokens[:, :-1], tokens[:, 1:], config)
+        if forward is None:
+            loss(params, tokens[:, :-1], tokens[:, 1:], config)
+        else:
+            forward(tokens[:, :-1], tokens[:, 1:])
     return sum(storages.values())
 
 
@@ -52,6 +56,23 @@ def test_the_training_estimate_is_a_lower_bound_of_what_a_step_keeps(optimizer):
     estimate = training_bytes(config, batch_size=4, optimizer=optimizer)
     assert estimate <= real
     assert estimate >= 0.5 * real  # a bound that still means something
+
+
+def test_with_activation_checkpointing_the_estimate_is_a_lower_bound_too():
+    config = GPTConfig(vocab_size=101, block_size=64, n_layer=6, n_head=2, n_embd=32)
+    params = {k: v.requires_grad_() for k, v in init_params(config, seed=0).items()}
+    tokens = torch.randint(0, 101, (4, 65), generator=torch.Generator().manual_seed(0))
+    model = GPT.from_params(params, config, checkpoint_blocks=True)
+    # Kept through the backward: what the checkpointed forward saves (the blocks' inputs, the
+    # head's), and at its peak one block's activations, recomputed.
+    kept = _kept_by_backward(params, tokens, config, forward=model)
+    kept += _kept_by_backward(params, tokens, config) // config.n_layer
+    estimate = training_bytes(
+        config, batch_size=4, optimizer="adamw", activation_checkpointing=True
+    )
+    state = 4 * sum(p.nbytes for p in params.values())  # params, grads, AdamW's two buffers
+    assert estimate - state - 2 * tokens[:, 1:].nbytes <= kept
+    assert estimate < training_bytes(config, batch_size=4, optimizer="adamw")
 
 
 def test_a_request_beyond_the_free_memory_is_refused_with_its_size():
