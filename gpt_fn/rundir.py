@@ -11,7 +11,8 @@ A new run refuses a folder that holds one (`start_fresh`) unless told to overwri
 run is never erased by accident; two runs never write into one folder at once (`lock`). On
 start, what a killed process left half-written is removed (`clean`), and a torn last line of
 `metrics.jsonl` (the process died mid-write) is dropped; any other bad line is an error
-naming the file and line.
+naming the file and line. A resumed run cuts the log back to its checkpoint's step by an
+atomic rewrite (`truncate_metrics`) and refuses a log that ends before that step.
 """
 
 import contextlib
@@ -116,18 +117,21 @@ class RunDir:
     def truncate_metrics(self, start_step: int, *, allow_missing: bool = False) -> list[int]:
         """Keep only steps before `start_step` (a resumed run logs the later ones again).
 
-        The log is rewritten atomically: a kill mid-rewrite leaves the old log. Raises
-        `RunDirError` if steps before `start_step` are missing (a log cut short or deleted)
-        unless `allow_missing`; returns the missing steps.
+        The log is rewritten atomically: a kill mid-rewrite leaves the old log. A run logs
+        each step before it saves the step's checkpoint, so its log reaches `start_step - 1`:
+        one that ends earlier (cut short, emptied, deleted) raises `RunDirError` unless
+        `allow_missing`. Returns the steps missing from its end.
         """
         records = self.read_metrics() if self.metrics.exists() else []
         kept = [r for r in records if r["step"] < start_step]
-        missing = sorted(set(range(start_step)) - {r["step"] for r in kept})
+        last = max((r["step"] for r in kept), default=-1)
+        missing = list(range(last + 1, start_step))
         if missing and not allow_missing:
+            ends = f"ends at step {last}" if kept else "holds no step"
             raise RunDirError(
-                f"{self.metrics} lacks {len(missing)} of the {start_step} steps before the "
-                f"checkpoint (the first is step {missing[0]}): the log was cut short or deleted; "
-                "restore it, or pass --allow-changes to resume with those steps missing from it"
+                f"{self.metrics} {ends}, but the checkpoint is at step {start_step}: the log was "
+                "cut short or deleted; restore it, or pass --allow-changes to resume with steps "
+                f"{missing[0]} to {missing[-1]} missing from it"
             )
         if records:
             lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)

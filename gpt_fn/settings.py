@@ -144,7 +144,7 @@ class TrainSettings:
     allow_changes: bool = _setting(
         False,
         "with --resume: train on with settings or a corpus that differ from the run's, or a "
-        "metrics log that lacks steps",
+        "metrics log that ends before its checkpoint",
         "flag",
     )
 

@@ -338,7 +338,7 @@ class _Run:
             )
             if missing:
                 self.log(
-                    f"resume: {len(missing)} steps before {self.start_step} are missing from "
+                    f"resume: steps {missing[0]} to {missing[-1]} are missing from "
                     f"{self.run_dir.metrics} (--allow-changes)"
                 )
         n_params = sum(p.numel() for p in self.params.values())

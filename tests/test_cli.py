@@ -242,9 +242,9 @@ def test_resume_refuses_a_changed_corpus_and_a_cut_log(capsys, tmp_path, corpus)
     text.write_text(corpus.read_text())
     (tmp_path / "run" / "metrics.jsonl").write_text("")  # a log emptied by a killed rewrite
     code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4")
-    assert_one_line(code, err, "metrics.jsonl lacks 2 of the 2 steps before the checkpoint")
+    assert_one_line(code, err, "metrics.jsonl holds no step, but the checkpoint is at step 2")
     code, printed, err = run(capsys, "train", "--resume", out, "--max-steps=4", "--allow-changes")
-    assert code == 0 and "2 steps before 2 are missing" in printed, err
+    assert code == 0 and "steps 0 to 1 are missing" in printed, err
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
 
 

@@ -85,16 +85,20 @@ def test_truncating_the_log_is_atomic(tmp_path, file_size_limit):
     assert [r["step"] for r in run_dir.read_metrics()] == list(range(50))
 
 
-def test_a_log_that_lacks_steps_before_the_checkpoint_is_refused(tmp_path):
+def test_a_log_that_ends_before_the_checkpoint_is_refused(tmp_path):
     run_dir = RunDir(tmp_path)
     run_dir.metrics.write_bytes(b"")  # a rewrite killed before it wrote anything
-    with pytest.raises(RunDirError, match="lacks 4 of the 4 steps .* first is step 0.*--allow"):
+    with pytest.raises(
+        RunDirError, match="holds no step, but the checkpoint is at step 4.*--allow"
+    ):
         run_dir.truncate_metrics(4)
     _log(run_dir, range(2))
-    with pytest.raises(RunDirError, match="lacks 2 of the 4 steps .* first is step 2"):
+    with pytest.raises(RunDirError, match="ends at step 1, but .* with steps 2 to 3 missing"):
         run_dir.truncate_metrics(4)
     assert run_dir.truncate_metrics(4, allow_missing=True) == [2, 3]
     assert [r["step"] for r in run_dir.read_metrics()] == [0, 1]
+    _log(run_dir, range(4, 6))  # resumed with the gap allowed: later resumes go on
+    assert run_dir.truncate_metrics(6) == []
 
 
 @pytest.mark.parametrize(
