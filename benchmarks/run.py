@@ -41,6 +41,7 @@ BENCHMARKS = (
     "optimizer",
     "lm_head_loss",
     "activation_checkpointing",
+    "choices",
     "prepare",
 )
 DEFAULT_OUT = Path("bench-out")

@@ -14,6 +14,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gpt_fn.analysis import (
+        accumulated_resid,
+        apply_ln_to_stack,
+        center_unembed,
+        center_writing_weights,
+        decompose_resid,
+        direct_logit_attribution,
+        fold_layer_norm,
+        fold_value_biases,
+        head_results,
+        ln_f_bias_attr,
+        logit_attrs,
+        logit_lens,
+        stack_head_results,
+    )
     from gpt_fn.config import PRESETS, GPTConfig
     from gpt_fn.model import (
         check_params,
@@ -37,16 +52,29 @@ __all__ = [
     "Logits",
     "Params",
     "Tokens",
+    "accumulated_resid",
+    "apply_ln_to_stack",
+    "center_unembed",
+    "center_writing_weights",
     "check_params",
     "check_tokens",
+    "decompose_resid",
+    "direct_logit_attribution",
+    "fold_layer_norm",
+    "fold_value_biases",
     "forward",
+    "head_results",
     "init_params",
+    "ln_f_bias_attr",
+    "logit_attrs",
+    "logit_lens",
     "loss",
     "param_shapes",
     "run_with_cache",
     "site_names",
+    "stack_head_results",
 ]
-_HOMES = ("config", "model", "module", "shapes", "sites")
+_HOMES = ("analysis", "config", "model", "module", "shapes", "sites")
 """The modules the names of `__all__` come from (those imported above for type checkers)."""
 
 
