@@ -55,7 +55,7 @@ def activation_patch(
     by: Sweep = "layer",
     chunk: int = 32,
     attention: AttentionKernel = "sdpa",
-) -> Float[Tensor, "n_layer *component"]:
+) -> Float[Tensor, "n_layer ..."]:
     """The metric of the `corrupted` run with each component of `site` taken from `clean`.
 
     `site` names a site of every block (`"resid_pre"`, `"attn.z"`, `"mlp.out"`, ...). The
@@ -87,7 +87,9 @@ def activation_patch(
                 chosen = _selection(source, site, by, torch.arange(first, first + size))
                 x = prefix[starts[layer]].repeat(size, 1, 1)
                 hooks = {name: _stacked_patch(source, chosen)}
-                logits = forward_from(params, x, config, layer=layer, hooks=hooks, attention=attention)
+                logits = forward_from(
+                    params, x, config, layer=layer, hooks=hooks, attention=attention
+                )
                 values += [_scalar(metric(run)) for run in logits.split(batch)]
             layers.append(torch.stack(values).view(shape))
         return torch.stack(layers)
@@ -103,7 +105,7 @@ def attribution_patch(
     site: str,
     by: Sweep = "layer",
     attention: AttentionKernel = "sdpa",
-) -> Float[Tensor, "n_layer *component"]:
+) -> Float[Tensor, "n_layer ..."]:
     """`activation_patch`'s numbers to first order, from one forward + one backward pass.
 
     Each entry is `metric(corrupted) + sum(grad * (clean - corrupted))` over the component's
@@ -293,7 +295,7 @@ def _check_sweep(site: object, by: object) -> None:
         raise ValueError(
             f"site must name a site of every block ({', '.join(BLOCK_SITES)}), got {site!r}"
         )
-    check_choice("by", by, SWEEPS)
+    check_choice("by= sweep", by, SWEEPS)
     if by in ("head", "head_position") and site_axes(f"h.0.{site}")[0] is None:
         raise ValueError(f"by={by!r} needs a site with a head axis; {site!r} has none")
 
