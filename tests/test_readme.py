@@ -25,3 +25,15 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert namespace["logits"].shape[-1] == 50304
     assert torch.isfinite(namespace["attribution"]).all()
     assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def test_the_patching_example_runs():
+    text = README.read_text()
+    section = text[text.index("### Patching") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    config = namespace["config"]
+    assert namespace["by_position"].shape == (config.n_layer, 12)
+    assert namespace["by_head"].shape == namespace["estimate"].shape == (2, 2)
+    assert namespace["path"].shape == () and namespace["logits"].shape == (4, 12, 50304)
