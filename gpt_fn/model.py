@@ -32,7 +32,16 @@ from gpt_fn.nn import (
 from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
-from gpt_fn.sites import Hook, Hooks, LayerTaps, apply_hook, check_hooks, layer_taps, site_names
+from gpt_fn.sites import (
+    Hook,
+    Hooks,
+    LayerTaps,
+    apply_hook,
+    check_hooks,
+    layer_taps,
+    site_names,
+    top_taps,
+)
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -309,7 +318,7 @@ def block(
     tap = None if taps is None else taps.block
     if tap is not None:
         x = tap("resid_pre", x)
-    h = layer_norm(p["ln_1"], x, eps=eps)
+    h = layer_norm(p["ln_1"], x, eps=eps, tap=None if taps is None else taps.ln_1)
     if tap is not None:
         h = tap("ln_1", h)
     a = self_attention(
@@ -321,13 +330,14 @@ def block(
         kv=kv,
         tap=None if taps is None else taps.attn,
         explicit=taps is not None and taps.explicit_attention,
+        results=taps is not None and taps.head_results,
     )
     if tap is not None:
         a = tap("attn.out", a)
     x = x + dropout(a, rate=rate, generator=generator)
     if tap is not None:
         x = tap("resid_mid", x)
-    h = layer_norm(p["ln_2"], x, eps=eps)
+    h = layer_norm(p["ln_2"], x, eps=eps, tap=None if taps is None else taps.ln_2)
     if tap is not None:
         h = tap("ln_2", h)
     m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
@@ -385,7 +395,8 @@ def transformer(
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
     else:
         positions, mask = None, None
-    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions)
+    embed_tap, ln_f_tap = top_taps(hooks)
+    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions, tap=embed_tap)
     if hooks and "embed" in hooks:
         x = apply_hook("embed", hooks["embed"], x)
     x = dropout(x, rate=config.dropout, generator=generator)
@@ -406,7 +417,7 @@ def transformer(
             )
         else:
             x = blocks[i](x, mask=mask, kv=kv, taps=taps[i], generator=generator)
-    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=ln_f_tap)
     if hooks and "ln_f" in hooks:
         x = apply_hook("ln_f", hooks["ln_f"], x)
     if cache is None:
@@ -500,7 +511,7 @@ def forward_from(
     Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
     config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
     `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
-    `layer` on, `ln_f` and `logits` (the earlier ones are never reached). `attention_mask`
+    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached). `attention_mask`
     (`batch seq`, True = real) as in `forward`, for a padded batch's residual stream.
     """
     check_int("layer", layer, at_least=0)
@@ -519,7 +530,7 @@ def forward_from(
         mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
     if hooks is not None:
         check_hooks(hooks, config)
-        unreached = [s for s in hooks if s == "embed" or _layer_of(s) < layer]
+        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
         if unreached:
             raise ValueError(
                 f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
@@ -529,7 +540,7 @@ def forward_from(
     x = resid_pre
     for i in range(layer, config.n_layer):
         x = block(block_params[i], x, config, attention=attention, mask=mask, taps=taps[i])
-    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=top_taps(hooks)[1])
     if hooks and "ln_f" in hooks:
         x = apply_hook("ln_f", hooks["ln_f"], x)
     logits = lm_head(params, x)
@@ -538,8 +549,12 @@ def forward_from(
     return logits
 
 
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
 def _layer_of(site: str) -> int | float:
-    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites after every block."""
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
     return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
