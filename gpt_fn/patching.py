@@ -353,8 +353,8 @@ def _stacked_patch(source: Tensor, selected: Tensor) -> Hook:
     `selected[i]` is True."""
 
     def hook(activation: Tensor) -> Tensor:
-        runs = activation.view(selected.shape[0], *source.shape)
-        return torch.where(selected, source, runs).view(activation.shape)
+        runs = activation.reshape(selected.shape[0], *source.shape)
+        return torch.where(selected, source, runs).reshape(activation.shape)
 
     return hook
 
