@@ -25,7 +25,6 @@ import io
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -99,7 +98,7 @@ def run(
             for sweep, contenders in sweeps.items():
                 outputs: dict[str, torch.Tensor] = {}
                 timings = take_turns(
-                    {name: _grad_where_needed(name, fn) for name, fn in contenders.items()},
+                    contenders,
                     repeats,
                     device=torch.device("cpu"),
                     record=outputs.__setitem__,
@@ -145,18 +144,6 @@ def _models(config: gpt_fn.GPTConfig, directory: Path):
     bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
     bridge.enable_compatibility_mode(no_processing=True)
     return params, bridge
-
-
-def _grad_where_needed(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """Attribution patching differentiates: it runs with autograd on."""
-    if name != ESTIMATE:
-        return fn
-
-    def with_grad() -> torch.Tensor:
-        with torch.enable_grad():
-            return fn()
-
-    return with_grad
 
 
 def markdown(result: dict) -> str:

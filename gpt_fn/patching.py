@@ -413,7 +413,7 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
     layers = []
     for site, heads in receivers.items():
         layer = int(site.split(".")[1]) if site.startswith("h.") else config.n_layer
-        if site == "embed" or layer <= last_sender:
+        if site in ("tok_embed", "pos_embed", "embed") or layer <= last_sender:
             raise ValueError(
                 f"receiver {site!r} is not after the last sender's block ({last_sender})"
             )

@@ -295,6 +295,7 @@ def test_bad_input_is_named_in_one_line(params, pair):
         ({"senders": [1]}, "each sender must be a \\(layer, head\\) pair"),
         ({"receivers": {"h.1.attn.q": [0]}}, "receiver 'h.1.attn.q' is not after the last"),
         ({"receivers": {"h.2.attn.z": [0]}}, "receiver 'h.2.attn.z': head outputs are frozen"),
+        ({"receivers": {"pos_embed": None}}, "receiver 'pos_embed' is not after the last"),
         ({"receivers": {"h.2.resid_pre": [0]}}, "receiver 'h.2.resid_pre' has no head axis"),
         ({"receivers": {"h.2.attn.qq": None}}, "unknown activation site 'h.2.attn.qq'"),
     ):
