@@ -511,8 +511,8 @@ def forward_from(
     Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
     config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
     `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
-    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached). `attention_mask`
-    (`batch seq`, True = real) as in `forward`, for a padded batch's residual stream.
+    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
+    `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
     """
     check_int("layer", layer, at_least=0)
     if layer > config.n_layer:
