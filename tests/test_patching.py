@@ -106,7 +106,7 @@ def test_chunk_size_changes_nothing_but_memory(params, pair):
             params, clean, corrupted, CONFIG, logit_diff, site="attn.z", by=by, chunk=c
         )
         for by in ("head_position",)
-        for c in (1, 7, 1000)
+        for c in (1, 7, None)  # None: every run of a layer at once at this size
     ]
     for other in runs[1:]:
         torch.testing.assert_close(other, runs[0], atol=ATOL, rtol=0)
