@@ -263,22 +263,27 @@ def direct_logit_attribution(
     tokens: Int[Tensor, "*batch_pos"],
     config: GPTConfig,
     *,
-    by: Literal["layer", "head"] = "layer",
+    by: Literal["component", "head", "layer"] = "component",
     incorrect: Int[Tensor, "*batch_pos"] | None = None,
     pos: Pos = -1,
 ) -> tuple[Attrs, list[str]]:
     """How much each part of the model writes the logit of `tokens` (minus `incorrect`'s)
     directly, through the frozen final LayerNorm, at positions `pos` (default the last).
 
-    `by="layer"`: the embedding and each block's attention and MLP (`decompose_resid`'s
-    labels); `by="head"`: each head (`"L{i}H{h}"`) and the `"remainder"`. The last row,
-    `"ln_f.bias"`, is the final LayerNorm's bias, so the rows sum to the logit (difference).
+    `by="component"`: the embedding and each block's attention and MLP (`decompose_resid`'s
+    labels); `"head"`: each head (`"L{i}H{h}"`) and the `"remainder"`; `"layer"`: the
+    accumulated stream after each sublayer (`accumulated_resid(incl_mid=True)`'s labels). The
+    last row, `"ln_f.bias"`, is the final LayerNorm's bias: by component or head the rows sum
+    to the logit (difference); by layer each row plus it is the frozen logit lens's.
+    TransformerLens: `tools.analysis.direct_logit_attribution(model, unit=by, cache=)`.
     """
-    check_choice("by", by, ("layer", "head"))
-    if by == "layer":
+    check_choice("by", by, ("component", "head", "layer"))
+    if by == "component":
         stack, labels = decompose_resid(cache, config, pos=pos)
-    else:
+    elif by == "head":
         stack, labels = stack_head_results(params, cache, config, incl_remainder=True, pos=pos)
+    else:
+        stack, labels = accumulated_resid(cache, config, incl_mid=True, pos=pos)
     normed = apply_ln_to_stack(stack, cache, config, at="ln_f", ln="frozen", pos=pos)
     attrs = logit_attrs(params, normed, tokens, config, incorrect=incorrect)
     bias = ln_f_bias_attr(params, tokens, config, incorrect=incorrect)
