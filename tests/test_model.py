@@ -201,6 +201,7 @@ def test_public_api_is_at_the_top_level():
         "GPTConfig",
         "init_params",
         "forward",
+        "forward_from",
         "loss",
         "GPT",
         "Params",
