@@ -35,6 +35,7 @@ from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.hooks import load_hooks
+from gpt_fn.memory import InsufficientMemoryError
 from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runtime import resolve_device
@@ -44,8 +45,15 @@ from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
-# that diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, RunDirError, TrainingDiverged)
+# that diverged, a request too large for memory. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    OSError,
+    KeyError,
+    RunDirError,
+    TrainingDiverged,
+    InsufficientMemoryError,
+)
 DEFAULT_PROMPT = "ROMEO:"
 DEFAULT_TEMPERATURE = 0.8
 

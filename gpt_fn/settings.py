@@ -15,7 +15,7 @@ Each field has a kind, which decides what resuming may change (`resume_settings`
   samples, paths). May change freely; changes are reported.
 - `length`: `max_steps`. Resuming may stop earlier (never before the checkpoint's step) or
   extend the run: the lr schedule is part of the run and stays as it was, so steps past the
-  end of its decay train at `min_lr`.
+  end of its decay (if any) train at `min_lr`.
 
 Fields whose default is `None` (or `"auto"`) are derived (`resolved()`: the warmup scales with
 the run, the cosine ends at `max_steps`, the dtype follows the device); the checkpoint records
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt_fn.checks import SEED_LIMIT
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
 from gpt_fn.nn import AttentionKernel
@@ -141,7 +142,10 @@ class TrainSettings:
         False, "start a new run in an --out-dir that holds one, deleting it", "flag"
     )
     allow_changes: bool = _setting(
-        False, "with --resume: train on with settings that differ from the run's", "flag"
+        False,
+        "with --resume: train on with settings or a corpus that differ from the run's, or a "
+        "metrics log that ends before its checkpoint",
+        "flag",
     )
 
     def __post_init__(self) -> None:
@@ -152,10 +156,12 @@ class TrainSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("sample_every", "sample_tokens", "seed", "warmup_steps"):
+        for name in ("sample_every", "sample_tokens", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise SettingsError(f"{name} must be >= 0, got {value!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise SettingsError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise SettingsError(
                 f"lr_decay_steps must be >= 1 (or unset: --max-steps), got {self.lr_decay_steps}"
@@ -290,10 +296,11 @@ def resume_settings(
                 "only go forward"
             )
         elif value > before:
+            decay = run.resolved_lr_decay_steps
+            past = f", so steps {decay} to {value - 1} train at min_lr" if value > decay else ""
             notes.append(
                 f"extending the run from {before} to {value} steps: its lr schedule is kept "
-                f"(cosine to min_lr={run.min_lr:g} at step {run.resolved_lr_decay_steps}), so "
-                f"later steps train at min_lr"
+                f"(cosine to min_lr={run.min_lr:g} at step {decay}){past}"
             )
     if refused and not requested.allow_changes:
         raise SettingsError(
