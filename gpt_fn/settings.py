@@ -35,6 +35,7 @@ from gpt_fn.checks import SEED_LIMIT
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
 from gpt_fn.nn import AttentionKernel
+from gpt_fn.runlog import LOGGERS, RunLogError, check_available
 
 Kind = Literal["run", "model", "execution", "length", "flag"]
 DEFAULT_WARMUP_STEPS = 20
@@ -127,6 +128,24 @@ class TrainSettings:
         "one more forward of the blocks; same losses and gradients)",
         "execution",
     )
+    log: str = _setting(
+        "",
+        "run logs besides metrics.jsonl: wandb and/or tensorboard (repeat --log; extras "
+        ".[wandb], .[tensorboard]; wandb honours WANDB_MODE=offline)",
+        "execution",
+    )
+    log_project: str | None = _setting(None, "the wandb project (default: gpt-fn)", "execution")
+    log_name: str | None = _setting(
+        None, "the wandb run's display name (default: the --out-dir folder's name)", "execution"
+    )
+    eval_choices: str | None = _setting(
+        None,
+        "a HellaSwag-layout .jsonl of multiple-choice items scored at every eval (acc, acc_norm)",
+        "execution",
+    )
+    eval_text: str | None = _setting(
+        None, "a held-out text file whose bits per byte are measured at every eval", "execution"
+    )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:1, ...", "execution")
     parallel: Literal["ddp", "fsdp"] = _setting(
         "ddp",
@@ -185,6 +204,17 @@ class TrainSettings:
                 f"warmup_steps ({warmup}) must be < lr_decay_steps ({decay}): the cosine needs "
                 "at least one step"
             )
+        for name in self.log_kinds:
+            if name not in LOGGERS:
+                raise SettingsError(f"unknown --log {name!r}: choose from {', '.join(LOGGERS)}")
+        try:
+            check_available(self.log_kinds)
+        except RunLogError as error:
+            raise SettingsError(str(error)) from None
+        for name in ("eval_choices", "eval_text"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise SettingsError(f"{name}: no such file {path!r}")
         if self.allow_changes and not self.resume:
             raise SettingsError("allow_changes only applies with resume")
         if self.overwrite and self.resume:
@@ -207,6 +237,11 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def log_kinds(self) -> tuple[str, ...]:
+        """The run logs `log` names (`"wandb,tensorboard"` -> both), each once."""
+        return tuple(dict.fromkeys(name.strip() for name in self.log.split(",") if name.strip()))
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from gpt_fn.checkpoint import (
     save_sharded_checkpoint,
 )
 from gpt_fn.config import GPTConfig
-from gpt_fn.eval import bits_per_byte
+from gpt_fn.eval import bits_per_byte, encode_text, multiple_choice, perplexity, read_choices
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -65,6 +66,7 @@ from gpt_fn.optim import (
 )
 from gpt_fn.optim.loss_scale import SMALLEST_SCALE
 from gpt_fn.rundir import RunDir, plot_losses
+from gpt_fn.runlog import RunLog, open_run_logs
 from gpt_fn.runtime import (
     CPU_FP32,
     Runtime,
@@ -76,7 +78,7 @@ from gpt_fn.runtime import (
 )
 from gpt_fn.settings import TrainSettings, resume_settings
 from gpt_fn.shapes import Params, shape_checks
-from gpt_fn.tokenizer import EOT_TOKEN, gpt2
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 
 Log = Callable[[str], None]
 LOSS_SCALE = "loss_scale."
@@ -208,9 +210,14 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
             runtime = make_runtime(device, settings.dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
-            with shape_checks(False), memory.allocation_errors("training", MEMORY_ADVICE):
+            with (
+                shape_checks(False),
+                memory.allocation_errors("training", MEMORY_ADVICE),
+                contextlib.ExitStack() as logs,
+            ):
                 with _stop_on_sigint(log) as stop_requested:
                     run = _Run(settings, runtime, run_dir, log, stop_requested)
+                    logs.enter_context(run.run_logs())  # open until finish() is done
                     summary = run.train()
                 return run.finish(summary)
 
@@ -277,6 +284,11 @@ class _Run:
         if settings.resume:
             self.start_step = self._restore()
         self.model = self._wrapped_model()
+        self.choices = (
+            None if settings.eval_choices is None else read_choices(settings.eval_choices)
+        )
+        self.eval_text = None if settings.eval_text is None else _read_eval_text(settings.eval_text)
+        self.logs: list[RunLog] = []
         self.tokens_per_step = settings.batch_size * settings.grad_accum * self.config.block_size
         self.flops_per_token = flops.train_flops_per_token(self.config, self.config.block_size)
         self.peak = flops.peak_flops(runtime.device, runtime.dtype)
@@ -362,8 +374,11 @@ class _Run:
                 if evaluated:
                     record["val_loss"] = self._evaluate(done)
                     record["val_bpb"] = bits_per_byte(record["val_loss"], self._val_targets)
+                    record.update(self._extra_evals())
                 if runtime.is_main:
                     self.run_dir.append_metrics(record)
+                    for run_log in self.logs:
+                        run_log.record(record)
                     progress.set_postfix(
                         loss=f"{record['loss']:.3f}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
@@ -376,11 +391,11 @@ class _Run:
                     self._checkpoint(done)
                     say(
                         f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
-                        f"({record['val_bpb']:.3f} bits/byte)"
+                        f"({record['val_bpb']:.3f} bits/byte){_extra_evals_line(record)}"
                     )
                 sample_due = settings.sample_every and done % settings.sample_every == 0
                 if sample_due and done < settings.max_steps:
-                    say(self.sample())
+                    say(self._logged_sample(done))
                 summary.update(record)
         return summary
 
@@ -519,7 +534,7 @@ class _Run:
         progress = tqdm(
             total=self.settings.max_steps,
             initial=self.start_step,
-            disable=not self.runtime.is_main,
+            disable=None if self.runtime.is_main else True,  # None: off when not a terminal
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -530,19 +545,81 @@ class _Run:
         finally:
             progress.close()
 
-    def sample(self) -> str:
-        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
-        full = {
+    def _full_params(self) -> Params:
+        """The current weights, whole (call on every rank: FSDP gathers its shards)."""
+        return {
             name: value.full_tensor() if isinstance(value, DTensor) else value
             for name, value in self.module.params().items()
         }
+
+    def sample(self) -> str:
+        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
         return sample_text(
-            full,
+            self._full_params(),
             self.config,
             tokens=self.settings.sample_tokens,
             seed=self.settings.seed,
             runtime=self.runtime,
         )
+
+    def _logged_sample(self, step: int) -> str:
+        """`sample()`, also sent to the run logs at `step`."""
+        text = self.sample()
+        for run_log in self.logs:
+            run_log.text("sample", text, step)
+        return text
+
+    def _extra_evals(self) -> dict[str, float]:
+        """`--eval-choices` and `--eval-text` on the current weights, with what each cost in
+        seconds (measured on the main rank, which alone scores; every rank gathers FSDP's
+        shards)."""
+        if self.choices is None and self.eval_text is None:
+            return {}
+        params = self._full_params()
+        if not self.runtime.is_main:
+            return {}
+        scores: dict[str, float] = {}
+        # Ids past GPT-2's vocabulary (a padded model's) have no text: normalise over GPT-2's.
+        vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)
+        with torch.no_grad(), self.runtime.autocast():
+            if self.choices is not None:
+                started = time.perf_counter()
+                results = multiple_choice(
+                    params, self.choices, self.config, vocab_size=vocab, share_context=True
+                )
+                scores["choices_acc"] = results.acc
+                scores["choices_acc_norm"] = results.acc_norm
+                scores["choices_seconds"] = time.perf_counter() - started
+            if self.eval_text is not None:
+                started = time.perf_counter()
+                scores["text_bpb"] = perplexity(
+                    params, self.eval_text, self.config, vocab_size=vocab
+                ).bits_per_byte
+                scores["text_seconds"] = time.perf_counter() - started
+        return scores
+
+    @contextlib.contextmanager
+    def run_logs(self) -> Iterator[None]:
+        """The wandb / TensorBoard logs `--log` asks for, open for the block (main rank)."""
+        if self.runtime.is_main and self.settings.log_kinds:
+            resumed = self.start_step > 0 and self.run_dir.metrics.exists()
+            history = self.run_dir.read_metrics() if resumed else []
+            self.logs = open_run_logs(
+                self.settings.log_kinds,
+                self.run_dir.path,
+                settings=self.settings.to_dict(),
+                history=[r for r in history if r["step"] < self.start_step],
+                project=self.settings.log_project,
+                name=self.settings.log_name,
+            )
+            for run_log in self.logs:
+                self.log(f"{run_log.name}: logging to {run_log.where}")
+        try:
+            yield
+        finally:
+            for run_log in self.logs:
+                run_log.close()
+            self.logs = []
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """After the last step (saved): the speed, the loss plot and a sample from the weights.
@@ -569,13 +646,40 @@ class _Run:
                 )
             if self._should_stop():  # Ctrl-C during the last step
                 raise KeyboardInterrupt
-            sample = self.sample()
+            sample = self._logged_sample(steps)
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted after the last step: {saved}") from None
         if self.runtime.is_main:
             summary["sample"] = sample
             self.log(f"--- sample at step {steps} ---\n{sample}")
         return summary
+
+
+def _read_eval_text(path: str) -> list[int]:
+    """`--eval-text`'s GPT-2 tokens; errors name the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--eval-text {path}: not UTF-8 text ({error})") from None
+    tokens = encode_text(text)
+    if len(tokens) < 2:
+        raise ValueError(f"--eval-text {path}: needs at least 2 tokens of text, got {len(tokens)}")
+    return tokens
+
+
+def _extra_evals_line(record: dict[str, Any]) -> str:
+    """The log line's part for `--eval-choices` / `--eval-text`, with their cost."""
+    parts = []
+    if "choices_acc" in record:
+        parts.append(
+            f"choices acc {record['choices_acc']:.3f} / acc_norm {record['choices_acc_norm']:.3f} "
+            f"({record['choices_seconds']:.1f} s)"
+        )
+    if "text_bpb" in record:
+        parts.append(
+            f"eval text {record['text_bpb']:.3f} bits/byte ({record['text_seconds']:.1f} s)"
+        )
+    return "".join(", " + part for part in parts)
 
 
 def sample_text(
