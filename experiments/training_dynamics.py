@@ -8,7 +8,7 @@ such a series, and `gpt_fn.checkpoint.load_series` stacks it so one `torch.func.
 analyses every checkpoint.
 
 Setup. `gpt-fn train`'s main job (`cpu-small` on the Shakespeare corpus, 300 steps) run with
-`--keep-checkpoints log+every:25` into `--out/run` (or an existing run: `--run DIR`). One
+`--keep-checkpoints log` into `--out/run` (or an existing run: `--run DIR`). One
 function of one checkpoint's params computes, and `vmap` maps it over the step axis:
 
 - val loss: the mean loss on the training loop's evaluation batches
@@ -53,7 +53,8 @@ from gpt_fn.tokenizer import GPT2_VOCAB_SIZE
 from gpt_fn.train import train
 
 NAME = "training_dynamics"
-KEEP = "log+every:25"
+KEEP = "log"
+"""Steps 1, 2, 4, ..., 256 and the last: 10 checkpoints of the main job, 180 MB each."""
 COPIES = 8
 """Sequences (a random segment and its copy) the induction score and the logit lens read."""
 LENS_ROWS = 4
