@@ -563,6 +563,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.stride is not None and args.stride < 1:
         parser.error(f"--stride must be >= 1, got {args.stride}")
     device = resolve_device(args.device)
+    _check_writable("--out", args.out)
     # Inputs first: a bad file fails before the model loads.
     text_path = args.text or args.tokens
     tokens = None
@@ -623,13 +624,31 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ("  seconds", f"{seconds:.1f}"),
         ]
     results["seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    # The table first: were the file to fail now, the scores are not lost with it.
     print(f"model: {about['source']} ({about['description']})")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+        print(f"{name:<{width}}  {value}", flush=True)
+    try:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        raise OSError(
+            f"--out {args.out}: cannot write it ({error.strerror}); the results are above"
+        ) from None
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """`OSError` naming `flag` unless a file can be written at `path` (checked before work
+    whose results would go there)."""
+    folder = path.parent
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no folder {folder} to write it in")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable (permission denied)")
 
 
 def _read_text(path: Path) -> str:
@@ -650,8 +669,9 @@ def _read_token_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"--tokens {path}: no such file")
     with path.open("rb") as file:
-        if file.read(4) == np.int32(data.SHARD_MAGIC).tobytes():
-            return data.read_shard(path)
+        is_shard = file.read(4) == np.int32(data.SHARD_MAGIC).tobytes()
+    if is_shard:
+        return _gpt2_tokens(path, data.read_shard(path))
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--tokens {path} is empty: there is nothing to score")
@@ -659,11 +679,17 @@ def _read_token_file(path: Path) -> np.ndarray:
         raise ValueError(
             f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
         )
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if int(tokens.max()) >= GPT2_VOCAB_SIZE:
+    return _gpt2_tokens(path, np.memmap(path, dtype=np.uint16, mode="r"))
+
+
+def _gpt2_tokens(path: Path, tokens: np.ndarray) -> np.ndarray:
+    """`tokens` if every id is a GPT-2 token: an id the tokenizer never makes (a vocabulary's
+    padding, 50257 and up) has no bytes, so bits per byte would be wrong."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= GPT2_VOCAB_SIZE:
         raise ValueError(
-            f"--tokens {path} holds id {int(tokens.max())}, not a GPT-2 token (< "
-            f"{GPT2_VOCAB_SIZE}): is it a uint16 token file?"
+            f"--tokens {path} holds id {largest}, not a GPT-2 token (< {GPT2_VOCAB_SIZE}): is "
+            "it a GPT-2 token file?"
         )
     return tokens
 

@@ -466,6 +466,46 @@ def test_eval_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, make, 
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("layout", ["llm.c shard", "raw uint16"])
+def test_eval_tokens_refuses_an_id_past_gpt2s_vocabulary_in_either_layout(
+    capsys, checkpoint_dir, tmp_path, layout
+):
+    import numpy as np
+
+    ids = np.array([*gpt2().encode_ordinary(EVAL_TEXT), 50300], dtype=np.uint16)  # a padding id
+    header = data.shard_header(len(ids)) if layout == "llm.c shard" else b""
+    (tmp_path / "val.bin").write_bytes(header + ids.tobytes())
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--tokens",
+                       tmp_path / "val.bin", "--out", tmp_path / "r.json")  # fmt: skip
+    assert_one_line(code, err, r"val.bin holds id 50300, not a GPT-2 token \(< 50257\)")
+
+
+@pytest.mark.parametrize(
+    ("out", "pattern"),
+    [
+        (".", r"--out \. is a folder; give a file name"),
+        ("no/such/folder/r.json", r"--out no/such/folder/r.json: no folder no/such/folder"),
+    ],
+)
+def test_eval_checks_out_before_scoring(capsys, checkpoint_dir, eval_files, monkeypatch, out,
+                                        pattern):  # fmt: skip
+    monkeypatch.chdir(eval_files[0].parent)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", out)  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert stdout == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_eval_prints_the_table_before_an_out_file_that_fails(capsys, checkpoint_dir, eval_files):
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", "/dev/full")  # fmt: skip
+    err = err.splitlines()[-1]  # after the progress bar
+    assert_one_line(code, err, r"--out /dev/full: cannot write it \(No space left on device\); "
+                    "the results are above")  # fmt: skip
+    assert "perplexity" in stdout and "bits/byte" in stdout
+
+
 @pytest.mark.parametrize(
     ("args", "pattern"),
     [
