@@ -324,6 +324,24 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
 
 
+def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(checkpoint_dir, tmp_path):
+    resource = pytest.importorskip("resource")
+
+    def small_files():  # in the child: files of at most 64 KiB (config.json fits, weights not)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a kill
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "hf"],
+        capture_output=True, text=True, env=_environment(), preexec_fn=small_files, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr, r"gpt-fn export: error: cannot write .*hf: File too large; "
+        "nothing was written",
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no folder, no temporary
+
+
 def test_a_closed_pipe_is_one_line(checkpoint_dir):
     process = subprocess.Popen(
         # Streamed token by token for seconds: the reader leaves long before the end.
