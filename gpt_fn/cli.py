@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of the tokens held out for val"
     )
+    prepare.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even when up to date (which checks shard sizes, not contents)",
+    )
     prepare.set_defaults(run=_prepare)
 
     sample = commands.add_parser("sample", help="stream samples from a checkpoint or GPT-2 weights")
@@ -236,7 +241,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data_dir = TrainSettings(data=args.data, data_dir=args.data_dir).data_path()
-    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction)
+    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction, force=args.force)
     meta = prepared.meta
     state = "prepared" if prepared.rebuilt else "up to date"
     print(

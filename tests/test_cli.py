@@ -107,6 +107,15 @@ def test_out_dir_or_data_dir_naming_a_file(capsys, tmp_path, train_args):
     assert_one_line(code, err, "data dir .* is a file, not a folder")
 
 
+def test_prepare_refuses_an_empty_data_path_and_force_rebuilds(capsys, corpus, tmp_path):
+    code, _, err = run(capsys, "prepare", "--data", "", "--data-dir", tmp_path / "tokens")
+    assert_one_line(code, err, "gpt-fn prepare: error: data must not be empty")
+    args = ["prepare", "--data", corpus, "--data-dir", tmp_path / "tokens"]
+    assert "prepared" in run(capsys, *args)[1]
+    assert "up to date" in run(capsys, *args)[1]
+    assert ": prepared" in run(capsys, *args, "--force")[1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_a_cuda_device_without_cuda(capsys, train_args, device):
