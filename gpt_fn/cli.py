@@ -19,6 +19,7 @@ import codecs
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -70,6 +71,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"{command}: error: {_message(error)}", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        reason = _out_of_memory(error)
+        if reason is None:
+            raise
+        print(
+            f"{command}: error: out of memory ({reason}): ask for fewer rows, beams or tokens, "
+            "or a smaller batch",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _out_of_memory(error: RuntimeError) -> str | None:
+    """What an allocator that failed tried (CUDA's `torch.OutOfMemoryError`, or the CPU
+    allocator's RuntimeError: "DefaultCPUAllocator: can't allocate memory: you tried to
+    allocate N bytes"); `None` for any other error."""
+    text = _message(error)
+    cpu = re.search(
+        r"(?:can't allocate|not enough) memory: you tried to allocate (\d+) bytes", text
+    )
+    if cpu is not None:
+        return f"tried to allocate {int(cpu[1]) / 1e9:.1f} GB"
+    if isinstance(error, torch.OutOfMemoryError):
+        cuda = re.search(r"tried to allocate [\d.]+ \w+", text, re.IGNORECASE)
+        return cuda[0] if cuda is not None else text.split(". ")[0]
+    return None
 
 
 def _message(error: BaseException) -> str:

@@ -351,6 +351,45 @@ def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(checkpoint_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no folder, no temporary
 
 
+@pytest.mark.parametrize("request_", [["--num-beams", "60000"], ["--num-samples", "100000"]])
+def test_a_request_beyond_the_memory_limit_is_refused_before_allocating(checkpoint_dir, request_):
+    resource = pytest.importorskip("resource")
+
+    def limited():  # in the child: `ulimit -v` of 8 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "sample", "--checkpoint", checkpoint_dir, "--max-new-tokens", "4",
+         "--prompt", "Hi", *request_],
+        capture_output=True, text=True, env=_environment(), preexec_fn=limited, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr,
+        r"gpt-fn sample: error: (beam_search \(60000 beams\)|generate \(100000 rows\)) needs "
+        r"about [\d.]+ GB of memory, more than the [\d.]+ GB available on cpu",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                      "can't allocate memory: you tried to allocate 24000000000 bytes. Error "
+                      "code 12 (Cannot allocate memory)"), r"tried to allocate 24\.0 GB"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                "total capacity of 79.19 GiB"), "Tried to allocate 20.00 GiB"),
+    ],
+)  # fmt: skip
+def test_an_allocation_that_fails_anyway_is_one_line(capsys, checkpoint_dir, monkeypatch, error,
+                                                     reason):  # fmt: skip
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli.sampling, "beam_search", allocate)
+    code, _, err = run(capsys, "sample", "--checkpoint", checkpoint_dir, "--num-beams", "2")
+    assert_one_line(code, err, rf"gpt-fn sample: error: out of memory \({reason}\): ask for fewer")
+
+
 def test_a_closed_pipe_is_one_line(checkpoint_dir):
     process = subprocess.Popen(
         # Streamed token by token for seconds: the reader leaves long before the end.
