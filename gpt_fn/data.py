@@ -724,6 +724,9 @@ def prepare(
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
     }
+    existing = _read_meta(out)
+    if not force and existing is not None and _is_up_to_date(out, existing, settings):
+        return Prepared(existing, rebuilt=False)  # nothing to write: a read-only folder will do
     with lock_folder(out):  # a second process waits here, then finds the dataset up to date
         existing = _read_meta(out)
         if not force and existing is not None and _is_up_to_date(out, existing, settings):

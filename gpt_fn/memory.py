@@ -25,9 +25,9 @@ The estimates count the tensors that grow with the request, as `gpt_fn.sampling`
   context is a new tensor).
 
 The params themselves are already in memory (they are not counted) and `available_bytes`
-reads what is left besides them. An estimate is a bound on what these tensors need, not a
-measurement of the process: allocators round up and keep freed blocks, so a request within a
-few percent of the limit may still fail, which the CLI reports as one line too.
+reads what is left besides them. An estimate is of what these tensors need, not a
+measurement of the process: allocators round up and keep freed blocks, so a request close to
+the limit may still fail, which the CLI reports as one line too.
 """
 
 from pathlib import Path
@@ -40,10 +40,10 @@ from gpt_fn.config import GPTConfig
 GENERATE_LOGITS = 9
 """`rows * vocab` fp32 sizes alive at once in a `generate` step: the logits, a transform's
 input and output, and top-p's sort (values and int64 indices), cumulative sum and scatter.
-Measured: the peak RSS of `generate` with top-p over 64 and 512 rows grew by ~8.7 of them."""
+Measured: the peak RSS of `generate` with top-p over 512 rows grew by ~8.7 of them."""
 BEAM_LOGITS = 7
 """`rows * vocab` fp32 sizes alive at once in a beam search step: the logits, log-probs,
-every beam's summed scores and their top-k. Measured: ~6.5 (64 and 512 beams)."""
+every beam's summed scores and their top-k. Measured: ~6.9 of them (512 beams)."""
 ACTIVATION_WIDTHS = 10
 """`n_embd`-wide activations alive at once in one block's forward (the MLP's 4x among them)."""
 HEAD_COPIES = 4

@@ -284,6 +284,9 @@ def test_a_shard_changed_in_place_says_force_and_force_rebuilds_it(tmp_path):
     source.write_text(SMALL_TEXT)
     out = tmp_path / "out"
     data.prepare(source, out)
+    (out / ".lock").unlink()
+    assert not data.prepare(source, out).rebuilt
+    assert not (out / ".lock").exists()  # up to date: nothing written (a read-only copy will do)
     train = out / TRAIN_SHARD
     good = train.read_bytes()
     tokens = np.frombuffer(good, dtype=np.uint16).copy()
