@@ -35,6 +35,7 @@ from gpt_fn import data, hf, sampling
 from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.hooks import load_hooks
 from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runtime import resolve_device
@@ -309,9 +310,6 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{where} is {len(ids)} tokens, longer than the model's block_size "
                 f"{config.block_size}"
             )
-    if config.vocab_size > encoding.n_vocab:  # ids the tokenizer never makes: padding rows
-        banned = sampling.ban_tokens(range(encoding.n_vocab, config.vocab_size))
-        transform = sampling.chain(banned, transform)
     params = {k: v.to(device) for k, v in params.items()}
     if args.num_beams is not None:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
@@ -324,6 +322,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,  # ids past it (vocabulary padding) are never generated
     )
     if len(prompts) == 1 and args.num_samples == 1:
         stream = sampling.generate_stream(
@@ -397,6 +396,8 @@ def _beam_search(
         num_return_sequences=args.num_samples,
         eos_token_id=EOT_TOKEN,
         transform=transform,
+        stop=args.stop,
+        tokenizer=encoding,
     )
     for index, (row, score) in enumerate(zip(out.sequences, out.scores.tolist(), strict=True)):
         prompt, beam = divmod(index, args.num_samples)
@@ -437,6 +438,7 @@ def _speculative(
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,
     )
     _print_rows(args, texts, prompts, out.tokens, encoding)
     stats = out.stats
@@ -570,6 +572,12 @@ def _add_eval_parsers(commands: Any) -> None:
     )
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
     evaluate.add_argument(
+        "--hooks",
+        metavar="MODULE:FUNCTION",
+        help="score the model under an intervention: FUNCTION(params, config) in MODULE (a "
+        "module name or a .py file) returns the {site: hook} dict (gpt_fn.hooks.load_hooks)",
+    )
+    evaluate.add_argument(
         "--out", type=Path, default=Path("eval.json"), help="the JSON results file (eval.json)"
     )
     evaluate.set_defaults(run=_eval)
@@ -606,6 +614,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     items = evaluation.read_choices(args.choices) if args.choices is not None else None
     params, config, about = _eval_model(args)
     params = {name: value.to(device) for name, value in params.items()}
+    hooks = None if args.hooks is None else load_hooks(args.hooks, params, config)
+    about["hooks"] = args.hooks
     results: dict[str, Any] = {"model": about}
     rows: list[tuple[str, str]] = []
     started = time.perf_counter()
@@ -627,7 +637,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with tqdm(total=windows, unit="window", file=sys.stderr, dynamic_ncols=True) as bar:
             scored = evaluation.perplexity(
                 params, tokens, config, stride=stride, batch_size=args.batch_size,
-                progress=bar.update,
+                progress=bar.update, hooks=hooks,
             )  # fmt: skip
         seconds = time.perf_counter() - begun
         results["text"] = {"path": str(text_path), **scored.to_dict(), "seconds": seconds}
@@ -644,7 +654,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         begun = time.perf_counter()
         with tqdm(total=endings, unit="ending", file=sys.stderr, dynamic_ncols=True) as bar:
             chosen = evaluation.multiple_choice(
-                params, items, config, batch_size=args.batch_size, progress=bar.update
+                params, items, config, batch_size=args.batch_size, progress=bar.update, hooks=hooks
             )
         seconds = time.perf_counter() - begun
         results["choices"] = {"path": str(args.choices), **chosen.to_dict(), "seconds": seconds}
@@ -658,6 +668,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     results["seconds"] = time.perf_counter() - started
     # The table first: were the file to fail now, the scores are not lost with it.
     print(f"model: {about['source']} ({about['description']})")
+    if hooks is not None:
+        print(f"hooks: {args.hooks}")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}", flush=True)
