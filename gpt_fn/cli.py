@@ -19,6 +19,7 @@ import codecs
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -80,6 +81,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"{command}: error: {_message(error)}", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        reason = _out_of_memory(error)
+        if reason is None:
+            raise
+        print(
+            f"{command}: error: out of memory ({reason}): ask for fewer rows, beams or tokens, "
+            "or a smaller batch",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _out_of_memory(error: RuntimeError) -> str | None:
+    """What an allocator that failed tried (CUDA's `torch.OutOfMemoryError`, or the CPU
+    allocator's RuntimeError: "DefaultCPUAllocator: can't allocate memory: you tried to
+    allocate N bytes"); `None` for any other error."""
+    text = _message(error)
+    cpu = re.search(
+        r"(?:can't allocate|not enough) memory: you tried to allocate (\d+) bytes", text
+    )
+    if cpu is not None:
+        return f"tried to allocate {int(cpu[1]) / 1e9:.1f} GB"
+    if isinstance(error, torch.OutOfMemoryError):
+        cuda = re.search(r"tried to allocate [\d.]+ \w+", text, re.IGNORECASE)
+        return cuda[0] if cuda is not None else text.split(". ")[0]
+    return None
 
 
 def _message(error: BaseException) -> str:
@@ -108,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data-dir", help=field_help("data_dir"))
     prepare.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of the tokens held out for val"
+    )
+    prepare.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even when up to date (which checks shard sizes, not contents)",
     )
     prepare.set_defaults(run=_prepare)
 
@@ -252,7 +284,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data_dir = TrainSettings(data=args.data, data_dir=args.data_dir).data_path()
-    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction)
+    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction, force=args.force)
     meta = prepared.meta
     state = "prepared" if prepared.rebuilt else "up to date"
     print(
@@ -586,6 +618,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.stride is not None and args.stride < 1:
         parser.error(f"--stride must be >= 1, got {args.stride}")
     device = resolve_device(args.device)
+    _check_writable("--out", args.out)
     # Inputs first: a bad file fails before the model loads.
     text_path = args.text or args.tokens
     tokens = None
@@ -648,15 +681,33 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ("  seconds", f"{seconds:.1f}"),
         ]
     results["seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    # The table first: were the file to fail now, the scores are not lost with it.
     print(f"model: {about['source']} ({about['description']})")
     if hooks is not None:
         print(f"hooks: {args.hooks}")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+        print(f"{name:<{width}}  {value}", flush=True)
+    try:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        raise OSError(
+            f"--out {args.out}: cannot write it ({error.strerror}); the results are above"
+        ) from None
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """`OSError` naming `flag` unless a file can be written at `path` (checked before work
+    whose results would go there)."""
+    folder = path.parent
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no folder {folder} to write it in")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable (permission denied)")
 
 
 def _read_text(path: Path) -> str:
@@ -677,8 +728,9 @@ def _read_token_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"--tokens {path}: no such file")
     with path.open("rb") as file:
-        if file.read(4) == np.int32(data.SHARD_MAGIC).tobytes():
-            return data.read_shard(path)
+        is_shard = file.read(4) == np.int32(data.SHARD_MAGIC).tobytes()
+    if is_shard:
+        return _gpt2_tokens(path, data.read_shard(path))
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--tokens {path} is empty: there is nothing to score")
@@ -686,11 +738,17 @@ def _read_token_file(path: Path) -> np.ndarray:
         raise ValueError(
             f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
         )
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if int(tokens.max()) >= GPT2_VOCAB_SIZE:
+    return _gpt2_tokens(path, np.memmap(path, dtype=np.uint16, mode="r"))
+
+
+def _gpt2_tokens(path: Path, tokens: np.ndarray) -> np.ndarray:
+    """`tokens` if every id is a GPT-2 token: an id the tokenizer never makes (a vocabulary's
+    padding, 50257 and up) has no bytes, so bits per byte would be wrong."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= GPT2_VOCAB_SIZE:
         raise ValueError(
-            f"--tokens {path} holds id {int(tokens.max())}, not a GPT-2 token (< "
-            f"{GPT2_VOCAB_SIZE}): is it a uint16 token file?"
+            f"--tokens {path} holds id {largest}, not a GPT-2 token (< {GPT2_VOCAB_SIZE}): is "
+            "it a GPT-2 token file?"
         )
     return tokens
 

@@ -152,6 +152,10 @@ def check_shapes(
     if unexpected:
         raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
     for name, shape in expected.items():
+        if not isinstance(tensors[name], Tensor):
+            raise TypeError(
+                f"{what}: {name!r} is a {type(tensors[name]).__name__}, not a torch.Tensor"
+            )
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
@@ -623,15 +627,15 @@ def run_with_cache(
     tokens: Tokens | TokenRows,
     config: GPTConfig,
     *,
-    names: Sequence[str] | Callable[[str], bool] | None = None,
+    names: str | Sequence[str] | Callable[[str], bool] | None = None,
     hooks: Hooks | None = None,
     attention: AttentionKernel = "sdpa",
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
 ) -> tuple[Logits, dict[str, Tensor]]:
     """`forward`'s logits and the activations at the sites `names` asks for, by site.
 
-    `names`: a list of sites, a predicate on site names (`lambda n: n.endswith("resid_post")`),
-    or None for every site. Only those are kept. Each is the value that flows on there: after
+    `names`: a site, a list of sites, a predicate on site names
+    (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each is the value that flows on there: after
     `hooks`' own hook at that site, if any. Asking for `attn.scores`/`attn.pattern` computes
     that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
     `forward` (the activations are returned, not stashed).
@@ -643,6 +647,9 @@ def run_with_cache(
         wanted = list(sites)
     elif callable(names):
         wanted = [site for site in sites if names(site)]
+    elif isinstance(names, str):  # one site, not a sequence of one-letter names
+        check_hooks({names: _identity}, config)
+        wanted = [names]
     else:
         check_hooks(dict.fromkeys(names, _identity), config)
         wanted = list(names)

@@ -108,6 +108,15 @@ def test_out_dir_or_data_dir_naming_a_file(capsys, tmp_path, train_args):
     assert_one_line(code, err, "data dir .* is a file, not a folder")
 
 
+def test_prepare_refuses_an_empty_data_path_and_force_rebuilds(capsys, corpus, tmp_path):
+    code, _, err = run(capsys, "prepare", "--data", "", "--data-dir", tmp_path / "tokens")
+    assert_one_line(code, err, "gpt-fn prepare: error: data must not be empty")
+    args = ["prepare", "--data", corpus, "--data-dir", tmp_path / "tokens"]
+    assert "prepared" in run(capsys, *args)[1]
+    assert "up to date" in run(capsys, *args)[1]
+    assert ": prepared" in run(capsys, *args, "--force")[1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_a_cuda_device_without_cuda(capsys, train_args, device):
@@ -268,7 +277,7 @@ def test_a_run_too_large_for_memory_is_refused_before_allocating(
 ):
     code, _, err = run(capsys, *train_args(), flag, "--max-steps=1")
     pattern = (
-        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [TG]iB"
+        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [GM]B"
     )
     assert_one_line(code, err, pattern + ".*available on cpu: lower --batch-size")
 
@@ -369,6 +378,63 @@ def test_export_writes_a_hf_model_with_the_same_logits(capsys, checkpoint_dir, t
 
 def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+
+
+def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(checkpoint_dir, tmp_path):
+    resource = pytest.importorskip("resource")
+
+    def small_files():  # in the child: files of at most 64 KiB (config.json fits, weights not)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a kill
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "hf"],
+        capture_output=True, text=True, env=_environment(), preexec_fn=small_files, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr, r"gpt-fn export: error: cannot write .*hf: File too large; "
+        "nothing was written",
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no folder, no temporary
+
+
+@pytest.mark.parametrize("request_", [["--num-beams", "60000"], ["--num-samples", "100000"]])
+def test_a_request_beyond_the_memory_limit_is_refused_before_allocating(checkpoint_dir, request_):
+    resource = pytest.importorskip("resource")
+
+    def limited():  # in the child: `ulimit -v` of 8 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "sample", "--checkpoint", checkpoint_dir, "--max-new-tokens", "4",
+         "--prompt", "Hi", *request_],
+        capture_output=True, text=True, env=_environment(), preexec_fn=limited, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr,
+        r"gpt-fn sample: error: (beam_search \(60000 beams\)|generate \(100000 rows\)) needs "
+        r"about [\d.]+ GB of memory, more than the [\d.]+ GB available on cpu",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                      "can't allocate memory: you tried to allocate 24000000000 bytes. Error "
+                      "code 12 (Cannot allocate memory)"), r"tried to allocate 24\.0 GB"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                "total capacity of 79.19 GiB"), "Tried to allocate 20.00 GiB"),
+    ],
+)  # fmt: skip
+def test_an_allocation_that_fails_anyway_is_one_line(capsys, checkpoint_dir, monkeypatch, error,
+                                                     reason):  # fmt: skip
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli.sampling, "beam_search", allocate)
+    code, _, err = run(capsys, "sample", "--checkpoint", checkpoint_dir, "--num-beams", "2")
+    assert_one_line(code, err, rf"gpt-fn sample: error: out of memory \({reason}\): ask for fewer")
 
 
 def test_a_closed_pipe_is_one_line(checkpoint_dir):
@@ -587,6 +653,46 @@ def test_eval_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, make, 
                        "--out", tmp_path / "r.json")  # fmt: skip
     assert_one_line(code, err, pattern)
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["llm.c shard", "raw uint16"])
+def test_eval_tokens_refuses_an_id_past_gpt2s_vocabulary_in_either_layout(
+    capsys, checkpoint_dir, tmp_path, layout
+):
+    import numpy as np
+
+    ids = np.array([*gpt2().encode_ordinary(EVAL_TEXT), 50300], dtype=np.uint16)  # a padding id
+    header = data.shard_header(len(ids)) if layout == "llm.c shard" else b""
+    (tmp_path / "val.bin").write_bytes(header + ids.tobytes())
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--tokens",
+                       tmp_path / "val.bin", "--out", tmp_path / "r.json")  # fmt: skip
+    assert_one_line(code, err, r"val.bin holds id 50300, not a GPT-2 token \(< 50257\)")
+
+
+@pytest.mark.parametrize(
+    ("out", "pattern"),
+    [
+        (".", r"--out \. is a folder; give a file name"),
+        ("no/such/folder/r.json", r"--out no/such/folder/r.json: no folder no/such/folder"),
+    ],
+)
+def test_eval_checks_out_before_scoring(capsys, checkpoint_dir, eval_files, monkeypatch, out,
+                                        pattern):  # fmt: skip
+    monkeypatch.chdir(eval_files[0].parent)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", out)  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert stdout == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_eval_prints_the_table_before_an_out_file_that_fails(capsys, checkpoint_dir, eval_files):
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", "/dev/full")  # fmt: skip
+    err = err.splitlines()[-1]  # after the progress bar
+    assert_one_line(code, err, r"--out /dev/full: cannot write it \(No space left on device\); "
+                    "the results are above")  # fmt: skip
+    assert "perplexity" in stdout and "bits/byte" in stdout
 
 
 @pytest.mark.parametrize(

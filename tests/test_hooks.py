@@ -64,6 +64,22 @@ def test_unknown_sites_bad_hooks_and_wrong_shapes_are_named(params, tokens, tiny
         forward(params, tokens, tiny_config, hooks={"h.0.mlp.pre": lambda x: None})
 
 
+@pytest.mark.parametrize(
+    ("hook", "pattern"),
+    [
+        (lambda x: x.double(), "returned dtype torch.float64; it must keep the activation's "
+         "torch.float32"),
+        (lambda x: x.long(), "returned dtype torch.int64"),
+        (lambda x: torch.empty_like(x, device="meta"), "returned a tensor on meta; it must stay "
+         "on the activation's device, cpu"),
+    ],
+)  # fmt: skip
+def test_a_hook_that_changes_the_dtype_or_device_is_named(params, tokens, tiny_config, hook,
+                                                           pattern):  # fmt: skip
+    with pytest.raises(TypeError, match=f"the hook at 'h.1.resid_mid' {pattern}"):
+        forward(params, tokens, tiny_config, hooks={"h.1.resid_mid": hook})
+
+
 # --- exactness and the cache's identities ------------------------------------------------
 
 
@@ -184,6 +200,14 @@ def test_names_as_a_predicate_keep_only_the_matching_sites(params, tokens, tiny_
     assert list(cache) == [f"h.{i}.resid_post" for i in range(tiny_config.n_layer)]
     with pytest.raises(ValueError, match="unknown activation site 'h.0.resid'"):
         run_with_cache(params, tokens, tiny_config, names=["h.0.resid"])
+
+
+def test_names_as_one_string_is_that_site(params, tokens, tiny_config):
+    _, cache = run_with_cache(params, tokens, tiny_config, names="embed")
+    _, listed = run_with_cache(params, tokens, tiny_config, names=["embed"])
+    assert list(cache) == ["embed"] and torch.equal(cache["embed"], listed["embed"])
+    with pytest.raises(ValueError, match="unknown activation site 'h.0.resid'"):
+        run_with_cache(params, tokens, tiny_config, names="h.0.resid")
 
 
 def test_a_cache_records_what_flows_on_after_a_users_hook(params, tokens, tiny_config):

@@ -53,6 +53,7 @@ from gpt_fn.checks import (
     is_traced,
 )
 from gpt_fn.config import GPTConfig
+from gpt_fn.memory import check_sampling_fits, generate_bytes
 from gpt_fn.model import (
     KVCache,
     TokenRows,
@@ -400,6 +401,15 @@ class _Generation:
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.num_samples = check_int("num_samples", num_samples, at_least=1)
         rows = self.tokens.shape[0] * self.num_samples
+        self.use_cache = check_bool("use_cache", use_cache)
+        # Before anything grows with the rows (their generators, the cache, the logits).
+        batch, width = self.tokens.shape
+        need = generate_bytes(
+            config, batch=batch, prompt=width, max_new_tokens=self.max_new_tokens,
+            num_samples=self.num_samples, dtype=params["wte.weight"].dtype,
+            use_cache=self.use_cache,
+        )  # fmt: skip
+        check_sampling_fits(need, self.tokens.device, f"generate ({rows} rows)")
         choices = sampling_choices(
             config, rows=rows, device=self.tokens.device, transform=transform, greedy=greedy,
             seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
@@ -408,7 +418,6 @@ class _Generation:
         self.transform, self.generators = choices.transform, choices.generators
         self.eos_token_id, self.pad_token_id = choices.eos_token_id, choices.pad_token_id
         self.stops = choices.stops
-        self.use_cache = check_bool("use_cache", use_cache)
         self.attention = attention
         if hooks is not None:
             check_hooks(hooks, config)
