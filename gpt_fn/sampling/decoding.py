@@ -314,7 +314,11 @@ def _advance(
     tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
     longest = state.longest + 1
     cache = state.cache
-    if cache is None or longest > config.block_size or tokens.shape[1] > cache.capacity:
+    if (
+        cache is None
+        or longest > config.block_size
+        or tokens.shape[1] > max(cache.capacity, config.block_size)
+    ):
         return _prefill(
             params,
             tokens,
@@ -325,6 +329,8 @@ def _advance(
             hooks=hooks,
             head=head,
         )
+    if tokens.shape[1] > cache.capacity:  # out of room: the next bucket, the past copied once
+        cache = cache.grown(_cache_bucket(tokens.shape[1], config.block_size))
     if step is None:
         hidden, cache = _cached_step(
             params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
@@ -419,9 +425,8 @@ class _Generation:
         with torch.no_grad():
             head = decoding_head(params, rows=self.tokens.shape[0] * self.num_samples)
             prompt_width = min(self.tokens.shape[1], config.block_size)
-            capacity = min(config.block_size, prompt_width + self.max_new_tokens - 1)
             state = _prefill(
-                params, self.tokens, config, capacity=max(capacity, prompt_width),
+                params, self.tokens, config, capacity=_cache_bucket(prompt_width, config.block_size),
                 use_cache=self.use_cache, attention=self.attention, hooks=self.hooks, head=head,
             )  # fmt: skip
             state = fan_out(state, self.num_samples)
@@ -569,6 +574,23 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+_SMALLEST_BUCKET = 64
+"""Cache slots a generation starts with at least: attending over 64 slots costs a step about
+what attending over fewer does, and GPT-2's 1024 positions then need 5 buckets, not 11."""
+
+
+def _cache_bucket(slots: int, block_size: int) -> int:
+    """Capacity for `slots` (<= block_size) filled slots: the power of two at or above it, at
+    least `_SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
+    return min(max(_SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
+
+
+_COMPILED_SHAPES_LIMIT = 64
+"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
+per batch size, bucket, config and hooks): dynamo's default, 8, is two batch sizes of GPT-2's
+5 buckets, and past the limit `fullgraph=True` fails."""
+
+
 def _compiled_step(
     config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
 ) -> Callable[..., tuple[Tensor, KVCache]]:
@@ -578,7 +600,9 @@ def _compiled_step(
             write="in_place",
         )  # fmt: skip
 
-    return torch.compile(step, fullgraph=True, dynamic=False)
+    return torch.compile(
+        step, fullgraph=True, dynamic=False, recompile_limit=_COMPILED_SHAPES_LIMIT
+    )
 
 
 def _prompt_tokens(
