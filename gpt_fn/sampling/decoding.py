@@ -12,7 +12,12 @@ row of a ragged batch decodes what its prompt decodes alone.
 
 `DecodeState` is the whole state of a decode: tokens so far (left-padded with `PAD`, -1), the
 KV cache (`gpt_fn.model.KVCache`: per layer one preallocated key and value buffer, no copy
-of the past per step) or `None` when decoding without one, and the next-token logits.
+of the past per step) or `None` when decoding without one, and the next-token logits. A step
+attends over the slots filled so far (a slice of the buffers), so its cost follows the tokens
+written, not the capacity. A cache out of room grows to the next bucket (a power of two, at
+least 64 slots, at most `block_size`; the past copied once); `generate` starts each cache at
+its prompt's bucket, so a compiled step (fixed shapes: it attends over its whole bucket)
+compiles once per bucket, at most log2(block_size) + 1 times.
 `decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
 as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
 buffers the old state shares, so only the new state may be stepped on.
@@ -143,9 +148,9 @@ def decode_step(
 ) -> DecodeState:
     """Append one token per row and compute the logits after it; `state` stays valid.
 
-    With a cache that has room, only the new tokens go through the model. Without a cache, or
-    once the longest row is full, each row's last `block_size` tokens run through it (see the
-    module docstring); a cached state stays cached.
+    With a cache, only the new tokens go through the model (a cache out of room grows first).
+    Without one, or once the longest row is full, each row's last `block_size` tokens run
+    through it (see the module docstring); a cached state stays cached.
     """
     _check_step(params, state, next_tokens, config, hooks)
     return _advance(
@@ -231,8 +236,8 @@ def generate(
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
       `hooks` intervene at every step (see the module docstring). `compile=True` runs the
-      cached decode step through `torch.compile` (fixed shapes: one compilation serves
-      every step).
+      cached decode step through `torch.compile` (fixed shapes: one compilation per cache
+      bucket, shared by later calls with the same batch size and options).
     """
     generation = _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options)
     return generation.assemble(list(generation.stream()))
@@ -307,7 +312,6 @@ def _advance(
     hooks: Hooks | None,
     head: LMHead,
     write: str,
-    capacity: int | None = None,
     step: Callable[..., tuple[Tensor, KVCache]] | None = None,
 ) -> DecodeState:
     """The state after `next_tokens`; `step` (the cached step, maybe compiled) does the work."""
@@ -323,7 +327,7 @@ def _advance(
             params,
             tokens,
             config,
-            capacity=capacity,
+            capacity=None,
             use_cache=cache is not None,
             attention=attention,
             hooks=hooks,
@@ -351,7 +355,8 @@ def _cached_step(
     hooks: Hooks | None,
     write: str,
 ) -> tuple[Tensor, KVCache]:
-    """One token per row through the blocks over a cache with room: fixed shapes, compilable.
+    """One token per row through the blocks over a cache with room: compilable (traced, it
+    attends over the whole capacity, so its shapes change only when the cache grows).
 
     The LM head stays outside (`_next_logits`): its packed CPU kernel is not inductor's."""
     return transformer(
