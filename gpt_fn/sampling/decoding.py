@@ -333,7 +333,7 @@ def _advance(
             hooks=hooks,
             head=head,
         )
-    if tokens.shape[1] > cache.capacity:  # out of room: the next bucket, the past copied once
+    if tokens.shape[1] > cache.capacity:  # out of room: the next bucket, the past copied in
         cache = cache.grown(_cache_bucket(tokens.shape[1], config.block_size))
     if step is None:
         hidden, cache = _cached_step(
@@ -580,8 +580,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 _SMALLEST_BUCKET = 64
-"""Cache slots a generation starts with at least: attending over 64 slots costs a step about
-what attending over fewer does, and GPT-2's 1024 positions then need 5 buckets, not 11."""
+"""Cache slots a generation starts with at least: over 64 slots attention is a small part of a
+step (reading the weights dominates), and GPT-2's 1024 positions then need 5 buckets, not 11."""
 
 
 def _cache_bucket(slots: int, block_size: int) -> int:
@@ -592,8 +592,8 @@ def _cache_bucket(slots: int, block_size: int) -> int:
 
 _COMPILED_SHAPES_LIMIT = 64
 """Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
-per batch size, bucket, config and hooks): dynamo's default, 8, is two batch sizes of GPT-2's
-5 buckets, and past the limit `fullgraph=True` fails."""
+per batch size, bucket, config and hooks): dynamo's default, 8, does not hold two batch sizes
+of GPT-2's 5 buckets, and past the limit `fullgraph=True` fails."""
 
 
 def _compiled_step(
