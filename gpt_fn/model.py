@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_ids, check_token_tensor, is_traced
+from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor, is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
@@ -32,7 +32,16 @@ from gpt_fn.nn import (
 from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
-from gpt_fn.sites import Hook, Hooks, LayerTaps, apply_hook, check_hooks, layer_taps, site_names
+from gpt_fn.sites import (
+    Hook,
+    Hooks,
+    LayerTaps,
+    apply_hook,
+    check_hooks,
+    layer_taps,
+    site_names,
+    top_taps,
+)
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -77,7 +86,7 @@ def init_params(
     ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual's variance does not grow with depth (GPT-2
     paper, section 2.3); biases 0; LayerNorm gains 1. `wte` doubles as the LM head.
     """
-    check_int("seed", seed, at_least=0)
+    check_seed("seed", seed)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
@@ -328,7 +337,7 @@ def block(
     tap = None if taps is None else taps.block
     if tap is not None:
         x = tap("resid_pre", x)
-    h = layer_norm(p["ln_1"], x, eps=eps)
+    h = layer_norm(p["ln_1"], x, eps=eps, tap=None if taps is None else taps.ln_1)
     if tap is not None:
         h = tap("ln_1", h)
     a = self_attention(
@@ -340,13 +349,14 @@ def block(
         kv=kv,
         tap=None if taps is None else taps.attn,
         explicit=taps is not None and taps.explicit_attention,
+        results=taps is not None and taps.head_results,
     )
     if tap is not None:
         a = tap("attn.out", a)
     x = x + dropout(a, rate=rate, generator=generator)
     if tap is not None:
         x = tap("resid_mid", x)
-    h = layer_norm(p["ln_2"], x, eps=eps)
+    h = layer_norm(p["ln_2"], x, eps=eps, tap=None if taps is None else taps.ln_2)
     if tap is not None:
         h = tap("ln_2", h)
     m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
@@ -405,7 +415,8 @@ def transformer(
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
     else:
         positions, mask = None, None
-    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions)
+    embed_tap, ln_f_tap = top_taps(hooks)
+    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions, tap=embed_tap)
     if hooks and "embed" in hooks:
         x = apply_hook("embed", hooks["embed"], x)
     x = dropout(x, rate=config.dropout, generator=generator)
@@ -426,7 +437,7 @@ def transformer(
             )
         else:
             x = blocks[i](x, mask=mask, kv=kv, taps=taps[i], generator=generator)
-    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=ln_f_tap)
     if hooks and "ln_f" in hooks:
         x = apply_hook("ln_f", hooks["ln_f"], x)
     if cache is None:
@@ -519,6 +530,68 @@ def forward(
     if hooks and "logits" in hooks:
         logits = apply_hook("logits", hooks["logits"], logits)
     return logits
+
+
+def forward_from(
+    params: Params,
+    resid_pre: Activations,
+    config: GPTConfig,
+    *,
+    layer: int,
+    hooks: Hooks | None = None,
+    attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+) -> Logits:
+    """The logits of a run whose residual stream entering block `layer` is `resid_pre`.
+
+    Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
+    config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
+    `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
+    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
+    `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
+    """
+    check_int("layer", layer, at_least=0)
+    if layer > config.n_layer:
+        raise ValueError(f"layer must be in [0, n_layer={config.n_layer}], got {layer}")
+    check_params(params, config)
+    if not isinstance(resid_pre, Tensor) or resid_pre.ndim != 3:
+        raise ValueError("resid_pre must be a (batch, seq, d_model) tensor")
+    if resid_pre.shape[2] != config.n_embd or resid_pre.shape[1] > config.block_size:
+        raise ValueError(
+            f"resid_pre has shape {tuple(resid_pre.shape)}; expected (batch, seq <= "
+            f"{config.block_size}, {config.n_embd}) for this config"
+        )
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
+    if hooks is not None:
+        check_hooks(hooks, config)
+        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
+        if unreached:
+            raise ValueError(
+                f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
+            )
+    top, block_params = _split(params, config.n_layer)
+    taps = layer_taps(hooks, config.n_layer)
+    x = resid_pre
+    for i in range(layer, config.n_layer):
+        x = block(block_params[i], x, config, attention=attention, mask=mask, taps=taps[i])
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=top_taps(hooks)[1])
+    if hooks and "ln_f" in hooks:
+        x = apply_hook("ln_f", hooks["ln_f"], x)
+    logits = lm_head(params, x)
+    if hooks and "logits" in hooks:
+        logits = apply_hook("logits", hooks["logits"], logits)
+    return logits
+
+
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
+def _layer_of(site: str) -> int | float:
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
+    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
 def loss(
