@@ -223,8 +223,10 @@ class KVCache(NamedTuple):
 
     Row `b` holds its left padding in slots `0 .. starts[b] - 1` (masked out) and its real
     tokens from slot `starts[b]` up to `lengths[b] - 1`; the next token goes to slot
-    `lengths[b]`. Buffers never grow: a step writes its keys/values into them (`transformer`),
-    so its cost does not depend on how many tokens came before.
+    `lengths[b]`. A step writes its keys/values into the buffers (`transformer`, no copy of
+    the past) and attends over the slots up to the longest row's (a slice of the buffers), so
+    its cost follows the tokens written, not the capacity; traced code (a compiled step)
+    attends over the whole capacity, its shapes fixed. `grown` makes room for more slots.
     """
 
     keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
@@ -243,6 +245,23 @@ class KVCache(NamedTuple):
             tuple(v.index_select(0, rows) for v in self.values),
             self.starts.index_select(0, rows),
             self.lengths.index_select(0, rows),
+        )
+
+    def grown(self, capacity: int) -> "KVCache":
+        """The same cache with room for `capacity` slots per row (the new slots empty)."""
+        check_int("capacity", capacity, at_least=self.capacity)
+
+        def grow(buffer: Tensor) -> Tensor:
+            batch, n_head, filled, d_head = buffer.shape
+            larger = buffer.new_zeros(batch, n_head, capacity, d_head)
+            larger[:, :, :filled] = buffer
+            return larger
+
+        return KVCache(
+            tuple(grow(k) for k in self.keys),
+            tuple(grow(v) for v in self.values),
+            self.starts,
+            self.lengths,
         )
 
     def clone(self) -> "KVCache":
@@ -394,7 +413,8 @@ def transformer(
             cache.lengths[:, None] - cache.starts[:, None] + torch.arange(seq, device=tokens.device)
         )
         positions = positions.clamp(min=0)
-        mask = cache_attention_mask(cache.starts, cache.lengths, seq, cache.capacity)
+        slots = _attended_slots(cache, seq)
+        mask = cache_attention_mask(cache.starts, cache.lengths, seq, slots)
     elif attention_mask is not None:
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
     else:
@@ -407,7 +427,7 @@ def transformer(
     taps = layer_taps(hooks, config.n_layer)
     keys, values = [], []
     for i in range(config.n_layer):
-        kv = None if cache is None else _writer(cache, i, write, keys, values)
+        kv = None if cache is None else _writer(cache, i, write, keys, values, slots)
         if blocks is None:
             x = block(
                 block_params[i],
@@ -429,10 +449,26 @@ def transformer(
     return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
 
 
+def _attended_slots(cache: KVCache, seq: int) -> int:
+    """How many of the cache's first slots a chunk of `seq` new tokens attends over: up to the
+    longest row's last once the chunk is written (one host read), or, when the lengths cannot
+    be read (traced), the whole capacity."""
+    if is_traced(cache.lengths):
+        return cache.capacity
+    return min(cache.capacity, int(cache.lengths.max()) + seq)
+
+
 def _writer(
-    cache: KVCache, layer: int, write: str, keys: list[Tensor], values: list[Tensor]
+    cache: KVCache,
+    layer: int,
+    write: str,
+    keys: list[Tensor],
+    values: list[Tensor],
+    attended: int,
 ) -> KVWriter:
-    """Layer `layer`'s writer: the chunk's keys/values into the slots after each row's last."""
+    """Layer `layer`'s writer: the chunk's keys/values into the slots after each row's last.
+
+    The whole buffers go to the returned cache; attention reads their first `attended` (views)."""
 
     def store(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         batch, n_head, seq, d_head = k.shape
@@ -446,7 +482,7 @@ def _writer(
             all_v = cache.values[layer].scatter(2, index, v)
         keys.append(all_k)
         values.append(all_v)
-        return all_k, all_v
+        return all_k[:, :, :attended], all_v[:, :, :attended]
 
     return store
 
