@@ -27,6 +27,15 @@ Log-probs are normalised over the model's whole vocabulary, like the training lo
 `vocab_size=50257` to normalise over GPT-2's tokenizer ids only (what a checkpoint exported
 with `--vocab-size 50257` computes; `gpt_fn.harness` does this).
 
+Every function that runs the model takes `hooks={site: hook}` (`gpt_fn.sites`,
+`gpt_fn.hooks`) and applies them at every forward it makes: the scores of a model under an
+intervention (ablated heads, a steering vector, an SAE spliced in). A forward reads a batch of
+rows padded on the right, so position `p` of a hook's activation is token `p` of each row (of
+a window, for `perplexity`); which rows share a batch is the evaluation's choice, so a hook
+should treat every row alike. A `logits` hook gets the `(batch, seq, vocab)` logits over the
+model's whole vocabulary, which are then materialised for the whole batch; without one the
+fused LM head never builds them.
+
 References: HF transformers docs, `perplexity.md`; karpathy/nanochat `nanochat/loss_eval.py`
 (`evaluate_bpb`); EleutherAI lm-evaluation-harness `api/model.py` (`TemplateLM`), `api/task.py`
 (multiple-choice metrics); Zellers et al. 2019 (HellaSwag).
@@ -45,13 +54,21 @@ import torch
 from jaxtyping import Bool, Float, Int, Integer
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_tensor
+from gpt_fn.checks import check_int, check_token_ids, check_token_tensor
 from gpt_fn.config import GPTConfig
-from gpt_fn.model import TokenRows, check_attention_mask, check_params, check_tokens, transformer
-from gpt_fn.nn import AttentionKernel, linear_log_probs
+from gpt_fn.model import (
+    TokenRows,
+    check_attention_mask,
+    check_params,
+    check_tokens,
+    lm_head,
+    transformer,
+)
+from gpt_fn.nn import AttentionKernel, TokenLogProbs, linear_log_probs
 from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE
 from gpt_fn.nn.padding import pad
 from gpt_fn.shapes import Params
+from gpt_fn.sites import Hook, Hooks, apply_hook, check_hooks
 from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 
 Progress = Callable[[int], object]
@@ -80,6 +97,7 @@ def token_scores(
     vocab_size: int | None = None,
     attention: AttentionKernel = "sdpa",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    hooks: Hooks | None = None,
 ) -> TokenScores:
     """Log-prob of every next token of `tokens` (`(batch, seq - 1)`), and whether it is the argmax.
 
@@ -89,9 +107,13 @@ def token_scores(
     scored when the token and its predecessor are real (and, with `positions`, where it is
     True: the LM head then runs only there); elsewhere the log-prob is 0, so
     `.logprobs.sum(1)` is each row's total. `vocab_size`: normalise over the first
-    `vocab_size` ids only (default: the model's whole vocabulary). Runs without gradients.
+    `vocab_size` ids only (default: the model's whole vocabulary). `hooks`: `{site: hook}`
+    applied in the forward over `tokens[:, :-1]` (see the module docstring). Runs without
+    gradients.
     """
     check_params(params, config)
+    if hooks is not None:
+        check_hooks(hooks, config)
     wte = params["wte.weight"]
     if isinstance(tokens, Tensor):
         check_token_tensor("tokens", tokens)
@@ -138,9 +160,13 @@ def token_scores(
             input_mask = input_mask.clone()
             input_mask[~input_mask.any(1), -1] = True
         hidden, _ = transformer(
-            params, inputs, config, attention=attention, attention_mask=input_mask
+            params, inputs, config, attention=attention, attention_mask=input_mask, hooks=hooks
         )
-        rows = linear_log_probs(hidden[scored], head, targets[scored], chunk_size=chunk_size)
+        if hooks and "logits" in hooks:
+            logits = lm_head(params, hidden)
+            rows = _log_probs(logits, hooks["logits"], scored, targets, len(head))
+        else:
+            rows = linear_log_probs(hidden[scored], head, targets[scored], chunk_size=chunk_size)
         logprobs = logprobs.to(rows.logprobs.dtype).masked_scatter(scored, rows.logprobs)
         greedy = greedy.masked_scatter(scored, rows.greedy)
     return TokenScores(logprobs, greedy, scored)
@@ -154,6 +180,18 @@ def token_logprobs(
 ) -> Float[Tensor, "batch next"]:
     """`log p` of every next token, `(batch, seq - 1)`: `token_scores(...).logprobs`."""
     return token_scores(params, tokens, config, **options).logprobs
+
+
+def _log_probs(
+    logits: Tensor, hook: Hook, scored: Tensor, targets: Tensor, vocab_size: int
+) -> TokenLogProbs:
+    """`linear_log_probs`'s answer from the `logits` hook's output at the scored positions."""
+    chosen = targets[scored][:, None]
+    check_token_ids("target", chosen, vocab_size=vocab_size)
+    hooked = apply_hook("logits", hook, logits)[scored][:, :vocab_size]
+    wide = hooked.to(torch.promote_types(hooked.dtype, torch.float32))
+    logprobs = (wide.gather(1, chosen) - torch.logsumexp(wide, 1, keepdim=True))[:, 0]
+    return TokenLogProbs(logprobs, wide.argmax(1) == chosen[:, 0])
 
 
 def _head(wte: Tensor, config: GPTConfig, vocab_size: int | None) -> Tensor:
@@ -322,6 +360,7 @@ def perplexity(
     vocab_size: int | None = None,
     attention: AttentionKernel = "sdpa",
     progress: Progress | None = None,
+    hooks: Hooks | None = None,
 ) -> Perplexity:
     """Nats per token, perplexity and bits per byte of a long text, window by window.
 
@@ -329,8 +368,12 @@ def perplexity(
     1-D tensor, a uint16 memmap such as a prepared `val.bin`). `stride` (default
     `block_size // 2`, the guide's choice): how far each window starts after the last.
     `batch_size` windows go through the model together. `progress(n)` after each batch.
+    `hooks`: `{site: hook}` applied in every window's forward (position `p` is the window's
+    token `p`).
     """
     check_params(params, config)
+    if hooks is not None:
+        check_hooks(hooks, config)
     if stride is None:
         stride = max(1, config.block_size // 2)
     check_int("batch_size", batch_size, at_least=1)
@@ -362,7 +405,13 @@ def perplexity(
         offsets = torch.tensor([w.first - w.begin - 1 for w in batch], device=device)
         keep = columns >= offsets[:, None]
         scores = token_scores(
-            params, rows, config, positions=keep, vocab_size=vocab_size, attention=attention
+            params,
+            rows,
+            config,
+            positions=keep,
+            vocab_size=vocab_size,
+            attention=attention,
+            hooks=hooks,
         )
         nats -= float(scores.logprobs[scores.scored].double().sum())
         for w in batch:
@@ -431,15 +480,19 @@ def score_continuations(
     vocab_size: int | None = None,
     attention: AttentionKernel = "sdpa",
     progress: Progress | None = None,
+    hooks: Hooks | None = None,
 ) -> list[ContinuationScore]:
     """For each `(context tokens, continuation tokens)`, the continuation's summed log-prob
     given the context and whether it is the greedy continuation, in the order given.
 
     As lm-evaluation-harness's `HFLM._loglikelihood_tokens`: the model reads the last
     `max_length` (default `block_size`) tokens before each continuation token, so a long
-    context is cut on the left; requests run longest first, `batch_size` at a time.
+    context is cut on the left; requests run longest first, `batch_size` at a time. `hooks`:
+    `{site: hook}` applied in every forward (position `p` is the row's token `p`, after the cut).
     """
     check_params(params, config)
+    if hooks is not None:
+        check_hooks(hooks, config)
     check_int("batch_size", batch_size, at_least=1)
     max_length = config.block_size if max_length is None else max_length
     check_int("max_length", max_length, at_least=1)
@@ -476,6 +529,7 @@ def score_continuations(
             positions=keep.to(params["wte.weight"].device),
             vocab_size=vocab_size,
             attention=attention,
+            hooks=hooks,
         )
         logprobs, greedy = scores.logprobs.double().cpu(), scores.greedy.cpu()
         for row, (i, span) in enumerate(zip(chunk, spans, strict=True)):
@@ -577,11 +631,13 @@ def multiple_choice(
     vocab_size: int | None = None,
     attention: AttentionKernel = "sdpa",
     progress: Progress | None = None,
+    hooks: Hooks | None = None,
 ) -> ChoiceResults:
     """`acc`, `acc_norm` and `acc_bytes` of the model on `items` (`Choice`s, or mappings in
     HellaSwag's layout), scoring `" " + ending` after each context as lm-eval does.
 
     Ties go to the first ending (numpy's argmax, as lm-eval). `progress(n)` counts endings.
+    `hooks`: `{site: hook}` applied in every forward (`score_continuations`).
     """
     if not items:
         raise ValueError("items is empty: accuracy over no items is undefined")
@@ -598,6 +654,7 @@ def multiple_choice(
         vocab_size=vocab_size,
         attention=attention,
         progress=progress,
+        hooks=hooks,
     )
     logprobs, position = [], 0
     hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}

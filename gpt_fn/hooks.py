@@ -14,15 +14,23 @@ so the same hooks work under `torch.func.grad`, `vmap` and `torch.compile`:
 
 `positions` index the sequence axis of the activation a hook is given: in a decode step that
 is the one new position, so during generation leave `positions` unset (every position).
+
+`load_hooks("module:function", params, config)` builds hooks named on a command line
+(`gpt-fn eval --hooks`, the lm-eval model's `hooks=`): `function(params, config)` returns them.
 """
 
+import importlib
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gpt_fn.checks import check_int, check_number
-from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook
+from gpt_fn.config import GPTConfig
+from gpt_fn.shapes import Params
+from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook, check_hooks
 
 # Per block-relative site: the axis of heads (None: the site has no head axis) and of positions.
 _AXES: dict[str, tuple[int | None, int]] = {
@@ -106,6 +114,59 @@ def merge(*hooks: Hooks) -> Hooks:
         for site, hook in hook_dict.items():
             merged.setdefault(site, []).append(hook)
     return {site: _sequence(site, fns) if len(fns) > 1 else fns[0] for site, fns in merged.items()}
+
+
+def load_hooks(spec: str, params: Params, config: GPTConfig) -> Hooks:
+    """The hooks `spec` names: `"module:function"`, where `function(params, config)` returns
+    `{site: hook}` for that model (so one function serves any size, and may build its vectors
+    from the model's own activations).
+
+    `module` is a module on the import path (`my_lab.steering`) or a Python file (`steer.py`,
+    `path/to/steer.py`; the `gpt-fn` command does not put the current folder on the path).
+    `ValueError` in one line naming the spec for a malformed spec, a module that does not
+    import, a missing or non-callable function, one that raises, or a result that is not a
+    mapping of known sites to callables.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1 or "" in spec.split(":"):
+        raise ValueError(
+            f"hooks must be given as module:function (e.g. steer.py:hooks), got {spec!r}"
+        )
+    module_name, function_name = spec.split(":")
+    try:
+        module = _import(module_name)
+    except Exception as error:
+        raise ValueError(
+            f"hooks {spec!r}: cannot import {module_name} ({type(error).__name__}: {error})"
+        ) from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"hooks {spec!r}: {module_name} has no function {function_name!r}")
+    try:
+        hooks = function(params, config)
+    except Exception as error:
+        raise ValueError(
+            f"hooks {spec!r}: {function_name}(params, config) raised {type(error).__name__}: "
+            f"{error}"
+        ) from error
+    try:
+        check_hooks(hooks, config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"hooks {spec!r} returned bad hooks: {error}") from error
+    return hooks
+
+
+def _import(name: str) -> object:
+    """A module by import name, or a Python file by path (run as a module of its file's stem)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {name!r}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None  # a .py file always has a loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _sequence(site: str, fns: list[Hook]) -> Hook:

@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gpt_fn import GPTConfig, forward, init_params
 from gpt_fn import eval as evaluation
 from gpt_fn.hf import config_to_hf_dict, to_hf_state_dict
+from gpt_fn.hooks import add_vector
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -416,3 +417,133 @@ def test_read_choices_without_a_file_or_items(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no items"):
         evaluation.read_choices(tmp_path / "blank.jsonl")
+
+
+# --- under interventions (hooks=) -----------------------------------------------------------
+
+ROWS = [[5, 17, 3, 99, 42, 8], [7, 1], [11, 12, 13, 14, 300, 4000, 49999]]
+ITEMS = [
+    evaluation.Choice("The cat sat on the", ("mat.", "moon and sang", "dog"), 0),
+    evaluation.Choice("She opened the door and ", ("walked in.", "x"), 1),
+]
+
+
+def identity(activation):
+    return activation
+
+
+def hf_model_adding(params, config, *, layer, vector):
+    """GPT2LMHeadModel on `params` with a forward hook adding `vector` to block `layer`'s output."""
+    hf_model = GPT2LMHeadModel(GPT2Config(**config_to_hf_dict(config))).eval()
+    hf_model.load_state_dict(to_hf_state_dict(params, config))
+
+    def add(module, inputs, output):
+        if isinstance(output, tuple):  # transformers 4.x: (hidden_states, present, ...)
+            return (output[0] + vector, *output[1:])
+        return output + vector
+
+    hf_model.transformer.h[layer].register_forward_hook(add)
+    return hf_model
+
+
+@pytest.mark.parametrize("site", ["embed", "h.0.attn.z", "h.1.resid_post", "ln_f"])
+def test_identity_hooks_give_bit_identical_scores(model, site):
+    params, config = model
+    hooks = {site: identity}
+    plain = evaluation.token_scores(params, ROWS, config)
+    hooked = evaluation.token_scores(params, ROWS, config, hooks=hooks)
+    assert torch.equal(hooked.logprobs, plain.logprobs) and torch.equal(hooked.greedy, plain.greedy)
+    assert (
+        evaluation.perplexity(params, TEXT, config, hooks=hooks).nats
+        == evaluation.perplexity(params, TEXT, config).nats
+    )
+    assert (
+        evaluation.multiple_choice(params, ITEMS, config, hooks=hooks).logprobs
+        == evaluation.multiple_choice(params, ITEMS, config).logprobs
+    )
+
+
+def test_an_identity_logits_hook_scores_as_the_fused_head(model):
+    params, config = model
+    plain = evaluation.token_scores(params, ROWS, config, vocab_size=50000)
+    hooked = evaluation.token_scores(
+        params, ROWS, config, vocab_size=50000, hooks={"logits": identity}
+    )
+    # Materialised logits are another matmul shape than the fused head's chunks, which some
+    # BLAS kernels round differently; bit-equal on the CPU this was written on.
+    torch.testing.assert_close(hooked.logprobs, plain.logprobs, rtol=0, atol=1e-6)
+    assert torch.equal(hooked.greedy, plain.greedy)
+    with pytest.raises(ValueError, match=r"target 50256 is outside \[0, vocab_size=50000\)"):
+        evaluation.token_scores(
+            params, [[1, 50256]], config, vocab_size=50000, hooks={"logits": identity}
+        )
+
+
+def test_a_steering_vector_scores_as_hf_gpt2_with_a_forward_hook_adding_it(model):
+    params, config = model
+    vector = 2.0 * torch.randn(config.n_embd, generator=torch.Generator().manual_seed(5))
+    hooks = add_vector("h.1.resid_post", vector)
+    hf_model = hf_model_adding(params, config, layer=1, vector=vector)
+    steered = evaluation.token_scores(params, ROWS, config, hooks=hooks)
+    plain = evaluation.token_scores(params, ROWS, config)
+    for i, row in enumerate(ROWS):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([row[:-1]])).logits[0]
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(row[1:])[:, None])[:, 0]
+        n = len(row) - 1
+        # fp32 on both sides: the models agree to ~1e-6 per token (test_hf.py).
+        torch.testing.assert_close(steered.logprobs[i, :n], expected, rtol=0, atol=1e-5)
+    assert (steered.logprobs - plain.logprobs).abs().max() > 0.1  # the vector matters
+    # Every window of the sliding-window evaluation is steered the same way.
+    ids = gpt2().encode_ordinary(TEXT)
+    expected, n_tokens = hf_guide_perplexity(hf_model, ids, max_length=config.block_size, stride=7)
+    result = evaluation.perplexity(params, ids, config, stride=7, batch_size=5, hooks=hooks)
+    assert result.tokens == n_tokens
+    assert result.nats_per_token == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_logits_hook_applies_though_the_head_is_fused(model):
+    params, config = model
+    favourite = 4000
+
+    def boost(logits):
+        return logits + 30.0 * (torch.arange(logits.shape[-1]) == favourite)
+
+    hooks = {"logits": boost}
+    tokens = torch.tensor(ROWS[0] + [favourite, 9])[None]
+    scores = evaluation.token_scores(params, tokens, config, vocab_size=50000, hooks=hooks)
+    logits = forward(params, tokens[:, :-1], config, hooks=hooks)[..., :50000]
+    expected = logits.log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
+    torch.testing.assert_close(scores.logprobs, expected, **FP32)
+    assert torch.equal(scores.greedy, logits.argmax(-1) == tokens[:, 1:])
+    assert scores.greedy[0, -2] and scores.logprobs[0, -2] > -1e-3  # the boosted token wins
+    (score,) = evaluation.score_continuations(
+        params, [([1, 2, 3], [favourite])], config, hooks=hooks
+    )
+    assert score.greedy
+
+
+def test_hooks_run_at_every_forward_of_an_evaluation(model):
+    params, config = model
+    seen = []
+
+    def count(activation):
+        seen.append(activation.shape[0])
+        return activation
+
+    hooks = {"h.0.resid_mid": count}
+    result = evaluation.perplexity(params, TEXT, config, stride=7, batch_size=5, hooks=hooks)
+    assert sum(seen) == result.windows and len(seen) == math.ceil(result.windows / 5)
+    seen.clear()
+    evaluation.multiple_choice(params, ITEMS, config, batch_size=2, hooks=hooks)
+    assert sum(seen) == 5 and len(seen) == 3  # 5 endings, 2 a batch
+
+
+def test_bad_hooks_are_named(model):
+    params, config = model
+    with pytest.raises(ValueError, match=r"unknown activation site 'h\.2\.resid_post'"):
+        evaluation.perplexity(params, TEXT, config, hooks={"h.2.resid_post": identity})
+    with pytest.raises(ValueError, match=r"unknown activation site 'h\.0\.attn\.zz'"):
+        evaluation.multiple_choice(params, ITEMS, config, hooks={"h.0.attn.zz": identity})
+    with pytest.raises(ValueError, match=r"the hook at 'logits' returned shape \(3, 6\)"):
+        evaluation.token_scores(params, ROWS, config, hooks={"logits": lambda x: x[..., 0]})

@@ -344,3 +344,81 @@ def test_stop_at_errors_name_the_problem(params, tokens, tiny_config):
     cache = gpt_fn.model.empty_cache(tiny_config, batch=2, capacity=16)
     with pytest.raises(ValueError, match="no KV cache"):
         gpt_fn.model.transformer(params, tokens, tiny_config, cache=cache, stop_at="embed")
+
+
+# --- hooks named on a command line (module:function) ----------------------------------------
+
+HOOKS_MODULE = """
+from gpt_fn.hooks import ablate_heads, add_vector
+
+
+def steer(params, config):
+    return add_vector(f"h.{config.n_layer - 1}.resid_post", params["wte.weight"][7])
+
+
+def ablate(params, config):
+    return ablate_heads(0, [1])
+
+
+def not_a_mapping(params, config):
+    return [steer]
+
+
+def unknown_site(params, config):
+    return {"h.9.resid_post": lambda x: x}
+
+
+def raises(params, config):
+    raise RuntimeError("no vector for this model")
+
+
+NOT_CALLABLE = 3
+"""
+
+
+def test_load_hooks_calls_module_function_with_the_params_and_config(
+    params, tokens, tiny_config, tmp_path, monkeypatch
+):
+    (tmp_path / "lab_hooks.py").write_text(HOOKS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expected = forward(
+        params,
+        tokens,
+        tiny_config,
+        hooks=interventions.add_vector("h.1.resid_post", params["wte.weight"][7]),
+    )
+    for spec in ("lab_hooks:steer", f"{tmp_path / 'lab_hooks.py'}:steer"):
+        hooks = interventions.load_hooks(spec, params, tiny_config)
+        assert list(hooks) == ["h.1.resid_post"]
+        assert torch.equal(forward(params, tokens, tiny_config, hooks=hooks), expected)
+    monkeypatch.chdir(tmp_path)  # a file relative to the current folder
+    assert list(interventions.load_hooks("lab_hooks.py:ablate", params, tiny_config)) == [
+        "h.0.attn.z"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lab_hooks", r"hooks must be given as module:function \(e\.g\. steer\.py:hooks\)"),
+        ("lab_hooks:steer:x", "hooks must be given as module:function"),
+        (":steer", "hooks must be given as module:function"),
+        ("no_such_module_here:f", r"cannot import no_such_module_here \(ModuleNotFoundError"),
+        ("missing.py:f", r"cannot import missing\.py \(FileNotFoundError: no such file"),
+        ("broken.py:f", r"cannot import broken\.py \(SyntaxError"),
+        ("lab_hooks.py:nope", r"lab_hooks\.py has no function 'nope'"),
+        ("lab_hooks.py:NOT_CALLABLE", "has no function 'NOT_CALLABLE'"),
+        ("lab_hooks.py:raises", r"raises\(params, config\) raised RuntimeError: no vector"),
+        ("lab_hooks.py:not_a_mapping", "returned bad hooks: hooks must be a mapping"),
+        ("lab_hooks.py:unknown_site", "returned bad hooks: unknown activation site 'h.9"),
+    ],
+)
+def test_load_hooks_names_what_is_wrong_with_a_spec(
+    params, tiny_config, tmp_path, monkeypatch, spec, message
+):
+    (tmp_path / "lab_hooks.py").write_text(HOOKS_MODULE)
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message) as error:
+        interventions.load_hooks(spec, params, tiny_config)
+    assert "\n" not in str(error.value)
