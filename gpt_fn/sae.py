@@ -559,16 +559,50 @@ def _mean_loss(params: Params, tokens: Tensor, config: GPTConfig, hooks: Hooks |
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-_ARCHITECTURES = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_FORMAT = "6.0.0"
+"""The SAELens version whose `cfg.json` layout `save_sae` writes."""
+# A block's sites by their TransformerLens hook names, which SAELens's `hook_name` uses.
+_TL_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "attn.q": "attn.hook_q",
+    "attn.k": "attn.hook_k",
+    "attn.v": "attn.hook_v",
+    "attn.z": "attn.hook_z",
+    "attn.out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "mlp.pre": "mlp.hook_pre",
+    "mlp.post": "mlp.hook_post",
+    "mlp.out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+
+
+def tl_hook_name(site: str) -> str:
+    """TransformerLens's name for a block site (`h.2.resid_post` -> `blocks.2.hook_resid_post`);
+    other sites keep their own name."""
+    pieces = site.split(".", 2)
+    if len(pieces) == 3 and pieces[0] == "h" and pieces[2] in _TL_HOOKS:
+        return f"blocks.{pieces[1]}.{_TL_HOOKS[pieces[2]]}"
+    return site
+
+
+def site_from_tl(hook_name: str) -> str:
+    """The site a TransformerLens hook name names (the inverse of `tl_hook_name`)."""
+    pieces = hook_name.split(".", 2)
+    by_hook = {hook: part for part, hook in _TL_HOOKS.items()}
+    if len(pieces) == 3 and pieces[0] == "blocks" and pieces[2] in by_hook:
+        return f"h.{pieces[1]}.{by_hook[pieces[2]]}"
+    return hook_name
 
 
 def save_sae(folder: str | os.PathLike[str], sae: SAE, config: SAEConfig, *, site: str) -> Path:
-    """Write `sae` as SAELens does: `cfg.json` and `sae_weights.safetensors` in `folder`."""
+    """Write `sae` as SAELens does: `cfg.json` (the site as TransformerLens's hook name, the
+    training coefficients under `metadata.gpt_fn`) and `sae_weights.safetensors` in `folder`."""
     check_sae(sae, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, object] = {
-        "architecture": _ARCHITECTURES[config.kind],
+        "architecture": config.kind,
         "d_in": config.d_in,
         "d_sae": config.d_sae,
         "dtype": str(sae["W_enc"].dtype).removeprefix("torch."),
@@ -576,7 +610,12 @@ def save_sae(folder: str | os.PathLike[str], sae: SAE, config: SAEConfig, *, sit
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if site.endswith("attn.z") else "none",
-        "metadata": {"hook_name": site, "gpt_fn": asdict(config)},
+        "metadata": {
+            # SAELens reads its 6.x layout (metadata nested) from files that name a 6.x version.
+            "sae_lens_version": SAELENS_FORMAT,
+            "hook_name": tl_hook_name(site),
+            "gpt_fn": asdict(config),
+        },
     }
     if config.kind == "topk":
         cfg["k"] = config.k
@@ -590,7 +629,8 @@ def save_sae(folder: str | os.PathLike[str], sae: SAE, config: SAEConfig, *, sit
 def load_sae(
     folder: str | os.PathLike[str], *, device: torch.device | str = "cpu"
 ) -> tuple[SAE, SAEConfig, str | None]:
-    """An SAE folder in SAELens's format: its params, config and hook site (None if unnamed)."""
+    """An SAE folder in SAELens's format: its params, config and site (TransformerLens's hook
+    names read as sites; None if the folder names none)."""
     folder = Path(folder)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
@@ -599,8 +639,7 @@ def load_sae(
             )
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     architecture = cfg.get("architecture", "standard")
-    kind = {v: k for k, v in _ARCHITECTURES.items()}.get(architecture)
-    if kind is None:
+    if architecture not in KINDS:
         raise ValueError(f"{folder}/{CONFIG_FILE}: unsupported architecture {architecture!r}")
     if (
         not cfg.get("apply_b_dec_to_input", True)
@@ -615,8 +654,8 @@ def load_sae(
     config = SAEConfig(
         d_in=cfg["d_in"],
         d_sae=cfg["d_sae"],
-        kind=kind,
-        k=cfg.get("k") if kind == "topk" else None,
+        kind=architecture,
+        k=cfg.get("k") if architecture == "topk" else None,
         **{
             name: saved[name]
             for name in ("sparsity_coefficient", "aux_coefficient", "bandwidth")
@@ -624,8 +663,10 @@ def load_sae(
         },
     )
     sae = {name: value.to(device) for name, value in load_file(folder / WEIGHTS_FILE).items()}
-    if kind == "jumprelu" and "log_threshold" in sae:
+    if architecture == "jumprelu" and "log_threshold" in sae:
         sae["threshold"] = sae.pop("log_threshold").exp()
     check_sae(sae, config)
-    site = metadata.get("hook_name", cfg.get("hook_name")) if isinstance(metadata, dict) else None
-    return sae, config, site
+    hook_name = (metadata if isinstance(metadata, dict) else {}).get(
+        "hook_name", cfg.get("hook_name")
+    )
+    return sae, config, None if hook_name is None else site_from_tl(hook_name)
