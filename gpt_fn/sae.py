@@ -418,7 +418,7 @@ def train_sae(
     check_int("buffer_batches", settings.buffer_batches, at_least=1)
     check_int("dead_after", settings.dead_after, at_least=1)
     device = params["wte.weight"].device
-    width = _site_width(params, config, site)
+    width = site_width(params, config, site)
     for sae_config in sae_configs:
         if sae_config.d_in != width:
             raise ValueError(
@@ -479,7 +479,7 @@ def _step(
     return new, state, detached, features.detach() > 0
 
 
-def _site_width(params: Params, config: GPTConfig, site: str) -> int:
+def site_width(params: Params, config: GPTConfig, site: str) -> int:
     """Values per position at `site` (a head axis flattened), from one token's run."""
     check_hooks({site: _keep}, config)
     one = torch.zeros((1, 1), dtype=torch.long, device=params["wte.weight"].device)
@@ -521,7 +521,7 @@ def evaluate_sae(
 ) -> SAEMetrics:
     """Metrics of `sae` at `site` on the rows `tokens` (each scored on its next tokens)."""
     check_sae(sae, sae_config)
-    width = _site_width(params, config, site)
+    width = site_width(params, config, site)
     if width != sae_config.d_in:
         raise ValueError(
             f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} values "
