@@ -14,6 +14,8 @@ from sae_lens import (
     TopKSAEConfig,
 )
 
+from benchmarks import sae as benchmark
+from gpt_fn import GPTConfig
 from gpt_fn.sae import SAEConfig, decode, encode, init_sae, load_sae, save_sae
 
 # The same fp32 matmuls in the same order on the same inputs; 1e-6 leaves room for a
@@ -75,3 +77,11 @@ def test_a_folder_gpt_fn_writes_loads_in_saelens(tmp_path, kind):
     ours = encode(sae, x, config)
     assert (ours - features).abs().max() <= ATOL
     assert (decode(sae, ours, config) - reconstruction).abs().max() <= ATOL
+
+
+def test_the_benchmark_times_both_trainers_for_k_1_and_4():
+    toy = GPTConfig(vocab_size=101, block_size=64, n_layer=3, n_head=2, n_embd=32)
+    results = benchmark.run(quick=True, threads=1, config=toy)
+    assert [row["K"] for row in results["rows"]] == [1, 4]
+    assert all(row["gpt_fn"] > 0 and row["SAELens"] > 0 for row in results["rows"])
+    assert "| 4 |" in benchmark.table(results)
