@@ -40,6 +40,7 @@ from gpt_fn.checks import check_choice, check_int, check_number
 from gpt_fn.config import GPTConfig
 from gpt_fn.data import TokenStream, get_batch
 from gpt_fn.eval import token_scores
+from gpt_fn.files import write_atomic
 from gpt_fn.model import transformer
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, check_hooks
@@ -57,7 +58,8 @@ class SAEConfig:
 
     `sparsity_coefficient`: the L1 coefficient (`standard`) or the L0 coefficient (`jumprelu`);
     TopK's sparsity is `k`. `aux_coefficient`: weight of TopK's dead-feature loss.
-    `bandwidth`: width of JumpReLU's straight-through estimator's window.
+    `bandwidth`: width of JumpReLU's straight-through estimator's window. Defaults are
+    SAELens's.
     """
 
     d_in: int
@@ -66,8 +68,8 @@ class SAEConfig:
     """One of `KINDS`."""
     k: int | None = None
     sparsity_coefficient: float = 0.0
-    aux_coefficient: float = 1 / 32
-    bandwidth: float = 0.001
+    aux_coefficient: float = 1.0
+    bandwidth: float = 0.05
 
     def __post_init__(self) -> None:
         check_int("d_in", self.d_in, at_least=1)
@@ -93,8 +95,9 @@ def init_sae(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> SAE:
-    """SAELens's initialisation: decoder rows in random directions with norm 0.1 (1 for TopK),
-    the encoder their transpose, biases 0, JumpReLU thresholds 0.001."""
+    """Decoder rows in random directions with norm 0.1 (SAELens's `decoder_init_norm`; TopK's
+    at norm 1, which its training keeps), the encoder their transpose, biases 0, JumpReLU
+    thresholds 0.01 (SAELens's defaults)."""
     check_int("seed", seed, at_least=0)
     generator = torch.Generator().manual_seed(seed)
     w_dec = torch.rand(config.d_sae, config.d_in, generator=generator) * 2 - 1
@@ -106,7 +109,7 @@ def init_sae(
         "b_dec": torch.zeros(config.d_in),
     }
     if config.kind == "jumprelu":
-        sae["threshold"] = torch.full((config.d_sae,), 0.001)
+        sae["threshold"] = torch.full((config.d_sae,), 0.01)
     return {name: value.to(device=device, dtype=dtype) for name, value in sae.items()}
 
 
@@ -436,11 +439,13 @@ def _keep(activation: Tensor) -> Tensor:
 
 
 class StepLog(NamedTuple):
-    """One training step of every SAE: `losses[i]` and `l0[i]` are SAE i's."""
+    """One training step of every SAE: `losses[i]`, `l0[i]` and `saes[i]` are SAE i's."""
 
     step: int
     losses: list[SAELoss]
     l0: list[float]
+    saes: list[SAE]
+    """The SAEs after this step (for checkpoints)."""
 
 
 def train_sae(
@@ -507,7 +512,7 @@ def train_sae(
             losses.append(loss)
             l0.append(float(fired.sum(-1).float().mean()))
         if log is not None:
-            log(StepLog(step, losses, l0))
+            log(StepLog(step, losses, l0, list(trained)))
     return trained
 
 
@@ -554,7 +559,7 @@ class SAEMetrics(NamedTuple):
     explained_variance: float
     """`1 - sum |x - x_hat|^2 / sum |x - mean(x)|^2` over tokens."""
     mse: float
-    """Squared error per value, averaged."""
+    """Squared error summed over `d_in`, averaged over tokens (SAELens's eval and training MSE)."""
     ce_loss_clean: float
     ce_loss_spliced: float
     """Next-token loss with the site replaced by the reconstruction (`splice`)."""
@@ -595,7 +600,7 @@ def evaluate_sae(
         l0=float(fired.sum(-1).float().mean()),
         dead_features=int((~fired.any(0)).sum()),
         explained_variance=float(1 - error.pow(2).sum() / total),
-        mse=float(error.pow(2).mean()),
+        mse=float(error.pow(2).sum(-1).mean()),
         ce_loss_clean=clean,
         ce_loss_spliced=spliced,
         ce_loss_zero=zero,
@@ -672,10 +677,9 @@ def save_sae(folder: str | os.PathLike[str], sae: SAE, config: SAEConfig, *, sit
     }
     if config.kind == "topk":
         cfg["k"] = config.k
-    save_file(
-        {name: value.contiguous().cpu() for name, value in sae.items()}, folder / WEIGHTS_FILE
-    )
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    tensors = {name: value.contiguous().cpu() for name, value in sae.items()}
+    write_atomic(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+    write_atomic(folder / CONFIG_FILE, (json.dumps(cfg, indent=2) + "\n").encode())
     return folder
 
 

@@ -78,6 +78,12 @@ def add_parser(commands: Any) -> None:
         help=f"AdamW's learning rate (default: {DEFAULTS.lr})",
     )
     train.add_argument("--out", type=Path, default=Path("out-sae"), help="folder to write")
+    train.add_argument(
+        "--save-interval",
+        type=int,
+        default=0,
+        help="also save the SAEs every N steps (0: at the end)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace SAEs already in --out")
     train.set_defaults(run=_train)
 
@@ -121,6 +127,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ):
         if values is not None and len(values) not in (1, count):
             parser.error(f"{flag} takes 1 or {count} values (one per SAE), got {len(values)}")
+    if args.save_interval < 0:
+        parser.error(f"--save-interval must be >= 0, got {args.save_interval}")
     if args.kind == "topk" and args.k is None:
         parser.error("--kind topk needs --k")
     if args.kind != "topk" and args.k is not None:
@@ -155,6 +163,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             shutil.rmtree(old)
         width = site_width(params, config, args.site)
         configs = [SAEConfig(d_in=width, **c) for c in configs_of]
+
+        def save(saes: list) -> None:
+            for i, (sae, sae_config) in enumerate(zip(saes, configs, strict=True)):
+                save_sae(out.path / f"sae_{i}", sae, sae_config, site=args.site)
+
         with tqdm(total=settings.steps, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
 
             def log(step: StepLog) -> None:
@@ -167,12 +180,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         ],
                     }
                 )
+                if args.save_interval and (step.step + 1) % args.save_interval == 0:
+                    save(step.saes)
                 bar.set_postfix(mse=f"{float(step.losses[0].mse):.4g}", l0=f"{step.l0[0]:.1f}")
                 bar.update()
 
-            saes = train_sae(params, config, args.site, tokens, configs, settings=settings, log=log)
-        for i, (sae, sae_config) in enumerate(zip(saes, configs, strict=True)):
-            save_sae(out.path / f"sae_{i}", sae, sae_config, site=args.site)
+            save(train_sae(params, config, args.site, tokens, configs, settings=settings, log=log))
     print(f"wrote {count} SAE(s) at {args.site} to {out.path}/sae_*/ ({settings.steps} steps)")
     return 0
 

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from gpt_fn import GPTConfig, cli, data, init_params
+from gpt_fn import GPTConfig, cli, data, init_params, sae_cli
 from gpt_fn.checkpoint import Checkpoint, save_checkpoint
 from gpt_fn.rundir import read_metrics
-from gpt_fn.sae import load_sae
+from gpt_fn.sae import load_sae, save_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,16 +50,22 @@ TINY = ["--steps=6", "--batch-size=32", "--model-batch-size=2", "--block-size=16
 
 
 def test_train_writes_k_saes_and_a_metrics_line_per_step_and_eval_reads_them(
-    capsys, model_and_data, tmp_path
+    capsys, model_and_data, tmp_path, monkeypatch
 ):
     ckpt, tokens = model_and_data
     out = tmp_path / "saes"
+    saved = []
+    monkeypatch.setattr(
+        sae_cli, "save_sae", lambda folder, *a, **k: saved.append(save_sae(folder, *a, **k))
+    )
     code, stdout, err = run(
         capsys, "sae", "train", "--checkpoint", ckpt, "--data", tokens, "--site",
-        "h.1.resid_post", "--kind", "topk", "--d-sae", "32", "64", "--k", "4", "--out", out, *TINY,
+        "h.1.resid_post", "--kind", "topk", "--d-sae", "32", "64", "--k", "4", "--out", out,
+        "--save-interval", "3", *TINY,
     )  # fmt: skip
     assert code == 0, err
     assert "wrote 2 SAE(s)" in stdout
+    assert len(saved) == 2 * 3  # at steps 3 and 6 (--save-interval 3), and at the end
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(6))
     assert len(records[0]["saes"]) == 2
