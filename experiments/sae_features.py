@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, help="the model (default: train the main job)")
     parser.add_argument("--steps", type=int, help="SAE training steps (default 2000)")
-    parser.add_argument("--model-steps", type=int, help="main-job steps without --checkpoint (600)")
+    parser.add_argument("--model-steps", type=int, help="main-job steps without --checkpoint (300)")
     args = conventions.start(parser, argv)
     steps = args.steps or (4 if args.quick else 2000)
     params, config, about = model(args)
@@ -121,7 +121,7 @@ def model(args: Any) -> tuple[dict, Any, dict[str, Any]]:
             {"checkpoint": str(args.checkpoint), "step": saved.step},
         )
     shape = dict(preset="cpu-tiny", **conventions.QUICK_SHAPE) if args.quick else {}
-    steps = args.model_steps or (3 if args.quick else 600)
+    steps = args.model_steps or (3 if args.quick else 300)
     settings = TrainSettings(
         data="shakespeare", data_dir=str(args.data_dir), out_dir=str(args.out / "model"),
         max_steps=steps, eval_interval=steps, sample_tokens=0, seed=args.seed, overwrite=True,
