@@ -40,6 +40,8 @@ BENCHMARKS = (
     "hooks",
     "optimizer",
     "lm_head_loss",
+    "activation_checkpointing",
+    "choices",
     "prepare",
 )
 DEFAULT_OUT = Path("bench-out")

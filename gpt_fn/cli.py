@@ -35,6 +35,7 @@ from gpt_fn import data, hf, sae_cli, sampling
 from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.hooks import load_hooks
 from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runtime import resolve_device
@@ -540,6 +541,12 @@ def _add_eval_parsers(commands: Any) -> None:
     )
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
     evaluate.add_argument(
+        "--hooks",
+        metavar="MODULE:FUNCTION",
+        help="score the model under an intervention: FUNCTION(params, config) in MODULE (a "
+        "module name or a .py file) returns the {site: hook} dict (gpt_fn.hooks.load_hooks)",
+    )
+    evaluate.add_argument(
         "--out", type=Path, default=Path("eval.json"), help="the JSON results file (eval.json)"
     )
     evaluate.set_defaults(run=_eval)
@@ -575,6 +582,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     items = evaluation.read_choices(args.choices) if args.choices is not None else None
     params, config, about = _eval_model(args)
     params = {name: value.to(device) for name, value in params.items()}
+    hooks = None if args.hooks is None else load_hooks(args.hooks, params, config)
+    about["hooks"] = args.hooks
     results: dict[str, Any] = {"model": about}
     rows: list[tuple[str, str]] = []
     started = time.perf_counter()
@@ -596,7 +605,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with tqdm(total=windows, unit="window", file=sys.stderr, dynamic_ncols=True) as bar:
             scored = evaluation.perplexity(
                 params, tokens, config, stride=stride, batch_size=args.batch_size,
-                progress=bar.update,
+                progress=bar.update, hooks=hooks,
             )  # fmt: skip
         seconds = time.perf_counter() - begun
         results["text"] = {"path": str(text_path), **scored.to_dict(), "seconds": seconds}
@@ -613,7 +622,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         begun = time.perf_counter()
         with tqdm(total=endings, unit="ending", file=sys.stderr, dynamic_ncols=True) as bar:
             chosen = evaluation.multiple_choice(
-                params, items, config, batch_size=args.batch_size, progress=bar.update
+                params, items, config, batch_size=args.batch_size, progress=bar.update, hooks=hooks
             )
         seconds = time.perf_counter() - begun
         results["choices"] = {"path": str(args.choices), **chosen.to_dict(), "seconds": seconds}
@@ -627,6 +636,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     results["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"model: {about['source']} ({about['description']})")
+    if hooks is not None:
+        print(f"hooks: {args.hooks}")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -21,7 +21,9 @@ without CUDA falls back to cpu, as lm-eval's `hf` model does, since lm-eval's CL
 `cuda:0` by default), `batch_size` (default 8), `dtype` (`float32`, the default, `bfloat16`,
 `float16`: the params are cast to it, as HF's `dtype=` loads a model; `auto`: as loaded),
 `max_length` (default `block_size`), `max_gen_toks` (default 256), `seed` (sampling only;
-default 1234, lm-eval's torch seed).
+default 1234, lm-eval's torch seed), `hooks=module:function` (every request runs under the
+hooks `function(params, config)` returns: `gpt_fn.hooks.load_hooks`; in Python, `hooks=` also
+takes a `{site: hook}` dict).
 
 What each request computes is what lm-eval's `hf` model computes for GPT-2 (`HFLM`), so the
 same weights score the same (tests hold them equal):
@@ -67,9 +69,11 @@ from gpt_fn.checkpoint import load_checkpoint
 from gpt_fn.checks import check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import encode_pair, score_continuations
+from gpt_fn.hooks import load_hooks
 from gpt_fn.model import check_params
 from gpt_fn.runtime import DTYPES, resolve_device
 from gpt_fn.shapes import Params
+from gpt_fn.sites import Hooks, check_hooks
 from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 
 logger = logging.getLogger(__name__)
@@ -105,13 +109,14 @@ class GPTFnLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = DEFAULT_SEED,
+        hooks: Hooks | str | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise ValueError(
                 f"gpt_fn model: unknown model_args {sorted(unknown)}; it takes checkpoint=, "
-                "hf=, device=, batch_size=, dtype=, max_length=, max_gen_toks=, seed="
+                "hf=, device=, batch_size=, dtype=, max_length=, max_gen_toks=, seed=, hooks="
             )
         sources = [s for s in (checkpoint, hf) if s is not None]
         if (params is None) == (not sources) or len(sources) > 1:
@@ -158,6 +163,15 @@ class GPTFnLM(TemplateLM):
             )
         self._max_gen_toks = check_int("max_gen_toks", max_gen_toks, at_least=1)
         self.seed = check_int("seed", seed, at_least=0)
+        # Built from the params as they run (device, dtype), so its tensors match theirs.
+        if isinstance(hooks, str):
+            self._hooks_source: str | None = hooks
+            self.hooks = load_hooks(hooks, self.params, config)
+        else:
+            self._hooks_source = None if hooks is None else "python"
+            if hooks is not None:
+                check_hooks(hooks, config)
+            self.hooks = hooks
         self.encoding = gpt2()
         self._generate_calls = 0
 
@@ -199,6 +213,7 @@ class GPTFnLM(TemplateLM):
             "model_num_parameters": sum(v.numel() for v in self.params.values()),
             "model_dtype": self.dtype_name,
             "model_config": self.config.to_dict(),
+            "model_hooks": self._hooks_source,
         }
 
     # --- requests ----------------------------------------------------------------------------
@@ -230,6 +245,7 @@ class GPTFnLM(TemplateLM):
                 batch_size=self.batch_size,
                 vocab_size=GPT2_VOCAB_SIZE,
                 progress=bar.update,
+                hooks=self.hooks,
             )
         answers = [(score.logprob, score.greedy) for score in scores]
         for (strings, _, _), answer in zip(requests, answers, strict=True):
@@ -331,6 +347,7 @@ class GPTFnLM(TemplateLM):
             seed=seed,
             eos_token_id=EOT_TOKEN,
             stop=stops or None,
+            hooks=self.hooks,
         )
         return [
             postprocess_generated_text(

@@ -506,6 +506,62 @@ def test_eval_reads_a_hf_directory_like_the_checkpoint(
     assert "step" not in by_hf["model"] and by_checkpoint["model"]["step"] == 5
 
 
+STEERING = """
+from gpt_fn.hooks import add_vector
+
+
+def steer(params, config):
+    return add_vector(f"h.{config.n_layer - 1}.resid_post", 100 * params["wte.weight"][7])
+"""
+
+
+def test_eval_under_hooks_scores_the_steered_model(capsys, checkpoint_dir, eval_files, tmp_path):
+    from gpt_fn import eval as evaluation
+    from gpt_fn.hooks import load_hooks
+
+    text, choices = eval_files
+    (tmp_path / "steering.py").write_text(STEERING)
+    spec = f"{tmp_path / 'steering.py'}:steer"
+    code, stdout, err = run(
+        capsys, "eval", "--checkpoint", checkpoint_dir, "--text", text, "--choices", choices,
+        "--stride", "8", "--hooks", spec, "--out", tmp_path / "steered.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"hooks: {spec}" in stdout
+    results = json.loads((tmp_path / "steered.json").read_text())
+    assert results["model"]["hooks"] == spec
+    saved = load_checkpoint(checkpoint_dir)
+    hooks = load_hooks(spec, saved.params, saved.model_config)
+    steered = evaluation.perplexity(
+        saved.params, EVAL_TEXT, saved.model_config, stride=8, hooks=hooks
+    )
+    plain = evaluation.perplexity(saved.params, EVAL_TEXT, saved.model_config, stride=8)
+    assert results["text"]["nats"] == pytest.approx(steered.nats, rel=1e-6)
+    assert abs(steered.nats - plain.nats) > 1.0  # the hooks were applied
+    items = evaluation.read_choices(choices)
+    expected = evaluation.multiple_choice(saved.params, items, saved.model_config, hooks=hooks)
+    assert results["choices"]["logprobs"] == [list(x) for x in expected.logprobs]
+
+
+@pytest.mark.parametrize(
+    ("spec", "pattern"),
+    [
+        ("steering", r"hooks must be given as module:function"),
+        ("no_such_lab:steer", r"hooks 'no_such_lab:steer': cannot import no_such_lab"),
+        ("steering.py:nope", r"steering\.py has no function 'nope'"),
+    ],
+)
+def test_eval_hooks_that_do_not_load_are_one_line(
+    capsys, checkpoint_dir, eval_files, tmp_path, monkeypatch, spec, pattern
+):
+    (tmp_path / "steering.py").write_text(STEERING)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text", eval_files[0],
+                       "--hooks", spec, "--out", tmp_path / "r.json")  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert not (tmp_path / "r.json").exists()
+
+
 # --- batches of prompts, stop strings, beams and drafts --------------------------------------
 
 

@@ -26,6 +26,7 @@ from gpt_fn import GPTConfig, cli, hf, init_params, sampling  # noqa: E402
 from gpt_fn import eval as evaluation  # noqa: E402
 from gpt_fn.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from gpt_fn.harness import GPTFnLM  # noqa: E402
+from gpt_fn.hooks import load_hooks  # noqa: E402
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -272,6 +273,8 @@ def test_generation_never_picks_a_padded_vocabulary_id(setup):
         ({"checkpoint": "CKPT", "dtype": "float64"}, "dtype must be auto or one of"),
         ({"checkpoint": "CKPT", "device": "gpu"}, "unknown device 'gpu'"),
         ({"checkpoint": "missing"}, "no checkpoint at"),
+        ({"checkpoint": "CKPT", "hooks": "no_such_lab:f"}, "cannot import no_such_lab"),
+        ({"checkpoint": "CKPT", "hooks": {"h.2.ln_1": abs}}, "unknown activation site 'h.2.ln_1'"),
     ],
 )
 def test_bad_model_args_are_named(setup, args, message):
@@ -362,3 +365,84 @@ def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_as_its_hf_model_does
     lm = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cuda:0", dtype="auto")
     assert lm.device == torch.device("cpu") and "CUDA is not available" in caplog.text
     assert lm.params["wte.weight"].dtype == torch.float32
+
+
+# --- under interventions (hooks=) -----------------------------------------------------------
+
+STEERING = """
+from gpt_fn.hooks import add_vector
+
+
+def steer(params, config):
+    return add_vector("h.1.resid_post", 4.0 * params["wte.weight"][7])
+"""
+
+
+@pytest.fixture(scope="module")
+def steering(setup):
+    """The hooks spec of a steering vector (4x token 7's embedding added after block 1), and
+    that vector."""
+    path = setup["root"] / "steering.py"
+    path.write_text(STEERING)
+    return f"{path}:steer", 4.0 * setup["params"]["wte.weight"][7]
+
+
+def requests_of(kind, arguments):
+    return [
+        Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(arguments)
+    ]
+
+
+def test_steered_scores_equal_lm_evals_hf_model_with_a_forward_hook_adding_the_vector(
+    setup, steering
+):
+    spec, vector = steering
+    # --model_args as lm-eval's CLI passes them.
+    ours = GPTFnLM.create_from_arg_string(
+        f"checkpoint={setup['root'] / 'ckpt'},hooks={spec}", {"device": "cpu", "batch_size": 3}
+    )
+    assert ours.get_model_info()["model_hooks"] == spec
+    theirs = get_model("hf")(
+        pretrained=str(setup["root"] / "hf"), dtype="float32", device="cpu", batch_size=3
+    )
+
+    def add(module, inputs, output):
+        if isinstance(output, tuple):  # transformers 4.x: (hidden_states, present, ...)
+            return (output[0] + vector, *output[1:])
+        return output + vector
+
+    theirs.model.transformer.h[1].register_forward_hook(add)
+    pairs = [(c, " " + e) for c, endings in zip(CONTEXTS, ENDINGS, strict=True) for e in endings]
+    steered = ours.loglikelihood(requests_of("loglikelihood", pairs), disable_tqdm=True)
+    expected = theirs.loglikelihood(requests_of("loglikelihood", pairs), disable_tqdm=True)
+    # fp32 sums of a few log-probs from models that agree to ~1e-6 per token (test_hf.py);
+    # measured: <= 5.7e-6.
+    for (logprob, greedy), (want, want_greedy) in zip(steered, expected, strict=True):
+        assert logprob == pytest.approx(want, abs=1e-5) and greedy == want_greedy
+    plain = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cpu", batch_size=3)
+    unsteered = plain.loglikelihood(requests_of("loglikelihood", pairs), disable_tqdm=True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(steered, unsteered, strict=True)) > 0.1
+    documents = [(d,) for d in DOCUMENTS]
+    rolling = ours.loglikelihood_rolling(requests_of("loglikelihood_rolling", documents))
+    want = theirs.loglikelihood_rolling(requests_of("loglikelihood_rolling", documents))
+    assert rolling == pytest.approx(want, **LOGPROB)  # ~150-token sums: 4.6e-5 on -1193
+
+
+def test_steered_generation_is_sampling_generate_under_the_same_hooks(setup, steering):
+    spec, _ = steering
+    lm = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cpu", hooks=spec)
+    plain = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cpu")
+    prompts = ["Hello", CONTEXTS[0]]
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}
+    requests = requests_of("generate_until", [(p, kwargs) for p in prompts])
+    texts = lm.generate_until(requests, disable_tqdm=True)
+    cropped = GPTConfig(**{**setup["config"].to_dict(), "vocab_size": 50257})
+    params = {**setup["params"], "wte.weight": setup["params"]["wte.weight"][:50257]}
+    hooks = load_hooks(spec, params, cropped)
+    for prompt, text in zip(prompts, texts, strict=True):
+        tokens = gpt2().encode(prompt)
+        (row,) = sampling.generate(
+            params, [tokens], cropped, max_new_tokens=8, greedy=True, hooks=hooks
+        )
+        assert text == gpt2().decode(row[len(tokens) :]).split("\n\n")[0]
+    assert texts != plain.generate_until(requests, disable_tqdm=True)

@@ -36,3 +36,57 @@ def test_the_sae_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     assert namespace["features"].shape == (4, 64, 256)
     assert (tmp_path / "sae_out" / "cfg.json").is_file()
+
+
+def test_the_evaluation_examples_run(tmp_path, monkeypatch):
+    """The Evaluation section's Python blocks (the functions, under hooks, and the `--hooks`
+    module) run on a tiny model with the names they leave to the reader."""
+    text = README.read_text()
+    section = text[text.index("## Evaluation") : text.index("### lm-evaluation-harness")]
+    evaluation_code, hooks_module = re.findall(r"```python\n(.*?)```", section, re.S)
+    config = GPTConfig(vocab_size=50257, block_size=128, n_layer=2, n_head=2, n_embd=16)
+    params = init_params(config, seed=0)
+    y = torch.tensor([[464, 3797, 3332, 319]])
+    (tmp_path / "hellaswag_val.jsonl").write_text(
+        '{"ctx": "The cat", "endings": ["sat.", "flew away"], "label": 0}\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    namespace = {
+        "params": params,
+        "config": config,
+        "tokens": torch.tensor([[464, 3797, 3332, 319, 262]]),
+        "text_or_tokens": "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 3,
+        "val_loss": 5.0,
+        "y": y,
+        "v": torch.ones(config.n_embd),
+    }
+    exec(compile(evaluation_code, str(README), "exec"), namespace)  # noqa: S102
+    assert namespace["steered"].nats != namespace["result"].nats
+    assert namespace["ablated"].items == 1
+    module: dict = {}
+    exec(compile(hooks_module, str(README), "exec"), module)  # noqa: S102
+    assert list(module["hooks"](params, config)) == ["h.1.resid_post"]
+
+
+def test_the_plots_example_runs(tmp_path, monkeypatch):
+    """The Plots block draws and writes its three PNGs, given the results it leaves to the
+    reader (a `(n_layer, n_head)` tensor and logit-lens logits)."""
+    import gpt_fn
+
+    text = README.read_text()
+    section = text[text.index("### Plots") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    config = GPTConfig(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    tokens = torch.tensor([[464, 3797, 3332, 319, 262, 2603]])
+    monkeypatch.chdir(tmp_path)
+    namespace = {
+        "gpt_fn": gpt_fn,
+        "params": init_params(config, seed=0),
+        "config": config,
+        "tokens": tokens,
+        "results": torch.randn(2, 2),
+        "lens": torch.randn(3, 6, 50257),
+    }
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    for name in ("attn.png", "heads.png", "lens.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
