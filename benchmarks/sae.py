@@ -42,7 +42,7 @@ SIZES = {1: [(4096, 32)], 4: [(2048, 16), (4096, 32), (4096, 64), (8192, 32)]}  
 def run(quick: bool = False, *, threads: int | None = 1, config: gpt_fn.GPTConfig = CONFIG) -> dict:
     """Median tokens/s of each contender for K = 1 and K = 4, and gpt_fn's ratio to SAELens."""
     steps, rounds = (2, 2) if quick else (8, 4)
-    settings = saes.TrainSettings(
+    settings = saes.SAETrainSettings(
         steps=steps, batch_size=1024, model_batch_size=8, block_size=128, buffer_batches=1
     )
     if quick:
@@ -76,7 +76,7 @@ def run(quick: bool = False, *, threads: int | None = 1, config: gpt_fn.GPTConfi
     return results
 
 
-def _saelens(params, config, corpus, sae_config: saes.SAEConfig, settings: saes.TrainSettings):
+def _saelens(params, config, corpus, sae_config: saes.SAEConfig, settings: saes.SAETrainSettings):
     """One SAELens run: its trainer on its own stream of the same activations."""
     sae = TopKTrainingSAE(
         TopKTrainingSAEConfig(d_in=sae_config.d_in, d_sae=sae_config.d_sae, k=sae_config.k)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for size in sizes
         for k in ks
     ]
-    settings = saes.TrainSettings(
+    settings = saes.SAETrainSettings(
         steps=steps,
         batch_size=64 if args.quick else 1024,
         model_batch_size=2 if args.quick else 16,

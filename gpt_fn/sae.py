@@ -375,8 +375,9 @@ def _flat(activation: Tensor, site: str, config: SAEConfig) -> Tensor:
 # --- training ---------------------------------------------------------------------------------
 
 
-class TrainSettings(NamedTuple):
-    """How `train_sae` streams activations and steps the optimizer (SAELens's defaults)."""
+class SAETrainSettings(NamedTuple):
+    """How `train_sae` streams activations and steps the optimizer (batch, lr, betas and the
+    dead-feature window are SAELens's defaults)."""
 
     steps: int = 1000
     batch_size: int = 4096
@@ -399,7 +400,7 @@ def activation_batches(
     config: GPTConfig,
     site: str,
     data: np.ndarray | TokenStream,
-    settings: TrainSettings,
+    settings: SAETrainSettings,
 ) -> Iterator[Float[Tensor, "batch d_in"]]:
     """Shuffled batches of the activations at `site` over random rows of `data` (token ids).
 
@@ -455,7 +456,7 @@ def train_sae(
     data: np.ndarray | TokenStream,
     sae_configs: Sequence[SAEConfig],
     *,
-    settings: TrainSettings | None = None,
+    settings: SAETrainSettings | None = None,
     saes: Sequence[SAE] | None = None,
     log: Callable[[StepLog], None] | None = None,
 ) -> list[SAE]:
@@ -464,11 +465,11 @@ def train_sae(
     Every step draws one shuffled batch (`activation_batches`) and each SAE takes an AdamW
     step (no weight decay) on it, so K SAEs cost one model pass, and each ends exactly as it
     would trained alone with the same settings. `saes`: starting points (default `init_sae`
-    with seed `settings.seed + i`). `settings`: default `TrainSettings()`. `log` is called after every step.
+    with seed `settings.seed + i`). `settings`: default `SAETrainSettings()`. `log` is called after every step.
     """
     if not sae_configs:
         raise ValueError("sae_configs must name at least one SAE to train")
-    settings = TrainSettings() if settings is None else settings
+    settings = SAETrainSettings() if settings is None else settings
     check_int("steps", settings.steps, at_least=1)
     check_int("batch_size", settings.batch_size, at_least=1)
     check_int("model_batch_size", settings.model_batch_size, at_least=1)

@@ -29,18 +29,18 @@ from gpt_fn.runtime import resolve_device
 from gpt_fn.sae import (
     KINDS,
     SAEConfig,
+    SAETrainSettings,
     StepLog,
-    TrainSettings,
     evaluate_sae,
     load_sae,
     save_sae,
     site_width,
     train_sae,
 )
-from gpt_fn.settings import TrainSettings as RunSettings
+from gpt_fn.settings import TrainSettings
 from gpt_fn.shapes import Params
 
-DEFAULTS = TrainSettings()
+DEFAULTS = SAETrainSettings()
 
 
 def add_parser(commands: Any) -> None:
@@ -102,7 +102,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=Path, help="a gpt_fn checkpoint (file or out dir)")
     source.add_argument("--hf", help="GPT-2 weights: a HF directory")
     parser.add_argument(
-        "--data", default=str(RunSettings().data_path()), help="a prepared token folder"
+        "--data", default=str(TrainSettings().data_path()), help="a prepared token folder"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
 
@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         for i in range(count)
     ]
-    settings = TrainSettings(
+    settings = SAETrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
         model_batch_size=args.model_batch_size,

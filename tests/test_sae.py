@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gpt_fn import GPTConfig, forward, init_params, run_with_cache
 from gpt_fn.sae import (
     SAEConfig,
-    TrainSettings,
+    SAETrainSettings,
     ablate_features,
     decode,
     encode,
@@ -234,7 +234,7 @@ def test_a_splice_whose_d_in_does_not_fit_the_site_names_both(params, tokens):
 
 # --- training -------------------------------------------------------------------------------
 
-SETTINGS = TrainSettings(
+SETTINGS = SAETrainSettings(
     steps=50,
     batch_size=32,
     model_batch_size=2,
