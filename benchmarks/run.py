@@ -40,6 +40,7 @@ BENCHMARKS = (
     "hooks",
     "optimizer",
     "lm_head_loss",
+    "patching",
     "activation_checkpointing",
     "choices",
     "prepare",

@@ -36,8 +36,10 @@ from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.hooks import load_hooks
+from gpt_fn.memory import InsufficientMemoryError
 from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
+from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
@@ -45,8 +47,15 @@ from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
-# that diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, RunDirError, TrainingDiverged)
+# that diverged, a request too large for memory. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    OSError,
+    KeyError,
+    RunDirError,
+    TrainingDiverged,
+    InsufficientMemoryError,
+)
 DEFAULT_PROMPT = "ROMEO:"
 DEFAULT_TEMPERATURE = 0.8
 
@@ -178,7 +187,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = field.metadata["help"]
         if field.default is not None and field.name not in DERIVED and kind is not bool:
             help_text += f" (default: {field.default})"
-        if kind is bool:
+        if field.name == "log":  # repeatable: --log wandb --log tensorboard
+            parser.add_argument(
+                flag, action="append", choices=LOGGERS, default=None, help=help_text
+            )
+        elif kind is bool:
             action = "store_true" if field.default is False else argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
@@ -213,6 +226,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         fields.update(loaded)
     for field in dataclasses.fields(TrainSettings):
         value = getattr(args, field.name)
+        if isinstance(value, list):  # a repeated flag (--log)
+            value = ",".join(value)
         if value is not None:
             fields[field.name] = value
     return fields
@@ -280,9 +295,6 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{where} is {len(ids)} tokens, longer than the model's block_size "
                 f"{config.block_size}"
             )
-    if config.vocab_size > encoding.n_vocab:  # ids the tokenizer never makes: padding rows
-        banned = sampling.ban_tokens(range(encoding.n_vocab, config.vocab_size))
-        transform = sampling.chain(banned, transform)
     params = {k: v.to(device) for k, v in params.items()}
     if args.num_beams is not None:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
@@ -295,6 +307,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,  # ids past it (vocabulary padding) are never generated
     )
     if len(prompts) == 1 and args.num_samples == 1:
         stream = sampling.generate_stream(
@@ -368,6 +381,8 @@ def _beam_search(
         num_return_sequences=args.num_samples,
         eos_token_id=EOT_TOKEN,
         transform=transform,
+        stop=args.stop,
+        tokenizer=encoding,
     )
     for index, (row, score) in enumerate(zip(out.sequences, out.scores.tolist(), strict=True)):
         prompt, beam = divmod(index, args.num_samples)
@@ -408,6 +423,7 @@ def _speculative(
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,
     )
     _print_rows(args, texts, prompts, out.tokens, encoding)
     stats = out.stats

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_ids, check_token_tensor, is_traced
+from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor, is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
@@ -86,7 +86,7 @@ def init_params(
     ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual's variance does not grow with depth (GPT-2
     paper, section 2.3); biases 0; LayerNorm gains 1. `wte` doubles as the LM head.
     """
-    check_int("seed", seed, at_least=0)
+    check_seed("seed", seed)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     generator = torch.Generator().manual_seed(seed)
@@ -546,6 +546,68 @@ def forward(
     if hooks and "logits" in hooks:
         logits = apply_hook("logits", hooks["logits"], logits)
     return logits
+
+
+def forward_from(
+    params: Params,
+    resid_pre: Activations,
+    config: GPTConfig,
+    *,
+    layer: int,
+    hooks: Hooks | None = None,
+    attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+) -> Logits:
+    """The logits of a run whose residual stream entering block `layer` is `resid_pre`.
+
+    Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
+    config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
+    `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
+    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
+    `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
+    """
+    check_int("layer", layer, at_least=0)
+    if layer > config.n_layer:
+        raise ValueError(f"layer must be in [0, n_layer={config.n_layer}], got {layer}")
+    check_params(params, config)
+    if not isinstance(resid_pre, Tensor) or resid_pre.ndim != 3:
+        raise ValueError("resid_pre must be a (batch, seq, d_model) tensor")
+    if resid_pre.shape[2] != config.n_embd or resid_pre.shape[1] > config.block_size:
+        raise ValueError(
+            f"resid_pre has shape {tuple(resid_pre.shape)}; expected (batch, seq <= "
+            f"{config.block_size}, {config.n_embd}) for this config"
+        )
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
+    if hooks is not None:
+        check_hooks(hooks, config)
+        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
+        if unreached:
+            raise ValueError(
+                f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
+            )
+    top, block_params = _split(params, config.n_layer)
+    taps = layer_taps(hooks, config.n_layer)
+    x = resid_pre
+    for i in range(layer, config.n_layer):
+        x = block(block_params[i], x, config, attention=attention, mask=mask, taps=taps[i])
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=top_taps(hooks)[1])
+    if hooks and "ln_f" in hooks:
+        x = apply_hook("ln_f", hooks["ln_f"], x)
+    logits = lm_head(params, x)
+    if hooks and "logits" in hooks:
+        logits = apply_hook("logits", hooks["logits"], logits)
+    return logits
+
+
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
+def _layer_of(site: str) -> int | float:
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
+    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
 def loss(
