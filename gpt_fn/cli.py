@@ -1,4 +1,4 @@
-"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval` and `lm-eval`.
+"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval`, `lm-eval` and `sae`.
 
     gpt-fn train                          # cpu-small on the offline Shakespeare corpus, then samples
     gpt-fn train --config run.json --max-steps 2000
@@ -8,6 +8,7 @@
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
     gpt-fn eval --checkpoint out --tokens data/shakespeare --choices hellaswag_val.jsonl
     gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
+    gpt-fn sae train --checkpoint out --site h.2.resid_post --d-sae 4096 --kind topk --k 32
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
 on stderr naming the problem and a non-zero exit: 2 for a bad flag, 1 for bad input or a
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt_fn import data, hf, sampling
+from gpt_fn import data, hf, sae_cli, sampling
 from gpt_fn import eval as evaluation
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
@@ -200,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
     _add_eval_parsers(commands)
+    sae_cli.add_parser(commands)
     return parser
 
 

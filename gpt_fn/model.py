@@ -389,7 +389,8 @@ def transformer(
     hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
     blocks: Sequence[BlockFn] | None = None,
-) -> tuple[Activations, KVCache | None]:
+    stop_at: str | None = None,
+) -> tuple[Float[Tensor, "batch ..."], KVCache | None]:
     """Final-LayerNormed hidden states of `tokens`, and the cache holding their keys/values.
 
     - `attention_mask` (`batch seq`, True = real): positions and attention follow it, so each
@@ -403,9 +404,29 @@ def transformer(
     - `generator` switches dropout on (config.dropout > 0); without one the function is
       deterministic.
     - `params` may hold only the top-level params when `blocks` runs the blocks itself.
+    - `stop_at`: a site (`embed` .. `ln_f`); the run stops right after it and returns the
+      activation there (after its hook) and no cache: no later site, block or LayerNorm runs.
 
     Inputs are not validated here: `forward`/`loss`/decoding do that once.
     """
+    if stop_at is not None:
+        if cache is not None:
+            raise ValueError("stop_at runs part of the model, which leaves no KV cache to return")
+        return _run_until(
+            stop_at,
+            config,
+            hooks,
+            lambda stopping: transformer(
+                params,
+                tokens,
+                config,
+                attention=attention,
+                attention_mask=attention_mask,
+                hooks=stopping,
+                generator=generator,
+                blocks=blocks,
+            ),
+        ), None
     top, block_params = _split(params, 0 if blocks is not None else config.n_layer)
     seq = tokens.shape[1]
     if cache is not None:
@@ -456,6 +477,37 @@ def _attended_slots(cache: KVCache, seq: int) -> int:
     if is_traced(cache.lengths):
         return cache.capacity
     return min(cache.capacity, int(cache.lengths.max()) + seq)
+
+
+class _Stop(Exception):
+    """Raised by the hook at `stop_at` to end the run there, carrying the site's activation."""
+
+    def __init__(self, activation: Tensor) -> None:
+        super().__init__()
+        self.activation = activation
+
+
+def _run_until(
+    site: str, config: GPTConfig, hooks: Hooks | None, run: Callable[[Hooks], object]
+) -> Tensor:
+    """The activation at `site` of `run(hooks)`, which is ended there (its hook applied)."""
+    if not isinstance(site, str) or site not in site_names(config) or site == "logits":
+        raise ValueError(
+            f"stop_at must be an activation site from embed to ln_f, got {site!r} "
+            "(gpt_fn.site_names(config) lists them)"
+        )
+    user_hook = (hooks or {}).get(site)
+
+    def stop(activation: Tensor) -> Tensor:
+        if user_hook is not None:
+            activation = apply_hook(site, user_hook, activation)
+        raise _Stop(activation)
+
+    try:
+        run({**(hooks or {}), site: stop})
+    except _Stop as stopped:
+        return stopped.activation
+    raise AssertionError(f"the run never reached {site!r}")
 
 
 def _writer(
@@ -667,18 +719,25 @@ def run_with_cache(
     hooks: Hooks | None = None,
     attention: AttentionKernel = "sdpa",
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
-) -> tuple[Logits, dict[str, Tensor]]:
+    stop_at: str | None = None,
+) -> tuple[Float[Tensor, "batch ..."], dict[str, Tensor]]:
     """`forward`'s logits and the activations at the sites `names` asks for, by site.
 
     `names`: a site, a list of sites, a predicate on site names
-    (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each is the value that flows on there: after
-    `hooks`' own hook at that site, if any. Asking for `attn.scores`/`attn.pattern` computes
-    that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
+    (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each
+    is the value that flows on there: after `hooks`' own hook at that site, if any. Asking for
+    `attn.scores`/`attn.pattern` computes that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
     `forward` (the activations are returned, not stashed).
+
+    `stop_at`: a site; the run stops right after it (see `transformer`) and returns the
+    activation there instead of the logits. `names` may then ask only for sites up to it
+    (None: every site up to it); each is bitwise what the full run records.
     """
     if hooks is not None:
         check_hooks(hooks, config)
     sites = site_names(config)
+    if stop_at is not None and stop_at in sites:
+        sites = sites[: sites.index(stop_at) + 1]
     if names is None:
         wanted = list(sites)
     elif callable(names):
@@ -689,19 +748,37 @@ def run_with_cache(
     else:
         check_hooks(dict.fromkeys(names, _identity), config)
         wanted = list(names)
+        later = [site for site in wanted if site not in sites]
+        if later:
+            raise ValueError(
+                f"{later[0]!r} comes after stop_at={stop_at!r}: the run ends before it"
+            )
     cache: dict[str, Tensor] = {}
     recording = dict(hooks or {})
     for site in wanted:
         recording[site] = _recorder(site, (hooks or {}).get(site), cache)
-    logits = forward(
-        params,
-        tokens,
-        config,
-        attention=attention,
-        attention_mask=attention_mask,
-        hooks=recording,
-    )
-    return logits, {site: cache[site] for site in wanted}
+    if stop_at is None or stop_at == "logits":
+        out = forward(
+            params,
+            tokens,
+            config,
+            attention=attention,
+            attention_mask=attention_mask,
+            hooks=recording,
+        )
+    else:
+        tokens, mask = _batch(tokens, attention_mask, params)
+        _check_inputs(params, tokens, config, recording, None)
+        out, _ = transformer(
+            params,
+            tokens,
+            config,
+            attention=attention,
+            attention_mask=mask,
+            hooks=recording,
+            stop_at=stop_at,
+        )
+    return out, {site: cache[site] for site in wanted}
 
 
 def _recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:

@@ -215,7 +215,14 @@ def test_speculative_decoding_measures_both_decoders_and_the_k_sweep(tmp_path, d
 
 @pytest.mark.parametrize(
     "name",
-    ["ensemble_vmap", "attention_kernels", "lr_schedules", "gpt2_logits", "speculative_decoding"],
+    [
+        "ensemble_vmap",
+        "attention_kernels",
+        "lr_schedules",
+        "gpt2_logits",
+        "speculative_decoding",
+        "sae_features",
+    ],
 )
 def test_every_experiment_takes_the_shared_options(name, capsys, tmp_path):
     experiment = load(name)
@@ -285,3 +292,16 @@ def test_muon_vs_adamw_runs_both_optimizers_through_the_training_loop(tmp_path, 
     for run in result["runs"]:
         assert run["val_steps"][-1] == 3 and abs(run["final_val_loss"] - UNIFORM_LOSS) < 1.0
         assert (out / f"{run['optimizer']}-{run['lr']:g}" / "metrics.jsonl").is_file()
+
+
+def test_sae_features_measures_every_sae_and_reads_features(tmp_path, data_dir):
+    experiment = load("sae_features")
+    out = tmp_path / "sae"
+    result = experiment.main(["--quick", "--out", str(out), "--data-dir", str(data_dir)])
+    assert read_results(out, "sae_features")["site"] == result["site"] == "h.0.resid_post"
+    assert {(e["d_sae"], e["k"]) for e in result["saes"]} == {(64, 2), (64, 4), (128, 2), (128, 4)}
+    for entry in result["saes"]:
+        assert 0 < entry["l0"] <= entry["k"] and entry["explained_variance"] <= 1
+        assert math.isfinite(entry["ce_loss_recovered"])
+    assert len(result["features"]) == experiment.FEATURES
+    assert all(example["text"] for entry in result["features"] for example in entry["top"])

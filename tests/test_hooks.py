@@ -384,6 +384,68 @@ def test_hooks_see_the_positions_of_each_call_during_generation(params, tiny_con
     assert gpt_fn.site_names(tiny_config) == site_names(tiny_config)
 
 
+# --- stop_at -------------------------------------------------------------------------------
+
+
+def test_stop_at_returns_bitwise_the_full_runs_activations_up_to_the_site(
+    params, tokens, tiny_config
+):
+    _, full = run_with_cache(params, tokens, tiny_config)
+    sites = site_names(tiny_config)
+    for index, site in enumerate(sites[:-1]):
+        out, cache = run_with_cache(params, tokens, tiny_config, stop_at=site)
+        assert torch.equal(out, full[site]), site
+        assert list(cache) == list(sites[: index + 1])
+        assert all(torch.equal(cache[name], full[name]) for name in cache), site
+
+
+def test_stop_at_runs_no_later_site(params, tokens, tiny_config):
+    def never(x):
+        raise AssertionError("a site after stop_at ran")
+
+    later = {"h.1.resid_pre": never, "ln_f": never, "logits": never}
+    plain, _ = gpt_fn.model.transformer(params, tokens, tiny_config, stop_at="h.0.attn.z")
+    hooked, _ = gpt_fn.model.transformer(
+        params, tokens, tiny_config, hooks={**later, "h.0.mlp.pre": never}, stop_at="h.0.attn.z"
+    )
+    assert torch.equal(plain, hooked)
+    assert plain.shape == (2, 9, tiny_config.n_head, tiny_config.d_head)
+
+
+def test_stop_at_applies_the_hook_at_its_site_and_differentiates(params, tokens, tiny_config):
+    out, _ = run_with_cache(
+        params,
+        tokens,
+        tiny_config,
+        names=[],
+        stop_at="h.0.resid_post",
+        hooks={"h.0.resid_post": torch.neg},
+    )
+    _, full = run_with_cache(params, tokens, tiny_config, names=["h.0.resid_post"])
+    assert torch.equal(out, -full["h.0.resid_post"])
+    grad = torch.func.grad(
+        lambda w: gpt_fn.model.transformer(
+            {**params, "h.0.mlp.c_fc.weight": w}, tokens, tiny_config, stop_at="h.0.mlp.post"
+        )[0].sum()
+    )(params["h.0.mlp.c_fc.weight"])
+    assert grad.abs().sum() > 0
+
+
+def test_stop_at_logits_is_the_full_run(params, tokens, tiny_config):
+    out, _ = run_with_cache(params, tokens, tiny_config, names=[], stop_at="logits")
+    assert torch.equal(out, forward(params, tokens, tiny_config))
+
+
+def test_stop_at_errors_name_the_problem(params, tokens, tiny_config):
+    with pytest.raises(ValueError, match="stop_at must be an activation site"):
+        run_with_cache(params, tokens, tiny_config, stop_at="h.9.resid_post")
+    with pytest.raises(ValueError, match="comes after stop_at"):
+        run_with_cache(params, tokens, tiny_config, names=["h.1.mlp.out"], stop_at="h.0.ln_2")
+    cache = gpt_fn.model.empty_cache(tiny_config, batch=2, capacity=16)
+    with pytest.raises(ValueError, match="no KV cache"):
+        gpt_fn.model.transformer(params, tokens, tiny_config, cache=cache, stop_at="embed")
+
+
 # --- hooks named on a command line (module:function) ----------------------------------------
 
 HOOKS_MODULE = """

@@ -27,6 +27,17 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_the_sae_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text[text.index("## SAEs") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert namespace["features"].shape == (4, 64, 256)
+    assert (tmp_path / "sae_out" / "cfg.json").is_file()
+
+
 def test_the_analysis_example_runs():
     text = README.read_text()
     section = text[text.index("### Analysis") :]
