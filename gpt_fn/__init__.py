@@ -7,6 +7,20 @@ logits = gpt_fn.forward(params, tokens, config)      # (batch, seq, vocab)
 logits, cache = gpt_fn.run_with_cache(params, tokens, config, names=["h.0.attn.pattern"])
 """
 
+from gpt_fn.analysis import (
+    accumulated_resid,
+    apply_ln_to_stack,
+    center_writing_weights,
+    decompose_resid,
+    direct_logit_attribution,
+    fold_layer_norm,
+    fold_value_biases,
+    head_results,
+    ln_f_bias_attr,
+    logit_attrs,
+    logit_lens,
+    stack_head_results,
+)
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.model import (
     check_params,
@@ -30,12 +44,24 @@ __all__ = [
     "Logits",
     "Params",
     "Tokens",
+    "accumulated_resid",
+    "apply_ln_to_stack",
+    "center_writing_weights",
     "check_params",
     "check_tokens",
+    "decompose_resid",
+    "direct_logit_attribution",
+    "fold_layer_norm",
+    "fold_value_biases",
     "forward",
+    "head_results",
     "init_params",
+    "ln_f_bias_attr",
+    "logit_attrs",
+    "logit_lens",
     "loss",
     "param_shapes",
     "run_with_cache",
     "site_names",
+    "stack_head_results",
 ]

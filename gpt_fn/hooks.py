@@ -30,12 +30,12 @@ from torch import Tensor
 from gpt_fn.checks import check_int, check_number
 from gpt_fn.config import GPTConfig
 from gpt_fn.shapes import Params
-from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook, check_hooks
+from gpt_fn.sites import BLOCK_SITES, TOP_SITES, Hook, Hooks, apply_hook, check_hooks
 
 # Per block-relative site: the axis of heads (None: the site has no head axis) and of positions.
 _AXES: dict[str, tuple[int | None, int]] = {
-    **dict.fromkeys(("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern"), (1, 2)),
-    "attn.z": (2, 1),
+    **dict.fromkeys(("attn.q", "attn.k", "attn.v", "attn.z", "attn.result"), (2, 1)),
+    **dict.fromkeys(("attn.scores", "attn.pattern"), (1, 2)),
 }
 
 
@@ -64,13 +64,14 @@ def patch(
     heads: Sequence[int] | None = None,
 ) -> Hooks:
     """Replace the activation at `site` by `source` (broadcast to it), optionally only at some
-    `positions` and/or `heads` (sites with a head axis: `attn.q/k/v/scores/pattern/z`)."""
+    `positions` and/or `heads` (sites with a head axis: `attn.q/k/v/scores/pattern/z/result`)."""
     part = _part(site)
     if not isinstance(source, Tensor):
         raise TypeError(f"patch source must be a tensor, got {type(source).__name__}")
     if heads is not None and _AXES.get(part, (None, 1))[0] is None:
         raise ValueError(
-            f"heads= needs a site with a head axis (attn.q/k/v/scores/pattern/z), not {site!r}"
+            f"heads= needs a site with a head axis (attn.q/k/v/scores/pattern/z/result), not "
+            f"{site!r}"
         )
     chosen_heads = None if heads is None else _indices("heads", heads)
     chosen_positions = None if positions is None else _indices("positions", positions, signed=True)
@@ -186,7 +187,7 @@ def _part(site: str) -> str:
         pieces = site.split(".", 2)
         if len(pieces) == 3 and pieces[1].isdigit() and pieces[2] in BLOCK_SITES:
             return pieces[2]
-    elif site in ("embed", "ln_f", "logits"):
+    elif site in TOP_SITES:
         return site
     raise ValueError(f"unknown activation site {site!r} (gpt_fn.site_names(config) lists them)")
 

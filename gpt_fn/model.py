@@ -32,7 +32,16 @@ from gpt_fn.nn import (
 from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
-from gpt_fn.sites import Hook, Hooks, LayerTaps, apply_hook, check_hooks, layer_taps, site_names
+from gpt_fn.sites import (
+    Hook,
+    Hooks,
+    LayerTaps,
+    apply_hook,
+    check_hooks,
+    layer_taps,
+    site_names,
+    top_taps,
+)
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -309,7 +318,7 @@ def block(
     tap = None if taps is None else taps.block
     if tap is not None:
         x = tap("resid_pre", x)
-    h = layer_norm(p["ln_1"], x, eps=eps)
+    h = layer_norm(p["ln_1"], x, eps=eps, tap=None if taps is None else taps.ln_1)
     if tap is not None:
         h = tap("ln_1", h)
     a = self_attention(
@@ -321,13 +330,14 @@ def block(
         kv=kv,
         tap=None if taps is None else taps.attn,
         explicit=taps is not None and taps.explicit_attention,
+        results=taps is not None and taps.head_results,
     )
     if tap is not None:
         a = tap("attn.out", a)
     x = x + dropout(a, rate=rate, generator=generator)
     if tap is not None:
         x = tap("resid_mid", x)
-    h = layer_norm(p["ln_2"], x, eps=eps)
+    h = layer_norm(p["ln_2"], x, eps=eps, tap=None if taps is None else taps.ln_2)
     if tap is not None:
         h = tap("ln_2", h)
     m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
@@ -385,7 +395,8 @@ def transformer(
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
     else:
         positions, mask = None, None
-    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions)
+    embed_tap, ln_f_tap = top_taps(hooks)
+    x = embed(top["wte"]["weight"], top["wpe"]["weight"], tokens, positions, tap=embed_tap)
     if hooks and "embed" in hooks:
         x = apply_hook("embed", hooks["embed"], x)
     x = dropout(x, rate=config.dropout, generator=generator)
@@ -406,7 +417,7 @@ def transformer(
             )
         else:
             x = blocks[i](x, mask=mask, kv=kv, taps=taps[i], generator=generator)
-    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=ln_f_tap)
     if hooks and "ln_f" in hooks:
         x = apply_hook("ln_f", hooks["ln_f"], x)
     if cache is None:

@@ -5,25 +5,35 @@ documented shape (axis names as in the annotations):
 
 | site | shape | what it is |
 | --- | --- | --- |
-| `embed` | `batch seq d_model` | token + position embedding |
+| `tok_embed`, `pos_embed` | `batch seq d_model` | token and position embeddings |
+| `embed` | `batch seq d_model` | `tok_embed + pos_embed` |
 | `h.{i}.resid_pre` | `batch seq d_model` | the residual stream entering block i |
+| `h.{i}.ln_1.scale` | `batch seq 1` | LayerNorm's denominator `sqrt(var + eps)` before attention |
 | `h.{i}.ln_1` | `batch seq d_model` | LayerNorm before attention |
-| `h.{i}.attn.q`, `.k`, `.v` | `batch n_head seq d_head` | queries, keys, values (this call's positions) |
+| `h.{i}.attn.q`, `.k`, `.v` | `batch seq n_head d_head` | queries, keys, values (this call's positions) |
 | `h.{i}.attn.scores` | `batch n_head seq_q seq_k` | `q k^T / sqrt(d_head)`, -inf where masked |
 | `h.{i}.attn.pattern` | `batch n_head seq_q seq_k` | softmax of the scores (rows sum to 1) |
 | `h.{i}.attn.z` | `batch seq n_head d_head` | per-head outputs, before `c_proj` |
+| `h.{i}.attn.result` | `batch seq n_head d_model` | each head's `z` through its slice of `c_proj` |
 | `h.{i}.attn.out` | `batch seq d_model` | attention's output (after `c_proj`) |
 | `h.{i}.resid_mid` | `batch seq d_model` | `resid_pre + attn.out` |
+| `h.{i}.ln_2.scale` | `batch seq 1` | LayerNorm's denominator before the MLP |
 | `h.{i}.ln_2` | `batch seq d_model` | LayerNorm before the MLP |
 | `h.{i}.mlp.pre`, `.post` | `batch seq d_mlp` | the MLP's hidden layer before / after GELU |
 | `h.{i}.mlp.out` | `batch seq d_model` | the MLP's output |
 | `h.{i}.resid_post` | `batch seq d_model` | `resid_mid + mlp.out`, leaving block i |
+| `ln_f.scale` | `batch seq 1` | the final LayerNorm's denominator |
 | `ln_f` | `batch seq d_model` | the final LayerNorm (the LM head's input) |
 | `logits` | `batch seq vocab` | the LM head's output |
 
+Head axes follow TransformerLens: `batch seq n_head ...` at q, k, v, z and result;
+`batch n_head seq_q seq_k` at scores and pattern (`gpt_fn.hooks` reads the axes from one table).
+
 A hook is `activation -> activation`: what it returns flows on, so it can read (return its
-input), patch, ablate or steer. `scores` and `pattern` exist only when hooked: asking for
-either computes that layer's attention explicitly; every other layer keeps the fused kernel.
+input), patch, ablate or steer. The sites in `ON_REQUEST_SITES` exist only when hooked:
+asking for `scores` or `pattern` computes that layer's attention explicitly (every other
+layer keeps the fused kernel), `result` computes `c_proj` head by head, a `.scale` computes
+that LayerNorm explicitly; the values equal the fused path's to a few ulps, not bit for bit.
 With dropout on, `resid_mid` is `resid_pre` plus the *dropped-out* `attn.out` (and likewise
 `resid_post`).
 """
@@ -43,6 +53,7 @@ Hooks = Mapping[str, Hook]
 
 BLOCK_SITES = (
     "resid_pre",
+    "ln_1.scale",
     "ln_1",
     "attn.q",
     "attn.k",
@@ -50,8 +61,10 @@ BLOCK_SITES = (
     "attn.scores",
     "attn.pattern",
     "attn.z",
+    "attn.result",
     "attn.out",
     "resid_mid",
+    "ln_2.scale",
     "ln_2",
     "mlp.pre",
     "mlp.post",
@@ -60,13 +73,23 @@ BLOCK_SITES = (
 )
 """A block's sites, relative to `h.{i}.`, in the order the forward pass reaches them."""
 EXPLICIT_ATTENTION_SITES = ("attn.scores", "attn.pattern")
+TOP_SITES = ("tok_embed", "pos_embed", "embed", "ln_f.scale", "ln_f", "logits")
+"""The sites outside the blocks: the first three before them, the rest after."""
+ON_REQUEST_SITES = (
+    *EXPLICIT_ATTENTION_SITES,
+    "attn.result",
+    "ln_1.scale",
+    "ln_2.scale",
+    "ln_f.scale",
+)
+"""Sites computed only when hooked, by an explicit path (`site.endswith(ON_REQUEST_SITES)`)."""
 
 
 @functools.cache
 def site_names(config: GPTConfig) -> tuple[str, ...]:
     """Every activation site of a model with `config`, in the order the forward pass reaches them."""
     blocks = tuple(f"h.{i}.{site}" for i in range(config.n_layer) for site in BLOCK_SITES)
-    return ("embed", *blocks, "ln_f", "logits")
+    return (*TOP_SITES[:3], *blocks, *TOP_SITES[3:])
 
 
 def check_hooks(hooks: object, config: GPTConfig) -> None:
@@ -77,9 +100,9 @@ def check_hooks(hooks: object, config: GPTConfig) -> None:
     for name, hook in hooks.items():
         if name not in known:
             raise ValueError(
-                f"unknown activation site {name!r}: sites are embed, h.{{0..{config.n_layer - 1}}}"
-                f".{{{','.join(BLOCK_SITES)}}}, ln_f and logits (gpt_fn.site_names(config) "
-                "lists them)"
+                f"unknown activation site {name!r}: sites are tok_embed, pos_embed, embed, "
+                f"h.{{0..{config.n_layer - 1}}}.{{{','.join(BLOCK_SITES)}}}, ln_f.scale, ln_f "
+                "and logits (gpt_fn.site_names(config) lists them)"
             )
         if not callable(hook):
             raise TypeError(f"the hook at {name!r} is not callable: {hook!r}")
@@ -110,9 +133,12 @@ class LayerTaps:
         prefix = f"h.{index}."
         entries = {name[len(prefix) :]: (name, hook) for name, hook in hooks.items()}
         self.block = _tap(entries)  # resid_*, ln_*, attn.out, mlp.out
-        self.attn = _tap(_under(entries, "attn."))  # q, k, v, scores, pattern, z
+        self.ln_1 = _tap(_under(entries, "ln_1."))  # scale
+        self.attn = _tap(_under(entries, "attn."))  # q, k, v, scores, pattern, z, result
+        self.ln_2 = _tap(_under(entries, "ln_2."))  # scale
         self.mlp = _tap(_under(entries, "mlp."))  # pre, post
         self.explicit_attention = any(site in entries for site in EXPLICIT_ATTENTION_SITES)
+        self.head_results = "attn.result" in entries
 
 
 def layer_taps(hooks: Hooks | None, n_layer: int) -> list[LayerTaps | None]:
@@ -124,6 +150,15 @@ def layer_taps(hooks: Hooks | None, n_layer: int) -> list[LayerTaps | None]:
         if name.startswith("h."):
             by_layer[int(name.split(".", 2)[1])][name] = hook
     return [LayerTaps(i, layer) if layer else None for i, layer in enumerate(by_layer)]
+
+
+def top_taps(hooks: Hooks | None) -> tuple[Tap | None, Tap | None]:
+    """The taps outside the blocks: the embedding's (`tok_embed`, `pos_embed`) and `ln_f`'s
+    (`scale`); `None` where no hook asks for them, so those layers run as unhooked."""
+    if not hooks:
+        return None, None
+    embeds = {site: (site, hooks[site]) for site in ("tok_embed", "pos_embed") if site in hooks}
+    return _tap(embeds), _tap(_under({n: (n, h) for n, h in hooks.items()}, "ln_f."))
 
 
 def _under(entries: dict[str, tuple[str, Hook]], part: str) -> dict[str, tuple[str, Hook]]:

@@ -10,7 +10,7 @@ from gpt_fn import hooks as interventions
 from gpt_fn import optim
 from gpt_fn.model import forward, init_params, loss, run_with_cache
 from gpt_fn.shapes import shape_checks
-from gpt_fn.sites import BLOCK_SITES, site_names
+from gpt_fn.sites import BLOCK_SITES, EXPLICIT_ATTENTION_SITES, ON_REQUEST_SITES, site_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,10 +40,12 @@ def identity(x):
 
 def test_every_site_of_a_config_is_listed_in_forward_order(tiny_config):
     sites = site_names(tiny_config)
-    assert sites[0] == "embed" and sites[-2:] == ("ln_f", "logits")
-    assert len(sites) == 3 + tiny_config.n_layer * len(BLOCK_SITES)
-    assert sites[1:4] == ("h.0.resid_pre", "h.0.ln_1", "h.0.attn.q")
-    assert "h.1.mlp.post" in sites and "h.2.resid_pre" not in sites
+    assert sites[:3] == ("tok_embed", "pos_embed", "embed")
+    assert sites[-3:] == ("ln_f.scale", "ln_f", "logits")
+    assert len(sites) == 6 + tiny_config.n_layer * len(BLOCK_SITES)
+    assert sites[3:7] == ("h.0.resid_pre", "h.0.ln_1.scale", "h.0.ln_1", "h.0.attn.q")
+    assert "h.1.mlp.post" in sites and "h.1.attn.result" in sites
+    assert "h.2.resid_pre" not in sites
 
 
 def test_unknown_sites_bad_hooks_and_wrong_shapes_are_named(params, tokens, tiny_config):
@@ -68,9 +70,10 @@ def test_unknown_sites_bad_hooks_and_wrong_shapes_are_named(params, tokens, tiny
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_identity_hooks_give_bit_identical_logits(params, tokens, tiny_config, attention):
     plain = forward(params, tokens, tiny_config, attention=attention)
-    sites = site_names(tiny_config)
-    if attention == "sdpa":  # scores/pattern hooks switch a layer to the explicit kernel
-        sites = [s for s in sites if not s.endswith(("attn.scores", "attn.pattern"))]
+    # The sites computed on request switch to an explicit path (attention, c_proj, LayerNorm).
+    sites = [s for s in site_names(tiny_config) if not s.endswith(ON_REQUEST_SITES)]
+    if attention == "manual":
+        sites += [s for s in site_names(tiny_config) if s.endswith(EXPLICIT_ATTENTION_SITES)]
     hooked = forward(
         params, tokens, tiny_config, attention=attention, hooks=dict.fromkeys(sites, identity)
     )
@@ -114,10 +117,64 @@ def test_the_cache_is_self_consistent(params, tokens, tiny_config):
         torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
         assert bool((pattern.triu(diagonal=1) == 0).all())  # causal: no query sees the future
         torch.testing.assert_close(pattern, c[h + "attn.scores"].softmax(-1))
-        assert c[h + "attn.q"].shape == (2, tiny_config.n_head, 9, d // tiny_config.n_head)
+        assert c[h + "attn.q"].shape == (2, 9, tiny_config.n_head, d // tiny_config.n_head)
         if i + 1 < tiny_config.n_layer:
             assert torch.equal(c[h + "resid_post"], c[f"h.{i + 1}.resid_pre"])
     torch.testing.assert_close(c["logits"], c["ln_f"] @ params["wte.weight"].T, atol=ATOL, rtol=0)
+
+
+def test_the_sites_computed_on_request_recompose_their_neighbours(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for name in params:  # nonzero biases and gains other than 1, so each term is exercised
+        if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+            params[name] = params[name] + 0.1 * torch.randn(params[name].shape, generator=g)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=g)
+    logits, c = run_with_cache(params, tokens, tiny_config)
+    torch.testing.assert_close(logits, forward(params, tokens, tiny_config), atol=ATOL, rtol=0)
+    assert torch.equal(c["tok_embed"] + c["pos_embed"], c["embed"])
+    torch.testing.assert_close(c["pos_embed"][1], params["wpe.weight"][:9])
+    norms = [
+        (f"h.{i}.{ln}", f"h.{i}.{site}")
+        for i in range(2)
+        for ln, site in (("ln_1", "resid_pre"), ("ln_2", "resid_mid"))
+    ] + [("ln_f", "h.1.resid_post")]
+    for ln, source in norms:
+        x = c[source]
+        assert c[ln + ".scale"].shape == (2, 9, 1)
+        torch.testing.assert_close(
+            c[ln + ".scale"], (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        )
+        weight, bias = params[ln + ".weight"], params[ln + ".bias"]
+        normed = (x - x.mean(-1, keepdim=True)) / c[ln + ".scale"] * weight + bias
+        torch.testing.assert_close(c[ln], normed, atol=ATOL, rtol=0)
+    for i in range(2):
+        result = c[f"h.{i}.attn.result"]
+        assert result.shape == (2, 9, tiny_config.n_head, tiny_config.n_embd)
+        out = result.sum(2) + params[f"h.{i}.attn.c_proj.bias"]  # heads plus the bias: attn.out
+        torch.testing.assert_close(out, c[f"h.{i}.attn.out"], atol=ATOL, rtol=0)
+
+
+def test_hooks_at_the_sites_on_request_change_what_flows_on(params, tokens, tiny_config):
+    frozen = {"ln_f.scale": lambda s: torch.ones_like(s)}  # LayerNorm without its division
+    _, c = run_with_cache(
+        params, tokens, tiny_config, names=["h.1.resid_post", "ln_f"], hooks=frozen
+    )
+    x = c["h.1.resid_post"]
+    torch.testing.assert_close(c["ln_f"], (x - x.mean(-1, keepdim=True)) * params["ln_f.weight"])
+    silenced = interventions.patch("h.0.attn.result", torch.zeros(()), heads=[1])
+    _, c = run_with_cache(
+        params, tokens, tiny_config, names=["h.0.attn.result", "h.0.attn.out"], hooks=silenced
+    )
+    kept = c["h.0.attn.result"][:, :, [0, 2]].sum(2) + params["h.0.attn.c_proj.bias"]
+    torch.testing.assert_close(c["h.0.attn.out"], kept, atol=ATOL, rtol=0)
+    ablated = forward(params, tokens, tiny_config, hooks=interventions.ablate_heads(0, [1]))
+    torch.testing.assert_close(
+        forward(params, tokens, tiny_config, hooks=silenced), ablated, atol=ATOL, rtol=0
+    )
+    no_pos = forward(params, tokens, tiny_config, hooks={"pos_embed": torch.zeros_like})
+    embed_only = {"embed": lambda e: params["wte.weight"][tokens]}
+    assert torch.equal(no_pos, forward(params, tokens, tiny_config, hooks=embed_only))
 
 
 def test_names_as_a_predicate_keep_only_the_matching_sites(params, tokens, tiny_config):

@@ -21,21 +21,30 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from gpt_fn import GPTConfig, hf, run_with_cache  # noqa: E402
 
 ATOL = 1e-5
-# Our site, their hook, and how to bring theirs to our layout.
+# Our site and their hook; every site has TransformerLens's axis order.
 MATCHING = {
-    "resid_pre": ("hook_resid_pre", None),
-    "attn.q": ("attn.hook_q", "bshd->bhsd"),
-    "attn.k": ("attn.hook_k", "bshd->bhsd"),
-    "attn.v": ("attn.hook_v", "bshd->bhsd"),
-    "attn.scores": ("attn.hook_attn_scores", None),
-    "attn.pattern": ("attn.hook_pattern", None),
-    "attn.z": ("attn.hook_z", None),
-    "attn.out": ("hook_attn_out", None),
-    "resid_mid": ("hook_resid_mid", None),
-    "mlp.pre": ("mlp.hook_pre", None),
-    "mlp.post": ("mlp.hook_post", None),
-    "mlp.out": ("hook_mlp_out", None),
-    "resid_post": ("hook_resid_post", None),
+    "resid_pre": "hook_resid_pre",
+    "ln_1.scale": "ln1.hook_scale",
+    "attn.q": "attn.hook_q",
+    "attn.k": "attn.hook_k",
+    "attn.v": "attn.hook_v",
+    "attn.scores": "attn.hook_attn_scores",
+    "attn.pattern": "attn.hook_pattern",
+    "attn.z": "attn.hook_z",
+    "attn.result": "attn.hook_result",
+    "attn.out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "ln_2.scale": "ln2.hook_scale",
+    "mlp.pre": "mlp.hook_pre",
+    "mlp.post": "mlp.hook_post",
+    "mlp.out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+# Outside the blocks: their `hook_embed` is the token embedding alone.
+TOP_MATCHING = {
+    "tok_embed": "hook_embed",
+    "pos_embed": "hook_pos_embed",
+    "ln_f.scale": "ln_final.hook_scale",
 }
 
 
@@ -47,6 +56,7 @@ def both(tmp_path_factory):
     params, config = hf.load(directory)
     bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
     bridge.enable_compatibility_mode(no_processing=True)
+    bridge.set_use_attn_result(True)  # their per-head results, off by default like ours
     tokens = torch.randint(
         0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
     )
@@ -65,13 +75,17 @@ def test_logits_agree(both):
 def test_every_layers_activation_agrees(both, site):
     config, _, ours, _, theirs = both
     assert isinstance(config, GPTConfig)
-    hook, layout = MATCHING[site]
+    hook = MATCHING[site]
     for i in range(config.n_layer):
         expected = theirs[f"blocks.{i}.{hook}"]
-        if layout is not None:
-            expected = expected.transpose(1, 2)
         got = ours[f"h.{i}.{site}"]
         if site == "attn.scores":  # both put -inf where a query may not look
             assert torch.equal(torch.isinf(got), torch.isinf(expected))
             got, expected = got.nan_to_num(neginf=0.0), expected.nan_to_num(neginf=0.0)
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"h.{i}.{site}")
+
+
+@pytest.mark.parametrize("site", list(TOP_MATCHING))
+def test_the_activations_outside_the_blocks_agree(both, site):
+    _, _, ours, _, theirs = both
+    torch.testing.assert_close(ours[site], theirs[TOP_MATCHING[site]], atol=ATOL, rtol=0)

@@ -10,6 +10,7 @@ from gpt_fn.nn.attention import (
     attention_scores,
     causal_mask,
     manual_kernel,
+    project_heads,
     sdpa_kernel,
     self_attention,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "linear_log_probs",
     "manual_kernel",
     "mlp",
+    "project_heads",
     "sdpa_kernel",
     "self_attention",
 ]

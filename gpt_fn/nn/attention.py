@@ -108,6 +108,17 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
     return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(diagonal=seq_k - seq_q)
 
 
+def project_heads(
+    z: Float[Tensor, "batch seq n_head d_head"], weight: Float[Tensor, "d_model d_model"]
+) -> Float[Tensor, "batch seq n_head d_model"]:
+    """Each head's output through its slice of the output projection `weight` (`c_proj`,
+    `(out, in)` with `in` = heads x d_head): what each head writes to the residual stream."""
+    w_o = weight.view(weight.shape[0], z.shape[2], z.shape[3])
+    return einops.einsum(
+        z, w_o, "batch seq n_head d_head, d_model n_head d_head -> batch seq n_head d_model"
+    )
+
+
 def self_attention(
     p: Params,
     x: Activations,
@@ -118,14 +129,17 @@ def self_attention(
     kv: KVWriter | None = None,
     tap: Tap | None = None,
     explicit: bool = False,
+    results: bool = False,
 ) -> Activations:
     """Causal self-attention of `x` (after any positions `kv` holds).
 
     `mask`: which keys each query may attend to (default: causal). `kv`: stores this chunk's
     keys/values and returns all of them (default: the chunk attends to itself only). `tap` is
-    called at `q`, `k`, `v` (`batch n_head seq d_head`, this chunk's), `z` (`batch seq n_head
-    d_head`, before `c_proj`) and, with `explicit=True` (the manual path, whatever `attention`
-    says), at `scores` and `pattern`.
+    called at `q`, `k`, `v` (`batch seq n_head d_head`, this chunk's), `z` (`batch seq n_head
+    d_head`, before `c_proj`), with `explicit=True` (the manual path, whatever `attention`
+    says) at `scores` and `pattern`, and with `results=True` at `result` (`batch seq n_head
+    d_model`: each head's `z` through its slice of `c_proj`; their sum plus the bias is the
+    output).
     """
     check_choice("attention kernel", attention, KERNELS)
     batch, seq, d_model = x.shape
@@ -136,8 +150,10 @@ def self_attention(
         .view(batch, seq, 3, n_head, d_model // n_head)
         .permute(2, 0, 3, 1, 4)
     )
-    if tap is not None:
-        q, k, v = tap("q", q), tap("k", k), tap("v", v)
+    if tap is not None:  # the sites are `batch seq n_head d_head` (TransformerLens's order)
+        q = tap("q", q.transpose(1, 2)).transpose(1, 2)
+        k = tap("k", k.transpose(1, 2)).transpose(1, 2)
+        v = tap("v", v.transpose(1, 2)).transpose(1, 2)
     if kv is not None:
         k, v = kv(k, v)
     if explicit or attention == "manual":
@@ -147,4 +163,7 @@ def self_attention(
     z = heads.transpose(1, 2)  # "batch n_head seq d_head -> batch seq n_head d_head"
     if tap is not None:
         z = tap("z", z)
+    if results and tap is not None:
+        out = tap("result", project_heads(z, p["c_proj.weight"])).sum(2)
+        return out if p.get("c_proj.bias") is None else out + p["c_proj.bias"]
     return F.linear(z.reshape(batch, seq, d_model), p["c_proj.weight"], p.get("c_proj.bias"))

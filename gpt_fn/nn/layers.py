@@ -21,19 +21,41 @@ def embed(
     wpe: Float[Tensor, "block d_model"],
     tokens: Tokens,
     positions: Int[Tensor, "batch seq"] | None = None,
+    *,
+    tap: Callable[[str, Tensor], Tensor] | None = None,
 ) -> Activations:
     """Token plus learned position embeddings; `positions` default to `0 .. seq-1` in every row
-    (a padded batch or a KV cache passes each token's own)."""
+    (a padded batch or a KV cache passes each token's own).
+
+    `tap(site, activation)` sees (and may replace) `tok_embed` and `pos_embed`, both
+    `batch seq d_model`, before they are summed.
+    """
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return F.embedding(tokens, wte) + F.embedding(positions, wpe)
+    tok, pos = F.embedding(tokens, wte), F.embedding(positions, wpe)
+    if tap is not None:
+        tok, pos = tap("tok_embed", tok), tap("pos_embed", pos.expand_as(tok))
+    return tok + pos
 
 
 def layer_norm(
-    p: Params, x: Float[Tensor, "*batch d_model"], *, eps: float
+    p: Params,
+    x: Float[Tensor, "*batch d_model"],
+    *,
+    eps: float,
+    tap: Callable[[str, Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "*batch d_model"]:
-    """LayerNorm over the last axis with gain `weight` and optional `bias`."""
-    return F.layer_norm(x, x.shape[-1:], p["weight"], p.get("bias"), eps)
+    """LayerNorm over the last axis with gain `weight` and optional `bias`.
+
+    `tap(site, activation)` sees (and may replace, e.g. to freeze it) `scale`, the `*batch 1`
+    denominator `sqrt(var + eps)`; a tap computes the norm explicitly instead of the fused kernel.
+    """
+    if tap is None:
+        return F.layer_norm(x, x.shape[-1:], p["weight"], p.get("bias"), eps)
+    centered = x - x.mean(-1, keepdim=True)
+    scale = tap("scale", (centered.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+    normalized = centered / scale * p["weight"]
+    return normalized if p.get("bias") is None else normalized + p["bias"]
 
 
 def mlp(
