@@ -40,6 +40,7 @@ BENCHMARKS = (
     "hooks",
     "optimizer",
     "lm_head_loss",
+    "patching",
     "prepare",
 )
 DEFAULT_OUT = Path("bench-out")

@@ -5,9 +5,10 @@ run the clean input with that head's output taken from a corrupted run and measu
 of the clean metric is lost (one forward pass per head). Attribution patching (Nanda 2023;
 Syed et al. 2023) estimates all of them at once by a first-order Taylor expansion: the
 gradient of the metric with respect to each head's output on the clean run, times the
-corrupted-minus-clean difference of that output (one forward and one backward pass). With
-hooks as arguments the gradient is `torch.func.grad` of the metric with respect to deltas
-added at `h.{i}.attn.z`. How well do the two maps agree, and how much faster is the estimate?
+corrupted-minus-clean difference of that output (one forward and one backward pass).
+`gpt_fn.patching` computes both (`activation_patch`, which runs only the blocks from the
+patched one on, several patched runs per forward; `attribution_patch`, whose gradients are
+`run_with_grads`'). How well do the two maps agree, and how much faster is the estimate?
 
 Setup. The induction task and model of `induction_heads.py` (a segment of random length,
 then its copy; a 2-layer, 4-head model trained on it). Clean: held-out sequences; corrupted:
@@ -48,7 +49,7 @@ from experiments.induction_heads import (
     repeated_sequences,
     train_model,
 )
-from gpt_fn import hooks
+from gpt_fn import hooks, patching
 from gpt_fn.shapes import shape_checks
 
 NAME = "attribution_patching"
@@ -72,33 +73,6 @@ def metric_of(repeats: Repeats):
         return centred.gather(-1, targets[..., None])[..., 0][copy].mean()
 
     return metric
-
-
-def activation_patching(params, clean, metric, corrupt_z) -> torch.Tensor:
-    """`(n_layer, n_head)`: the metric of the clean run with each head's z from the corrupted."""
-    effects = torch.zeros(CONFIG.n_layer, CONFIG.n_head)
-    for layer in range(CONFIG.n_layer):
-        site = f"h.{layer}.attn.z"
-        for head in range(CONFIG.n_head):
-            patched = hooks.patch(site, corrupt_z[site], heads=[head])
-            effects[layer, head] = metric(
-                gpt_fn.forward(params, clean.tokens[:, :-1], CONFIG, hooks=patched)
-            )
-    return effects
-
-
-def attribution_patching(params, clean, metric, clean_z, corrupt_z) -> torch.Tensor:
-    """`(n_layer, n_head)`: grad of the metric w.r.t. each z on the clean run, dotted with
-    corrupted z minus clean z, summed over batch, positions and d_head."""
-    sites = list(clean_z)
-    deltas = {site: torch.zeros_like(clean_z[site]) for site in sites}
-
-    def metric_of_deltas(d: dict[str, torch.Tensor]) -> torch.Tensor:
-        added = {site: (lambda z, delta=d[site]: z + delta) for site in sites}
-        return metric(gpt_fn.forward(params, clean.tokens[:, :-1], CONFIG, hooks=added))
-
-    grads = torch.func.grad(metric_of_deltas)(deltas)
-    return torch.stack([((corrupt_z[s] - clean_z[s]) * grads[s]).sum(dim=(0, 1, 3)) for s in sites])
 
 
 def along_the_line(params, clean, metric, clean_z, corrupt_z, layer: int, head: int) -> list[float]:
@@ -125,32 +99,30 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
         corrupted = corrupt(clean, torch.Generator().manual_seed(seed + 2))
         metric = metric_of(clean)
         sites = [f"h.{i}.attn.z" for i in range(CONFIG.n_layer)]
-
-        def caches():
-            _, clean_z = gpt_fn.run_with_cache(params, clean.tokens[:, :-1], CONFIG, names=sites)
-            _, corrupt_z = gpt_fn.run_with_cache(
-                params, corrupted.tokens[:, :-1], CONFIG, names=sites
-            )
-            return clean_z, corrupt_z
-
+        # Noising: the clean run is the one patched, each head's z taken from the corrupted
+        # run (gpt_fn.patching's `clean` is the source of the patch, `corrupted` the run).
+        source, run_on = corrupted.tokens[:, :-1], clean.tokens[:, :-1]
         with torch.no_grad():
-            clean_z, corrupt_z = caches()
-            clean_metric = float(metric(gpt_fn.forward(params, clean.tokens[:, :-1], CONFIG)))
-            corrupt_metric = float(metric(gpt_fn.forward(params, corrupted.tokens[:, :-1], CONFIG)))
-        seconds: dict[str, list[float]] = {"activation patching": [], "attribution patching": []}
-        for _ in range(repeats):  # each method from the two caches on
-            start = time.perf_counter()
-            with torch.no_grad():
-                patched = activation_patching(params, clean, metric, caches()[1])
-            seconds["activation patching"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            with torch.no_grad():
-                cz, kz = caches()
-            attributed = attribution_patching(params, clean, metric, cz, kz)
-            seconds["attribution patching"].append(time.perf_counter() - start)
+            _, clean_z = gpt_fn.run_with_cache(params, run_on, CONFIG, names=sites)
+            _, corrupt_z = gpt_fn.run_with_cache(params, source, CONFIG, names=sites)
+            clean_metric = float(metric(gpt_fn.forward(params, run_on, CONFIG)))
+            corrupt_metric = float(metric(gpt_fn.forward(params, source, CONFIG)))
+        methods = {
+            "activation patching": patching.activation_patch,
+            "attribution patching": patching.attribution_patch,
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        maps: dict[str, torch.Tensor] = {}
+        for _ in range(repeats):  # each method from the tokens on, caches included
+            for name, method in methods.items():
+                start = time.perf_counter()
+                maps[name] = method(
+                    params, source, run_on, CONFIG, metric, site="attn.z", by="head"
+                )
+                seconds[name].append(time.perf_counter() - start)
         gap = corrupt_metric - clean_metric
-        activation_map = (patched - clean_metric) / gap
-        attribution_map = attributed / gap
+        activation_map = (maps["activation patching"] - clean_metric) / gap
+        attribution_map = (maps["attribution patching"] - clean_metric) / gap
         layer, head = divmod(int(activation_map.flatten().argmax()), CONFIG.n_head)
         with torch.no_grad():
             line = along_the_line(params, clean, metric, clean_z, corrupt_z, layer, head)

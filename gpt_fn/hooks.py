@@ -39,6 +39,12 @@ _AXES: dict[str, tuple[int | None, int]] = {
 }
 
 
+def site_axes(site: str) -> tuple[int | None, int]:
+    """The axis of heads (None: the site has none) and of positions of the activation at
+    `site` (`h.3.attn.z` -> `(2, 1)`); `ValueError` for an unknown site."""
+    return _AXES.get(_part(site), (None, 1))
+
+
 def ablate_heads(layer: int, heads: Sequence[int], *, means: Tensor | None = None) -> Hooks:
     """Replace the per-head outputs `h.{layer}.attn.z` of `heads` by 0, or by `means`.
 

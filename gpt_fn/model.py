@@ -496,6 +496,64 @@ def forward(
     return logits
 
 
+def forward_from(
+    params: Params,
+    resid_pre: Activations,
+    config: GPTConfig,
+    *,
+    layer: int,
+    hooks: Hooks | None = None,
+    attention: AttentionKernel = "sdpa",
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+) -> Logits:
+    """The logits of a run whose residual stream entering block `layer` is `resid_pre`.
+
+    Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
+    config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
+    `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
+    `layer` on, `ln_f` and `logits` (the earlier ones are never reached). `attention_mask`
+    (`batch seq`, True = real) as in `forward`, for a padded batch's residual stream.
+    """
+    check_int("layer", layer, at_least=0)
+    if layer > config.n_layer:
+        raise ValueError(f"layer must be in [0, n_layer={config.n_layer}], got {layer}")
+    check_params(params, config)
+    if not isinstance(resid_pre, Tensor) or resid_pre.ndim != 3:
+        raise ValueError("resid_pre must be a (batch, seq, d_model) tensor")
+    if resid_pre.shape[2] != config.n_embd or resid_pre.shape[1] > config.block_size:
+        raise ValueError(
+            f"resid_pre has shape {tuple(resid_pre.shape)}; expected (batch, seq <= "
+            f"{config.block_size}, {config.n_embd}) for this config"
+        )
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
+    if hooks is not None:
+        check_hooks(hooks, config)
+        unreached = [s for s in hooks if s == "embed" or _layer_of(s) < layer]
+        if unreached:
+            raise ValueError(
+                f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
+            )
+    top, block_params = _split(params, config.n_layer)
+    taps = layer_taps(hooks, config.n_layer)
+    x = resid_pre
+    for i in range(layer, config.n_layer):
+        x = block(block_params[i], x, config, attention=attention, mask=mask, taps=taps[i])
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    if hooks and "ln_f" in hooks:
+        x = apply_hook("ln_f", hooks["ln_f"], x)
+    logits = lm_head(params, x)
+    if hooks and "logits" in hooks:
+        logits = apply_hook("logits", hooks["logits"], logits)
+    return logits
+
+
+def _layer_of(site: str) -> int | float:
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites after every block."""
+    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
+
+
 def loss(
     params: Params,
     tokens: Tokens | TokenRows,

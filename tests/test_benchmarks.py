@@ -35,6 +35,7 @@ TOY_SIZES = {
     "prepare": {"sizes_mb": (0.2,)},
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
+    "patching": {"config": TOY, "seq": 5},
 }
 
 # How closely the attention kernels must agree, per dtype. The inputs are unit normals, so
@@ -115,6 +116,16 @@ def test_generate_contenders_agree_and_the_floor_counts_every_weight(out_dir):
     for name in ("gpt_fn cached", "HF generate"):
         assert result["steps"][name]["first_ms"] > 0
         assert result["steps"][name]["last_ms"] > 0
+
+
+def test_patching_sweeps_equal_transformer_lens_and_every_contender_is_timed(out_dir):
+    result = json.loads((out_dir / "patching.json").read_text())
+    assert [row["runs"] for row in result["rows"]] == [TOY.n_layer * 5, TOY.n_layer * TOY.n_head]
+    for row in result["rows"]:
+        # Both sides compute GPT-2 in fp32 (tests/test_patching.py's bound).
+        assert row["max_abs_diff_vs_tl"] < 1e-5
+        assert all(seconds > 0 for seconds in row["median_s"].values())
+    assert "gpt_fn attribution_patch" in result["rows"][1]["median_s"]
 
 
 def assert_attention_cases(result: dict, dtypes: list[str]) -> None:

@@ -288,3 +288,37 @@ def test_out_of_range_targets_are_named_as_targets(tiny_config):
 def test_init_params_refuses_a_bad_seed(tiny_config):
     with shape_checks(False), pytest.raises(ValueError, match="seed must be an int >= 0"):
         init_params(tiny_config, seed=1.5)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_forward_from_the_cached_residual_stream_equals_forward(tiny_config, generator, layer):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=generator)
+    resid = "h.1.resid_post" if layer == tiny_config.n_layer else f"h.{layer}.resid_pre"
+    logits, cache = gpt_fn.run_with_cache(params, tokens, tiny_config, names=[resid])
+    got = gpt_fn.forward_from(params, cache[resid], tiny_config, layer=layer)
+    # The same kernels on the same inputs from `layer` on: bit for bit.
+    assert torch.equal(got, logits)
+
+
+def test_forward_from_takes_hooks_after_its_layer_and_a_padding_mask(tiny_config, generator):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=generator)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    hooks = {"h.1.attn.z": lambda z: 0.5 * z, "logits": lambda x: x - 1}
+    logits, cache = gpt_fn.run_with_cache(
+        params, tokens, tiny_config, names=["h.1.resid_pre"], attention_mask=mask, hooks=hooks
+    )
+    got = gpt_fn.forward_from(
+        params, cache["h.1.resid_pre"], tiny_config, layer=1, hooks=hooks, attention_mask=mask
+    )
+    torch.testing.assert_close(got, logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="hook at 'h.0.attn.z': forward_from\\(layer=1\\) starts"):
+        gpt_fn.forward_from(
+            params, cache["h.1.resid_pre"], tiny_config, layer=1, hooks={"h.0.attn.z": abs}
+        )
+    with pytest.raises(ValueError, match="layer must be in \\[0, n_layer=2\\], got 3"):
+        gpt_fn.forward_from(params, cache["h.1.resid_pre"], tiny_config, layer=3)
+    with pytest.raises(ValueError, match="resid_pre has shape \\(2, 9, 8\\); expected"):
+        gpt_fn.forward_from(params, torch.zeros(2, 9, 8), tiny_config, layer=1)
