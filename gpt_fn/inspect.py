@@ -324,7 +324,7 @@ def write_report(
     figures["dla_heads"] = "dla_heads.png"
     plots.head_heatmap(
         inspection.dla_heads(config),
-        title=f"direct logit attribution: {_target(found)}",
+        title=f"direct logit attribution: {attributed(found)}",
         label="logit (difference)",
         path=folder / figures["dla_heads"],
     )
@@ -356,7 +356,8 @@ def write_report(
     return found
 
 
-def _target(found: Mapping[str, Any]) -> str:
+def attributed(found: Mapping[str, Any]) -> str:
+    """What a report attributes, from `results`' numbers: `' Mary' - ' John'`, or `' Mary'`."""
     answer = repr(found["answer"]["text"])
     return answer if found["wrong"] is None else f"{answer} - {found['wrong']['text']!r}"
 
@@ -373,14 +374,14 @@ def _markdown(found: Mapping[str, Any], *, k: int) -> str:
         "Next token: "
         + ", ".join(f"`{_shown(p['text'])}` {p['prob']:.3f}" for p in found["prediction"]),
         "",
-        f"Attributed: {_target(found)}{given}, whose logit"
+        f"Attributed: {attributed(found)}{given}, whose logit"
         f"{' difference' if found['wrong'] else ''} is {found['logit_difference']:.4f}.",
         "",
         f"## Logit lens (ln={found['logit_lens']['ln']})",
         "",
         f"![logit lens]({found['figures']['logit_lens']})",
         "",
-        f"At the last position, per layer: the top token and {_target(found)}.",
+        f"At the last position, per layer: the top token and {attributed(found)}.",
         "",
         "| layer | top token | prob | logit (difference) |",
         "| --- | --- | ---: | ---: |",

@@ -9,7 +9,8 @@ Each function takes plain tensors (whatever computed them: `gpt_fn.patching`, th
 pyplot state) and, given `path`, writes it as a PNG. A tensor of the wrong shape, or labels
 that do not match it, is one `ValueError` naming both.
 
-Token strings are shown as text: newlines and tabs escaped, `$` never read as mathtext.
+Token strings are shown as text: newlines, tabs and other control characters escaped, `$`
+never read as mathtext.
 References: nostalgebraist, "interpreting GPT: the logit lens" (2020), for the table's layout;
 TransformerLens's demos (`imshow` of `(layer, head)` results, CircuitsVis attention patterns).
 """
@@ -244,5 +245,6 @@ def _decoder(decode: Decode, *, vocab: int | None) -> Callable[[int], str]:
 
 
 def _shown(text: str) -> str:
-    """A token as one visible line: newlines and tabs escaped."""
-    return text.replace("\n", "\\n").replace("\t", "\\t")
+    """A token as one visible line: newlines, tabs and other control characters escaped
+    (`\\n`, `\\t`, `\\x00`), which no font draws."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

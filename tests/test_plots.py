@@ -109,6 +109,14 @@ def test_logit_lens_table_shows_the_top_tokens_shaded_by_probability(tmp_path):
     assert_png(tmp_path / "lens.png")
 
 
+def test_control_characters_in_tokens_are_shown_escaped():
+    """Bytes no font draws (GPT-2 has tokens for \\x00 ... \\x1f) appear as escapes."""
+    ids = torch.tensor([[[0]]])
+    figure = plots.logit_lens_table(ids, decode=["\x00\x1b\u00e9"], tokens=["a\x07"])
+    assert texts(figure.axes[0]) == ["\\x00\\x1b\u00e9"]  # printable text (é) kept
+    assert ticks(figure.axes[0].get_xticklabels()) == ["a\\x07"]
+
+
 def test_logit_lens_table_from_ranked_ids_and_a_decode_function():
     ids = torch.tensor([[[1, 2]], [[7, 0]]])  # (layers, seq, k)
     figure = plots.logit_lens_table(ids, decode=lambda t: f"<{t}>", layer_labels=["embed", "h.0"])
