@@ -774,7 +774,12 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         params, tokens, config, answer=answer, wrong=wrong, ln=args.ln
     )
     written = inspection.write_report(
-        found, args.out, config, title=f"gpt-fn inspect: {about['description']}", k=args.top
+        found,
+        args.out,
+        config,
+        title=f"gpt-fn inspect: {about['description']}",
+        about={"model": about, "prompt": args.prompt},
+        k=args.top,
     )
     target = inspection.attributed(written)
     print(f"{target}: logit{' difference' if wrong is not None else ''} "

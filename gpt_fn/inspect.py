@@ -300,12 +300,14 @@ def write_report(
     *,
     decode: Callable[[int], str] = token_text,
     title: str = "",
+    about: Mapping[str, Any] | None = None,
     k: int = 5,
 ) -> dict[str, Any]:
     """The report folder `out`: `logit_lens.png`, `dla_heads.png`, per head kind
-    `{kind}_scores.png` and the best head's `{kind}_pattern.png`, `results.json`
-    (`results`'s numbers, the figures' names) and `report.md` (the same, to read). Returns
-    what `results.json` holds."""
+    `{kind}_scores.png`, the best head of each kind's pattern in `top_heads.png`, `results.json`
+    (`title`, `about`'s entries, `results`'s numbers, the figures' names) and `report.md`
+    (the same, to read). `about`: what produced the report (JSON values: the model's source,
+    the prompt). Returns what `results.json` holds."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     words = [decode(t) for t in inspection.tokens]
@@ -328,27 +330,28 @@ def write_report(
         label="logit (difference)",
         path=folder / figures["dla_heads"],
     )
+    best: list[tuple[str, int, int]] = []
     for kind, scores in inspection.head_scores.items():
         if scores is None:
             continue
-        name = kind.replace("_", "-")
         figures[f"{kind}_scores"] = f"{kind}_scores.png"
         plots.head_heatmap(
             scores,
-            title=f"{name} score (attention mass)",
+            title=f"{kind.replace('_', '-')} score (attention mass)",
             label="attention",
             path=folder / figures[f"{kind}_scores"],
         )
         layer, head, _ = top_heads(scores, 1)[0]
-        figures[f"{kind}_pattern"] = f"{kind}_pattern.png"
+        best.append((kind, layer, head))
+    if best:
+        figures["top_heads"] = "top_heads.png"
         plots.attention_patterns(
-            inspection.patterns[layer],
+            torch.stack([inspection.patterns[layer, head] for _, layer, head in best]),
             words,
-            heads=[head],
-            layer=layer,
-            path=folder / figures[f"{kind}_pattern"],
+            titles=[f"{kind.replace('_', '-')}: L{layer}H{head}" for kind, layer, head in best],
+            path=folder / figures["top_heads"],
         )
-    found = {"title": title, **found, "figures": figures}
+    found = {"title": title, **(about or {}), **found, "figures": figures}
     text = json.dumps(found, indent=2) + "\n"
     write_atomic(folder / "results.json", lambda path: Path(path).write_text(text))
     markdown = _markdown(found, k=k)
@@ -433,8 +436,14 @@ def _markdown(found: Mapping[str, Any], *, k: int) -> str:
             "",
             ", ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in scored["top"]),
             "",
-            f"![{kind} scores]({found['figures'][f'{kind}_scores']}) "
-            f"![{kind} pattern]({found['figures'][f'{kind}_pattern']})",
+            f"![{kind} scores]({found['figures'][f'{kind}_scores']})",
+        ]
+    if "top_heads" in found["figures"]:
+        lines += [
+            "",
+            "The best head of each kind:",
+            "",
+            f"![patterns]({found['figures']['top_heads']})",
         ]
     return "\n".join(lines) + "\n"
 

@@ -137,6 +137,7 @@ def attention_patterns(
     *,
     heads: Sequence[int] | None = None,
     layer: int | None = None,
+    titles: Sequence[str] | None = None,
     example: int = 0,
     path: str | os.PathLike[str] | None = None,
 ) -> Figure:
@@ -145,7 +146,8 @@ def attention_patterns(
 
     `pattern`: `(n_head, seq, seq)`, or a cache's `h.{i}.attn.pattern` `(batch, n_head, seq,
     seq)`, of which row `example` is drawn. `heads`: which (default: all); `layer` titles the
-    panels `h.{layer} head {h}`.
+    panels `h.{layer} head {h}`; `titles` names them otherwise, one per chosen head (heads of
+    several layers stacked into one `pattern`).
     """
     if not isinstance(pattern, Tensor) or pattern.ndim not in (3, 4):
         shape = tuple(pattern.shape) if isinstance(pattern, Tensor) else None
@@ -171,14 +173,16 @@ def attention_patterns(
         check_int("head", head, at_least=0)
         if head >= n_head:
             raise ValueError(f"head {head} is outside the pattern's {n_head} heads")
+    if titles is None:
+        titles = [f"head {h}" if layer is None else f"h.{layer} head {h}" for h in chosen]
+    titles = _labels("titles", titles, len(chosen), "chosen head")
     weights = pattern.detach().cpu().float()
     side = max(2.5, 0.3 * seq_k + 1.0)
     figure = _figure(side * len(chosen) + 1.0, side + 0.5)
     panels = figure.subplots(1, len(chosen), squeeze=False)[0]
-    for axes, head in zip(panels, chosen, strict=True):
+    for axes, head, title in zip(panels, chosen, titles, strict=True):
         image = axes.imshow(weights[head].numpy(), cmap="Blues", vmin=0, vmax=1)
-        name = f"head {head}" if layer is None else f"h.{layer} head {head}"
-        axes.set(title=name, xlabel="key")
+        axes.set(title=title, xlabel="key")
         _ticks(axes, tokens, tokens)
     panels[0].set_ylabel("query")
     figure.colorbar(image, ax=list(panels), label="attention weight")

@@ -163,6 +163,8 @@ def test_attention_patterns_draw_the_chosen_heads_of_a_cache_row(tiny_config, tm
     assert_png(tmp_path / "attn.png")
     every = plots.attention_patterns(pattern[0], words)  # (n_head, seq, seq): every head
     assert [p.get_title() for p in every.axes[:-1]] == ["head 0", "head 1", "head 2"]
+    named = plots.attention_patterns(pattern[0], words, heads=[1, 2], titles=["L1H1", "L0H2"])
+    assert [p.get_title() for p in named.axes[:-1]] == ["L1H1", "L0H2"]
 
 
 def test_attention_patterns_name_bad_inputs():
@@ -178,5 +180,7 @@ def test_attention_patterns_name_bad_inputs():
         plots.attention_patterns(torch.full((2, 1, 3), 1 / 3), words)
     with pytest.raises(ValueError, match="heads is empty"):
         plots.attention_patterns(pattern, words, heads=[])
+    with pytest.raises(ValueError, match="titles: 1 strings for 2 chosen heads"):
+        plots.attention_patterns(pattern, words, titles=["L0H0"])
     with shape_checks(False), pytest.raises(ValueError, match=r"got shape \(3, 3\)"):
         plots.attention_patterns(pattern[0], words)
