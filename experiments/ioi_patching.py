@@ -1,0 +1,189 @@
+"""Indirect object identification: which heads carry the answer, by activation patching.
+
+Question. "When Mary and John went to the store, John gave a drink to" is completed with
+" Mary": the indirect object, the name that was not repeated (Wang et al. 2022,
+"Interpretability in the Wild"). Swap the names ("When John and Mary went to the store, Mary
+gave a drink to") and a model that does the task prefers " John". Patching one component
+of the clean run into the corrupted run, one at a time, measures how much of the clean
+answer each restores: which heads, and which positions of the residual stream, carry it?
+
+Setup. Eight prompts of that template (four name pairs, each in both orders; every name one
+GPT-2 token, so the prompts align). Metric: the mean logit difference between the clean
+answer and the other name at the last position. `gpt_fn.patching.activation_patch` (clean
+into corrupted, TransformerLens's `get_act_patch_*` direction) over every head's output
+(`attn.z`, by head) and over the residual stream entering each block at each position
+(`resid_pre`, by position), each entry as the fraction of the clean-corrupted gap restored:
+`(patched - corrupted) / (clean - corrupted)`. The top head's entry is checked against a
+plain forward with `hooks.patch`.
+
+    python experiments/ioi_patching.py --hf DIR          # GPT-2 weights (save_pretrained)
+    python experiments/ioi_patching.py --checkpoint DIR  # a gpt_fn checkpoint (the main job's)
+    python experiments/ioi_patching.py                   # neither: a random GPT-2-small model
+    python experiments/ioi_patching.py --quick           # a random 2-layer model: a smoke run
+
+Writes `ioi_patching.png` (the layer x head map), `resid_pre.png` (the layer x position map)
+and `results.json` into `--out`.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: import the package from one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpt_fn
+from experiments import conventions
+from gpt_fn import hf, hooks, patching, plots
+from gpt_fn.checkpoint import load_checkpoint
+from gpt_fn.shapes import shape_checks
+from gpt_fn.tokenizer import gpt2, single_token
+
+NAME = "ioi_patching"
+TEMPLATE = "When{io} and{s} went to the store,{s} gave a drink to"
+"""`io` is the indirect object (the answer), `s` the subject, named twice."""
+PAIRS = [(" Mary", " John"), (" Tom", " James"), (" Dan", " Sid"), (" Martin", " Amy")]
+MIN_GAP = 0.1
+"""A clean-corrupted gap in logit difference below this is noise (a random model): the maps
+are then the change itself, not a fraction of it."""
+QUICK_CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean and corrupted (names swapped) prompts, and each row's answer and other name."""
+    clean, corrupted, answers, others = [], [], [], []
+    for first, second in PAIRS:
+        for io, s in ((first, second), (second, first)):
+            clean.append(gpt2().encode_ordinary(TEMPLATE.format(io=io, s=s)))
+            corrupted.append(gpt2().encode_ordinary(TEMPLATE.format(io=s, s=io)))
+            answers.append(single_token(io))
+            others.append(single_token(s))
+    return (
+        torch.tensor(clean),
+        torch.tensor(corrupted),
+        torch.tensor(answers),
+        torch.tensor(others),
+    )
+
+
+def logit_difference(answers: torch.Tensor, others: torch.Tensor):
+    """The metric: the mean over rows of the answer's logit minus the other name's, last
+    position."""
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1]
+        return (last.gather(1, answers[:, None]) - last.gather(1, others[:, None])).mean()
+
+    return metric
+
+
+def load_model(args) -> tuple[gpt_fn.Params, gpt_fn.GPTConfig, str]:
+    """The model to patch and a line saying what it is."""
+    if args.hf is not None:
+        params, config = hf.load(args.hf)
+        return params, config, f"GPT-2 weights from {args.hf}"
+    if args.checkpoint is not None:
+        saved = load_checkpoint(args.checkpoint)
+        return saved.params, saved.model_config, f"checkpoint {args.checkpoint}, step {saved.step}"
+    config = QUICK_CONFIG if args.quick else gpt_fn.GPTConfig.from_preset("gpt2")
+    shape = f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd}"
+    return gpt_fn.init_params(config, seed=args.seed), config, f"random weights ({shape})"
+
+
+def run(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> dict[str, Any]:
+    clean, corrupted, answers, others = prompts()
+    metric = logit_difference(answers, others)
+    with shape_checks(False), torch.no_grad():
+        clean_value = metric(gpt_fn.forward(params, clean, config)).item()
+        corrupted_value = metric(gpt_fn.forward(params, corrupted, config)).item()
+        gap = clean_value - corrupted_value
+        sweeps, seconds = {}, {}
+        for site, by in (("attn.z", "head"), ("resid_pre", "position")):
+            started = time.perf_counter()
+            sweeps[site] = patching.activation_patch(
+                params, clean, corrupted, config, metric, site=site, by=by
+            )
+            seconds[site] = time.perf_counter() - started
+        # One entry of each sweep by a plain hooked forward: the top head, the last position.
+        heads = sweeps["attn.z"]
+        layer, head = divmod(int((heads - corrupted_value).abs().argmax()), config.n_head)
+        _, cache = gpt_fn.run_with_cache(params, clean, config, names=[f"h.{layer}.attn.z"])
+        hooked = gpt_fn.forward(
+            params,
+            corrupted,
+            config,
+            hooks=hooks.patch(f"h.{layer}.attn.z", cache[f"h.{layer}.attn.z"], heads=[head]),
+        )
+        check = abs(metric(hooked).item() - heads[layer, head].item())
+    return {
+        "prompts": [gpt2().decode(row) for row in clean.tolist()],
+        "corrupted": [gpt2().decode(row) for row in corrupted.tolist()],
+        "tokens": [gpt2().decode([t]) for t in clean[0].tolist()],
+        "config": config.to_dict(),
+        "clean_logit_difference": clean_value,
+        "corrupted_logit_difference": corrupted_value,
+        "heads": heads.tolist(),
+        "resid_pre": sweeps["resid_pre"].tolist(),
+        # Each entry as the fraction of the gap it restores; none where the gap is noise.
+        "heads_restored": restored(heads, corrupted_value, gap),
+        "resid_pre_restored": restored(sweeps["resid_pre"], corrupted_value, gap),
+        "top_head": [layer, head],
+        "top_head_check": {"hooked_forward": metric(hooked).item(), "max_abs_diff": check},
+        "sweep_seconds": seconds,
+    }
+
+
+def restored(patched: torch.Tensor, corrupted: float, gap: float) -> list[list[float]] | None:
+    """`(patched - corrupted) / gap`, or None when the gap is below `MIN_GAP`."""
+    return None if abs(gap) < MIN_GAP else ((patched - corrupted) / gap).tolist()
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    clean, corrupted = result["clean_logit_difference"], result["corrupted_logit_difference"]
+    numbers = f"clean {clean:.3f}, corrupted {corrupted:.3f}"
+    for key, what, file, axes in (
+        ("heads", "each head's clean output", path, {}),
+        ("resid_pre", "the clean resid_pre at one position", path.parent / "resid_pre.png",
+         {"columns": "position", "column_labels": result["tokens"]}),
+    ):  # fmt: skip
+        fractions = result[f"{key}_restored"]
+        if fractions is None:  # no gap to speak of: the change itself
+            values = torch.tensor(result[key]) - corrupted
+            label = "logit difference, patched - corrupted"
+        else:
+            values, label = torch.tensor(fractions), "fraction of the clean - corrupted gap"
+        plots.head_heatmap(
+            values,
+            title=f"IOI: logit difference restored by {what}\n({numbers})",
+            label=label,
+            path=file,
+            **axes,
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = conventions.command_line(
+        NAME, __doc__, quick="a random 2-layer model: a smoke run",
+        seed="seed of the random model (when no weights are given)", data_dir=False,
+    )  # fmt: skip
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--hf", type=Path, help="GPT-2 weights: a save_pretrained directory")
+    source.add_argument("--checkpoint", type=Path, help="a gpt_fn checkpoint (file or out dir)")
+    args = conventions.start(parser, argv)
+    params, config, model = load_model(args)
+    result = {"model": model, **run(params, config)}
+    layer, head = result["top_head"]
+    print(
+        f"{model}: logit difference clean {result['clean_logit_difference']:.3f}, corrupted "
+        f"{result['corrupted_logit_difference']:.3f}; top head L{layer}H{head} moves it to "
+        f"{result['heads'][layer][head]:.3f} (a hooked forward agrees to "
+        f"{result['top_head_check']['max_abs_diff']:.1e})"
+    )
+    return conventions.finish(NAME, args, result, plot)
+
+
+if __name__ == "__main__":
+    main()
