@@ -121,11 +121,11 @@ class Inspection:
     """`analysis.logit_lens` of the last `len(lens_positions)` positions."""
     lens_labels: list[str]
     lens_positions: list[int]
-    dla_by_head: Float[Tensor, " component"]
+    dla_by_head: Float[Tensor, " head_rows"]
     """`analysis.direct_logit_attribution(by="head")` at the last position: every head,
     `remainder`, `ln_f.bias`; the rows sum to `logit_difference`."""
     dla_head_labels: list[str]
-    dla_by_layer: Float[Tensor, " component"]
+    dla_by_layer: Float[Tensor, " layer_rows"]
     dla_layer_labels: list[str]
     head_scores: dict[str, Tensor | None]
     """`(n_layer, n_head)` per kind of `HEAD_KINDS`; None where the prompt has no such key."""

@@ -93,3 +93,17 @@ def test_the_analysis_example_runs():
     # A sum of 30-odd fp32 terms of order 1: a few ulps.
     torch.testing.assert_close(namespace["total"], difference[:, 0], atol=1e-4, rtol=0)
     torch.testing.assert_close(namespace["by_head"].sum(0), difference[:, 0], atol=1e-4, rtol=0)
+
+
+def test_the_inspect_example_runs(tmp_path, monkeypatch):
+    """The Inspect block writes its report and scores heads against its own key mask."""
+    text = README.read_text()
+    section = text[text.index("### Inspect a prompt") : text.index("### Shape checks")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "ioi" / "report.md").is_file()
+    assert (tmp_path / "ioi" / "results.json").is_file()
+    assert namespace["found"].head_scores["duplicate_token"] is not None
+    assert namespace["to_first"].shape == (2, 4)
