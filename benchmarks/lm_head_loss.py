@@ -32,7 +32,12 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.run import command_line, finish
-from benchmarks.timing import cpu_threads, native_bf16, sync, take_turns
+from benchmarks.timing import (
+    cpu_threads,
+    native_bf16,
+    peak_memory_growth_mb,
+    take_turns,
+)
 from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from gpt_fn.shapes import shape_checks
 
@@ -75,29 +80,10 @@ def _step(loss_fn, hidden, weight, targets, autocast_dtype):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def _status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (Linux), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # reported in kB
-    raise KeyError(field)
-
-
 def _peak_growth_mb(loss_fn, problem: tuple[int, int, int], device: torch.device) -> float:
     """Peak memory one fp32 forward + backward adds on top of its inputs, in MB."""
     hidden, weight, targets = _problem(*problem, device)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _step(loss_fn, hidden, weight, targets, None)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    if not Path("/proc/self/clear_refs").exists():
-        return float("nan")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
-    before = _status_mb("VmRSS")
-    _step(loss_fn, hidden, weight, targets, None)
-    return _status_mb("VmHWM") - before
+    return peak_memory_growth_mb(lambda: _step(loss_fn, hidden, weight, targets, None), device)
 
 
 def _time_case(name, loss_fns, problem, autocast_dtype, repeats, device) -> list[dict]:

@@ -41,6 +41,7 @@ BENCHMARKS = (
     "optimizer",
     "lm_head_loss",
     "patching",
+    "activation_checkpointing",
     "prepare",
 )
 DEFAULT_OUT = Path("bench-out")

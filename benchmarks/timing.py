@@ -7,6 +7,8 @@
 - `cpu_threads`: torch's intra-op CPU threads for one benchmark run, restored afterwards, so
   the order in which benchmarks run does not change their figures.
 - `DTYPES`, `check_dtypes`: the dtypes a benchmark may run in, by the names of `--dtypes`.
+- `peak_memory_growth_mb`: how far memory rises while a call runs (CUDA's allocator peak, or
+  the CPU process's peak resident set).
 - `native_bf16`: whether bf16 matmuls run natively. Where they do not (a CPU without
   AVX512-BF16/AMX), ATen's fallback runs at a few GFLOP/s, ~50x slower than fp32, and the
   benchmarks shrink or skip their bf16 cases.
@@ -15,6 +17,7 @@
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -97,3 +100,32 @@ def take_turns(
                 record(name, output)
             del output  # the next contender runs without this one's output alive
     return Timings(seconds, cpu_seconds)
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # reported in kB
+    raise KeyError(field)
+
+
+def peak_memory_growth_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """How far memory rises above where it stood while `fn()` runs, in MB (NaN if unknown).
+
+    CUDA: the allocator's peak over what was allocated before. CPU: the peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) over the resident set before (Linux only).
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        return float("nan")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
+    before = _status_mb("VmRSS")
+    fn()
+    return _status_mb("VmHWM") - before

@@ -10,6 +10,7 @@ logits, cache = gpt_fn.run_with_cache(params, tokens, config, names=["h.0.attn.p
 from gpt_fn.analysis import (
     accumulated_resid,
     apply_ln_to_stack,
+    center_unembed,
     center_writing_weights,
     decompose_resid,
     direct_logit_attribution,
@@ -47,6 +48,7 @@ __all__ = [
     "Tokens",
     "accumulated_resid",
     "apply_ln_to_stack",
+    "center_unembed",
     "center_writing_weights",
     "check_params",
     "check_tokens",

@@ -23,7 +23,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_choice, check_int, check_token_ids, check_token_tensor
+from gpt_fn.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_token_ids,
+    check_token_tensor,
+)
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import project_heads
 from gpt_fn.shapes import Params
@@ -66,11 +72,11 @@ def accumulated_resid(
             continue
         parts.append(_site(cache, f"h.{i}.resid_pre", "accumulated_resid"))
         labels.append(f"{i}_pre")
-        if incl_mid and i < layer:
+        if check_bool("incl_mid", incl_mid) and i < layer:
             parts.append(_site(cache, f"h.{i}.resid_mid", "accumulated_resid"))
             labels.append(f"{i}_mid")
     stack = torch.stack([_at(part, pos) for part in parts])
-    if apply_ln:
+    if check_bool("apply_ln", apply_ln):
         stack = apply_ln_to_stack(stack, cache, config, at=_reader(layer, config), ln=ln, pos=pos)
     return stack, labels
 
@@ -108,7 +114,7 @@ def decompose_resid(
     if not sites:
         raise ValueError(f"decompose_resid(layer={layer}, embeds='none') has no component")
     stack = torch.stack([_at(_site(cache, site, "decompose_resid"), pos) for site in sites])
-    if apply_ln:
+    if check_bool("apply_ln", apply_ln):
         stack = apply_ln_to_stack(stack, cache, config, at=_reader(layer, config), ln=ln, pos=pos)
     return stack, labels
 
@@ -149,14 +155,14 @@ def stack_head_results(
         result = _at(head_results(params, cache, config, layer=i), pos)
         parts.extend(result.unbind(-2))
         labels.extend(f"L{i}H{h}" for h in range(config.n_head))
-    if incl_remainder:
+    if check_bool("incl_remainder", incl_remainder):
         stream = _at(_site(cache, _stream(layer, config), "stack_head_results"), pos)
         parts.append(stream - sum(parts) if parts else stream)
         labels.append("remainder")
     if not parts:
         raise ValueError(f"stack_head_results(layer={layer}) has no head before layer {layer}")
     stack = torch.stack(parts)
-    if apply_ln:
+    if check_bool("apply_ln", apply_ln):
         stack = apply_ln_to_stack(stack, cache, config, at=_reader(layer, config), ln=ln, pos=pos)
     return stack, labels
 
@@ -175,7 +181,8 @@ def apply_ln_to_stack(
     the readout stays linear, so the rows still sum to the normalised stream) or by each
     row's own (`"recompute"`). `pos`: the positions the stack was cut to. The LayerNorm's gain
     and bias are not applied. TransformerLens: `cache.apply_ln_to_stack(stack, layer,
-    pos_slice=, recompute_ln=)` (which recomputes with the final LayerNorm's gain and bias)."""
+    pos_slice=, recompute_ln=)` (whose `recompute_ln` runs the final LayerNorm itself, gain and
+    bias included)."""
     check_choice("ln", ln, LN_MODES)
     _check_norm(at, config)
     centered = stack - stack.mean(-1, keepdim=True)
@@ -204,7 +211,8 @@ def logit_lens(
 
     `ln="frozen"` divides every stream by the final LayerNorm's cached scale (`ln_f.scale`);
     `"recompute"` normalises each by its own statistics (TransformerLens's `logit_lens`). The
-    last row is the model's logits either way.
+    last row is the model's logits either way. The result holds `n_layer + 1` (with `incl_mid`,
+    `2 n_layer + 1`) logit tensors: `pos=-1` keeps one position.
     """
     stack, labels = accumulated_resid(cache, config, incl_mid=incl_mid, pos=pos)
     normed = apply_ln_to_stack(stack, cache, config, at="ln_f", ln=ln, pos=pos)
@@ -255,22 +263,27 @@ def direct_logit_attribution(
     tokens: Int[Tensor, "*batch_pos"],
     config: GPTConfig,
     *,
-    by: Literal["layer", "head"] = "layer",
+    by: Literal["component", "head", "layer"] = "component",
     incorrect: Int[Tensor, "*batch_pos"] | None = None,
     pos: Pos = -1,
 ) -> tuple[Attrs, list[str]]:
     """How much each part of the model writes the logit of `tokens` (minus `incorrect`'s)
     directly, through the frozen final LayerNorm, at positions `pos` (default the last).
 
-    `by="layer"`: the embedding and each block's attention and MLP (`decompose_resid`'s
-    labels); `by="head"`: each head (`"L{i}H{h}"`) and the `"remainder"`. The last row,
-    `"ln_f.bias"`, is the final LayerNorm's bias, so the rows sum to the logit (difference).
+    `by="component"`: the embedding and each block's attention and MLP (`decompose_resid`'s
+    labels); `"head"`: each head (`"L{i}H{h}"`) and the `"remainder"`; `"layer"`: the
+    accumulated stream after each sublayer (`accumulated_resid(incl_mid=True)`'s labels). The
+    last row, `"ln_f.bias"`, is the final LayerNorm's bias: by component or head the rows sum
+    to the logit (difference); by layer each row plus it is the frozen logit lens's.
+    TransformerLens: `tools.analysis.direct_logit_attribution(model, unit=by, cache=)`.
     """
-    check_choice("by", by, ("layer", "head"))
-    if by == "layer":
+    check_choice("by", by, ("component", "head", "layer"))
+    if by == "component":
         stack, labels = decompose_resid(cache, config, pos=pos)
-    else:
+    elif by == "head":
         stack, labels = stack_head_results(params, cache, config, incl_remainder=True, pos=pos)
+    else:
+        stack, labels = accumulated_resid(cache, config, incl_mid=True, pos=pos)
     normed = apply_ln_to_stack(stack, cache, config, at="ln_f", ln="frozen", pos=pos)
     attrs = logit_attrs(params, normed, tokens, config, incorrect=incorrect)
     bias = ln_f_bias_attr(params, tokens, config, incorrect=incorrect)
@@ -387,7 +400,8 @@ def center_writing_weights(params: Params, config: GPTConfig) -> Params:
     mean anyway, so the model is unchanged, and the residual stream's mean is the token
     embedding's alone.
 
-    `wte` is not centred: it is also the LM head, whose logits would change. TransformerLens:
+    `wte` is not centred: it is also the LM head, whose logits would change (`ln_f`, not folded
+    into the tied head, does not output zero-mean vectors). TransformerLens:
     `center_writing_weights=True` (which centres `W_E` as well: its unembedding is untied).
     """
     out = dict(params)
@@ -400,6 +414,23 @@ def center_writing_weights(params: Params, config: GPTConfig) -> Params:
                 bias = params[f"h.{i}.{linear}.bias"]
                 out[f"h.{i}.{linear}.bias"] = bias - bias.mean()
     return out
+
+
+def center_unembed(params: Params, config: GPTConfig) -> Params:
+    """The LM head's columns centred over the vocabulary (`wte` minus its mean row `m`): each
+    position's logits shift by one constant, so log-probs and logit differences are unchanged.
+
+    `wte` is also the token embedding, so `m` moves into `wpe` (`wpe + m`): every token loses
+    `m`, every position gains it, and the residual stream is unchanged. TransformerLens:
+    `center_unembed=True` (on its untied `W_U`, whose columns hold `ln_f`'s gain: the same
+    logits once `logit_attrs` applies the gain).
+    """
+    mean = params["wte.weight"].mean(0)
+    return {
+        **params,
+        "wte.weight": params["wte.weight"] - mean,
+        "wpe.weight": params["wpe.weight"] + mean,
+    }
 
 
 def fold_value_biases(params: Params, config: GPTConfig) -> Params:

@@ -125,8 +125,9 @@ class Inspection:
     """`analysis.direct_logit_attribution(by="head")` at the last position: every head,
     `remainder`, `ln_f.bias`; the rows sum to `logit_difference`."""
     dla_head_labels: list[str]
-    dla_by_layer: Float[Tensor, " layer_rows"]
-    dla_layer_labels: list[str]
+    dla_by_component: Float[Tensor, " component_rows"]
+    """`by="component"`: the embedding, each block's attention and MLP, `ln_f.bias`."""
+    dla_component_labels: list[str]
     head_scores: dict[str, Tensor | None]
     """`(n_layer, n_head)` per kind of `HEAD_KINDS`; None where the prompt has no such key."""
     patterns: Float[Tensor, "n_layer n_head seq seq"]
@@ -156,7 +157,7 @@ def inspect_prompt(
 ) -> Inspection:
     """One prompt read out from one `run_with_cache`: the logit lens (`ln` as in
     `analysis.logit_lens`) over its last `LENS_POSITIONS` positions, direct logit attribution
-    of `answer`'s logit minus `wrong`'s at the last position (per head and per layer; `answer`
+    of `answer`'s logit minus `wrong`'s at the last position (per head and per component; `answer`
     defaults to the model's most likely next token, `wrong` to none: the logit alone), and the
     `HEAD_KINDS` scores of every head."""
     if not isinstance(tokens, Tensor) or tokens.ndim != 1 or tokens.numel() == 0:
@@ -190,8 +191,8 @@ def inspect_prompt(
         by_head, head_labels = direct_logit_attribution(
             params, cache, answers, config, by="head", incorrect=incorrect
         )
-        by_layer, layer_labels = direct_logit_attribution(
-            params, cache, answers, config, by="layer", incorrect=incorrect
+        by_component, component_labels = direct_logit_attribution(
+            params, cache, answers, config, by="component", incorrect=incorrect
         )
         scores: dict[str, Tensor | None] = {}
         for kind in HEAD_KINDS:
@@ -210,8 +211,8 @@ def inspect_prompt(
         lens_positions=list(range(first, tokens.numel())),
         dla_by_head=by_head[:, 0],
         dla_head_labels=head_labels,
-        dla_by_layer=by_layer[:, 0],
-        dla_layer_labels=layer_labels,
+        dla_by_component=by_component[:, 0],
+        dla_component_labels=component_labels,
         head_scores=scores,
         patterns=patterns,
     )
@@ -279,8 +280,12 @@ def results(
             "by_head": dict(
                 zip(inspection.dla_head_labels, inspection.dla_by_head.tolist(), strict=True)
             ),
-            "by_layer": dict(
-                zip(inspection.dla_layer_labels, inspection.dla_by_layer.tolist(), strict=True)
+            "by_component": dict(
+                zip(
+                    inspection.dla_component_labels,
+                    inspection.dla_by_component.tolist(),
+                    strict=True,
+                )
             ),
             "heads": inspection.dla_heads(config).tolist(),
         },
@@ -413,11 +418,11 @@ def _markdown(found: Mapping[str, Any], *, k: int) -> str:
         "| --- | ---: |",
         *(f"| {h} | {by_head[h]:.4f} |" for h in ranked[:k]),
         "",
-        "Per layer:",
+        "Per component (the embedding, each block's attention and MLP):",
         "",
         "| component | DLA |",
         "| --- | ---: |",
-        *(f"| {c} | {v:.4f} |" for c, v in found["dla"]["by_layer"].items()),
+        *(f"| {c} | {v:.4f} |" for c, v in found["dla"]["by_component"].items()),
         "",
         "## Attention heads",
     ]

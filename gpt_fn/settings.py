@@ -120,6 +120,12 @@ class TrainSettings:
     compile: bool | None = _setting(
         None, "torch.compile the model (default: on for CUDA, off on CPU)", "execution"
     )
+    activation_checkpointing: bool = _setting(
+        False,
+        "recompute each block's activations in backward instead of keeping them (less memory, "
+        "one more forward of the blocks; same losses and gradients)",
+        "execution",
+    )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:1, ...", "execution")
     parallel: Literal["ddp", "fsdp"] = _setting(
         "ddp",

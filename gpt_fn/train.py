@@ -249,6 +249,7 @@ class _Run:
             {k: v.to(runtime.device) for k, v in params.items()},
             self.config,
             attention=settings.attention,
+            checkpoint_blocks=settings.activation_checkpointing,
         )
         if self.sharded:  # FSDP2: each block a unit, the root takes wte, wpe and ln_f
             for block in self.module.h:

@@ -1,10 +1,11 @@
 """Readouts on caches and weight processing: each against TransformerLens's own function on the
 same weights, the identities they rest on, and their errors.
 
-TransformerLens side: `TransformerBridge` in compatibility mode over a GPT-2-architecture HF
-model with small random weights (2 layers, 64 wide, 4 heads) whose LayerNorm gains and biases
-and linear biases are perturbed away from HF's 1/0 init, so every fold and bias term counts.
-Tolerance 1e-5 (as `test_transformer_lens.py`): the same fp32 math summed in other groupings.
+TransformerLens side: `TransformerBridge` in compatibility mode over our params saved as an HF
+GPT-2 (`hf.save`; 2 layers, 64 wide, 4 heads), random weights with LayerNorm gains and all
+biases moved away from 1/0, so every fold and bias term counts. Tolerance 1e-5 (as
+`test_transformer_lens.py`): the same fp32 math summed in other groupings; logits of order 10
+get 1e-4 where noted.
 """
 
 import pytest
@@ -68,9 +69,10 @@ def tl(gpt2):
 
 @pytest.fixture(scope="module")
 def tl_processed(gpt2):
-    """TransformerLens with its default processing but for the tied-head steps (see below)."""
+    """TransformerLens with its default processing: fold_ln, center_writing_weights,
+    center_unembed, fold_value_biases."""
     directory, *_, tokens, _, _ = gpt2
-    model = bridge(directory, center_unembed=False)
+    model = bridge(directory)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
     return model, cache
@@ -151,12 +153,15 @@ def test_head_results_equal_transformer_lens(gpt2, tl, layer):
     torch.testing.assert_close(stack, theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("at, layer", [("h.1.ln_1", 1), ("h.0.ln_1", 0), ("ln_f", None)])
-def test_apply_ln_to_stack_frozen_equals_transformer_lens(gpt2, tl, at, layer):
+@pytest.mark.parametrize(
+    "at, layer, mlp_input",
+    [("h.1.ln_1", 1, False), ("h.0.ln_1", 0, False), ("h.1.ln_2", 1, True), ("ln_f", None, False)],
+)
+def test_apply_ln_to_stack_frozen_equals_transformer_lens(gpt2, tl, at, layer, mlp_input):
     _, _, config, _, _, cache = gpt2
     stack, _ = analysis.decompose_resid(cache, config, pos=slice(0, 6))
     ours = analysis.apply_ln_to_stack(stack, cache, config, at=at, pos=slice(0, 6))
-    theirs = tl[1].apply_ln_to_stack(stack, layer, pos_slice=slice(0, 6))
+    theirs = tl[1].apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=slice(0, 6))
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
@@ -171,31 +176,68 @@ def test_logit_lens_recomputed_equals_transformer_lens(gpt2, tl):
     torch.testing.assert_close(ours, theirs.readout.values, atol=1e-4, rtol=0)
 
 
-def test_logit_attrs_of_a_difference_equal_transformer_lens_on_processed_weights(
-    gpt2, tl_processed
-):
-    # Their processing folds ln_f's gain into an untied unembedding; centring it (off here)
-    # would shift each column by a constant, which a logit difference cancels anyway.
+def processed(params, config):
+    """Our four processing steps in TransformerLens's order."""
+    folded = analysis.fold_layer_norm(params, config)
+    centred = analysis.center_unembed(analysis.center_writing_weights(folded, config), config)
+    return analysis.fold_value_biases(centred, config)
+
+
+def test_logit_attrs_equal_transformer_lens_on_processed_weights(gpt2, tl_processed):
+    # Their processing folds ln_f's gain into an untied, centred unembedding; ours applies the
+    # gain in logit_attrs and centres the tied head with center_unembed.
     _, params, config, tokens, _, cache = gpt2
     answer, wrong = tokens[:, -1], tokens[:, 0]
     stack, _ = analysis.decompose_resid(cache, config, embeds="split", pos=-1)
     normed = analysis.apply_ln_to_stack(stack, cache, config, pos=-1)
-    ours = analysis.logit_attrs(params, normed, answer, config, incorrect=wrong)
     their_stack = tl_processed[1].decompose_resid(pos_slice=-1)
+    difference = analysis.logit_attrs(params, normed, answer, config, incorrect=wrong)
     theirs = tl_processed[1].logit_attrs(their_stack, answer, wrong, pos_slice=-1)
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
-    single = analysis.logit_attrs(params, normed, answer, config)
+    torch.testing.assert_close(difference, theirs, atol=ATOL, rtol=0)
+    single = analysis.logit_attrs(processed(params, config), normed, answer, config)
     their_single = tl_processed[1].logit_attrs(their_stack, answer, pos_slice=-1)
     torch.testing.assert_close(single, their_single, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("by", ["component", "head", "layer"])
+def test_direct_logit_attribution_equals_transformer_lens(gpt2, tl_processed, by):
+    from transformer_lens.tools.analysis.direct_logit_attribution import (
+        direct_logit_attribution,
+    )
+
+    # Processed params, so that each head's value bias sits in c_proj's bias as in theirs.
+    _, params, config, tokens, _, _ = gpt2
+    params = processed(params, config)
+    with torch.no_grad():
+        _, cache = run_with_cache(params, tokens, config)
+    answer, wrong = tokens[:, -1], tokens[:, 0]
+    for incorrect in (wrong, None):
+        ours, labels = analysis.direct_logit_attribution(
+            params, cache, answer, config, by=by, incorrect=incorrect
+        )
+        theirs = direct_logit_attribution(
+            tl_processed[0],
+            answer_tokens=answer,
+            incorrect_tokens=incorrect,
+            unit=by,
+            cache=tl_processed[1],
+        )
+        ours, labels = ours[:-1], labels[:-1]  # their processing folds ln_f's bias into b_U
+        if by == "component":  # their "embed" and "pos_embed" are our one "embed"
+            theirs_rows = torch.cat(
+                [theirs.attribution[:2].sum(0, keepdim=True), theirs.attribution[2:]]
+            )
+            assert labels == ["embed", *theirs.labels[2:]]
+        else:
+            theirs_rows = theirs.attribution
+            assert labels == theirs.labels
+        torch.testing.assert_close(ours, theirs_rows, atol=ATOL, rtol=0)
+
+
 def test_processed_params_give_transformer_lens_processed_activations(gpt2, tl_processed):
     _, params, config, tokens, _, _ = gpt2
-    processed = analysis.fold_value_biases(
-        analysis.center_writing_weights(analysis.fold_layer_norm(params, config), config), config
-    )
     with torch.no_grad():
-        _, ours = run_with_cache(processed, tokens, config)
+        logits, ours = run_with_cache(processed(params, config), tokens, config)
     theirs = tl_processed[1]
     for i in range(config.n_layer):
         for site, hook in [
@@ -220,6 +262,10 @@ def test_processed_params_give_transformer_lens_processed_activations(gpt2, tl_p
             atol=ATOL,
             rtol=0,
         )
+    # Both heads centred over the vocabulary and holding ln_f's gain: the same logits.
+    with torch.no_grad():
+        their_logits = tl_processed[0](tokens)
+    torch.testing.assert_close(logits, their_logits, atol=1e-4, rtol=0)
 
 
 # --- identities ------------------------------------------------------------------------------
@@ -250,7 +296,7 @@ def test_the_decomposition_and_the_head_stack_sum_to_the_residual_stream(seed, l
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 10_000), by=st.sampled_from(["layer", "head"]))
+@given(seed=st.integers(0, 10_000), by=st.sampled_from(["component", "head"]))
 def test_direct_logit_attribution_sums_to_the_logit_difference(seed, by):
     params, tokens, logits, cache = small_run(seed)
     answer, wrong = tokens[:, 0], tokens[:, 1]
@@ -260,11 +306,25 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(seed, by):
     assert labels[-1] == "ln_f.bias" and attrs.shape == (len(labels), 2)
     last = logits[:, -1]
     difference = last.gather(1, answer[:, None]) - last.gather(1, wrong[:, None])
+    # Logits of order 1-10 summed from ~10-20 rows in another order than the model: fp32 ulps.
     torch.testing.assert_close(attrs.sum(0), difference[:, 0], atol=1e-4, rtol=0)
     single, _ = analysis.direct_logit_attribution(params, cache, answer, TINY, by=by)
     torch.testing.assert_close(
         single.sum(0), last.gather(1, answer[:, None])[:, 0], atol=1e-4, rtol=0
     )
+
+
+def test_attribution_by_layer_plus_the_bias_is_the_frozen_logit_lens():
+    params, tokens, _, cache = small_run(5)
+    answer, wrong = tokens[:, 0], tokens[:, 1]
+    attrs, labels = analysis.direct_logit_attribution(
+        params, cache, answer, TINY, by="layer", incorrect=wrong
+    )
+    lens, lens_labels = analysis.logit_lens(params, cache, TINY, incl_mid=True, pos=-1)
+    assert labels == [*lens_labels, "ln_f.bias"]
+    difference = lens[:, [0, 1], answer] - lens[:, [0, 1], wrong]
+    # Logits of order 1-10 summed in another order than the lens: fp32 ulps.
+    torch.testing.assert_close(attrs[:-1] + attrs[-1], difference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("ln", ["frozen", "recompute"])
@@ -294,19 +354,20 @@ def test_frozen_and_recomputed_layer_norms_differ_before_the_last_layer():
     [
         analysis.fold_layer_norm,
         analysis.center_writing_weights,
+        analysis.center_unembed,
         analysis.fold_value_biases,
-        lambda p, c: analysis.fold_value_biases(
-            analysis.center_writing_weights(analysis.fold_layer_norm(p, c), c), c
-        ),
+        processed,
     ],
-    ids=["fold_layer_norm", "center_writing_weights", "fold_value_biases", "all three"],
+    ids=["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases", "all"],
 )
 def test_processed_params_give_the_same_log_probs(process):
     params, tokens, logits, _ = small_run(3)
-    processed = process(params, TINY)
-    assert set(processed) == set(params) and processed is not params
-    after = forward(processed, tokens, TINY)
+    changed = process(params, TINY)
+    assert set(changed) == set(params) and changed is not params
+    after = forward(changed, tokens, TINY)
     torch.testing.assert_close(after.log_softmax(-1), logits.log_softmax(-1), atol=ATOL, rtol=0)
+    shift = after - logits  # one constant per position (0 but for center_unembed)
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=ATOL, rtol=0)
 
 
 def test_folding_leaves_unit_gains_zero_biases_and_centred_writes():

@@ -36,6 +36,7 @@ TOY_SIZES = {
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
     "patching": {"config": TOY, "seq": 5},
+    "activation_checkpointing": {"config": TOY, "cases": ((8, 2), (16, 1))},
 }
 
 # How closely the attention kernels must agree, per dtype. The inputs are unit normals, so
@@ -91,6 +92,15 @@ def test_report_holds_each_benchmarks_table(out_dir, name):
 def test_plots_are_written_and_linked(out_dir, name):
     assert (out_dir / f"{name}.png").stat().st_size > 0
     assert f"![{name}]({name}.png)" in (out_dir / "REPORT.md").read_text()
+
+
+def test_activation_checkpointing_contenders_agree(out_dir):
+    result = json.loads((out_dir / "activation_checkpointing.json").read_text())
+    assert [(row["block"], row["batch"]) for row in result["rows"]] == [(8, 2), (16, 1)]
+    for row in result["rows"]:
+        # Recomputation repeats the same fp32 ops: equal to rounding (1e-6; measured 0).
+        assert row["loss_difference"] <= 1e-6
+        assert row["max_grad_difference"] <= 1e-6
 
 
 def test_train_step_contenders_compute_the_same_loss(out_dir):

@@ -235,6 +235,25 @@ def test_patching_some_positions_and_heads_from_another_run(params, tokens, tiny
         )
 
 
+@pytest.mark.parametrize(
+    "part, head_axis",
+    [("attn.q", 2), ("attn.k", 2), ("attn.v", 2), ("attn.z", 2), ("attn.result", 2)]
+    + [("attn.scores", 1), ("attn.pattern", 1)],
+)
+def test_patching_a_head_replaces_it_on_the_sites_head_axis(
+    params, tokens, tiny_config, part, head_axis
+):
+    site = f"h.1.{part}"
+    _, clean = run_with_cache(params, tokens, tiny_config, names=[site])
+    hooks = interventions.patch(site, torch.full((), 7.0), heads=[1])
+    _, patched = run_with_cache(params, tokens, tiny_config, names=[site], hooks=hooks)
+    assert bool((patched[site].select(head_axis, 1) == 7).all())
+    for head in (0, 2):
+        assert torch.equal(
+            patched[site].select(head_axis, head), clean[site].select(head_axis, head)
+        )
+
+
 def test_steering_adds_the_vector_where_asked_and_merge_runs_hooks_in_order(
     params, tokens, tiny_config
 ):

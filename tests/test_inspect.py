@@ -140,7 +140,7 @@ def test_inspection_numbers_are_the_analysis_readouts(model, ioi):
     mary, john = torch.tensor([single_token(" Mary")]), torch.tensor([single_token(" John")])
     # The same functions on the same cache, recorded differently: equal to fp32 rounding of
     # a matmul that may sum in another order (1e-6 on values of order 0.01-1).
-    for by, values in (("head", found.dla_by_head), ("layer", found.dla_by_layer)):
+    for by, values in (("head", found.dla_by_head), ("component", found.dla_by_component)):
         expected, labels = direct_logit_attribution(
             params, cache, mary, config, by=by, incorrect=john
         )

@@ -27,6 +27,20 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_the_analysis_example_runs():
+    text = README.read_text()
+    section = text[text.index("### Analysis") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    logits, wrong = namespace["logits"], namespace["wrong"]
+    last, answer = logits[:, -1], namespace["answer"]
+    difference = last.gather(1, answer[:, None]) - last.gather(1, wrong[:, None])
+    # A sum of 30-odd fp32 terms of order 1: a few ulps.
+    torch.testing.assert_close(namespace["total"], difference[:, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(namespace["by_head"].sum(0), difference[:, 0], atol=1e-4, rtol=0)
+
+
 def test_the_evaluation_examples_run(tmp_path, monkeypatch):
     """The Evaluation section's Python blocks (the functions, under hooks, and the `--hooks`
     module) run on a tiny model with the names they leave to the reader."""
@@ -79,20 +93,6 @@ def test_the_plots_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     for name in ("attn.png", "heads.png", "lens.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_the_analysis_example_runs():
-    text = README.read_text()
-    section = text[text.index("### Analysis") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
-    logits, wrong = namespace["logits"], namespace["wrong"]
-    last, answer = logits[:, -1], namespace["answer"]
-    difference = last.gather(1, answer[:, None]) - last.gather(1, wrong[:, None])
-    # A sum of 30-odd fp32 terms of order 1: a few ulps.
-    torch.testing.assert_close(namespace["total"], difference[:, 0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(namespace["by_head"].sum(0), difference[:, 0], atol=1e-4, rtol=0)
 
 
 def test_the_inspect_example_runs(tmp_path, monkeypatch):
