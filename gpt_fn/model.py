@@ -511,8 +511,8 @@ def forward_from(
     Runs blocks `layer .. n_layer - 1`, `ln_f` and the LM head: `forward(params, tokens,
     config)` equals `forward_from(params, cache["h.{layer}.resid_pre"], config, layer=layer)`.
     `layer=n_layer` runs `ln_f` and the head alone. `hooks` may name sites of blocks from
-    `layer` on, `ln_f` and `logits` (the earlier ones are never reached). `attention_mask`
-    (`batch seq`, True = real) as in `forward`, for a padded batch's residual stream.
+    `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
+    `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
     """
     check_int("layer", layer, at_least=0)
     if layer > config.n_layer:
@@ -530,7 +530,7 @@ def forward_from(
         mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
     if hooks is not None:
         check_hooks(hooks, config)
-        unreached = [s for s in hooks if s == "embed" or _layer_of(s) < layer]
+        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
         if unreached:
             raise ValueError(
                 f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
@@ -540,7 +540,7 @@ def forward_from(
     x = resid_pre
     for i in range(layer, config.n_layer):
         x = block(block_params[i], x, config, attention=attention, mask=mask, taps=taps[i])
-    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps)
+    x = layer_norm(top["ln_f"], x, eps=config.layer_norm_eps, tap=top_taps(hooks)[1])
     if hooks and "ln_f" in hooks:
         x = apply_hook("ln_f", hooks["ln_f"], x)
     logits = lm_head(params, x)
@@ -549,8 +549,12 @@ def forward_from(
     return logits
 
 
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
 def _layer_of(site: str) -> int | float:
-    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites after every block."""
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
     return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 

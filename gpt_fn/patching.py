@@ -353,8 +353,8 @@ def _stacked_patch(source: Tensor, selected: Tensor) -> Hook:
     `selected[i]` is True."""
 
     def hook(activation: Tensor) -> Tensor:
-        runs = activation.view(selected.shape[0], *source.shape)
-        return torch.where(selected, source, runs).view(activation.shape)
+        runs = activation.reshape(selected.shape[0], *source.shape)
+        return torch.where(selected, source, runs).reshape(activation.shape)
 
     return hook
 
@@ -413,7 +413,7 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
     layers = []
     for site, heads in receivers.items():
         layer = int(site.split(".")[1]) if site.startswith("h.") else config.n_layer
-        if site == "embed" or layer <= last_sender:
+        if site in ("tok_embed", "pos_embed", "embed") or layer <= last_sender:
             raise ValueError(
                 f"receiver {site!r} is not after the last sender's block ({last_sender})"
             )

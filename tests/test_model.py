@@ -306,7 +306,7 @@ def test_forward_from_takes_hooks_after_its_layer_and_a_padding_mask(tiny_config
     tokens = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=generator)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # left padding in the second row
-    hooks = {"h.1.attn.z": lambda z: 0.5 * z, "logits": lambda x: x - 1}
+    hooks = {"h.1.attn.z": lambda z: 0.5 * z, "ln_f.scale": lambda s: 2 * s, "logits": abs}
     logits, cache = gpt_fn.run_with_cache(
         params, tokens, tiny_config, names=["h.1.resid_pre"], attention_mask=mask, hooks=hooks
     )

@@ -84,6 +84,8 @@ SWEEPS = [
     ("attn.scores", "head"),
     ("attn.pattern", "head_position"),
     ("attn.z", "head_position"),
+    ("attn.result", "head"),
+    ("ln_2.scale", "position"),
 ]
 
 
@@ -118,7 +120,7 @@ ATTRIBUTION = {
     ("mlp.out", "layer"): (),
     ("attn.z", "head"): (2,),
     ("attn.z", "head_position"): (1, 2),
-    ("attn.q", "head"): (1,),
+    ("attn.q", "head"): (2,),
     ("attn.scores", "head_position"): (2, 1),  # query position, then head
 }
 
@@ -293,6 +295,7 @@ def test_bad_input_is_named_in_one_line(params, pair):
         ({"senders": [1]}, "each sender must be a \\(layer, head\\) pair"),
         ({"receivers": {"h.1.attn.q": [0]}}, "receiver 'h.1.attn.q' is not after the last"),
         ({"receivers": {"h.2.attn.z": [0]}}, "receiver 'h.2.attn.z': head outputs are frozen"),
+        ({"receivers": {"pos_embed": None}}, "receiver 'pos_embed' is not after the last"),
         ({"receivers": {"h.2.resid_pre": [0]}}, "receiver 'h.2.resid_pre' has no head axis"),
         ({"receivers": {"h.2.attn.qq": None}}, "unknown activation site 'h.2.attn.qq'"),
     ):
@@ -302,8 +305,7 @@ def test_bad_input_is_named_in_one_line(params, pair):
 
 # --- against TransformerLens ---------------------------------------------------------------
 
-# TransformerLens's function, our site and sweep. Its q/k/v are `batch pos head d_head` and
-# ours are indexed through `hooks.site_axes`: the same component either way.
+# TransformerLens's function, our site and sweep (every head site in its axis order).
 TRANSFORMER_LENS = {
     "get_act_patch_resid_pre": ("resid_pre", "position"),
     "get_act_patch_resid_mid": ("resid_mid", "position"),
@@ -367,7 +369,7 @@ def test_run_with_grads_equals_transformer_lens_backward_hooks(lens, pair):
     def next_token_loss(logits):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
 
-    matching = {  # our site, their hook
+    matching = {  # our site, their hook (the same axis order)
         "resid_pre": "hook_resid_pre",
         "attn.q": "attn.hook_q",
         "attn.v": "attn.hook_v",
@@ -384,8 +386,6 @@ def test_run_with_grads_equals_transformer_lens_backward_hooks(lens, pair):
         for site, hook in matching.items():
             name = f"h.{i}.{site}"
             activation, grad = theirs[f"blocks.{i}.{hook}"], theirs[f"blocks.{i}.{hook}_grad"]
-            if grad.shape != grads[name].shape:  # q/k/v: theirs `batch pos head d_head`
-                activation, grad = activation.transpose(1, 2), grad.transpose(1, 2)
             # Both compute GPT-2 in fp32 with different kernel groupings; the bound
             # (gradients here are of order 1e-2, activations of order 1).
             torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=0, msg=name)

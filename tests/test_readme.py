@@ -41,6 +41,18 @@ def test_the_analysis_example_runs():
     torch.testing.assert_close(namespace["by_head"].sum(0), difference[:, 0], atol=1e-4, rtol=0)
 
 
+def test_the_patching_example_runs():
+    text = README.read_text()
+    section = text[text.index("### Patching") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    config = namespace["config"]
+    assert namespace["by_position"].shape == (config.n_layer, 12)
+    assert namespace["by_head"].shape == namespace["estimate"].shape == (2, 2)
+    assert namespace["path"].shape == () and namespace["logits"].shape == (4, 12, 50304)
+
+
 def test_the_evaluation_examples_run(tmp_path, monkeypatch):
     """The Evaluation section's Python blocks (the functions, under hooks, and the `--hooks`
     module) run on a tiny model with the names they leave to the reader."""
