@@ -42,6 +42,7 @@ BENCHMARKS = (
     "lm_head_loss",
     "patching",
     "activation_checkpointing",
+    "choices",
     "prepare",
 )
 DEFAULT_OUT = Path("bench-out")

@@ -37,6 +37,10 @@ TOY_SIZES = {
     "lm_head_loss": {"d_model": 16, "vocab": 97},
     "patching": {"config": TOY, "seq": 5},
     "activation_checkpointing": {"config": TOY, "cases": ((8, 2), (16, 1))},
+    "choices": {
+        "config": GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=16),
+        "items": 3,
+    },
 }
 
 # How closely the attention kernels must agree, per dtype. The inputs are unit normals, so
@@ -101,6 +105,13 @@ def test_activation_checkpointing_contenders_agree(out_dir):
         # Recomputation repeats the same fp32 ops: equal to rounding (1e-6; measured 0).
         assert row["loss_difference"] <= 1e-6
         assert row["max_grad_difference"] <= 1e-6
+
+
+def test_choices_contenders_agree(out_dir):
+    result = json.loads((out_dir / "choices.json").read_text())
+    # The same log-probs to rounding (fp32; see tests/test_eval.py) and the same accuracies.
+    assert result["max_logprob_difference"] <= 1e-5
+    assert result["same_accuracy"]
 
 
 def test_train_step_contenders_compute_the_same_loss(out_dir):

@@ -374,6 +374,62 @@ def test_multiple_choice_scores_each_ending_after_its_context(model):
     assert result.acc == 0.5  # the same scores; one of the two labels is right
 
 
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_score_endings_equals_scoring_each_pair_alone(model, data):
+    # Invariant: a context's cache continued by an ending gives the log-probs of the whole
+    # row run at once. fp32: the cached run adds keys in two chunks and pads rows differently,
+    # which moves sums by rounding only (FP32, as the other log-prob comparisons).
+    params, config = model
+    token = st.integers(0, config.vocab_size - 1)
+    items = data.draw(
+        st.lists(
+            st.tuples(
+                st.lists(token, min_size=1, max_size=20),  # with 8: past block + 1 = 25
+                st.lists(st.lists(token, min_size=1, max_size=8), min_size=1, max_size=4),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    batch_size = data.draw(st.integers(1, 3))
+    got = evaluation.score_endings(params, items, config, batch_size=batch_size)
+    for (context, endings), sums in zip(items, got, strict=True):
+        want = evaluation.score_continuations(params, [(context, e) for e in endings], config)
+        assert sums == pytest.approx([w.logprob for w in want], rel=1e-5, abs=1e-5)
+
+
+def test_multiple_choice_sharing_contexts_gives_the_same_scores(model):
+    params, config = model
+    items = [
+        evaluation.Choice("The cat sat on the", ("mat.", "moon and sang", "rug", "x y z w"), 2),
+        evaluation.Choice("A", ("b", "c d e f g h i j k l m n o p q r s t u v w x"), 0),  # > block
+        evaluation.Choice("Then the dog said", ("woof", "nothing at all"), 1),
+    ]
+    counted = []
+    plain = evaluation.multiple_choice(params, items, config)
+    shared = evaluation.multiple_choice(
+        params, items, config, share_context=True, progress=counted.append
+    )
+    assert sum(counted) == 8  # every ending counted once
+    for a, b in zip(plain.logprobs, shared.logprobs, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-5)
+    assert (shared.acc, shared.acc_norm, shared.acc_bytes) == (
+        plain.acc,
+        plain.acc_norm,
+        plain.acc_bytes,
+    )
+
+
+def test_multiple_choice_sharing_contexts_refuses_hooks(model):
+    params, config = model
+    item = evaluation.Choice("The cat sat on the", ("mat.", "moon"), 0)
+    with pytest.raises(ValueError, match="share_context=True runs contexts and endings"):
+        evaluation.multiple_choice(
+            params, [item], config, share_context=True, hooks={"embed": lambda x: x}
+        )
+
+
 # --- reading HellaSwag-style jsonl ----------------------------------------------------------
 
 
