@@ -8,7 +8,8 @@
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
     gpt-fn eval --checkpoint out --tokens data/shakespeare --choices hellaswag_val.jsonl
     gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
-    gpt-fn inspect --checkpoint out --prompt "When Mary and John went to the store, John gave a drink to" --answer " Mary" --wrong " John"
+    gpt-fn inspect --checkpoint out --prompt "ROMEO: But, soft! what light through yonder" \
+                   --answer " window" --out romeo
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
 on stderr naming the problem and a non-zero exit: 2 for a bad flag, 1 for bad input or a

@@ -157,9 +157,9 @@ def inspect_prompt(
 ) -> Inspection:
     """One prompt read out from one `run_with_cache`: the logit lens (`ln` as in
     `analysis.logit_lens`) over its last `LENS_POSITIONS` positions, direct logit attribution
-    of `answer`'s logit minus `wrong`'s at the last position (per head and per component; `answer`
-    defaults to the model's most likely next token, `wrong` to none: the logit alone), and the
-    `HEAD_KINDS` scores of every head."""
+    of `answer`'s logit minus `wrong`'s at the last position (per head and per component;
+    `answer` defaults to the model's most likely next token, `wrong` to none: the logit
+    alone), and the `HEAD_KINDS` scores of every head."""
     if not isinstance(tokens, Tensor) or tokens.ndim != 1 or tokens.numel() == 0:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be one non-empty prompt (seq,), got {shape}")
