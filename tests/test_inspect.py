@@ -182,6 +182,18 @@ def test_without_an_answer_the_prediction_is_attributed(model):
     torch.testing.assert_close(found.lens[-1, -1], logits, rtol=0, atol=1e-5)
 
 
+def test_when_the_prediction_is_the_wrong_token_the_runner_up_is_attributed(model):
+    params, config = model
+    tokens = torch.tensor(gpt2().encode_ordinary("one two three"))
+    logits = forward(params, tokens[None], config)[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    found = inspection.inspect_prompt(params, tokens, config, wrong=first)
+    assert (found.answer, found.wrong) == (second, first)
+    assert found.logit_difference == pytest.approx(
+        (logits[second] - logits[first]).item(), abs=1e-5
+    )
+
+
 def test_the_lens_covers_the_last_positions_of_a_long_prompt(model):
     params, config = model
     tokens = torch.arange(100, 100 + inspection.LENS_POSITIONS + 4)
