@@ -17,6 +17,7 @@ TransformerLens's demos (`imshow` of `(layer, head)` results, CircuitsVis attent
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -197,7 +198,12 @@ def _figure(width: float, height: float) -> Figure:
 
 def _saved(figure: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
-        write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=PNG_DPI))
+        with warnings.catch_warnings():
+            # Tokens in scripts the font lacks (CJK, emoji) are drawn as boxes, not warned about.
+            warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
+            write_atomic(
+                path, lambda temporary: figure.savefig(temporary, format="png", dpi=PNG_DPI)
+            )
     return figure
 
 

@@ -109,6 +109,12 @@ def test_logit_lens_table_shows_the_top_tokens_shaded_by_probability(tmp_path):
     assert_png(tmp_path / "lens.png")
 
 
+def test_tokens_the_font_lacks_are_drawn_without_a_warning(tmp_path, recwarn):
+    ids = torch.tensor([[[0]]])
+    plots.logit_lens_table(ids, decode=["\u306e\U0001f600"], path=tmp_path / "lens.png")
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
 def test_control_characters_in_tokens_are_shown_escaped():
     """Bytes no font draws (GPT-2 has tokens for \\x00 ... \\x1f) appear as escapes."""
     ids = torch.tensor([[[0]]])
