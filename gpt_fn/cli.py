@@ -774,14 +774,16 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     found = inspection.inspect_prompt(
         params, tokens, config, answer=answer, wrong=wrong, ln=args.ln
     )
-    written = inspection.write_report(
-        found,
-        args.out,
-        config,
-        title=f"gpt-fn inspect: {about['description']}",
-        about={"model": about, "prompt": args.prompt},
-        k=args.top,
-    )
+    with tqdm(unit="figure", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        written = inspection.write_report(
+            found,
+            args.out,
+            config,
+            title=f"gpt-fn inspect: {about['description']}",
+            about={"model": about, "prompt": args.prompt},
+            k=args.top,
+            progress=bar.update,
+        )
     target = inspection.attributed(written)
     print(f"{target}: logit{' difference' if wrong is not None else ''} "
           f"{written['logit_difference']:.4f}")  # fmt: skip

@@ -307,55 +307,59 @@ def write_report(
     title: str = "",
     about: Mapping[str, Any] | None = None,
     k: int = 5,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """The report folder `out`: `logit_lens.png`, `dla_heads.png`, per head kind
     `{kind}_scores.png`, the best head of each kind's pattern in `top_heads.png`, `results.json`
     (`title`, `about`'s entries, `results`'s numbers, the figures' names) and `report.md`
     (the same, to read). `about`: what produced the report (JSON values: the model's source,
-    the prompt). Returns what `results.json` holds."""
+    the prompt). `progress(1)` after each figure (`tqdm.update` fits). Returns what
+    `results.json` holds."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     words = [decode(t) for t in inspection.tokens]
     found = results(inspection, config, decode=decode, k=k)
-    figures = {}
-    figures["logit_lens"] = "logit_lens.png"
-    plots.logit_lens_table(
-        inspection.lens,
-        decode=decode,
-        tokens=[words[i] for i in inspection.lens_positions],
-        layer_labels=inspection.lens_labels,
-        k=2,
-        title=f"logit lens (ln={inspection.ln}): top 2 tokens",
-        path=folder / figures["logit_lens"],
-    )
-    figures["dla_heads"] = "dla_heads.png"
-    plots.head_heatmap(
-        inspection.dla_heads(config),
-        title=f"direct logit attribution: {attributed(found)}",
-        label="logit (difference)",
-        path=folder / figures["dla_heads"],
-    )
+    drawings: dict[str, Callable[[Path], object]] = {
+        "logit_lens": lambda path: plots.logit_lens_table(
+            inspection.lens,
+            decode=decode,
+            tokens=[words[i] for i in inspection.lens_positions],
+            layer_labels=inspection.lens_labels,
+            k=2,
+            title=f"logit lens (ln={inspection.ln}): top 2 tokens",
+            path=path,
+        ),
+        "dla_heads": lambda path: plots.head_heatmap(
+            inspection.dla_heads(config),
+            title=f"direct logit attribution: {attributed(found)}",
+            label="logit (difference)",
+            path=path,
+        ),
+    }
     best: list[tuple[str, int, int]] = []
     for kind, scores in inspection.head_scores.items():
-        if scores is None:
-            continue
-        figures[f"{kind}_scores"] = f"{kind}_scores.png"
-        plots.head_heatmap(
-            scores,
-            title=f"{kind.replace('_', '-')} score (attention mass)",
-            label="attention",
-            path=folder / figures[f"{kind}_scores"],
-        )
-        layer, head, _ = top_heads(scores, 1)[0]
-        best.append((kind, layer, head))
+        if scores is not None:
+            drawings[f"{kind}_scores"] = lambda path, kind=kind, scores=scores: plots.head_heatmap(
+                scores,
+                title=f"{kind.replace('_', '-')} score (attention mass)",
+                label="attention",
+                path=path,
+            )
+            layer, head, _ = top_heads(scores, 1)[0]
+            best.append((kind, layer, head))
     if best:
-        figures["top_heads"] = "top_heads.png"
-        plots.attention_patterns(
+        drawings["top_heads"] = lambda path: plots.attention_patterns(
             torch.stack([inspection.patterns[layer, head] for _, layer, head in best]),
             words,
             titles=[f"{kind.replace('_', '-')}: L{layer}H{head}" for kind, layer, head in best],
-            path=folder / figures["top_heads"],
+            path=path,
         )
+    figures = {}
+    for name, draw in drawings.items():
+        figures[name] = f"{name}.png"
+        draw(folder / figures[name])
+        if progress is not None:
+            progress(1)
     found = {"title": title, **(about or {}), **found, "figures": figures}
     text = json.dumps(found, indent=2) + "\n"
     write_atomic(folder / "results.json", lambda path: Path(path).write_text(text))

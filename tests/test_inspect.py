@@ -245,7 +245,10 @@ def test_token_text_decodes_gpt2_ids_and_names_padding():
 def test_write_report_writes_the_figures_report_and_results(model, ioi, tmp_path):
     params, config = model
     tokens, found = ioi
-    written = inspection.write_report(found, tmp_path / "report", config, title="IOI", k=3)
+    drawn: list[int] = []
+    written = inspection.write_report(
+        found, tmp_path / "report", config, title="IOI", k=3, progress=drawn.append
+    )
     folder = tmp_path / "report"
     saved = json.loads((folder / "results.json").read_text())
     assert saved == json.loads(json.dumps(written))
@@ -259,6 +262,7 @@ def test_write_report_writes_the_figures_report_and_results(model, ioi, tmp_path
     }
     for name in saved["figures"].values():
         assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    assert drawn == [1] * len(saved["figures"])
     assert saved["dla"]["heads"] == found.dla_heads(config).tolist()
     assert saved["answer"] == {"token": single_token(" Mary"), "text": " Mary", "given": True}
     assert saved["token_text"] == [gpt2().decode([t]) for t in tokens.tolist()]
