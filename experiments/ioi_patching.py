@@ -107,7 +107,7 @@ def run(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> dict[str, Any]:
                 params, clean, corrupted, config, metric, site=site, by=by
             )
             seconds[site] = time.perf_counter() - started
-        # One entry of each sweep by a plain hooked forward: the top head, the last position.
+        # The top head's entry again, by a plain forward with hooks.patch.
         heads = sweeps["attn.z"]
         layer, head = divmod(int((heads - corrupted_value).abs().argmax()), config.n_head)
         _, cache = gpt_fn.run_with_cache(params, clean, config, names=[f"h.{layer}.attn.z"])
