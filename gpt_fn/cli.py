@@ -282,9 +282,6 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{where} is {len(ids)} tokens, longer than the model's block_size "
                 f"{config.block_size}"
             )
-    if config.vocab_size > encoding.n_vocab:  # ids the tokenizer never makes: padding rows
-        banned = sampling.ban_tokens(range(encoding.n_vocab, config.vocab_size))
-        transform = sampling.chain(banned, transform)
     params = {k: v.to(device) for k, v in params.items()}
     if args.num_beams is not None:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
@@ -297,6 +294,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,  # ids past it (vocabulary padding) are never generated
     )
     if len(prompts) == 1 and args.num_samples == 1:
         stream = sampling.generate_stream(
@@ -370,6 +368,8 @@ def _beam_search(
         num_return_sequences=args.num_samples,
         eos_token_id=EOT_TOKEN,
         transform=transform,
+        stop=args.stop,
+        tokenizer=encoding,
     )
     for index, (row, score) in enumerate(zip(out.sequences, out.scores.tolist(), strict=True)):
         prompt, beam = divmod(index, args.num_samples)
@@ -410,6 +410,7 @@ def _speculative(
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
+        tokenizer=encoding,
     )
     _print_rows(args, texts, prompts, out.tokens, encoding)
     stats = out.stats

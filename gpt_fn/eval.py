@@ -381,10 +381,13 @@ def perplexity(
     check_int("batch_size", batch_size, at_least=1)
     if isinstance(text_or_tokens, str):
         ids = np.asarray(encode_text(text_or_tokens), dtype=np.int64)
-    elif isinstance(text_or_tokens, Tensor):
-        ids = text_or_tokens.detach().cpu().numpy().astype(np.int64)
     else:
-        ids = np.asarray(text_or_tokens, dtype=np.int64)
+        if isinstance(text_or_tokens, Tensor):
+            text_or_tokens = text_or_tokens.detach().cpu().numpy()
+        ids = np.asarray(text_or_tokens)
+        if ids.size and ids.dtype.kind not in "iu":  # a float or a bool is no token id
+            raise ValueError(f"tokens must be integer ids, got {ids.dtype} values")
+        ids = ids.astype(np.int64)
     if ids.ndim != 1:
         raise ValueError(f"tokens must be one sequence (1-D), got shape {ids.shape}")
     if len(ids) < 2:

@@ -327,8 +327,7 @@ class GPTFnLM(TemplateLM):
             options = {}  # greedy: HF ignores the sampling knobs too
         elif temperature > 0:
             options["temperature"] = temperature
-        banned = range(GPT2_VOCAB_SIZE, self.config.vocab_size)
-        transform = sampling.make_transform(ban_tokens=banned or None, **options)
+        transform = sampling.make_transform(**options)
         room = self.max_length - max_gen_toks
         prompts = [(self.tok_encode(context) or [EOT_TOKEN])[-room:] for context in contexts]
         self._generate_calls += 1
@@ -347,6 +346,7 @@ class GPTFnLM(TemplateLM):
             seed=seed,
             eos_token_id=EOT_TOKEN,
             stop=stops or None,
+            tokenizer=self.encoding,  # ids past it (vocabulary padding) are never generated
             hooks=self.hooks,
         )
         return [

@@ -42,6 +42,9 @@ Sweep = Literal["layer", "position", "head", "head_position"]
 """What one patched component is: a site's whole activation in one layer, one position of it,
 one head (every position) or one head at one position."""
 SWEEPS: tuple[Sweep, ...] = get_args(Sweep)
+ROWS_PER_FORWARD = 4096
+"""`activation_patch`'s default bound on the token rows (runs x batch x seq) of one stacked
+forward: its logits then take ~0.8 GB in fp32 at GPT-2's vocabulary."""
 
 
 def activation_patch(
@@ -53,7 +56,7 @@ def activation_patch(
     *,
     site: str,
     by: Sweep = "layer",
-    chunk: int = 32,
+    chunk: int | None = None,
     attention: AttentionKernel = "sdpa",
 ) -> Float[Tensor, "n_layer ..."]:
     """The metric of the `corrupted` run with each component of `site` taken from `clean`.
@@ -64,11 +67,14 @@ def activation_patch(
     `(n_layer, seq, n_head)` for `"head_position"`; entry `[layer, ...]` equals
     `metric(forward(params, corrupted, config, hooks=patch(f"h.{layer}.{site}",
     clean_cache[...], positions=..., heads=...)))`. `chunk` bounds how many patched runs
-    share one forward (memory grows with it: `chunk x batch` rows of logits).
+    share one forward (their logits take `chunk x batch x seq x vocab` floats); by default as
+    many as fit in `ROWS_PER_FORWARD` token rows.
     """
     _check_pair(clean, corrupted, config)
     _check_metric(metric)
     _check_sweep(site, by)
+    if chunk is None:
+        chunk = max(1, ROWS_PER_FORWARD // corrupted.numel())
     check_int("chunk", chunk, at_least=1)
     names = [f"h.{i}.{site}" for i in range(config.n_layer)]
     starts = [f"h.{i}.resid_pre" for i in range(config.n_layer)]

@@ -763,6 +763,25 @@ def test_num_beams_prints_the_best_beams_of_each_prompt_with_their_scores(capsys
     assert blocks[header] == "JULIET: O Romeo" + encoding.decode(best.sequences[0][len(prompt) :])
 
 
+def test_num_beams_with_stop_ends_beams_at_the_stop_string(capsys, models):
+    ckpt = f"--checkpoint={models['target']}"
+    saved = load_checkpoint(models["target"])
+    encoding = gpt2()
+    prompt = encoding.encode("ROMEO:")
+    options = dict(max_new_tokens=8, eos_token_id=EOT_TOKEN)
+    free = beam_search(saved.params, [prompt], saved.model_config, 2, **options)
+    stop = encoding.decode(free.sequences[0][len(prompt) :])[3:5]  # mid-way in the best beam
+    best = beam_search(saved.params, [prompt], saved.model_config, 2, stop=[stop], **options)
+    code, out, err = run(
+        capsys, "sample", ckpt, "--prompt=ROMEO:", "--num-beams=2", "--max-new-tokens=8",
+        "--stop", stop,
+    )  # fmt: skip
+    assert code == 0, err
+    text = encoding.decode(best.sequences[0][len(prompt) :])
+    assert best.sequences != free.sequences  # the stop string changed the search
+    assert _blocks(out) == {f"beam 1, score {float(best.scores[0]):.4f}": "ROMEO:" + text}
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_a_draft_checkpoint_decodes_speculatively_and_reports_acceptance(
     capsys, models, tmp_path, greedy

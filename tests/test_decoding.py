@@ -1,6 +1,8 @@
 """Decoding: KV cache equals recomputation, cropping past block_size, batching, seeds, eos,
 streaming, argument errors, and greedy tokens equal to HF `generate` on converted GPT-2 weights."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -382,3 +384,24 @@ def test_a_transform_that_is_not_callable_is_refused_before_any_token(params, ti
         generate_stream(
             params, _prompt(tiny_config), tiny_config, max_new_tokens=2, transform=0.8, seed=0
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "message", "use_cache"),
+    [
+        (dict(n_layer=3), "its n_layer is 2, the config's 3", True),
+        (dict(n_head=2), "its n_head is 3, the config's 2", True),
+        (dict(n_embd=48), "its head size \\(n_embd // n_head\\) is 8, the config's 16", True),
+        (dict(vocab_size=120), "its vocab_size is 101, the config's 120", True),
+        (dict(vocab_size=120), "its vocab_size is 101, the config's 120", False),
+    ],
+)
+def test_decode_step_names_a_config_other_than_the_states(tiny_config, change, message, use_cache):
+    params = gpt_fn.init_params(tiny_config, seed=0)
+    state = prefill(params, [[1, 2, 3]], tiny_config, use_cache=use_cache)
+    other = dataclasses.replace(tiny_config, **change)
+    with (
+        shape_checks(False),
+        pytest.raises(ValueError, match="made with another config: " + message),
+    ):
+        decode_step(gpt_fn.init_params(other, seed=0), state, torch.tensor([4]), other)

@@ -18,6 +18,7 @@ from gpt_fn import GPTConfig, forward, init_params
 from gpt_fn import eval as evaluation
 from gpt_fn.hf import config_to_hf_dict, to_hf_state_dict
 from gpt_fn.hooks import add_vector
+from gpt_fn.shapes import shape_checks
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,6 +259,10 @@ def test_perplexity_rejects_what_it_cannot_score(model):
         evaluation.perplexity(params, TEXT, config, stride=25)
     with pytest.raises(ValueError, match=r"token id 50257 is outside"):
         evaluation.perplexity(params, [1, 2, 50257], config)
+    with shape_checks(False):  # our own check, as a user without the test-time hook meets it
+        for floats in ([1.5, 2.0, 3.0], torch.tensor([1.0, 2.0]), [True, False]):
+            with pytest.raises(ValueError, match="tokens must be integer ids, got"):
+                evaluation.perplexity(params, floats, config)
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,6 +6,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gpt_fn
 from gpt_fn import hf
@@ -106,10 +108,36 @@ def test_chunk_size_changes_nothing_but_memory(params, pair):
             params, clean, corrupted, CONFIG, logit_diff, site="attn.z", by=by, chunk=c
         )
         for by in ("head_position",)
-        for c in (1, 7, 1000)
+        for c in (1, 7, None)  # None: every run of a layer at once at this size
     ]
     for other in runs[1:]:
         torch.testing.assert_close(other, runs[0], atol=ATOL, rtol=0)
+
+
+PARAMS = gpt_fn.init_params(CONFIG, seed=0)  # hypothesis tests take no fixtures
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    sweep=st.sampled_from(SWEEPS),
+    chunk=st.sampled_from([1, 5, None]),
+    seed=st.integers(0, 2**16),
+)
+def test_patching_a_run_with_its_own_activations_changes_nothing(sweep, chunk, seed):
+    site, by = sweep
+    tokens = torch.randint(
+        0, CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(seed)
+    )
+    base = logit_diff(gpt_fn.forward(PARAMS, tokens, CONFIG))
+    with shape_checks(False):
+        patched = activation_patch(
+            PARAMS, tokens, tokens, CONFIG, logit_diff, site=site, by=by, chunk=chunk
+        )
+        estimate = attribution_patch(PARAMS, tokens, tokens, CONFIG, logit_diff, site=site, by=by)
+    # Stacked runs against one, and (at attn.scores/pattern) attention computed explicitly
+    # against the fused kernel: a few fp32 ulps.
+    for got in (patched, estimate):
+        torch.testing.assert_close(got, torch.full_like(got, float(base)), atol=ATOL, rtol=0)
 
 
 # --- attribution patching and gradients at sites -------------------------------------------

@@ -14,9 +14,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import gpt_fn
 from gpt_fn import hf
 from gpt_fn import hooks as interventions
+from gpt_fn.eval import token_scores
 from gpt_fn.nn.padding import pad
 from gpt_fn.sampling import (
     PAD,
+    beam_search,
     cut_at_stop,
     decode_step,
     decode_step_,
@@ -161,6 +163,8 @@ def test_num_samples_prefill_once_and_sample_like_the_repeated_batch(monkeypatch
 class LetterTokenizer:
     """Token i decodes to one letter, so stop strings are easy to place across tokens."""
 
+    n_vocab = 101  # the model's every id has a letter
+
     def decode_single_token_bytes(self, token: int) -> bytes:
         return bytes([ord("a") + token % 26])
 
@@ -232,3 +236,35 @@ def test_bad_masks_and_too_small_caches_are_named():
         prefill(PARAMS, tokens, CONFIG, capacity=2)
     with pytest.raises(ValueError, match="row 1 has no tokens"):
         generate(PARAMS, [[1], []], CONFIG, max_new_tokens=2, greedy=True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([[1.5, 2.0]], "row 0 holds torch.float32 values, not integer token ids"),
+        ([[1, 2], [3, 4.0]], "row 1 holds torch.float32 values"),
+        ([[True, False]], "row 0 holds torch.bool values"),
+        ([[[1]]], "row 0 must be a flat list of token ids, got 2 levels of nesting"),
+        ([1, 2], "row 0 must be a list of integer token ids, got int"),
+        (["ab"], "row 0 must be a list of integer token ids, got str"),
+        ([[1, "a"]], "row 0 is not a list of integer token ids"),
+    ],
+)
+def test_token_lists_of_non_integers_or_wrong_nesting_are_refused_by_every_entry_point(
+    rows, message
+):
+    entry_points = [
+        lambda: gpt_fn.forward(PARAMS, rows, CONFIG),
+        lambda: gpt_fn.loss(PARAMS, rows, rows, CONFIG),
+        lambda: gpt_fn.run_with_cache(PARAMS, rows, CONFIG, names=["ln_f"]),
+        lambda: token_scores(PARAMS, rows, CONFIG),
+        lambda: generate(PARAMS, rows, CONFIG, max_new_tokens=1, greedy=True),
+        lambda: beam_search(PARAMS, rows, CONFIG, 2, max_new_tokens=1),
+        lambda: prefill(PARAMS, rows, CONFIG),
+    ]
+    with shape_checks(False):  # our own check, as a user without the test-time hook meets it
+        for run in entry_points:
+            with pytest.raises(ValueError, match=message):
+                run()
+    tokens, mask = pad([(1, 2), [3]], side="left")  # tuples are token lists too
+    assert tokens.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[True, True], [False, True]]

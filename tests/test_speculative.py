@@ -131,6 +131,8 @@ def test_a_padded_tensor_with_its_mask_gives_what_token_lists_give():
 class LetterTokenizer:
     """Token i decodes to one letter (as in test_ragged)."""
 
+    n_vocab = 101  # the model's every id has a letter
+
     def decode_single_token_bytes(self, token: int) -> bytes:
         return bytes([ord("a") + token % 26])
 

@@ -11,16 +11,20 @@ from hypothesis import strategies as st
 from jaxtyping import TypeCheckError
 from transformers.generation import logits_process as hf
 
+import gpt_fn
 from gpt_fn.sampling import (
     ban_tokens,
+    beam_search,
     chain,
     frequency_penalty,
+    generate,
     logit_bias,
     make_transform,
     min_p,
     no_repeat_ngram,
     presence_penalty,
     repetition_penalty,
+    speculative_generate,
     temperature,
     top_k,
     top_p,
@@ -541,3 +545,47 @@ def test_a_transform_call_is_shape_checked_and_rows_must_match():
         pytest.raises(ValueError, match="context has 3 rows but logits have 2"),
     ):
         repetition_penalty(1.2)(logits, context)
+
+
+def _wider(logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    return torch.cat([logits, logits[:, :3]], dim=-1)
+
+
+def _integers(logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    return logits.long()
+
+
+@pytest.mark.parametrize(
+    ("transform", "error", "message"),
+    [
+        (
+            _wider,
+            ValueError,
+            "transform _wider returned logits of shape \\(\\d+, 104\\), not \\(\\d+, 101\\)",
+        ),
+        (_integers, TypeError, "transform _integers returned dtype torch.int64, not floating"),
+        (
+            chain(top_k(5), _wider),
+            ValueError,
+            "transform chain\\(top_k\\(5\\), .*shape \\(\\d+, 104\\)",
+        ),
+    ],
+)
+def test_every_decoder_names_a_transform_that_returns_the_wrong_shape_or_dtype(
+    tiny_config, transform, error, message
+):
+    params = gpt_fn.init_params(tiny_config, seed=0)
+    prompt = [[1, 2], [3]]
+    runs = [
+        lambda: generate(params, prompt, tiny_config, max_new_tokens=2, seed=0, transform=transform),
+        lambda: generate(params, prompt, tiny_config, max_new_tokens=2, greedy=True, transform=transform),
+        lambda: beam_search(params, prompt, tiny_config, 2, max_new_tokens=2, transform=transform),
+        lambda: speculative_generate(
+            params, prompt, tiny_config, draft_params=params, draft_config=tiny_config,
+            max_new_tokens=2, greedy=True, transform=transform,
+        ),
+    ]  # fmt: skip
+    with shape_checks(False):  # our own check, as a user without the test-time hook meets it
+        for run in runs:
+            with pytest.raises(error, match=message):
+                run()

@@ -25,23 +25,49 @@ def pad(
     side: Literal["left", "right"],
     device: torch.device | str | None = None,
 ) -> tuple[Int[Tensor, "batch seq"], Bool[Tensor, "batch seq"]]:
-    """Token lists as one int64 tensor, padded with 0 on `side`, and its mask (True = real)."""
-    if isinstance(rows, Tensor) or not rows:
+    """Token lists as one int64 tensor, padded with 0 on `side`, and its mask (True = real).
+
+    Each row is a flat list (or tuple) of integer ids; a float, a bool or a list nested deeper
+    is refused (`ValueError` naming the row), never rounded or flattened.
+    """
+    if isinstance(rows, (Tensor, str, bytes)) or not rows:
         raise ValueError("expected a non-empty list of token lists")
-    lengths = [len(row) for row in rows]
-    if min(lengths) == 0:
-        raise ValueError(f"row {lengths.index(0)} has no tokens; every row needs at least one")
+    tensors = [_row(i, row) for i, row in enumerate(rows)]
+    lengths = [len(row) for row in tensors]
     width = max(lengths)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(tensors):
         span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        try:
-            tokens[i, span] = torch.as_tensor(row, dtype=torch.long)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"row {i} is not a list of integer token ids: {error}") from None
+        tokens[i, span] = row
         mask[i, span] = True
     return tokens.to(device), mask.to(device)
+
+
+def _row(i: int, row: object) -> Tensor:
+    """Row `i` of a batch of token lists as a 1-D int64 tensor, or `ValueError` naming it."""
+    if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
+        raise ValueError(
+            f"row {i} must be a list of integer token ids, got {type(row).__name__}: "
+            "token lists are [[id, ...], ...]"
+        )
+    if len(row) == 0:
+        raise ValueError(f"row {i} has no tokens; every row needs at least one")
+    try:
+        tensor = torch.as_tensor(row)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"row {i} is not a list of integer token ids: {error}") from None
+    if tensor.ndim != 1:
+        raise ValueError(
+            f"row {i} must be a flat list of token ids, got {tensor.ndim} levels of nesting: "
+            "token lists are [[id, ...], ...]"
+        )
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise ValueError(
+            f"row {i} holds {tensor.dtype} values, not integer token ids; a number such as 1.5 "
+            "or True is not a token"
+        )
+    return tensor.long()
 
 
 def positions(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:

@@ -10,7 +10,8 @@
 
 - `transforms`: pure `(logits, context) -> logits` functions and `chain` (HF / OpenAI semantics).
 - `samplers`: `greedy` and `categorical` (explicit generators).
-- `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`.
+- `decoding`: `prefill` / `decode_step` over an explicit `DecodeState`, `generate`; stop
+  strings and `ban_padding_ids` (ids past the tokenizer are never generated where one is used).
 - `head`: `decoding_head`, the tied LM head laid out for decode steps (`LMHead`).
 - `beam`: `beam_search` (HF's rules and scores).
 - `speculative`: `speculative_generate`, a draft model's tokens checked by the target.
@@ -19,6 +20,7 @@
 from gpt_fn.sampling.beam import BeamSearchOutput, beam_search
 from gpt_fn.sampling.decoding import (
     DecodeState,
+    ban_padding_ids,
     cut_at_stop,
     decode_step,
     decode_step_,
@@ -38,6 +40,7 @@ from gpt_fn.sampling.speculative import (
 from gpt_fn.sampling.transforms import (
     PAD,
     Transform,
+    apply_transform,
     ban_tokens,
     chain,
     frequency_penalty,
@@ -61,6 +64,8 @@ __all__ = [
     "SpeculativeOutput",
     "SpeculativeStats",
     "Transform",
+    "apply_transform",
+    "ban_padding_ids",
     "ban_tokens",
     "beam_search",
     "categorical",

@@ -11,10 +11,12 @@ weights (tested):
   (`log_softmax` of the model's logits, then `transform`, as HF's processors see log-probs),
   keeps the `2 * num_beams` best, and carries on with the best `num_beams` of those that did
   not just end.
-- A candidate ends with `eos_token_id`, or when it reaches `max_new_tokens`. Its final score is
-  its sum over `generated_length ** length_penalty`, the length counting only new tokens (eos
-  included); only candidates among the step's top `num_beams` can become finished hypotheses,
-  and each prompt keeps the `num_beams` best.
+- A candidate ends with `eos_token_id`, when its new text completes one of the `stop` strings
+  (HF's `stop_strings`, matched as `generate` matches them: on generated text only), or when
+  it reaches `max_new_tokens`. Its final score is its sum over
+  `generated_length ** length_penalty`, the length counting only new tokens (eos or the
+  stop's last token included); only candidates among the step's top `num_beams` can become
+  finished hypotheses, and each prompt keeps the `num_beams` best.
 - `early_stopping`: `True` stops a prompt once it has `num_beams` finished hypotheses; `False`
   (HF's default) also stops it when the best running beam, scored at its current length,
   cannot beat the worst finished one; `"never"` scores it at `max_new_tokens` when
@@ -31,7 +33,7 @@ run past `block_size` (the model then sees its last `block_size` tokens, as in `
 """
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -43,13 +45,15 @@ from gpt_fn.model import TokenRows, check_params
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.decoding import (
+    StopStrings,
     _advance,
     _prefill,
     _prompt_tokens,
     fan_out,
+    text_choices,
 )
 from gpt_fn.sampling.head import decoding_head
-from gpt_fn.sampling.transforms import Transform
+from gpt_fn.sampling.transforms import Transform, apply_transform
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, check_hooks
 
@@ -83,6 +87,8 @@ def beam_search(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     transform: Transform | None = None,
+    stop: Sequence[str] | None = None,
+    tokenizer: Any = None,
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
     attention: AttentionKernel = "sdpa",
     hooks: Hooks | None = None,
@@ -95,6 +101,9 @@ def beam_search(
       exactly `max_new_tokens`.
     - `transform(log_probs, tokens_so_far)` changes the log-probs before they are scored
       (HF's processors: `repetition_penalty`, `no_repeat_ngram`, `ban_tokens`, ...).
+    - `stop`, `tokenizer`: as in `generate`: a hypothesis ends at the token that completes a
+      stop string in its new text, and with a tokenizer in use ids past its vocabulary are
+      banned (`ban_padding_ids`).
     - `pad_token_id` (default: `eos_token_id`, else 0) fills a tensor result after a
       hypothesis that ended early.
     """
@@ -125,13 +134,14 @@ def beam_search(
         raise ValueError(
             f"transform must be a function (log_probs, context) -> log_probs, got {transform!r}"
         )
+    transform, stops = text_choices(config, transform=transform, stop=stop, tokenizer=tokenizer)
     if hooks is not None:
         check_hooks(hooks, config)
     with torch.no_grad():
         new, lengths, scores = _search(
             params, tokens, config, beams=beams, max_new=max_new, min_new=min_new,
             penalty=penalty, early_stopping=early_stopping, eos=eos_token_id, pad=pad,
-            transform=transform, attention=attention, hooks=hooks,
+            transform=transform, stops=stops, attention=attention, hooks=hooks,
         )  # fmt: skip
     new, lengths, scores = new[:, :returned], lengths[:, :returned], scores[:, :returned]
     return BeamSearchOutput(_assemble(prompt, new, lengths), scores.flatten())
@@ -150,6 +160,7 @@ def _search(
     eos: int | None,
     pad: int,
     transform: Transform | None,
+    stops: StopStrings | None,
     attention: AttentionKernel,
     hooks: Hooks | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,13 +189,14 @@ def _search(
     candidates = 2 * beams  # enough that num_beams survive even if num_beams end at once
     top_beams = torch.arange(candidates, device=device) < beams
     first_row = torch.arange(batch, device=device)[:, None] * beams
+    tails = [b""] * (batch * beams)  # each running beam's last bytes, for the stop strings
     for step in range(max_new):
         samplers.check_logits(state.logits)  # the model's logits: NaN/+inf is its error
         log_probs = state.logits.float().log_softmax(dim=-1)
         if eos is not None and step < min_new:
             log_probs = log_probs.index_fill(-1, torch.tensor([eos], device=device), -torch.inf)
         if transform is not None:
-            log_probs = transform(log_probs, state.tokens)
+            log_probs = apply_transform(transform, log_probs, state.tokens)
         totals = (log_probs.view(batch, beams, vocab) + running_scores[..., None]).view(batch, -1)
         top_scores, top_index = totals.topk(candidates, dim=-1)
         parents, next_tokens = top_index // vocab, top_index % vocab
@@ -196,11 +208,17 @@ def _search(
             ends = next_tokens == eos
         else:
             ends = torch.zeros_like(next_tokens, dtype=torch.bool)
+        if stops is not None:
+            hits, grown_tails = _stop_hits(stops, tails, first_row + parents, next_tokens)
+            ends = ends | hits
         # The best num_beams candidates that go on.
         alive_scores = top_scores + ends.float() * IMPOSSIBLE
         keep = alive_scores.topk(beams, dim=-1).indices
         running, running_scores = _gather(grown, keep), alive_scores.gather(1, keep)
         parents, next_tokens = parents.gather(1, keep), next_tokens.gather(1, keep)
+        if stops is not None:
+            kept = (torch.arange(batch, device=device)[:, None] * candidates + keep).flatten()
+            tails = [grown_tails[i] for i in kept.tolist()]
         # Those of the top num_beams that just ended join the finished hypotheses.
         just_done = ends & top_beams
         final = top_scores / ((step + 1) ** penalty)
@@ -229,6 +247,19 @@ def _search(
             head=head, write="in_place",
         )  # fmt: skip
     return done, done_lengths, done_scores
+
+
+def _stop_hits(
+    stops: StopStrings, tails: list[bytes], rows: Tensor, tokens: Tensor
+) -> tuple[Tensor, list[bytes]]:
+    """Which candidates (`tokens[b, c]` after running row `rows[b, c]`) complete a stop
+    string, and each candidate's tail, flat in candidate order."""
+    steps = [
+        stops.step(tails[row], token)
+        for row, token in zip(rows.flatten().tolist(), tokens.flatten().tolist(), strict=True)
+    ]
+    hits = torch.tensor([hit for hit, _ in steps], device=tokens.device).view(tokens.shape)
+    return hits, [tail for _, tail in steps]
 
 
 def _gather(sequences: Tensor, index: Tensor) -> Tensor:

@@ -27,6 +27,10 @@ Hooks (`hooks={site: fn}`, `gpt_fn.sites`) see the activations of the positions 
 each call: the prompt's at prefill, one token per row at each decode step. So steering that
 adds a vector at every position gives the same tokens cached and uncached.
 
+Stop strings end a row at the first token whose bytes complete one in the row's generated
+text (`StopStrings`); where a tokenizer is in use, ids past its vocabulary are never generated
+(`ban_padding_ids`, the one policy of every decoder, the CLI and the harness).
+
 Sampling randomness comes from one generator per row seeded from `(seed, row)` (numpy's
 `SeedSequence` spawning), so a row's samples depend on its own logits and the seed, never on
 its neighbours or the batch size.
@@ -63,7 +67,7 @@ from gpt_fn.nn import AttentionKernel
 from gpt_fn.nn.padding import pad
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.head import LMHead, decoding_head
-from gpt_fn.sampling.transforms import PAD, Transform
+from gpt_fn.sampling.transforms import PAD, Transform, apply_transform, ban_tokens, chain
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hooks, apply_hook, check_hooks
 
@@ -223,10 +227,15 @@ def generate(
     - Each step applies `transform(logits, tokens_so_far)` (the context is left-padded with
       `PAD`, -1, which transforms ignore) and then picks the argmax (`greedy=True`) or samples
       (`seed` required: sampling randomness is an argument).
-    - A row stops after producing `eos_token_id`, or once its decoded text (`tokenizer`,
-      default GPT-2's) contains one of the `stop` strings, across token boundaries; it is then
-      padded with `pad_token_id` (default: `eos_token_id`, else 0), and generation ends early
-      once every row has stopped.
+    - A row stops after producing `eos_token_id`, or at the first token that completes one of
+      the `stop` strings in its generated text (`StopStrings`: UTF-8 bytes of `tokenizer`'s
+      tokens, default GPT-2's, across token boundaries; text in the prompt does not count); it
+      is then padded with `pad_token_id` (default: `eos_token_id`, else 0), and generation
+      ends early once every row has stopped.
+    - With a tokenizer in use (`tokenizer` given, or GPT-2's for `stop`), ids past its
+      vocabulary (a vocabulary padded for speed) are banned before `transform`
+      (`ban_padding_ids`): every generated id then has text. Without one, every id of the
+      model's vocabulary may come out.
     - `num_samples=N` runs each prompt once and samples N continuations of it (rows
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
@@ -481,7 +490,9 @@ def pick_tokens(
         maxima, tokens = model_logits.max(dim=-1)
         samplers.check_logits(model_logits, model_logits=model_logits, maxima=maxima)
         return tokens
-    logits = model_logits if transform is None else transform(model_logits, context)
+    logits = (
+        model_logits if transform is None else apply_transform(transform, model_logits, context)
+    )
     samplers.check_logits(logits, model_logits=model_logits)
     if generators is None:
         return samplers._greedy(logits)
@@ -491,11 +502,11 @@ def pick_tokens(
 class SamplingChoices(NamedTuple):
     """How a decoder picks and stops: the checked options `generate` and its siblings share."""
 
-    transform: Transform | None
+    transform: Transform | None  # with `ban_padding_ids` first when a tokenizer is in use
     generators: list[torch.Generator] | None  # one per row; None: greedy
     eos_token_id: int | None
     pad_token_id: int  # what a stopped row emits
-    stops: "_StopStrings | None"
+    stops: "RowStops | None"
 
 
 def sampling_choices(
@@ -512,10 +523,6 @@ def sampling_choices(
     tokenizer: Any,
 ) -> SamplingChoices:
     """The decoding options checked once (`ValueError` naming the bad one), for `rows` rows."""
-    if transform is not None and not callable(transform):
-        raise ValueError(
-            f"transform must be a function (logits, context) -> logits, got {transform!r}"
-        )
     generators = None
     if not check_bool("greedy", greedy):
         if seed is None:
@@ -530,36 +537,112 @@ def sampling_choices(
     if pad_token_id is None:
         pad_token_id = 0 if eos_token_id is None else eos_token_id
     pad_token_id = check_token_id("pad_token_id", pad_token_id, vocab_size=config.vocab_size)
-    stops = _StopStrings(stop, tokenizer, rows) if stop else None
-    return SamplingChoices(transform, generators, eos_token_id, pad_token_id, stops)
+    transform, stops = text_choices(config, transform=transform, stop=stop, tokenizer=tokenizer)
+    return SamplingChoices(
+        transform,
+        generators,
+        eos_token_id,
+        pad_token_id,
+        None if stops is None else RowStops(stops, rows),
+    )
 
 
-class _StopStrings:
-    """Which rows' decoded text contains a stop string, across token boundaries."""
+def text_choices(
+    config: GPTConfig, *, transform: Transform | None, stop: Sequence[str] | None, tokenizer: Any
+) -> "tuple[Transform | None, StopStrings | None]":
+    """The transform and stop strings of a decode, checked: with a tokenizer in use (`tokenizer`
+    given, or GPT-2's when `stop` is), `ban_padding_ids` comes before `transform`."""
+    if transform is not None and not callable(transform):
+        raise ValueError(
+            f"transform must be a function (logits, context) -> logits, got {transform!r}"
+        )
+    if stop is not None and (
+        isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    if tokenizer is None and stop:
+        from gpt_fn.tokenizer import gpt2
 
-    def __init__(self, stop: Sequence[str], tokenizer: Any, rows: int) -> None:
-        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
-        if tokenizer is None:
-            from gpt_fn.tokenizer import gpt2
+        tokenizer = gpt2()
+    if tokenizer is None:
+        return transform, None
+    banned = ban_padding_ids(config.vocab_size, tokenizer)
+    if banned is not None:
+        transform = banned if transform is None else chain(banned, transform)
+    return transform, (StopStrings(stop, tokenizer) if stop else None)
 
-            tokenizer = gpt2()
-        if not hasattr(tokenizer, "decode_single_token_bytes"):
-            raise TypeError("tokenizer must be a tiktoken Encoding (decode_single_token_bytes)")
-        self.tokenizer = tokenizer
+
+def ban_padding_ids(vocab_size: int, tokenizer: Any) -> Transform | None:
+    """`ban_tokens` of the ids a model of `vocab_size` has past `tokenizer`'s vocabulary (the
+    padding ids of a vocabulary rounded up for speed, 50257..50303 for GPT-2's at 50304); None
+    when it has none.
+
+    The one policy for every decoder, the CLI and the harness: where a tokenizer is in use,
+    ids that have no text are never generated.
+    """
+    check_int("vocab_size", vocab_size, at_least=1)
+    n_vocab = _check_tokenizer(tokenizer).n_vocab
+    if vocab_size <= n_vocab:
+        return None
+    return ban_tokens(range(n_vocab, vocab_size))
+
+
+def _check_tokenizer(tokenizer: Any) -> Any:
+    """`tokenizer` if it reads like a tiktoken `Encoding` (`decode_single_token_bytes`, `n_vocab`);
+    else `TypeError`."""
+    if not callable(getattr(tokenizer, "decode_single_token_bytes", None)) or not isinstance(
+        getattr(tokenizer, "n_vocab", None), int
+    ):
+        raise TypeError(
+            "tokenizer must be a tiktoken Encoding (decode_single_token_bytes and n_vocab), got "
+            f"{type(tokenizer).__name__}"
+        )
+    return tokenizer
+
+
+class StopStrings:
+    """Stop strings matched on the bytes of the generated tokens, across token boundaries.
+
+    A text stops at the first token whose bytes complete a stop string: the string lies in the
+    text and ends within that token (HF's `StopStringCriteria` on the generated ids). Only
+    generated text counts: a stop string that begins in the prompt is not one. Matching is on
+    UTF-8 bytes, so a character split over several tokens matches once its last byte arrives.
+    """
+
+    def __init__(self, stop: Sequence[str], tokenizer: Any) -> None:
+        self.tokenizer = _check_tokenizer(tokenizer)
         self.stops = [s.encode("utf-8") for s in stop]
         self.keep = max(len(s) for s in self.stops) - 1  # bytes a stop may have begun in
+
+    def step(self, tail: bytes, token: int) -> tuple[bool, bytes]:
+        """Whether `token`, after a text ending in `tail`, completes a stop string; the new tail
+        (the text's last bytes, as many as a stop string can have begun in)."""
+        text = tail + self._bytes(token)
+        return any(s in text for s in self.stops), (text[-self.keep :] if self.keep else b"")
+
+    def _bytes(self, token: int) -> bytes:
+        try:
+            return self.tokenizer.decode_single_token_bytes(token)
+        except KeyError:
+            raise ValueError(
+                f"stop strings: token id {token} has no text in the tokenizer "
+                f"(n_vocab {self.tokenizer.n_vocab})"
+            ) from None
+
+
+class RowStops:
+    """`StopStrings` over the rows of a batch: each row's tail of generated text."""
+
+    def __init__(self, stops: StopStrings, rows: int) -> None:
+        self.stops = stops
         self.tails = [b""] * rows
 
     def update(self, token: Tensor, finished: Tensor) -> Tensor:
+        """Which unfinished rows `token` (one per row) makes complete a stop string."""
         hit = torch.zeros_like(finished)
         for row, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
-            if done:
-                continue
-            text = self.tails[row] + self.tokenizer.decode_single_token_bytes(t)
-            if any(s in text for s in self.stops):
-                hit[row] = True
-            self.tails[row] = text[len(text) - self.keep :] if self.keep else b""
+            if not done:
+                hit[row], self.tails[row] = self.stops.step(self.tails[row], t)
         return hit
 
 
@@ -642,5 +725,25 @@ def _check_step(
             f"next_tokens has {next_tokens.shape[0]} rows, the state {state.tokens.shape[0]}"
         )
     check_token_ids("next_tokens: token id", next_tokens, vocab_size=config.vocab_size)
+    _check_state_config(state, config)
     if hooks is not None:
         check_hooks(hooks, config)
+
+
+def _check_state_config(state: DecodeState, config: GPTConfig) -> None:
+    """`ValueError` naming the first size in which `state` (its logits, its cache) was made
+    for another config than `config`."""
+    sizes = [("vocab_size", state.logits.shape[-1], config.vocab_size)]
+    if state.cache is not None:
+        keys = state.cache.keys
+        sizes += [
+            ("n_layer", len(keys), config.n_layer),
+            ("n_head", keys[0].shape[1], config.n_head),
+            ("head size (n_embd // n_head)", keys[0].shape[3], config.n_embd // config.n_head),
+        ]
+    for name, made, given in sizes:
+        if made != given:
+            raise ValueError(
+                f"the state was made with another config: its {name} is {made}, the config's "
+                f"{given}; decode with the config that prefilled it"
+            )

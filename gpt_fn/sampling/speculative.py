@@ -61,7 +61,7 @@ from gpt_fn.sampling.decoding import (
     sampling_choices,
 )
 from gpt_fn.sampling.head import decoding_head
-from gpt_fn.sampling.transforms import PAD, Transform
+from gpt_fn.sampling.transforms import PAD, Transform, apply_transform
 from gpt_fn.shapes import Params
 
 
@@ -271,7 +271,9 @@ class _Speculation:
                 ],
                 dim=1,
             )
-            flat = self.transform(model_logits.flatten(0, 1), contexts.flatten(0, 1))
+            flat = apply_transform(
+                self.transform, model_logits.flatten(0, 1), contexts.flatten(0, 1)
+            )
             logits = flat.view(model_logits.shape)
         samplers.check_logits(logits.flatten(0, 1), model_logits=model_logits.flatten(0, 1))
         if self.gens is None:
@@ -311,7 +313,7 @@ class _Speculation:
             model_logits = self.draft_head(hidden[:, -1])
             logits = model_logits
             if self.transform is not None:
-                logits = self.transform(model_logits, context)
+                logits = apply_transform(self.transform, model_logits, context)
             samplers.check_logits(logits, model_logits=model_logits)
             if self.gens is None:
                 token = samplers._greedy(logits)

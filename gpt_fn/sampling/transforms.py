@@ -316,6 +316,30 @@ def chain(*transforms: Transform) -> Transform:
     return apply
 
 
+def apply_transform(
+    transform: Transform, logits: Float[Tensor, "batch vocab"], context: Int[Tensor, "batch seq"]
+) -> Float[Tensor, "batch vocab"]:
+    """`transform(logits, context)`, checked: a floating tensor of the logits' shape, else an
+    error naming the transform (a wider row would make ids past the vocabulary)."""
+    out = transform(logits, context)
+    if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
+        kind = f"dtype {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"transform {_name(transform)} returned {kind}, not floating-point logits")
+    if out.shape != logits.shape:
+        raise ValueError(
+            f"transform {_name(transform)} returned logits of shape {tuple(out.shape)}, not "
+            f"{tuple(logits.shape)} (batch, vocab) like the logits it was given"
+        )
+    return out
+
+
+def _name(transform: Transform) -> str:
+    """How an error names a transform: the call that built it, or a function's name."""
+    if isinstance(transform, _Built):
+        return repr(transform)
+    return getattr(transform, "__qualname__", None) or repr(transform)
+
+
 def make_transform(
     *,
     temperature: float | int | None = None,
