@@ -14,12 +14,15 @@ into corrupted, TransformerLens's `get_act_patch_*` direction) over every head's
 (`attn.z`, by head) and over the residual stream entering each block at each position
 (`resid_pre`, by position), each entry as the fraction of the clean-corrupted gap restored:
 `(patched - corrupted) / (clean - corrupted)`. The top head's entry is checked against a
-plain forward with `hooks.patch`.
+plain forward with `hooks.patch`. Without weights the script trains its own model first: 2
+layers x 4 heads x 64 on the template with two of `NAMES` in random roles, the loss on the
+answer alone.
 
+    python experiments/ioi_patching.py                   # trains the toy model (300 steps)
     python experiments/ioi_patching.py --hf DIR          # GPT-2 weights (save_pretrained)
     python experiments/ioi_patching.py --checkpoint DIR  # a gpt_fn checkpoint (the main job's)
-    python experiments/ioi_patching.py                   # neither: a random GPT-2-small model
-    python experiments/ioi_patching.py --quick           # a random 2-layer model: a smoke run
+    python experiments/ioi_patching.py --random          # GPT-2 small's shape, untrained
+    python experiments/ioi_patching.py --quick           # 5 training steps: a smoke run
 
 Writes `ioi_patching.png` (the layer x head map), `resid_pre.png` (the layer x position map)
 and `results.json` into `--out`.
@@ -37,10 +40,13 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 
 import gpt_fn
 from experiments import conventions
-from gpt_fn import hf, hooks, patching, plots
+from gpt_fn import hf, hooks, optim, patching, plots
 from gpt_fn.checkpoint import load_checkpoint
+from gpt_fn.model import IGNORE_INDEX
+from gpt_fn.runtime import CPU_FP32
 from gpt_fn.shapes import shape_checks
 from gpt_fn.tokenizer import gpt2, single_token
+from gpt_fn.train import train_step
 
 NAME = "ioi_patching"
 TEMPLATE = "When{io} and{s} went to the store,{s} gave a drink to"
@@ -49,7 +55,39 @@ PAIRS = [(" Mary", " John"), (" Tom", " James"), (" Dan", " Sid"), (" Martin", "
 MIN_GAP = 0.1
 """A clean-corrupted gap in logit difference below this is noise (a random model): the maps
 are then the change itself, not a fraction of it."""
-QUICK_CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=32)
+NAMES = [
+    " Mary",
+    " John",
+    " Tom",
+    " James",
+    " Dan",
+    " Sid",
+    " Martin",
+    " Amy",
+    " Alice",
+    " Bob",
+    " Sarah",
+    " Paul",
+    " Kate",
+    " Mark",
+    " Anna",
+    " Luke",
+    " Emma",
+    " Jack",
+    " Lisa",
+    " Sam",
+    " Rose",
+    " Tim",
+    " Jane",
+    " Max",
+    " Ben",
+    " Eve",
+    " Joe",
+    " Ann",
+]
+"""The names a toy model is trained on (each one GPT-2 token; `PAIRS` are among them)."""
+TOY_CONFIG = gpt_fn.GPTConfig(vocab_size=50257, block_size=16, n_layer=2, n_head=4, n_embd=64)
+TOY_BATCH, TOY_LR, TRAIN_STEPS, QUICK_STEPS = 32, 3e-3, 300, 5
 
 
 def prompts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,17 +118,58 @@ def logit_difference(answers: torch.Tensor, others: torch.Tensor):
     return metric
 
 
-def load_model(args) -> tuple[gpt_fn.Params, gpt_fn.GPTConfig, str]:
-    """The model to patch and a line saying what it is."""
+def training_batch(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` prompts of the template with two distinct names of `NAMES` in random roles, and
+    targets that score only the last position (the indirect object); others are ignored."""
+    rows, answers = [], []
+    for _ in range(batch):
+        io, s = (NAMES[i] for i in torch.randperm(len(NAMES), generator=generator)[:2].tolist())
+        rows.append(gpt2().encode_ordinary(TEMPLATE.format(io=io, s=s)))
+        answers.append(single_token(io))
+    x = torch.tensor(rows)
+    y = torch.full_like(x, IGNORE_INDEX)
+    y[:, -1] = torch.tensor(answers)
+    return x, y
+
+
+def train_toy(steps: int, seed: int) -> tuple[gpt_fn.Params, list[float]]:
+    """`TOY_CONFIG` trained on fresh `training_batch`es for `steps` steps; params, losses."""
+    module = gpt_fn.GPT(TOY_CONFIG, seed=seed)
+    params = module.params()
+    optimizer = optim.adamw(
+        optim.warmup_cosine(TOY_LR, TOY_LR / 10, max(1, steps // 10), steps), weight_decay=0.01
+    )
+    state = optimizer.init(params)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with shape_checks(False):
+        for _ in range(steps):
+            batch = [training_batch(TOY_BATCH, generator)]
+            loss, _ = train_step(
+                module, params, optimizer, state, batch, runtime=CPU_FP32, grad_clip=1.0
+            )
+            losses.append(loss.item())
+    return {name: value.detach() for name, value in params.items()}, losses
+
+
+def load_model(args) -> tuple[gpt_fn.Params, gpt_fn.GPTConfig, str, list[float]]:
+    """The model to patch, a line saying what it is, and its training losses (if trained here)."""
     if args.hf is not None:
         params, config = hf.load(args.hf)
-        return params, config, f"GPT-2 weights from {args.hf}"
+        return params, config, f"GPT-2 weights from {args.hf}", []
     if args.checkpoint is not None:
         saved = load_checkpoint(args.checkpoint)
-        return saved.params, saved.model_config, f"checkpoint {args.checkpoint}, step {saved.step}"
-    config = QUICK_CONFIG if args.quick else gpt_fn.GPTConfig.from_preset("gpt2")
-    shape = f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd}"
-    return gpt_fn.init_params(config, seed=args.seed), config, f"random weights ({shape})"
+        about = f"checkpoint {args.checkpoint}, step {saved.step}"
+        return saved.params, saved.model_config, about, []
+    if args.random:
+        config = gpt_fn.GPTConfig.from_preset("gpt2")
+        shape = f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd}"
+        return gpt_fn.init_params(config, seed=args.seed), config, f"random weights ({shape})", []
+    steps = QUICK_STEPS if args.quick else args.train_steps
+    params, losses = train_toy(steps, args.seed)
+    c = TOY_CONFIG
+    about = f"{c.n_layer} layers x {c.n_head} heads x {c.n_embd} trained {steps} steps on IOI"
+    return params, TOY_CONFIG, about, losses
 
 
 def run(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> dict[str, Any]:
@@ -145,8 +224,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     clean, corrupted = result["clean_logit_difference"], result["corrupted_logit_difference"]
     numbers = f"clean {clean:.3f}, corrupted {corrupted:.3f}"
     for key, what, file, axes in (
-        ("heads", "each head's clean output", path, {}),
-        ("resid_pre", "the clean resid_pre at one position", path.parent / "resid_pre.png",
+        ("heads", "each head", path, {}),
+        ("resid_pre", "resid_pre at each position", path.parent / "resid_pre.png",
          {"columns": "position", "column_labels": result["tokens"]}),
     ):  # fmt: skip
         fractions = result[f"{key}_restored"]
@@ -157,7 +236,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             values, label = torch.tensor(fractions), "fraction of the clean - corrupted gap"
         plots.head_heatmap(
             values,
-            title=f"IOI: logit difference restored by {what}\n({numbers})",
+            title=f"IOI, patching {what}\n({numbers})",
             label=label,
             path=file,
             **axes,
@@ -166,15 +245,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = conventions.command_line(
-        NAME, __doc__, quick="a random 2-layer model: a smoke run",
-        seed="seed of the random model (when no weights are given)", data_dir=False,
+        NAME, __doc__, quick=f"{QUICK_STEPS} training steps: a smoke run",
+        seed="seed of the model's init and its training prompts (when no weights are given)",
+        data_dir=False,
     )  # fmt: skip
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--hf", type=Path, help="GPT-2 weights: a save_pretrained directory")
     source.add_argument("--checkpoint", type=Path, help="a gpt_fn checkpoint (file or out dir)")
+    source.add_argument(
+        "--random", action="store_true", help="random weights of GPT-2 small's shape, untrained"
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=TRAIN_STEPS,
+        help=f"steps of the toy model trained when no weights are given (default {TRAIN_STEPS})",
+    )
     args = conventions.start(parser, argv)
-    params, config, model = load_model(args)
-    result = {"model": model, **run(params, config)}
+    params, config, model, losses = load_model(args)
+    result = {"model": model, "train_loss": losses, **run(params, config)}
     layer, head = result["top_head"]
     print(
         f"{model}: logit difference clean {result['clean_logit_difference']:.3f}, corrupted "

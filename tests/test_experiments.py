@@ -17,6 +17,7 @@ import torch
 
 import gpt_fn
 from gpt_fn import hf, optim
+from gpt_fn.tokenizer import single_token
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # ln(50304): the loss of a uniform guess over the padded GPT-2 vocabulary, where every
@@ -271,7 +272,7 @@ def test_attribution_patching_maps_every_head(tmp_path):
 
 def test_ioi_patching_maps_heads_and_positions_of_weights_from_a_directory(tmp_path):
     experiment = load("ioi_patching")
-    config = experiment.QUICK_CONFIG
+    config = gpt_fn.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=32)
     params = gpt_fn.init_params(config, seed=5)
     hf.save(params, config, tmp_path / "weights")
     out = tmp_path / "ioi"
@@ -296,6 +297,24 @@ def test_ioi_patching_maps_heads_and_positions_of_weights_from_a_directory(tmp_p
     )  # fmt: skip
     # A random model's gap is noise: the maps stay raw; the top head agrees with a hooked run.
     assert result["heads_restored"] is None and result["top_head_check"]["max_abs_diff"] < 1e-5
+
+
+def test_ioi_training_batches_ask_for_the_name_said_once():
+    experiment = load("ioi_patching")
+    x, y = experiment.training_batch(16, torch.Generator().manual_seed(0))
+    names = [single_token(n) for n in experiment.NAMES]
+    for row, target in zip(x.tolist(), y.tolist(), strict=True):
+        first, second, repeated = row[1], row[3], row[9]  # "When A and B ..., B gave ..."
+        assert {first, second} <= set(names) and first != second and repeated == second
+        assert target[-1] == first and set(target[:-1]) == {-100}  # only the answer is scored
+
+
+def test_ioi_toy_model_trains_on_the_answer_alone():
+    experiment = load("ioi_patching")
+    params, losses = experiment.train_toy(3, seed=0)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]  # a few steps from ln(50257) already move towards the names
+    assert set(params) == set(gpt_fn.init_params(experiment.TOY_CONFIG, seed=0))
 
 
 def test_per_example_grads_equal_the_loop(tmp_path, data_dir):
