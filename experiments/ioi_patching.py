@@ -24,8 +24,9 @@ answer alone.
     python experiments/ioi_patching.py --random          # GPT-2 small's shape, untrained
     python experiments/ioi_patching.py --quick           # 5 training steps: a smoke run
 
-Writes `ioi_patching.png` (the layer x head map), `resid_pre.png` (the layer x position map)
-and `results.json` into `--out`.
+Writes `ioi_patching.png` (the layer x head map), `resid_pre.png` (the layer x position map),
+`dla_heads.png` (each head's direct logit attribution on the clean prompts: its direct effect,
+next to the patching map's total effect) and `results.json` into `--out`.
 """
 
 import sys
@@ -197,6 +198,13 @@ def run(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> dict[str, Any]:
             hooks=hooks.patch(f"h.{layer}.attn.z", cache[f"h.{layer}.attn.z"], heads=[head]),
         )
         check = abs(metric(hooked).item() - heads[layer, head].item())
+        # Each head's direct effect on the clean run's logit difference (DLA, frozen ln_f),
+        # next to its total effect above.
+        _, clean_cache = gpt_fn.run_with_cache(params, clean, config)
+        dla, _ = gpt_fn.direct_logit_attribution(
+            params, clean_cache, answers, config, by="head", incorrect=others
+        )
+        dla_heads = dla[: config.n_layer * config.n_head].mean(1).view(config.n_layer, -1)
     return {
         "prompts": [gpt2().decode(row) for row in clean.tolist()],
         "corrupted": [gpt2().decode(row) for row in corrupted.tolist()],
@@ -209,6 +217,8 @@ def run(params: gpt_fn.Params, config: gpt_fn.GPTConfig) -> dict[str, Any]:
         # Each entry as the fraction of the gap it restores; none where the gap is noise.
         "heads_restored": restored(heads, corrupted_value, gap),
         "resid_pre_restored": restored(sweeps["resid_pre"], corrupted_value, gap),
+        "dla_heads": dla_heads.tolist(),
+        "dla_total": dla.mean(1).sum().item(),
         "top_head": [layer, head],
         "top_head_check": {"hooked_forward": metric(hooked).item(), "max_abs_diff": check},
         "sweep_seconds": seconds,
@@ -223,6 +233,12 @@ def restored(patched: torch.Tensor, corrupted: float, gap: float) -> list[list[f
 def plot(result: dict[str, Any], path: Path) -> None:
     clean, corrupted = result["clean_logit_difference"], result["corrupted_logit_difference"]
     numbers = f"clean {clean:.3f}, corrupted {corrupted:.3f}"
+    plots.head_heatmap(
+        torch.tensor(result["dla_heads"]),
+        title=f"IOI, each head's direct logit attribution\n(clean logit difference {clean:.3f})",
+        label="logit difference, direct",
+        path=path.parent / "dla_heads.png",
+    )
     for key, what, file, axes in (
         ("heads", "each head", path, {}),
         ("resid_pre", "resid_pre at each position", path.parent / "resid_pre.png",

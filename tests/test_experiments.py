@@ -297,6 +297,11 @@ def test_ioi_patching_maps_heads_and_positions_of_weights_from_a_directory(tmp_p
     )  # fmt: skip
     # A random model's gap is noise: the maps stay raw; the top head agrees with a hooked run.
     assert result["heads_restored"] is None and result["top_head_check"]["max_abs_diff"] < 1e-5
+    # The DLA rows (heads, remainder, ln_f.bias) sum to the clean logit difference: 1e-5 on a
+    # sum of ~10 fp32 terms.
+    assert result["dla_total"] == pytest.approx(result["clean_logit_difference"], abs=1e-5)
+    assert torch.tensor(result["dla_heads"]).shape == (config.n_layer, config.n_head)
+    assert (out / "dla_heads.png").stat().st_size > 0
 
 
 def test_ioi_training_batches_ask_for_the_name_said_once():
