@@ -4,7 +4,7 @@ token after such a copy; written as one report folder (PNG figures, `report.md`,
 `results.json`). `gpt-fn inspect` is this module on a loaded model.
 
     inspection = inspect_prompt(params, tokens, config, answer=mary, wrong=john)
-    write_report(inspection, "report", decode=token_text)
+    write_report(inspection, "report", config)    # report.md, results.json, PNGs
 
 Head scores (Olsson et al. 2022, "In-context Learning and Induction Heads"; TransformerLens's
 `head_detector`): a key mask says which keys each query position should attend to; a head's
