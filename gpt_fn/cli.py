@@ -770,6 +770,13 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise ValueError(
             f"--prompt is {len(prompt)} tokens; the model reads at most {config.block_size}"
         )
+    for flag, ids in (("--prompt", prompt), ("--answer", [answer]), ("--wrong", [wrong])):
+        outside = [i for i in ids if i is not None and i >= config.vocab_size]
+        if outside:
+            raise ValueError(
+                f"{flag} holds GPT-2 token {outside[0]} ({gpt2().decode([outside[0]])!r}), "
+                f"outside the model's vocabulary of {config.vocab_size}"
+            )
     params = {name: value.to(device) for name, value in params.items()}
     tokens = torch.tensor(prompt, device=device)
     found = inspection.inspect_prompt(

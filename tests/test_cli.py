@@ -653,6 +653,16 @@ def test_inspect_usage_errors_exit_2(capsys, args, pattern):
     assert "Traceback" not in err
 
 
+def test_inspect_names_tokens_outside_a_small_vocabulary(capsys, tmp_path):
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "small", Checkpoint(init_params(config, seed=0), {}, 1, config, {}))
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "hello")
+    assert_one_line(code, err, r"--prompt holds GPT-2 token 31373 \('hello'\), outside the model's")
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "!",
+                       "--answer", " Mary")  # fmt: skip
+    assert_one_line(code, err, r"--answer holds GPT-2 token 5335 \(' Mary'\), outside .* of 64")
+
+
 def test_inspect_of_a_missing_checkpoint_is_one_line(capsys, checkpoint_dir):
     code, _, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir / "nope", "--prompt", "hi")
     assert_one_line(code, err, "no checkpoint at")
