@@ -3,12 +3,16 @@
 The file is written atomically (`gpt_fn.files.write_atomic`: a temporary file, flushed and
 renamed over the old one), so a run killed mid-write keeps the last good checkpoint. Tensors
 are stored as `params/<name>` and `optimizer/<name>`; the step, the model config, the training
-settings and a sha256 of every tensor go in the safetensors metadata as JSON.
+settings, the sha256 of the training data's source and a sha256 of every tensor go in the
+safetensors metadata as JSON, and a second sha256 covers that metadata.
 
-`load_checkpoint` verifies what it reads: the format, the checksum (a flipped byte anywhere
-in the tensor data is an error, not a silently different model), and that the params are
-exactly those of the recorded model config. `save_checkpoint` refuses non-finite params, so
-a diverged run can never replace its last good checkpoint.
+`load_checkpoint` verifies what it reads: the format, the checksums (a flipped byte anywhere
+in the tensor data or in the metadata, e.g. a changed `min_lr`, is an error, not a silently
+different model or schedule), and that the params are exactly those of the recorded model
+config; `read_checkpoint_info` verifies the metadata's checksum. Older checkpoints still
+load: v2's checksum covers only its tensors, v1 has none. `save_checkpoint` refuses
+non-finite params, so a diverged run can never replace its last good checkpoint, and a
+failed write (a full disk) is a `CheckpointWriteError` that leaves the old file in place.
 
 An FSDP run writes `checkpoint.dcp/` instead (`save_sharded_checkpoint`): every rank writes
 its shards of the same `params/...` and `optimizer/...` tensors through
@@ -17,7 +21,8 @@ It is written to a temporary folder and swapped in by renames, so an interrupted
 replaces the last good one. DCP reshards on load: `load_sharded_into` fills the tensors of a
 run on any number of ranks (DTensors or plain), and `load_checkpoint` reads it whole, so an
 FSDP checkpoint converts to the single file (`save_checkpoint`) and to HF (`gpt_fn.hf.save`).
-DCP carries no checksum of ours (its files have no place for one).
+DCP's tensor files carry no checksum of ours (they have no place for one); `gpt_fn.json`
+carries the sha256 of its own metadata.
 """
 
 import hashlib
@@ -35,10 +40,14 @@ from gpt_fn.files import write_atomic
 from gpt_fn.model import check_params
 from gpt_fn.shapes import Params
 
-FORMAT = "gpt_fn-checkpoint-v2"
-UNCHECKED_FORMATS = ("gpt_fn-checkpoint-v1",)
-SHARDED_FORMAT = "gpt_fn-dcp-v1"
-"""Older formats that still load: written before checkpoints carried a checksum."""
+FORMAT = "gpt_fn-checkpoint-v3"
+TENSORS_CHECKED_FORMATS = (FORMAT, "gpt_fn-checkpoint-v2")
+"""Formats whose `sha256` covers the tensors; v2's metadata is not checked."""
+OLDER_FORMATS = ("gpt_fn-checkpoint-v2", "gpt_fn-checkpoint-v1")
+"""Older formats that still load: v2 checks its tensors only, v1 nothing."""
+SHARDED_FORMAT = "gpt_fn-dcp-v2"
+OLDER_SHARDED_FORMATS = ("gpt_fn-dcp-v1",)
+"""An older sharded format that still loads: its metadata carries no checksum."""
 FILENAME = "checkpoint.safetensors"
 SHARDED = "checkpoint.dcp"
 SHARDED_META = "gpt_fn.json"
@@ -48,12 +57,18 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the run that reads it."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the old one is kept."""
+
+
 class Checkpoint(NamedTuple):
     params: Params
     optimizer_state: dict[str, torch.Tensor]
     step: int
     model_config: GPTConfig
     train_settings: dict[str, Any]
+    data_sha256: str | None = None
+    """The sha256 of the training data's source (`gpt_fn.data.prepare`'s `source_sha256`)."""
 
 
 class CheckpointInfo(NamedTuple):
@@ -63,6 +78,7 @@ class CheckpointInfo(NamedTuple):
     step: int
     model_config: GPTConfig
     train_settings: dict[str, Any]
+    data_sha256: str | None = None
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -80,7 +96,8 @@ def checkpoint_path(path: str | Path) -> Path:
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Write `checkpoint` atomically to `path` (a file, or a folder to hold `checkpoint.safetensors`).
 
-    Raises `CheckpointError` (and writes nothing) if a param holds NaN or inf.
+    Raises `CheckpointError` (and writes nothing) if a param holds NaN or inf, and
+    `CheckpointWriteError` if the file cannot be written (the old one is left in place).
     """
     target = checkpoint_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,16 +111,19 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         f"optimizer/{k}": v.detach().contiguous().cpu()
         for k, v in checkpoint.optimizer_state.items()
     }
-    metadata = {
-        "format": FORMAT,
-        "step": str(checkpoint.step),
-        "model_config": json.dumps(checkpoint.model_config.to_dict()),
-        "train_settings": json.dumps(checkpoint.train_settings),
-        "sha256": tensors_sha256(tensors),
-    }
-    return write_atomic(
-        target, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=metadata)
+    metadata = _signed(
+        {**_described(checkpoint), "format": FORMAT, "sha256": tensors_sha256(tensors)}
     )
+    try:
+        return write_atomic(
+            target,
+            lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=metadata),
+        )
+    except (OSError, safetensors.SafetensorError) as error:  # its I/O errors are its own type
+        kept = f"the checkpoint at {target} is kept" if target.exists() else "nothing was written"
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {target} ({error}): is the disk full? {kept}"
+        ) from error
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> Checkpoint:
@@ -120,7 +140,9 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
             tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own error types for a bad file
         raise CheckpointError(f"checkpoint {source} is corrupt or truncated: {error}") from error
-    if metadata["format"] == FORMAT and tensors_sha256(tensors) != metadata.get("sha256"):
+    if metadata["format"] in TENSORS_CHECKED_FORMATS and tensors_sha256(tensors) != metadata.get(
+        "sha256"
+    ):
         raise CheckpointError(
             f"checkpoint {source} is corrupt: its tensors do not match the sha256 recorded "
             "when it was written"
@@ -135,7 +157,7 @@ def _checked(
     params = _under(tensors, "params/")
     try:
         check_params(params, info.model_config)
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, TypeError) as error:
         message = error.args[0] if isinstance(error, KeyError) else str(error)
         raise CheckpointError(
             f"checkpoint {source} does not hold the params of its model config: {message}"
@@ -146,6 +168,7 @@ def _checked(
         step=info.step,
         model_config=info.model_config,
         train_settings=info.train_settings,
+        data_sha256=info.data_sha256,
     )
 
 
@@ -165,6 +188,35 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _described(checkpoint: Checkpoint) -> dict[str, str]:
+    """The metadata entries that describe `checkpoint` (all but the format and checksums)."""
+    described = {
+        "step": str(checkpoint.step),
+        "model_config": json.dumps(checkpoint.model_config.to_dict()),
+        "train_settings": json.dumps(checkpoint.train_settings),
+    }
+    if checkpoint.data_sha256 is not None:
+        described["data_sha256"] = checkpoint.data_sha256
+    return described
+
+
+def _signed(metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` with `metadata_sha256`: a sha256 over every other entry, names and values."""
+    entries = json.dumps(sorted(metadata.items()))
+    return {**metadata, "metadata_sha256": hashlib.sha256(entries.encode()).hexdigest()}
+
+
+def _verified(source: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` if its `metadata_sha256` matches its entries; else `CheckpointError`."""
+    unsigned = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    if _signed(unsigned) != metadata:
+        raise CheckpointError(
+            f"checkpoint {source} is corrupt: its metadata (step, config, settings) does not "
+            "match the sha256 recorded when it was written"
+        )
+    return metadata
+
+
 def _read_metadata(source: Path) -> dict[str, str]:
     if source.is_dir():
         try:
@@ -173,22 +225,30 @@ def _read_metadata(source: Path) -> dict[str, str]:
             raise CheckpointError(
                 f"checkpoint {source} has no readable {SHARDED_META}: {error}"
             ) from None
-        if not isinstance(metadata, dict) or metadata.get("format") != SHARDED_FORMAT:
+        if not isinstance(metadata, dict) or metadata.get("format") not in (
+            SHARDED_FORMAT,
+            *OLDER_SHARDED_FORMATS,
+        ):
             raise CheckpointError(f"{source} is not a gpt_fn sharded checkpoint")
-        return metadata
+        return _verified(source, metadata) if metadata["format"] == SHARDED_FORMAT else metadata
     if not source.is_file():
         raise CheckpointError(f"no checkpoint at {source}")
+    try:
+        with open(source, "rb"):  # safetensors reports an unreadable file as a missing one
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {source}: {error.strerror}") from None
     try:
         with safetensors.safe_open(str(source), framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as error:
         raise CheckpointError(f"checkpoint {source} is corrupt or truncated: {error}") from error
-    if metadata.get("format") not in (FORMAT, *UNCHECKED_FORMATS):
+    if metadata.get("format") not in (FORMAT, *OLDER_FORMATS):
         raise CheckpointError(
             f"{source} is not a gpt_fn checkpoint (format {metadata.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
-    return metadata
+    return _verified(source, metadata) if metadata["format"] == FORMAT else metadata
 
 
 def _info(source: Path, metadata: dict[str, str]) -> CheckpointInfo:
@@ -201,6 +261,7 @@ def _info(source: Path, metadata: dict[str, str]) -> CheckpointInfo:
             step=int(metadata["step"]),
             model_config=GPTConfig.from_dict(json.loads(metadata["model_config"])),
             train_settings=train_settings,
+            data_sha256=metadata.get("data_sha256"),
         )
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {source} has bad metadata: {error}") from error
@@ -230,12 +291,7 @@ def save_sharded_checkpoint(run_folder: str | Path, checkpoint: Checkpoint, *, r
     state |= {f"optimizer/{k}": v.detach() for k, v in checkpoint.optimizer_state.items()}
     dcp.save(state, checkpoint_id=temporary)
     if rank == 0:
-        metadata = {
-            "format": SHARDED_FORMAT,
-            "step": str(checkpoint.step),
-            "model_config": json.dumps(checkpoint.model_config.to_dict()),
-            "train_settings": json.dumps(checkpoint.train_settings),
-        }
+        metadata = _signed({**_described(checkpoint), "format": SHARDED_FORMAT})
         write_atomic(temporary / SHARDED_META, json.dumps(metadata).encode())
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():

@@ -41,6 +41,17 @@ def check_int(name: str, value: object, *, at_least: int | None = None) -> int:
     return value
 
 
+SEED_LIMIT = 2**64
+"""Seeds are in [0, 2**64): what `torch.Generator.manual_seed` takes (and numpy's SeedSequence)."""
+
+
+def check_seed(name: str, value: object) -> int:
+    """`value` if it is an int in [0, 2**64) (`SEED_LIMIT`); else `ValueError` naming the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {value!r}")
+    return value
+
+
 def check_number(
     name: str,
     value: object,

@@ -38,8 +38,10 @@ from gpt_fn.analysis import LN_MODES
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.hooks import load_hooks
+from gpt_fn.memory import InsufficientMemoryError
 from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
+from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
@@ -47,8 +49,15 @@ from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
-# that diverged. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, RunDirError, TrainingDiverged)
+# that diverged, a request too large for memory. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    OSError,
+    KeyError,
+    RunDirError,
+    TrainingDiverged,
+    InsufficientMemoryError,
+)
 DEFAULT_PROMPT = "ROMEO:"
 DEFAULT_TEMPERATURE = 0.8
 
@@ -180,7 +189,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = field.metadata["help"]
         if field.default is not None and field.name not in DERIVED and kind is not bool:
             help_text += f" (default: {field.default})"
-        if kind is bool:
+        if field.name == "log":  # repeatable: --log wandb --log tensorboard
+            parser.add_argument(
+                flag, action="append", choices=LOGGERS, default=None, help=help_text
+            )
+        elif kind is bool:
             action = "store_true" if field.default is False else argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
@@ -215,6 +228,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         fields.update(loaded)
     for field in dataclasses.fields(TrainSettings):
         value = getattr(args, field.name)
+        if isinstance(value, list):  # a repeated flag (--log)
+            value = ",".join(value)
         if value is not None:
             fields[field.name] = value
     return fields

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_ids, check_token_tensor, is_traced
+from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor, is_traced
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
@@ -86,7 +86,7 @@ def init_params(
     ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual's variance does not grow with depth (GPT-2
     paper, section 2.3); biases 0; LayerNorm gains 1. `wte` doubles as the LM head.
     """
-    check_int("seed", seed, at_least=0)
+    check_seed("seed", seed)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,8 @@ A new run refuses a folder that holds one (`start_fresh`) unless told to overwri
 run is never erased by accident; two runs never write into one folder at once (`lock`). On
 start, what a killed process left half-written is removed (`clean`), and a torn last line of
 `metrics.jsonl` (the process died mid-write) is dropped; any other bad line is an error
-naming the file and line.
+naming the file and line. A resumed run cuts the log back to its checkpoint's step by an
+atomic rewrite (`truncate_metrics`) and refuses a log that ends before that step.
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_fn.checkpoint import FILENAME, SHARDED, recover_sharded
-from gpt_fn.files import remove_temporaries
+from gpt_fn.files import remove_temporaries, write_atomic
 
 try:
     import fcntl
@@ -113,18 +114,40 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics)
 
-    def truncate_metrics(self, start_step: int) -> None:
-        """Keep only steps before `start_step` (a resumed run logs the later ones again)."""
-        if not self.metrics.exists():
-            return
-        kept = [r for r in self.read_metrics() if r["step"] < start_step]
-        self.metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    def truncate_metrics(self, start_step: int, *, allow_missing: bool = False) -> list[int]:
+        """Keep only steps before `start_step` (a resumed run logs the later ones again).
+
+        The log is rewritten atomically: a kill mid-rewrite leaves the old log. A run logs
+        each step before it saves the step's checkpoint, so its log reaches `start_step - 1`:
+        one that ends earlier (cut short, emptied, deleted) raises `RunDirError` unless
+        `allow_missing`. Returns the steps missing from its end.
+        """
+        records = self.read_metrics() if self.metrics.exists() else []
+        kept = [r for r in records if r["step"] < start_step]
+        last = max((r["step"] for r in kept), default=-1)
+        missing = list(range(last + 1, start_step))
+        if missing and not allow_missing:
+            ends = f"ends at step {last}" if kept else "holds no step"
+            raise RunDirError(
+                f"{self.metrics} {ends}, but the checkpoint is at step {start_step}: the log was "
+                "cut short or deleted; restore it, or pass --allow-changes to resume with steps "
+                f"{missing[0]} to {missing[-1]} missing from it"
+            )
+        if records:
+            lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+            write_atomic(self.metrics, lines.encode())
+        return missing
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl`; a torn last line (a killed write) is dropped."""
     path = Path(path)
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RunDirError(f"{path}, line {line}: not UTF-8 text (byte {error.start})") from None
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
@@ -134,6 +157,9 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             record = json.loads(line)
             if not isinstance(record, dict) or "step" not in record:
                 raise ValueError("not a record with a step")
+            step = record["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"its step is {step!r}, not a whole number >= 0")
         except ValueError as error:
             if number == len(lines) and not text.endswith("\n"):
                 break  # the process died while writing this line

@@ -10,9 +10,12 @@
 - sample texts at their step (`text(name, value, step)`).
 
 Resuming continues the same run: wandb with the id the run folder keeps (`resume="allow"`),
-TensorBoard with `purge_step` at the resumed step, which drops what a killed process logged
-past its checkpoint. The steps a resumed run logs again carry the same values (resume is
-exact), so neither UI shows a duplicate or a missing step.
+TensorBoard in the same folder. Both buffer what they are given (wandb in its own process),
+so a process killed with `kill -9` may take its last records with it; a resumed run therefore
+logs again every record before its step from `metrics.jsonl` (`history=`), which is complete
+up to the checkpoint. TensorBoard drops what the earlier processes logged (`purge_step=0`:
+every step comes from one writer); wandb keeps the first value it saw at a step, and the
+records logged again are the same ones. Neither UI shows a duplicate or a missing step.
 
 Both are optional extras: `pip install -e ".[wandb]"` / `".[tensorboard]"`.
 `check_available(kinds)` says which extra is missing in one line, before a run starts.
@@ -44,6 +47,11 @@ class RunLogError(RuntimeError):
 
 @runtime_checkable
 class RunLog(Protocol):
+    name: str
+    """`"wandb"` or `"tensorboard"`."""
+    where: str
+    """The folder it writes (wandb's run folder, TensorBoard's log dir)."""
+
     def record(self, record: Mapping[str, Any]) -> None:
         """One `metrics.jsonl` record, at `record["step"]`."""
 
@@ -79,14 +87,16 @@ def open_run_logs(
     out_dir: str | os.PathLike[str],
     *,
     settings: Mapping[str, Any],
-    start_step: int,
+    history: Sequence[Mapping[str, Any]] = (),
     project: str | None = None,
     name: str | None = None,
 ) -> list[RunLog]:
-    """One sink per kind in `kinds` for the run in `out_dir`, continuing it from `start_step`.
+    """One sink per kind in `kinds` for the run in `out_dir`.
 
-    `settings`: the run's settings (JSON-able), logged once. `project`/`name`: wandb's project
-    (default `gpt-fn`) and display name (default: the folder's name); TensorBoard ignores them.
+    `settings`: the run's settings (JSON-able), logged once. `history`: a resumed run's records
+    before its step (`metrics.jsonl`), logged again (see the module docstring); empty for a new
+    run. `project`/`name`: wandb's project (default `gpt-fn`) and display name (default: the
+    folder's name); TensorBoard ignores them.
     """
     check_available(kinds)
     out = Path(out_dir)
@@ -96,7 +106,9 @@ def open_run_logs(
             if kind == "wandb":
                 logs.append(_WandbLog(out, settings, project=project, name=name))
             else:
-                logs.append(_TensorBoardLog(out, settings, start_step=start_step))
+                logs.append(_TensorBoardLog(out, settings, resumed=bool(history)))
+            for record in history:
+                logs[-1].record(record)
     except Exception as error:
         for log in logs:
             log.close()
@@ -112,6 +124,8 @@ def _new_run_id() -> str:
 
 
 class _WandbLog:
+    name = "wandb"
+
     def __init__(
         self, out: Path, settings: Mapping[str, Any], *, project: str | None, name: str | None
     ) -> None:
@@ -129,7 +143,7 @@ class _WandbLog:
             settings=wandb.Settings(silent=True, console="off"),
         )
         id_file.write_text(run_id + "\n")
-        self.where = self.run.dir
+        self.where = str(Path(self.run.dir).parent)  # the run folder (`wandb sync` takes it)
 
     def record(self, record: Mapping[str, Any]) -> None:
         self.run.log(scalars(record), step=int(record["step"]))
@@ -142,26 +156,27 @@ class _WandbLog:
 
 
 class _TensorBoardLog:
-    def __init__(self, out: Path, settings: Mapping[str, Any], *, start_step: int) -> None:
+    name = "tensorboard"
+
+    def __init__(self, out: Path, settings: Mapping[str, Any], *, resumed: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
         self.writer = SummaryWriter(
-            log_dir=str(out / TENSORBOARD_DIR), purge_step=start_step or None
+            log_dir=str(out / TENSORBOARD_DIR), purge_step=0 if resumed else None
         )
         self.where = self.writer.log_dir
-        if start_step == 0:
-            table = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in settings.items())
-            self.writer.add_text("settings", "| setting | value |\n| --- | --- |\n" + table, 0)
-            kept = {
-                k: v
-                for k, v in settings.items()
-                if isinstance(v, bool | int | float | str)
-                and not (isinstance(v, float) and not math.isfinite(v))
-            }
-            experiment, start, end = hparams(kept, {"val_loss": math.nan})
-            for summary in (experiment, start, end):
-                self.writer.file_writer.add_summary(summary)
+        table = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in settings.items())
+        self.writer.add_text("settings", "| setting | value |\n| --- | --- |\n" + table, 0)
+        kept = {
+            k: v
+            for k, v in settings.items()
+            if isinstance(v, bool | int | float | str)
+            and not (isinstance(v, float) and not math.isfinite(v))
+        }
+        experiment, start, end = hparams(kept, {"val_loss": math.nan})
+        for summary in (experiment, start, end):
+            self.writer.file_writer.add_summary(summary)
 
     def record(self, record: Mapping[str, Any]) -> None:
         step = int(record["step"])

@@ -10,7 +10,8 @@ The only carried state is the params and the optimizer state, both saved in the 
 
 A run never loses its last good checkpoint: a step whose loss, gradient norm or updated
 weights are not finite stops the run before anything is saved; Ctrl-C stops it after the
-current step and saves a checkpoint of that step (a second Ctrl-C aborts at once).
+current step and saves a checkpoint of that step (a second Ctrl-C aborts at once). After the
+last step the run is saved: Ctrl-C then ends the final sample at once.
 """
 
 import contextlib
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_fn import data, flops, hf, sampling
+from gpt_fn import data, flops, hf, memory, sampling
 from gpt_fn.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -44,7 +46,7 @@ from gpt_fn.checkpoint import (
     save_sharded_checkpoint,
 )
 from gpt_fn.config import GPTConfig
-from gpt_fn.eval import bits_per_byte
+from gpt_fn.eval import bits_per_byte, encode_text, multiple_choice, perplexity, read_choices
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -64,6 +66,7 @@ from gpt_fn.optim import (
 )
 from gpt_fn.optim.loss_scale import SMALLEST_SCALE
 from gpt_fn.rundir import RunDir, plot_losses
+from gpt_fn.runlog import RunLog, open_run_logs
 from gpt_fn.runtime import (
     CPU_FP32,
     Runtime,
@@ -75,7 +78,7 @@ from gpt_fn.runtime import (
 )
 from gpt_fn.settings import TrainSettings, resume_settings
 from gpt_fn.shapes import Params, shape_checks
-from gpt_fn.tokenizer import EOT_TOKEN, gpt2
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
 
 Log = Callable[[str], None]
 LOSS_SCALE = "loss_scale."
@@ -83,6 +86,9 @@ LOSS_SCALE = "loss_scale."
 DROPOUT_STREAM = 2
 """SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
 SAMPLE_PROMPT = "ROMEO:"
+MEMORY_ADVICE = (
+    "lower --batch-size (raise --grad-accum to keep the tokens per step) or --block-size"
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,8 +210,16 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
             runtime = make_runtime(device, settings.dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
-            with shape_checks(False), _stop_on_sigint(log) as stop_requested:
-                return _Run(settings, runtime, run_dir, log, stop_requested).train()
+            with (
+                shape_checks(False),
+                memory.allocation_errors("training", MEMORY_ADVICE),
+                contextlib.ExitStack() as logs,
+            ):
+                with _stop_on_sigint(log) as stop_requested:
+                    run = _Run(settings, runtime, run_dir, log, stop_requested)
+                    logs.enter_context(run.run_logs())  # open until finish() is done
+                    summary = run.train()
+                return run.finish(summary)
 
 
 def _settings_for_this_run(
@@ -243,8 +257,10 @@ class _Run:
         self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
         self.log, self.stop_requested = log, stop_requested
         self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
-        params, self.config = _initial_params(settings, run_dir, log)
-        self.train_tokens, self.val_tokens = _load_data(settings, self.config, runtime, log)
+        params, self.config = _initial_params(settings, run_dir, runtime, log)
+        self.train_tokens, self.val_tokens, self.data_sha256 = _load_data(
+            settings, self.config, runtime, log
+        )
         self.module = GPT.from_params(
             {k: v.to(runtime.device) for k, v in params.items()},
             self.config,
@@ -268,6 +284,11 @@ class _Run:
         if settings.resume:
             self.start_step = self._restore()
         self.model = self._wrapped_model()
+        self.choices = (
+            None if settings.eval_choices is None else read_choices(settings.eval_choices)
+        )
+        self.eval_text = None if settings.eval_text is None else _read_eval_text(settings.eval_text)
+        self.logs: list[RunLog] = []
         self.tokens_per_step = settings.batch_size * settings.grad_accum * self.config.block_size
         self.flops_per_token = flops.train_flops_per_token(self.config, self.config.block_size)
         self.peak = flops.peak_flops(runtime.device, runtime.dtype)
@@ -282,14 +303,31 @@ class _Run:
         state = self._saved_state()
         source = checkpoint_path(self.run_dir.path)
         if source.is_dir():
-            step = load_sharded_into(source, self.params, state).step
+            info = load_sharded_into(source, self.params, state)
+            step, data_sha256 = info.step, info.data_sha256
         else:
             saved = load_checkpoint(source)
             _copy_into(self.params, saved.params, "params")
             _copy_into(state, saved.optimizer_state, "optimizer state")
-            step = saved.step
+            step, data_sha256 = saved.step, saved.data_sha256
+        self._check_same_data(data_sha256)
         self.log(f"resuming from {source} at step {step}")
         return step
+
+    def _check_same_data(self, trained_on: str | None) -> None:
+        """Refuse to resume on a corpus whose source changed, unless `allow_changes`."""
+        if trained_on is None or self.data_sha256 in (None, trained_on):
+            return  # an older checkpoint, or llm.c shards: no source hash to compare
+        change = (
+            f"the corpus {self.settings.data} changed since the run started (source sha256 "
+            f"{trained_on[:16]}... then, {self.data_sha256[:16]}... now)"
+        )
+        if not self.settings.allow_changes:
+            raise CheckpointError(
+                f"{change}: a resumed run is exact only on the same data; restore it, or pass "
+                "--allow-changes to train on with the new text"
+            )
+        self.log(f"resume: {change} (--allow-changes)")
 
     def _wrapped_model(self) -> nn.Module:
         model: nn.Module = self.module
@@ -307,7 +345,14 @@ class _Run:
     def train(self) -> dict[str, Any]:
         settings, config, runtime = self.settings, self.config, self.runtime
         if runtime.is_main:
-            self.run_dir.truncate_metrics(self.start_step)
+            missing = self.run_dir.truncate_metrics(
+                self.start_step, allow_missing=settings.allow_changes
+            )
+            if missing:
+                self.log(
+                    f"resume: steps {missing[0]} to {missing[-1]} are missing from "
+                    f"{self.run_dir.metrics} (--allow-changes)"
+                )
         n_params = sum(p.numel() for p in self.params.values())
         self.log(
             f"model {config.n_layer} layers x {config.n_embd} wide, {n_params / 1e6:.1f}M "
@@ -325,27 +370,34 @@ class _Run:
                     )
                 record = self._step(step)
                 done = step + 1
-                if done % settings.eval_interval == 0 or done == settings.max_steps:
+                evaluated = done % settings.eval_interval == 0 or done == settings.max_steps
+                if evaluated:
                     record["val_loss"] = self._evaluate(done)
                     record["val_bpb"] = bits_per_byte(record["val_loss"], self._val_targets)
-                    self._checkpoint(done)
-                    say(
-                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
-                        f"({record['val_bpb']:.3f} bits/byte)"
-                    )
+                    record.update(self._extra_evals())
                 if runtime.is_main:
                     self.run_dir.append_metrics(record)
+                    for run_log in self.logs:
+                        run_log.record(record)
                     progress.set_postfix(
                         loss=f"{record['loss']:.3f}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
                         refresh=False,
                     )
                     progress.update(1)
+                if evaluated:
+                    # After the step's record: a checkpoint never exists without the records
+                    # before its step (a resume keeps exactly those).
+                    self._checkpoint(done)
+                    say(
+                        f"step {done}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} "
+                        f"({record['val_bpb']:.3f} bits/byte){_extra_evals_line(record)}"
+                    )
                 sample_due = settings.sample_every and done % settings.sample_every == 0
                 if sample_due and done < settings.max_steps:
-                    say(self.sample())
+                    say(self._logged_sample(done))
                 summary.update(record)
-        return self._finish(summary)
+        return summary
 
     def _step(self, step: int) -> dict[str, Any]:
         settings, runtime = self.settings, self.runtime
@@ -391,7 +443,7 @@ class _Run:
             "mfu": self._mfu(tokens_per_s),
         }
         if settings.optimizer == "muon":
-            record["muon_lr"] = self.schedule(step) * settings.muon_lr / settings.lr
+            record["muon_lr"] = self.schedule(step) * _muon_ratio(settings)
         if self.loss_scale is not None:
             record["loss_scale"] = float(self.loss_scale["scale"])
             record["skipped"] = not np.isfinite(record["grad_norm"])
@@ -439,7 +491,12 @@ class _Run:
 
     def _checkpoint(self, step: int) -> None:
         checkpoint = Checkpoint(
-            self.params, self._saved_state(), step, self.config, self.settings.to_dict()
+            self.params,
+            self._saved_state(),
+            step,
+            self.config,
+            self.settings.to_dict(),
+            self.data_sha256,
         )
         if self.sharded:  # every rank writes its shards
             save_sharded_checkpoint(self.run_dir.path, checkpoint, rank=self.runtime.rank)
@@ -477,7 +534,7 @@ class _Run:
         progress = tqdm(
             total=self.settings.max_steps,
             initial=self.start_step,
-            disable=not self.runtime.is_main,
+            disable=None if self.runtime.is_main else True,  # None: off when not a terminal
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -488,38 +545,141 @@ class _Run:
         finally:
             progress.close()
 
-    def sample(self) -> str:
-        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
-        full = {
+    def _full_params(self) -> Params:
+        """The current weights, whole (call on every rank: FSDP gathers its shards)."""
+        return {
             name: value.full_tensor() if isinstance(value, DTensor) else value
             for name, value in self.module.params().items()
         }
+
+    def sample(self) -> str:
+        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
         return sample_text(
-            full,
+            self._full_params(),
             self.config,
             tokens=self.settings.sample_tokens,
             seed=self.settings.seed,
             runtime=self.runtime,
         )
 
-    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        summary["steps"] = self.settings.max_steps
-        if self.settings.max_steps == self.start_step:
+    def _logged_sample(self, step: int) -> str:
+        """`sample()`, also sent to the run logs at `step`."""
+        text = self.sample()
+        for run_log in self.logs:
+            run_log.text("sample", text, step)
+        return text
+
+    def _extra_evals(self) -> dict[str, float]:
+        """`--eval-choices` and `--eval-text` on the current weights, with what each cost in
+        seconds (measured on the main rank, which alone scores; every rank gathers FSDP's
+        shards)."""
+        if self.choices is None and self.eval_text is None:
+            return {}
+        params = self._full_params()
+        if not self.runtime.is_main:
+            return {}
+        scores: dict[str, float] = {}
+        # Ids past GPT-2's vocabulary (a padded model's) have no text: normalise over GPT-2's.
+        vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)
+        with torch.no_grad(), self.runtime.autocast():
+            if self.choices is not None:
+                started = time.perf_counter()
+                results = multiple_choice(
+                    params, self.choices, self.config, vocab_size=vocab, share_context=True
+                )
+                scores["choices_acc"] = results.acc
+                scores["choices_acc_norm"] = results.acc_norm
+                scores["choices_seconds"] = time.perf_counter() - started
+            if self.eval_text is not None:
+                started = time.perf_counter()
+                scores["text_bpb"] = perplexity(
+                    params, self.eval_text, self.config, vocab_size=vocab
+                ).bits_per_byte
+                scores["text_seconds"] = time.perf_counter() - started
+        return scores
+
+    @contextlib.contextmanager
+    def run_logs(self) -> Iterator[None]:
+        """The wandb / TensorBoard logs `--log` asks for, open for the block (main rank)."""
+        if self.runtime.is_main and self.settings.log_kinds:
+            resumed = self.start_step > 0 and self.run_dir.metrics.exists()
+            history = self.run_dir.read_metrics() if resumed else []
+            self.logs = open_run_logs(
+                self.settings.log_kinds,
+                self.run_dir.path,
+                settings=self.settings.to_dict(),
+                history=[r for r in history if r["step"] < self.start_step],
+                project=self.settings.log_project,
+                name=self.settings.log_name,
+            )
+            for run_log in self.logs:
+                self.log(f"{run_log.name}: logging to {run_log.where}")
+        try:
+            yield
+        finally:
+            for run_log in self.logs:
+                run_log.close()
+            self.logs = []
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """After the last step (saved): the speed, the loss plot and a sample from the weights.
+
+        Runs outside the loop's Ctrl-C handler: a Ctrl-C here (or one pressed during the last
+        step) ends the run with `TrainingInterrupted`, its checkpoint complete.
+        """
+        steps = summary["steps"] = self.settings.max_steps
+        if steps == self.start_step:
             return summary
-        sample = self.sample()
+        saved = (
+            f"the run is complete and saved ({checkpoint_path(self.run_dir.path)}, step {steps})"
+        )
+        try:
+            if self.runtime.is_main:
+                records = self.run_dir.read_metrics()
+                summary["tokens_per_s_median"] = statistics.median_high(
+                    [r["tokens_per_s"] for r in records[1:]] or [0.0]
+                )
+                plot_losses(records, self.run_dir.plot)
+                self.log(
+                    f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and "
+                    f"{checkpoint_path(self.run_dir.path)}"
+                )
+            if self._should_stop():  # Ctrl-C during the last step
+                raise KeyboardInterrupt
+            sample = self._logged_sample(steps)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted after the last step: {saved}") from None
         if self.runtime.is_main:
-            records = self.run_dir.read_metrics()
-            summary["tokens_per_s_median"] = statistics.median_high(
-                [r["tokens_per_s"] for r in records[1:]] or [0.0]
-            )
-            plot_losses(records, self.run_dir.plot)
-            self.log(
-                f"wrote {self.run_dir.plot}, {self.run_dir.metrics} and "
-                f"{checkpoint_path(self.run_dir.path)}"
-            )
             summary["sample"] = sample
-            self.log(f"--- sample at step {self.settings.max_steps} ---\n{summary['sample']}")
+            self.log(f"--- sample at step {steps} ---\n{sample}")
         return summary
+
+
+def _read_eval_text(path: str) -> list[int]:
+    """`--eval-text`'s GPT-2 tokens; errors name the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--eval-text {path}: not UTF-8 text ({error})") from None
+    tokens = encode_text(text)
+    if len(tokens) < 2:
+        raise ValueError(f"--eval-text {path}: needs at least 2 tokens of text, got {len(tokens)}")
+    return tokens
+
+
+def _extra_evals_line(record: dict[str, Any]) -> str:
+    """The log line's part for `--eval-choices` / `--eval-text`, with their cost."""
+    parts = []
+    if "choices_acc" in record:
+        parts.append(
+            f"choices acc {record['choices_acc']:.3f} / acc_norm {record['choices_acc_norm']:.3f} "
+            f"({record['choices_seconds']:.1f} s)"
+        )
+    if "text_bpb" in record:
+        parts.append(
+            f"eval text {record['text_bpb']:.3f} bits/byte ({record['text_seconds']:.1f} s)"
+        )
+    return "".join(", " + part for part in parts)
 
 
 def sample_text(
@@ -547,7 +707,8 @@ def sample_text(
 
 def _load_data(
     settings: TrainSettings, config: GPTConfig, runtime: Runtime, log: Log
-) -> tuple[data.Tokens, data.Tokens]:
+) -> tuple[data.Tokens, data.Tokens, str | None]:
+    """The train and val tokens, and the sha256 of their source (None for llm.c shards)."""
     data_dir = settings.data_path()
     if runtime.is_main and not data.is_shard_folder(data_dir):  # llm.c shards train as they are
         prepared = data.prepare(settings.data, data_dir)
@@ -567,11 +728,17 @@ def _load_data(
         )
     train_tokens = data.load_split(data_dir, "train", block_size=config.block_size)
     val_tokens = data.load_split(data_dir, "val", block_size=config.block_size)
-    return train_tokens, val_tokens
+    source_sha256 = meta.get("source_sha256")
+    return train_tokens, val_tokens, source_sha256 if isinstance(source_sha256, str) else None
 
 
-def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple[Params, GPTConfig]:
+def _initial_params(
+    settings: TrainSettings, run_dir: RunDir, runtime: Runtime, log: Log
+) -> tuple[Params, GPTConfig]:
     """(params, model config) a run starts from: fresh, or GPT-2's weights.
+
+    Refuses (`memory.InsufficientMemoryError`) a run whose params, optimizer state and
+    activations cannot fit the device, before allocating them.
 
     With `--init-from`, the model's shape comes from the GPT-2 weights (the preset is not
     used); `--block-size` (crops the position embeddings) and `--dropout` still apply. A
@@ -592,6 +759,7 @@ def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple
                 f"the checkpoint in {run_dir.path} is of another model config: "
                 + ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in differing.items())
             )
+        _check_memory(settings, config, runtime)
         return init_params(config, seed=settings.seed), config
     if pretrained:
         weights, weights_config = hf.load(pretrained)
@@ -606,9 +774,30 @@ def _initial_params(settings: TrainSettings, run_dir: RunDir, log: Log) -> tuple
             )
             + f": {settings.batch_size * settings.grad_accum * config.block_size:,} tokens a step"
         )
+        _check_memory(settings, config, runtime)
         return _fit_pretrained(weights, weights_config, config), config
     config = settings.model_config()
+    _check_memory(settings, config, runtime)
     return init_params(config, seed=settings.seed), config
+
+
+def _check_memory(settings: TrainSettings, config: GPTConfig, runtime: Runtime) -> None:
+    needed = memory.training_bytes(
+        config,
+        batch_size=settings.batch_size,
+        optimizer=settings.optimizer,
+        dtype=runtime.dtype,
+        world_size=runtime.world_size,
+        sharded=settings.parallel == "fsdp" and runtime.world_size > 1,
+        activation_checkpointing=settings.activation_checkpointing,
+    )
+    memory.check_fits(
+        needed,
+        runtime.device,
+        what=f"training {config.n_layer} layers x {config.n_embd} on {settings.batch_size:,} "
+        f"rows of {config.block_size:,} tokens",
+        advice=MEMORY_ADVICE,
+    )
 
 
 def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
@@ -621,7 +810,7 @@ def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
     )
     if settings.optimizer == "adamw":
         return adam
-    ratio = settings.muon_lr / settings.lr if settings.lr > 0 else 0.0
+    ratio = _muon_ratio(settings)
 
     def muon_schedule(step: int) -> float:
         return schedule(step) * ratio
@@ -630,6 +819,11 @@ def _optimizer(settings: TrainSettings, schedule: Schedule) -> Optimizer:
         muon(muon_schedule, momentum=settings.muon_momentum, weight_decay=settings.weight_decay),
         adam,
     )
+
+
+def _muon_ratio(settings: TrainSettings) -> float:
+    """Muon's lr over AdamW's at every step (`muon_lr / lr`; 0 when lr is 0: nothing trains)."""
+    return settings.muon_lr / settings.lr if settings.lr > 0 else 0.0
 
 
 def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) -> Params:

@@ -64,3 +64,25 @@ def plain_python():
         return done.stdout
 
     return run
+
+
+@pytest.fixture
+def file_size_limit():
+    """Within `with file_size_limit(n):` no file this process writes may grow past n bytes, as on
+    a full disk: writes fail with EFBIG (SIGXFSZ ignored, so the process is not killed)."""
+    import contextlib
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limit(size: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limit

@@ -1,6 +1,7 @@
 """Checkpoints round-trip exactly, are written atomically, and bad files give clear errors."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,9 +11,12 @@ from gpt_fn.checkpoint import (
     FILENAME,
     Checkpoint,
     CheckpointError,
+    CheckpointWriteError,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
+    save_sharded_checkpoint,
+    tensors_sha256,
 )
 
 
@@ -105,3 +109,81 @@ def test_metadata_reads_without_the_tensors(tmp_path, tiny_config):
     save_checkpoint(tmp_path, _checkpoint(tiny_config, step=9))
     info = read_checkpoint_info(tmp_path)
     assert (info.step, info.model_config, info.train_settings["seed"]) == (9, tiny_config, 1)
+
+
+def test_a_changed_metadata_byte_is_caught_by_the_checksum(tmp_path, tiny_config):
+    path = save_checkpoint(tmp_path, _checkpoint(tiny_config))
+    raw = path.read_bytes()
+    assert raw.count(b'seed\\": 1') == 1  # the settings are JSON inside the JSON header
+    path.write_bytes(raw.replace(b'seed\\": 1', b'seed\\": 2'))
+    for read in (load_checkpoint, read_checkpoint_info):
+        with pytest.raises(CheckpointError, match="corrupt: its metadata .* does not match"):
+            read(path)
+
+
+def test_a_v2_checkpoint_still_loads_with_its_tensors_checked(tmp_path, tiny_config):
+    import json
+
+    import safetensors.torch
+
+    saved = _checkpoint(tiny_config)
+    tensors = {f"params/{k}": v for k, v in saved.params.items()}
+    metadata = {
+        "format": "gpt_fn-checkpoint-v2",
+        "step": "7",
+        "model_config": json.dumps(tiny_config.to_dict()),
+        "train_settings": json.dumps(saved.train_settings),
+        "sha256": tensors_sha256(tensors),
+    }
+    safetensors.torch.save_file(tensors, tmp_path / FILENAME, metadata=metadata)
+    assert load_checkpoint(tmp_path).step == 7
+    metadata["sha256"] = "0" * 64
+    safetensors.torch.save_file(tensors, tmp_path / FILENAME, metadata=metadata)
+    with pytest.raises(CheckpointError, match="tensors do not match the sha256"):
+        load_checkpoint(tmp_path)
+
+
+def test_params_of_mixed_dtypes_are_named(tmp_path, tiny_config):
+    checkpoint = _checkpoint(tiny_config)
+    mixed = {**checkpoint.params, "ln_f.bias": checkpoint.params["ln_f.bias"].double()}
+    save_checkpoint(tmp_path, checkpoint._replace(params=mixed))
+    with pytest.raises(CheckpointError, match="'ln_f.bias' has dtype torch.float64"):
+        load_checkpoint(tmp_path)
+
+
+def test_an_unreadable_checkpoint_is_not_called_missing(tiny_config):
+    # Root reads any file: check as an unprivileged user (seteuid is undone in `finally`), in
+    # a folder that user may enter (pytest's tmp_path is root's alone).
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        path = save_checkpoint(folder, _checkpoint(tiny_config))
+        path.chmod(0)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)
+        try:
+            with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}: Permission"):
+                load_checkpoint(path)
+        finally:
+            if as_root:
+                os.seteuid(0)
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(tmp_path, tiny_config, file_size_limit):
+    path = save_checkpoint(tmp_path, _checkpoint(tiny_config, step=3))
+    with (
+        file_size_limit(path.stat().st_size // 2),
+        pytest.raises(CheckpointWriteError, match="File too large.*disk full.*is kept"),
+    ):
+        save_checkpoint(tmp_path, _checkpoint(tiny_config, step=4))
+    assert load_checkpoint(tmp_path).step == 3
+    assert os.listdir(tmp_path) == [FILENAME]
+
+
+def test_a_sharded_checkpoints_metadata_is_checksummed_too(tmp_path, tiny_config):
+    save_sharded_checkpoint(tmp_path, _checkpoint(tiny_config, step=5), rank=0)
+    meta = tmp_path / "checkpoint.dcp" / "gpt_fn.json"
+    assert read_checkpoint_info(tmp_path).step == 5
+    meta.write_text(meta.read_text().replace('"step": "5"', '"step": "6"'))
+    with pytest.raises(CheckpointError, match="corrupt: its metadata .* does not match"):
+        read_checkpoint_info(tmp_path)

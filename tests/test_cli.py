@@ -8,6 +8,7 @@ need a real process (a closed pipe, Ctrl-C) run the entry point in a subprocess.
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -190,10 +191,12 @@ def test_resume_restores_the_runs_settings_without_repeating_flags(capsys, train
     assert run(capsys, *train_args("full"), "--max-steps=6", "--eval-interval=3")[0] == 0
     assert run(capsys, *train_args("half"), "--max-steps=3", "--lr-decay-steps=6")[0] == 0
     # Only the length is given again; data, shape, lr, batch come from the checkpoint.
-    code, _, err = run(
+    code, printed, err = run(
         capsys, "train", "--resume", f"--out-dir={tmp_path / 'half'}", "--max-steps=6"
     )
     assert code == 0, err
+    # The cosine ends at step 6, with the run: no step trains at min_lr.
+    assert "cosine to min_lr=0.0002 at step 6)\n" in printed
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "half" / "metrics.jsonl")
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
@@ -220,10 +223,54 @@ def test_extending_a_run_keeps_its_schedule(capsys, train_args, tmp_path):
         capsys, "train", "--resume", f"--out-dir={tmp_path / 'run'}", "--max-steps=6"
     )
     assert code == 0 and "extending the run from 4 to 6 steps" in printed
+    assert "at step 4), so steps 4 to 5 train at min_lr" in printed
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     min_lr = load_checkpoint(tmp_path / "run").train_settings["min_lr"]
     assert lrs[4:] == [min_lr, min_lr]  # after the run's cosine, no jump back up
     assert max(lrs[4:]) <= min(lrs[:4])
+
+
+def test_resume_refuses_a_changed_corpus_and_a_cut_log(capsys, tmp_path, corpus):
+    text = tmp_path / "plays.txt"
+    text.write_text(corpus.read_text())
+    args = ["train", f"--data={text}", f"--data-dir={tmp_path / 'tokens'}", *TINY_RUN]
+    out = f"--out-dir={tmp_path / 'run'}"
+    assert run(capsys, *args, out, "--max-steps=2", "--eval-interval=2")[0] == 0
+    text.write_text(corpus.read_text() + "A new line.\n")
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4")
+    assert_one_line(code, err, r"plays.txt changed since the run started \(source sha256 \w{16}")
+    text.write_text(corpus.read_text())
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a log emptied by a killed rewrite
+    code, _, err = run(capsys, "train", "--resume", out, "--max-steps=4")
+    assert_one_line(code, err, "metrics.jsonl holds no step, but the checkpoint is at step 2")
+    code, printed, err = run(capsys, "train", "--resume", out, "--max-steps=4", "--allow-changes")
+    assert code == 0 and "steps 0 to 1 are missing" in printed, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
+
+
+def test_a_zero_lr_and_a_seed_out_of_range(capsys, train_args, tmp_path):
+    code, _, err = run(capsys, *train_args(), "--max-steps=1", "--lr=0", "--min-lr=0")
+    assert code == 0, err
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["muon_lr"] == 0.0
+    code, _, err = run(capsys, *train_args("other"), "--seed=99999999999999999999999")
+    assert_one_line(code, err, r"seed must be an int in \[0, 2\*\*64\), got 9999")
+
+
+@pytest.mark.parametrize(
+    ("flag", "rows", "tokens"),
+    [
+        ("--batch-size=100000000", "100,000,000", "16"),
+        ("--block-size=1000000000", "4", "1,000,000,000"),
+    ],
+)
+def test_a_run_too_large_for_memory_is_refused_before_allocating(
+    capsys, train_args, flag, rows, tokens
+):
+    code, _, err = run(capsys, *train_args(), flag, "--max-steps=1")
+    pattern = (
+        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [TG]iB"
+    )
+    assert_one_line(code, err, pattern + ".*available on cpu: lower --batch-size")
 
 
 def test_resume_without_a_checkpoint_is_one_line(capsys, tmp_path):
@@ -359,6 +406,82 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes(corpus, tmp_path):
     assert stop, err
     assert load_checkpoint(out).step == int(stop[1])
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(int(stop[1])))
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line(corpus, tmp_path):
+    process = subprocess.Popen(
+        [*ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+         f"--out-dir={tmp_path / 'run'}", *TINY_RUN],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+    )  # fmt: skip
+    time.sleep(0.5)  # Python starts in ~0.05 s; importing torch and gpt_fn takes seconds
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert_one_line(process.returncode, err, "^gpt-fn: interrupted$", expected=130)
+
+
+def test_ctrl_c_during_the_final_sample_ends_it_and_says_the_run_is_saved(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        *ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+        f"--out-dir={out}", *TINY_RUN, "--max-steps=1", "--sample-tokens=1000000",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**_environment(), "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    for line in process.stdout:  # the last line before the sample
+        if line.startswith("wrote "):
+            break
+    process.send_signal(signal.SIGINT)
+    printed, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "stopping after this step" not in printed
+    assert re.search(r"interrupted after the last step: the run is complete and saved", err)
+    assert load_checkpoint(out).step == 1
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(corpus, tmp_path):
+    def small_files() -> None:  # `ulimit -f 1024`: no file past 1 MiB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+         f"--out-dir={tmp_path / 'run'}", *TINY_RUN, "--max-steps=2"],
+        capture_output=True, text=True, preexec_fn=small_files, env=_environment(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]  # under the progress bar
+    assert re.search(r"error: cannot write checkpoint .*File too large.*disk full", last), last
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from gpt_fn import cli
+rename = os.replace
+def rename_then_die(source, target):
+    rename(source, target)
+    if str(target).endswith("checkpoint.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 right after the checkpoint's rename
+os.replace = rename_then_die
+cli.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_right_after_a_checkpoint_loses_no_record(corpus, tmp_path):
+    args = [
+        "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
+        f"--out-dir={tmp_path / 'run'}", *TINY_RUN, "--max-steps=4", "--eval-interval=2",
+    ]  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, *args],
+        capture_output=True, text=True, env=_environment(), timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # A resume keeps the records before the checkpoint's step: every one of them is there.
+    assert load_checkpoint(tmp_path / "run").step == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
 
 
 # --- gpt-fn eval ----------------------------------------------------------------------------

@@ -201,6 +201,7 @@ def test_public_api_is_at_the_top_level():
         "GPTConfig",
         "init_params",
         "forward",
+        "forward_from",
         "loss",
         "GPT",
         "Params",
@@ -285,9 +286,15 @@ def test_out_of_range_targets_are_named_as_targets(tiny_config):
         loss(params, tokens, tokens + 101, tiny_config)
 
 
-def test_init_params_refuses_a_bad_seed(tiny_config):
-    with shape_checks(False), pytest.raises(ValueError, match="seed must be an int >= 0"):
+def test_init_params_refuses_a_bad_seed_naming_the_range(tiny_config):
+    with (
+        shape_checks(False),
+        pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"),
+    ):
         init_params(tiny_config, seed=1.5)
+    init_params(tiny_config, seed=2**64 - 1)  # torch.Generator's largest seed
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\), got 2361"):
+        init_params(tiny_config, seed=2**71)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])

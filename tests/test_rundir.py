@@ -66,3 +66,51 @@ def test_temporaries_of_a_killed_save_are_removed(tmp_path):
     unrelated.write_text("mine")
     assert RunDir(tmp_path).clean() == [stale]
     assert not stale.exists() and unrelated.exists()
+
+
+def _log(run_dir: RunDir, steps: range) -> None:
+    for step in steps:
+        run_dir.append_metrics({"step": step, "loss": 1.0 + step / 1000, "note": "x" * 40})
+
+
+def test_truncating_the_log_is_atomic(tmp_path, file_size_limit):
+    run_dir = RunDir(tmp_path)
+    _log(run_dir, range(60))
+    before = run_dir.metrics.read_bytes()
+    # A write that fails half-way (a full disk) must leave the whole old log, never a cut one.
+    with file_size_limit(len(before) // 4), pytest.raises(OSError):
+        run_dir.truncate_metrics(50)
+    assert run_dir.metrics.read_bytes() == before
+    assert run_dir.truncate_metrics(50) == []
+    assert [r["step"] for r in run_dir.read_metrics()] == list(range(50))
+
+
+def test_a_log_that_ends_before_the_checkpoint_is_refused(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.metrics.write_bytes(b"")  # a rewrite killed before it wrote anything
+    with pytest.raises(
+        RunDirError, match="holds no step, but the checkpoint is at step 4.*--allow"
+    ):
+        run_dir.truncate_metrics(4)
+    _log(run_dir, range(2))
+    with pytest.raises(RunDirError, match="ends at step 1, but .* with steps 2 to 3 missing"):
+        run_dir.truncate_metrics(4)
+    assert run_dir.truncate_metrics(4, allow_missing=True) == [2, 3]
+    assert [r["step"] for r in run_dir.read_metrics()] == [0, 1]
+    _log(run_dir, range(4, 6))  # resumed with the gap allowed: later resumes go on
+    assert run_dir.truncate_metrics(6) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b'{"step": 0}\n{"step": "x"}\n', "line 2: .*its step is 'x'"),
+        (b'{"step": 0}\n{"step": -1}\n', "line 2: .*its step is -1"),
+        (b'{"step": 0}\n{"step": 1, "note": "\xff"}\n', "line 2: not UTF-8"),
+    ],
+)
+def test_bad_steps_and_bytes_are_named_with_the_file_and_line(tmp_path, content, pattern):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(RunDirError, match=f"metrics.jsonl, {pattern}"):
+        read_metrics(path)

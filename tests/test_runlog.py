@@ -3,13 +3,20 @@ their record files, with every record at its step, after a resume too."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
 from gpt_fn import runlog
+from gpt_fn.rundir import read_metrics
 
 SETTINGS = {"lr": 0.001, "batch_size": 4, "compile": None, "data": "c.txt"}
 
@@ -44,12 +51,14 @@ def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_holds_every_record_at_its_step_after_a_resume(tmp_path):
-    first = runlog.open_run_logs(["tensorboard"], tmp_path, settings=SETTINGS, start_step=0)
+    first = runlog.open_run_logs(["tensorboard"], tmp_path, settings=SETTINGS)
     for record in _records(range(5)):  # steps 3 and 4 come after the checkpoint at 3
         first[0].record(record)
     first[0].text("sample", "ROMEO:\nhello", 4)
     first[0].close()
-    resumed = runlog.open_run_logs(["tensorboard"], tmp_path, settings=SETTINGS, start_step=3)
+    resumed = runlog.open_run_logs(
+        ["tensorboard"], tmp_path, settings=SETTINGS, history=_records(range(3))
+    )
     for record in _records(range(3, 6)):
         resumed[0].record(record)
     resumed[0].close()
@@ -113,18 +122,20 @@ def _wandb_history(out: Path) -> tuple[dict[int, dict[str, object]], set[str]]:
 def test_wandb_offline_holds_every_record_at_its_step_after_a_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    first = runlog.open_run_logs(
-        ["wandb"], tmp_path, settings=SETTINGS, start_step=0, project="p", name="n"
-    )
+    first = runlog.open_run_logs(["wandb"], tmp_path, settings=SETTINGS, project="p", name="n")
     for record in _records(range(5)):
         first[0].record(record)
     first[0].text("sample", "ROMEO:\nhello", 4)
     first[0].close()
     run_id = (tmp_path / runlog.WANDB_ID_FILE).read_text().strip()
-    resumed = runlog.open_run_logs(["wandb"], tmp_path, settings=SETTINGS, start_step=3)
+    time.sleep(1.1)  # wandb names an offline run's folder by the second it starts in
+    resumed = runlog.open_run_logs(
+        ["wandb"], tmp_path, settings=SETTINGS, history=_records(range(3))
+    )
     for record in _records(range(3, 6)):
         resumed[0].record(record)
     resumed[0].close()
+    wandb.teardown()  # its service process writes the files: wait until it has
 
     history, ids = _wandb_history(tmp_path)
     assert ids == {run_id}  # the resumed process continued the same run
@@ -133,3 +144,69 @@ def test_wandb_offline_holds_every_record_at_its_step_after_a_resume(tmp_path, m
         step = history[record["step"]]
         assert step["loss"] == record["loss"] and math.isclose(step["lr"], record["lr"])
     assert history[4]["sample"] == "ROMEO:\nhello"
+
+
+# --- gpt-fn train --log ---------------------------------------------------------------------
+
+KILL_PAST_THE_CHECKPOINT = """
+import os, signal, sys
+from gpt_fn import cli, rundir
+append = rundir.RunDir.append_metrics
+def append_then_die(self, record):
+    append(self, record)
+    if record["step"] == 5:  # steps 4 and 5 run past the checkpoint at step 4
+        os.kill(os.getpid(), signal.SIGKILL)
+rundir.RunDir.append_metrics = append_then_die
+cli.main(sys.argv[1:])
+"""
+# Fields whose values a resumed run repeats exactly (the timing fields are measured anew).
+EXACT = ("loss", "lr", "muon_lr", "grad_norm", "val_loss", "val_bpb", "choices_acc", "text_bpb")
+
+
+def test_train_logs_every_record_to_both_after_a_kill_and_resume(corpus, tmp_path):
+    out = tmp_path / "run"
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"ctx": "ROMEO:", "endings": ["But, soft!", "Hello"], "label": 0}\n')
+    args = [
+        "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}", f"--out-dir={out}",
+        "--preset=cpu-tiny", "--n-layer=1", "--n-embd=32", "--block-size=16",
+        "--batch-size=4", "--eval-batches=1", "--sample-tokens=4", "--max-steps=8",
+        "--eval-interval=2", "--sample-every=2", "--log=tensorboard", "--log=wandb",
+        f"--eval-choices={items}", f"--eval-text={corpus}",
+    ]  # fmt: skip
+    # Not this process's wandb service (WANDB_SERVICE, set by the tests above): each run
+    # starts its own, as a user's would.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(Path.cwd())
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_PAST_THE_CHECKPOINT, *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "gpt_fn", "train", f"--out-dir={out}", "--resume"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "wandb: logging to" in resumed.stdout + resumed.stderr  # the run folder is named
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(8))
+    assert "choices_acc" in records[1] and "text_bpb" in records[1]
+    tensorboard = _tensorboard_scalars(out / runlog.TENSORBOARD_DIR)
+    history, ids = _wandb_history(out)
+    assert len(ids) == 1 and sorted(history) == list(range(9))  # the final sample at step 8
+    for record in records:
+        step = record["step"]
+        for key in runlog.scalars(record):
+            assert set(tensorboard[key]) >= {step}
+            assert key in history[step]
+            if key in EXACT:
+                assert tensorboard[key][step] == pytest.approx(record[key], rel=1e-6)
+                assert history[step][key] == pytest.approx(record[key], rel=1e-12)
+    for key, steps in tensorboard.items():  # each step once: the killed tail was purged
+        assert sorted(steps) == sorted({r["step"] for r in records if key in r})
+    # Samples are texts, not records: the resumed process's are there (a killed one's may not).
+    assert all("sample" in history[step] for step in (6, 8))

@@ -89,6 +89,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_pat
     assert load_checkpoint(out).step == 6
 
 
+def test_an_eval_steps_record_is_written_before_its_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+
+    def closed_pipe(line: str) -> None:  # `gpt-fn train | head`: the eval's line cannot be printed
+        if line.startswith("step 2:"):
+            raise BrokenPipeError
+
+    with pytest.raises(BrokenPipeError):
+        train(_settings(corpus, out, max_steps=4, eval_interval=2), log=closed_pipe)
+    # A resume keeps the records before the checkpoint's step: every one of them is there.
+    assert load_checkpoint(out).step == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
+
+
 def test_resuming_with_another_model_config_names_the_difference(corpus, tmp_path):
     out = tmp_path / "run"
     train(_settings(corpus, out, max_steps=2, eval_interval=2), log=_quiet)
