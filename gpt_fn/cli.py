@@ -1,4 +1,5 @@
-"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval`, `lm-eval` and `sae`.
+"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval`, `lm-eval`, `inspect`,
+`sae`.
 
     gpt-fn train                          # cpu-small on the offline Shakespeare corpus, then samples
     gpt-fn train --config run.json --max-steps 2000
@@ -8,6 +9,8 @@
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
     gpt-fn eval --checkpoint out --tokens data/shakespeare --choices hellaswag_val.jsonl
     gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
+    gpt-fn inspect --checkpoint out --prompt "ROMEO: But, soft! what light through yonder" \
+                   --answer " window" --out romeo
     gpt-fn sae train --checkpoint out --site h.2.resid_post --d-sae 4096 --kind topk --k 32
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from gpt_fn import data, hf, sae_cli, sampling
 from gpt_fn import eval as evaluation
+from gpt_fn.analysis import LN_MODES
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.hooks import load_hooks
@@ -44,7 +48,7 @@ from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
@@ -201,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
     _add_eval_parsers(commands)
+    _add_inspect_parser(commands)
     sae_cli.add_parser(commands)
     return parser
 
@@ -779,6 +784,99 @@ def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"gpt-fn lm-eval needs lm-evaluation-harness: pip install 'gpt_fn[lm-eval]' ({error})"
         ) from error
     harness.main(args.args)
+    return 0
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def _add_inspect_parser(commands: Any) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="a report on one prompt: logit lens, DLA per head, previous/duplicate-token heads",
+    )
+    _add_model_source(inspect)
+    inspect.add_argument("--prompt", required=True, help="the text to inspect")
+    inspect.add_argument(
+        "--answer",
+        metavar="TOKEN",
+        help="the next token whose logit is attributed, a string that is one GPT-2 token "
+        "(e.g. ' Mary'; default: the model's most likely next token)",
+    )
+    inspect.add_argument(
+        "--wrong",
+        metavar="TOKEN",
+        help="a competing token, one GPT-2 token: attribute the answer's logit minus its logit",
+    )
+    inspect.add_argument(
+        "--ln",
+        choices=LN_MODES,
+        default="recompute",
+        help="the logit lens's final LayerNorm: each partial stream's own statistics "
+        "(recompute, default) or the full stream's scale (frozen)",
+    )
+    inspect.add_argument(
+        "--top", type=int, default=5, help="tokens and heads listed per table (default: 5)"
+    )
+    inspect.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    inspect.add_argument(
+        "--out", type=Path, default=Path("inspect"), help="the report folder (default: inspect)"
+    )
+    inspect.set_defaults(run=_inspect)
+
+
+def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.checkpoint is None and args.hf is None:
+        parser.error("give the model: --checkpoint DIR or --hf DIR")
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    from gpt_fn import inspect as inspection  # matplotlib loads only for this command
+
+    device = resolve_device(args.device)
+    # Inputs first: a bad prompt or token fails before the model loads.
+    prompt = gpt2().encode_ordinary(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty: give the text to inspect")
+    answer = None if args.answer is None else single_token(args.answer, name="--answer")
+    wrong = None if args.wrong is None else single_token(args.wrong, name="--wrong")
+    if answer is not None and answer == wrong:
+        raise ValueError(f"--answer and --wrong are the same token {args.answer!r}")
+    params, config, about = _eval_model(args)
+    if len(prompt) > config.block_size:
+        raise ValueError(
+            f"--prompt is {len(prompt)} tokens; the model reads at most {config.block_size}"
+        )
+    for flag, ids in (("--prompt", prompt), ("--answer", [answer]), ("--wrong", [wrong])):
+        outside = [i for i in ids if i is not None and i >= config.vocab_size]
+        if outside:
+            raise ValueError(
+                f"{flag} holds GPT-2 token {outside[0]} ({gpt2().decode([outside[0]])!r}), "
+                f"outside the model's vocabulary of {config.vocab_size}"
+            )
+    params = {name: value.to(device) for name, value in params.items()}
+    tokens = torch.tensor(prompt, device=device)
+    found = inspection.inspect_prompt(
+        params, tokens, config, answer=answer, wrong=wrong, ln=args.ln
+    )
+    with tqdm(unit="figure", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        written = inspection.write_report(
+            found,
+            args.out,
+            config,
+            title=f"gpt-fn inspect: {about['description']}",
+            about={"model": about, "prompt": args.prompt},
+            k=args.top,
+            progress=bar.update,
+        )
+    target = inspection.attributed(written)
+    print(f"{target}: logit{' difference' if wrong is not None else ''} "
+          f"{written['logit_difference']:.4f}")  # fmt: skip
+    for kind, scored in written["head_scores"].items():
+        best = "none (no such key in the prompt)" if scored is None else ", ".join(
+            f"L{layer}H{head} {score:.3f}" for layer, head, score in scored["top"][:3]
+        )  # fmt: skip
+        print(f"{kind.replace('_', '-')} heads: {best}")
+    print(f"wrote {args.out}/report.md, results.json and {len(written['figures'])} figures")
     return 0
 
 

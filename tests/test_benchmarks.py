@@ -36,6 +36,9 @@ TOY_SIZES = {
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
     "patching": {"config": TOY, "seq": 5},
+    "inspect_prompt": {
+        "config": GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    },
     "activation_checkpointing": {"config": TOY, "cases": ((8, 2), (16, 1))},
     "choices": {
         "config": GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=16),

@@ -791,6 +791,112 @@ def test_eval_hooks_that_do_not_load_are_one_line(
     assert not (tmp_path / "r.json").exists()
 
 
+# --- gpt-fn inspect -------------------------------------------------------------------------
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+
+
+def test_inspect_reports_the_library_readouts_of_the_checkpoint(capsys, checkpoint_dir, tmp_path):
+    from gpt_fn import direct_logit_attribution, logit_lens, run_with_cache
+    from gpt_fn.tokenizer import single_token
+
+    out = tmp_path / "report"
+    code, stdout, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir, "--prompt", IOI,
+                            "--answer", " Mary", "--wrong", " John", "--out", out)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((out / "results.json").read_text())
+    checkpoint = load_checkpoint(checkpoint_dir)
+    params, config = checkpoint.params, checkpoint.model_config
+    tokens = torch.tensor([gpt2().encode_ordinary(IOI)])
+    mary, john = torch.tensor([single_token(" Mary")]), torch.tensor([single_token(" John")])
+    logits, cache = run_with_cache(params, tokens, config)
+    # The same readouts on a cache recorded with other sites: fp32 rounding (1e-6).
+    dla, labels = direct_logit_attribution(params, cache, mary, config, by="head", incorrect=john)
+    expected = dict(zip(labels, dla[:, 0].tolist(), strict=True))
+    assert saved["dla"]["by_head"] == pytest.approx(expected, abs=1e-6)
+    difference = (logits[0, -1, mary] - logits[0, -1, john]).item()
+    assert saved["logit_difference"] == pytest.approx(difference, abs=1e-5)
+    lens, layers = logit_lens(params, cache, config, ln="recompute")
+    top = torch.tensor(saved["logit_lens"]["top_tokens"])[..., :1]  # (layers, seq, 1)
+    assert saved["logit_lens"]["layers"] == layers
+    torch.testing.assert_close(  # each cell's top token has the cell's largest logit
+        lens[:, 0].gather(-1, top)[..., 0], lens[:, 0].amax(-1), rtol=0, atol=1e-5
+    )
+    assert saved["model"]["step"] == 5 and saved["prompt"] == IOI
+    for name in [*saved["figures"].values(), "report.md"]:
+        assert (out / name).is_file()
+    assert "' Mary' - ' John': logit difference" in stdout and f"wrote {out}" in stdout
+
+
+def test_inspect_reads_a_hf_directory_like_the_checkpoint(capsys, checkpoint_dir, tmp_path):
+    from gpt_fn import inspect as inspection
+
+    saved = load_checkpoint(checkpoint_dir)
+    params, config = saved.params, saved.model_config
+    hf.save(params, config, tmp_path / "exported")
+    code, _, err = run(capsys, "inspect", "--hf", tmp_path / "exported", "--prompt", "a b a b",
+                       "--out", tmp_path / "report")  # fmt: skip
+    assert code == 0, err
+    by_hf = json.loads((tmp_path / "report" / "results.json").read_text())
+    tokens = torch.tensor(gpt2().encode_ordinary("a b a b"))
+    expected = inspection.results(inspection.inspect_prompt(params, tokens, config), config)
+    # The HF save is GPT-2's layout of the same numbers: equal up to the order of a sum.
+    assert by_hf["answer"] == expected["answer"] and by_hf["answer"]["given"] is False
+    for got, want in ((by_hf["dla"]["heads"], expected["dla"]["heads"]),
+                      (by_hf["head_scores"]["induction"]["scores"],  # "a b a b" repeats
+                       expected["head_scores"]["induction"]["scores"])):  # fmt: skip
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-6)
+    assert by_hf["model"]["source"] == str(tmp_path / "exported")
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--answer", " Mary and"], r"--answer ' Mary and' is 2 GPT-2 tokens \[' Mary', ' and'\]"),
+        (["--wrong", "Johnathan"], r"--wrong 'Johnathan' is \d GPT-2 tokens"),
+        (["--answer", " Mary", "--wrong", " Mary"], "--answer and --wrong are the same token"),
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", IOI * 3], r"--prompt is \d+ tokens; the model reads at most 32"),
+    ],
+)
+def test_inspect_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, args, pattern):
+    prompt = [] if "--prompt" in args else ["--prompt", IOI]
+    code, _, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir, *prompt, *args,
+                       "--out", tmp_path / "report")  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--prompt", "hi"], "give the model: --checkpoint DIR or --hf DIR"),
+        (["--checkpoint", "ckpt"], "the following arguments are required: --prompt"),
+        (["--checkpoint", "ckpt", "--prompt", "hi", "--top", "0"], "--top must be >= 1"),
+        (["--checkpoint", "ckpt", "--prompt", "hi", "--ln", "none"], "invalid choice"),
+    ],
+)
+def test_inspect_usage_errors_exit_2(capsys, args, pattern):
+    code, _, err = run(capsys, "inspect", *args)
+    assert code == 2 and re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_inspect_names_tokens_outside_a_small_vocabulary(capsys, tmp_path):
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "small", Checkpoint(init_params(config, seed=0), {}, 1, config, {}))
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "hello")
+    assert_one_line(code, err, r"--prompt holds GPT-2 token 31373 \('hello'\), outside the model's")
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "!",
+                       "--answer", " Mary")  # fmt: skip
+    assert_one_line(code, err, r"--answer holds GPT-2 token 5335 \(' Mary'\), outside .* of 64")
+
+
+def test_inspect_of_a_missing_checkpoint_is_one_line(capsys, checkpoint_dir):
+    code, _, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir / "nope", "--prompt", "hi")
+    assert_one_line(code, err, "no checkpoint at")
+
+
 # --- batches of prompts, stop strings, beams and drafts --------------------------------------
 
 

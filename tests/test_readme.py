@@ -116,3 +116,17 @@ def test_the_plots_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     for name in ("attn.png", "heads.png", "lens.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_inspect_example_runs(tmp_path, monkeypatch):
+    """The Inspect block writes its report and scores heads against its own key mask."""
+    text = README.read_text()
+    section = text[text.index("### Inspect a prompt") : text.index("### Shape checks")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "ioi" / "report.md").is_file()
+    assert (tmp_path / "ioi" / "results.json").is_file()
+    assert namespace["found"].head_scores["duplicate_token"] is not None
+    assert namespace["to_first"].shape == (2, 4)
