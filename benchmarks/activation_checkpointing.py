@@ -8,16 +8,21 @@ same model with a 1024-token block at batch 2 (the same tokens per step; attenti
 grows with the block). Both contenders start from the same weights and batch; their losses and
 gradients must agree (reported).
 
-Memory is the peak a step adds above what was allocated before it: on CUDA the allocator's
-peak, on a CPU the process's peak resident set (VmHWM, reset before each measured step), which
-also counts what the allocator keeps cached, so the CPU figures are upper bounds of the same
-quantity. Time is the median of repeats, the contenders taking turns.
+Memory is the peak a step adds above what was allocated before it, measured on a process's
+first step in a process of its own (a fresh child per contender and case, so no allocator
+cache from an earlier step hides or adds memory): on CUDA the allocator's peak, on a CPU the
+peak resident set (VmHWM) over the resident set before the step. It counts the gradients
+(the same for both) and the activations kept for backward (what checkpointing saves). Time is
+the median of repeats in this process, the contenders taking turns.
 
     python benchmarks/activation_checkpointing.py [--quick] [--device cpu|cuda] [--threads N]
                                                   [--out DIR]
 """
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,8 +68,8 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         for a, b in zip(grads["plain"], grads["checkpointed"], strict=True)
     )
     memory = {
-        name: peak_memory_growth_mb(lambda m=module: _step(m, x, y), device)
-        for name, module in modules.items()
+        name: _first_step_growth_in_child(config, block, batch, name == "checkpointed", device)
+        for name in modules
     }
     timings = take_turns(
         {name: (lambda m=module: _step(m, x, y)) for name, module in modules.items()},
@@ -83,6 +88,45 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         "loss_difference": (losses["plain"] - losses["checkpointed"]).abs().item(),
         "max_grad_difference": grad_err,
     }
+
+
+_CHILD = """
+import json, sys
+import torch
+from benchmarks.activation_checkpointing import first_step_growth_mb
+from gpt_fn import GPTConfig
+from gpt_fn.shapes import shape_checks
+config, block, batch, checkpoint, device = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+with shape_checks(False):
+    print(first_step_growth_mb(GPTConfig(**config), block, batch, checkpoint, torch.device(device)))
+"""
+
+
+def first_step_growth_mb(
+    config: GPTConfig, block: int, batch: int, checkpoint: bool, device: torch.device
+) -> float:
+    """Peak memory the first training step of a new `GPT` adds, in MB (run it in a fresh process)."""
+    module = GPT(config, seed=0, device=device, checkpoint_blocks=checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, block + 1), generator=generator).to(device)
+    return peak_memory_growth_mb(lambda: _step(module, x[:, :-1], x[:, 1:]), device)
+
+
+def _first_step_growth_in_child(
+    config: GPTConfig, block: int, batch: int, checkpoint: bool, device: torch.device
+) -> float:
+    arguments = json.dumps([config.to_dict(), block, batch, checkpoint, str(device)])
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def run(
