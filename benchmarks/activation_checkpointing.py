@@ -12,7 +12,9 @@ Memory is the peak a step adds above what was allocated before it, measured on a
 first step in a process of its own (a fresh child per contender and case, so no allocator
 cache from an earlier step hides or adds memory): on CUDA the allocator's peak, on a CPU the
 peak resident set (VmHWM) over the resident set before the step. It counts the gradients
-(the same for both) and the activations kept for backward (what checkpointing saves). Time is
+(the same for both), allocator and library workspaces and the activations; the activations
+autograd keeps for backward, what checkpointing cuts, are also reported on their own
+(`benchmarks.timing.saved_for_backward_bytes`). Time is
 the median of repeats in this process, the contenders taking turns.
 
     python benchmarks/activation_checkpointing.py [--quick] [--device cpu|cuda] [--threads N]
@@ -32,7 +34,12 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.run import command_line, finish
-from benchmarks.timing import cpu_threads, peak_memory_growth_mb, take_turns
+from benchmarks.timing import (
+    cpu_threads,
+    peak_memory_growth_mb,
+    saved_for_backward_bytes,
+    take_turns,
+)
 from gpt_fn import GPT, GPTConfig
 from gpt_fn.shapes import shape_checks
 
@@ -71,6 +78,10 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         name: _first_step_growth_in_child(config, block, batch, name == "checkpointed", device)
         for name in modules
     }
+    kept = {
+        name: saved_for_backward_bytes(lambda m=module: m(x, y), list(module.parameters())) / 2**20
+        for name, module in modules.items()
+    }
     timings = take_turns(
         {name: (lambda m=module: _step(m, x, y)) for name, module in modules.items()},
         repeats,
@@ -81,6 +92,7 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         "block": block,
         "batch": batch,
         "peak_growth_mb": memory,
+        "saved_for_backward_mb": kept,
         "median_ms": ms,
         # A toy step may add nothing measurable to the resident set: no ratio then.
         "memory_ratio": memory["checkpointed"] / memory["plain"] if memory["plain"] > 0 else None,
@@ -162,14 +174,16 @@ def markdown(result: dict) -> str:
         f"{result['device']}, {result['threads']} threads, torch {result['torch']}. Peak memory "
         "is what a step adds above what was allocated before it; time is the median of repeats.",
         "",
-        "| block x batch | peak MB plain | peak MB checkpointed | memory ratio "
-        "| ms plain | ms checkpointed | time ratio | max grad difference |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| block x batch | kept for backward MB plain | checkpointed | peak MB plain "
+        "| peak MB checkpointed | memory ratio | ms plain | ms checkpointed | time ratio "
+        "| max grad difference |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
-        memory, ms = row["peak_growth_mb"], row["median_ms"]
+        memory, ms, kept = row["peak_growth_mb"], row["median_ms"], row["saved_for_backward_mb"]
         lines.append(
-            f"| {row['block']} x {row['batch']} | {memory['plain']:.0f} | "
+            f"| {row['block']} x {row['batch']} | {kept['plain']:.0f} | "
+            f"{kept['checkpointed']:.0f} | {memory['plain']:.0f} | "
             f"{memory['checkpointed']:.0f} | {_ratio(row['memory_ratio'])} | {ms['plain']:.0f} | "
             f"{ms['checkpointed']:.0f} | {row['time_ratio']:.2f} | "
             f"{row['max_grad_difference']:.1e} |"

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.timing import saved_for_backward_bytes
 from gpt_fn import GPT, GPTConfig, init_params, loss, memory, sampling
 from gpt_fn.memory import (
     InsufficientMemoryError,
@@ -82,23 +83,14 @@ def test_generate_and_beam_search_refuse_what_does_not_fit_naming_the_need(monke
 
 
 def _kept_by_backward(params, tokens, config, forward=None) -> int:
-    """Bytes of the activations autograd keeps for backward (storages, each once; no params)
-    in `forward(inputs, targets)` (default: `gpt_fn.loss`)."""
-    storages: dict[int, int] = {}
-    own = {p.untyped_storage().data_ptr() for p in params.values()}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        if forward is None:
-            loss(params, tokens[:, :-1], tokens[:, 1:], config)
-        else:
-            forward(tokens[:, :-1], tokens[:, 1:])
-    return sum(storages.values())
+    """Bytes of the activations autograd keeps for backward in `forward(inputs, targets)`
+    (default: `gpt_fn.loss`), the params left out."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if forward is None:
+        return saved_for_backward_bytes(
+            lambda: loss(params, inputs, targets, config), list(params.values())
+        )
+    return saved_for_backward_bytes(lambda: forward(inputs, targets), list(params.values()))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
