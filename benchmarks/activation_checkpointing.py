@@ -8,16 +8,23 @@ same model with a 1024-token block at batch 2 (the same tokens per step; attenti
 grows with the block). Both contenders start from the same weights and batch; their losses and
 gradients must agree (reported).
 
-Memory is the peak a step adds above what was allocated before it: on CUDA the allocator's
-peak, on a CPU the process's peak resident set (VmHWM, reset before each measured step), which
-also counts what the allocator keeps cached, so the CPU figures are upper bounds of the same
-quantity. Time is the median of repeats, the contenders taking turns.
+Memory is the peak a step adds above what was allocated before it, measured on a process's
+first step in a process of its own (a fresh child per contender and case, so no allocator
+cache from an earlier step hides or adds memory): on CUDA the allocator's peak, on a CPU the
+peak resident set (VmHWM) over the resident set before the step. It counts the gradients
+(the same for both), allocator and library workspaces and the activations; the activations
+autograd keeps for backward, what checkpointing cuts, are also reported on their own
+(`benchmarks.timing.saved_for_backward_bytes`). Time is
+the median of repeats in this process, the contenders taking turns.
 
     python benchmarks/activation_checkpointing.py [--quick] [--device cpu|cuda] [--threads N]
                                                   [--out DIR]
 """
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +34,12 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.run import command_line, finish
-from benchmarks.timing import cpu_threads, peak_memory_growth_mb, take_turns
+from benchmarks.timing import (
+    cpu_threads,
+    peak_memory_growth_mb,
+    saved_for_backward_bytes,
+    take_turns,
+)
 from gpt_fn import GPT, GPTConfig
 from gpt_fn.shapes import shape_checks
 
@@ -63,7 +75,11 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         for a, b in zip(grads["plain"], grads["checkpointed"], strict=True)
     )
     memory = {
-        name: peak_memory_growth_mb(lambda m=module: _step(m, x, y), device)
+        name: _first_step_growth_in_child(config, block, batch, name == "checkpointed", device)
+        for name in modules
+    }
+    kept = {
+        name: saved_for_backward_bytes(lambda m=module: m(x, y), list(module.parameters())) / 2**20
         for name, module in modules.items()
     }
     timings = take_turns(
@@ -76,6 +92,7 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         "block": block,
         "batch": batch,
         "peak_growth_mb": memory,
+        "saved_for_backward_mb": kept,
         "median_ms": ms,
         # A toy step may add nothing measurable to the resident set: no ratio then.
         "memory_ratio": memory["checkpointed"] / memory["plain"] if memory["plain"] > 0 else None,
@@ -83,6 +100,45 @@ def _case(config: GPTConfig, block: int, batch: int, repeats: int, device: torch
         "loss_difference": (losses["plain"] - losses["checkpointed"]).abs().item(),
         "max_grad_difference": grad_err,
     }
+
+
+_CHILD = """
+import json, sys
+import torch
+from benchmarks.activation_checkpointing import first_step_growth_mb
+from gpt_fn import GPTConfig
+from gpt_fn.shapes import shape_checks
+config, block, batch, checkpoint, device = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+with shape_checks(False):
+    print(first_step_growth_mb(GPTConfig(**config), block, batch, checkpoint, torch.device(device)))
+"""
+
+
+def first_step_growth_mb(
+    config: GPTConfig, block: int, batch: int, checkpoint: bool, device: torch.device
+) -> float:
+    """Peak memory the first training step of a new `GPT` adds, in MB (run it in a fresh process)."""
+    module = GPT(config, seed=0, device=device, checkpoint_blocks=checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, block + 1), generator=generator).to(device)
+    return peak_memory_growth_mb(lambda: _step(module, x[:, :-1], x[:, 1:]), device)
+
+
+def _first_step_growth_in_child(
+    config: GPTConfig, block: int, batch: int, checkpoint: bool, device: torch.device
+) -> float:
+    arguments = json.dumps([config.to_dict(), block, batch, checkpoint, str(device)])
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def run(
@@ -118,14 +174,16 @@ def markdown(result: dict) -> str:
         f"{result['device']}, {result['threads']} threads, torch {result['torch']}. Peak memory "
         "is what a step adds above what was allocated before it; time is the median of repeats.",
         "",
-        "| block x batch | peak MB plain | peak MB checkpointed | memory ratio "
-        "| ms plain | ms checkpointed | time ratio | max grad difference |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| block x batch | kept for backward MB plain | checkpointed | peak MB plain "
+        "| peak MB checkpointed | memory ratio | ms plain | ms checkpointed | time ratio "
+        "| max grad difference |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
-        memory, ms = row["peak_growth_mb"], row["median_ms"]
+        memory, ms, kept = row["peak_growth_mb"], row["median_ms"], row["saved_for_backward_mb"]
         lines.append(
-            f"| {row['block']} x {row['batch']} | {memory['plain']:.0f} | "
+            f"| {row['block']} x {row['batch']} | {kept['plain']:.0f} | "
+            f"{kept['checkpointed']:.0f} | {memory['plain']:.0f} | "
             f"{memory['checkpointed']:.0f} | {_ratio(row['memory_ratio'])} | {ms['plain']:.0f} | "
             f"{ms['checkpointed']:.0f} | {row['time_ratio']:.2f} | "
             f"{row['max_grad_difference']:.1e} |"

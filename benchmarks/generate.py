@@ -14,8 +14,11 @@ Contenders: `gpt_fn cached` (`sampling.generate`), `gpt_fn compiled` (the same w
 checks that all contenders produce the same tokens. A second table holds the cost of a step
 as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model with a
 1040-token block (batch 1), gpt_fn cached against HF, and the median step early and late in
-the longest request (the clock read at every token). Contenders take turns within each
-repeat; figures are medians.
+the longest request (the clock read at every token). On the same model, `long_over_short` is
+tokens/s at 768 new tokens over tokens/s at 64, eager and compiled (the four runs take turns,
+and each request's long and short tokens must agree): a step attends over the slots filled so
+far, so a long request should cost about what a short one does per token. Contenders take
+turns within each repeat; figures are medians.
 
 A third figure bounds what any decoder could reach at batch 1: `matvecs only` times the
 matrix-vector products of a step and nothing else (one row times each block's four weight
@@ -60,6 +63,7 @@ PROMPT_TOKENS = 16
 NEW_TOKENS, QUICK_NEW_TOKENS = 128, 8
 RAGGED = (4, 64)  # prompt lengths of the ragged batch, from .. to
 LENGTHS, QUICK_LENGTHS = (64, 256, 1024), (8, 16)
+SHORT_LONG, QUICK_SHORT_LONG = (64, 768), (8, 16)  # new tokens of long_over_short's requests
 CONTENDERS = ("gpt_fn cached", "gpt_fn compiled", "gpt_fn uncached", "HF generate")
 
 
@@ -71,6 +75,7 @@ def run(
     prompt_tokens: int = PROMPT_TOKENS,
     new_tokens: int | None = None,
     lengths: tuple[int, ...] | None = None,
+    short_long: tuple[int, int] | None = None,
     compile: bool | None = None,
 ) -> dict:
     """Tokens/s of each contender per case, the ratios, and tokens/s against length.
@@ -81,6 +86,7 @@ def run(
     """
     new_tokens = new_tokens or (QUICK_NEW_TOKENS if quick else NEW_TOKENS)
     lengths = lengths or (QUICK_LENGTHS if quick else LENGTHS)
+    short_long = short_long or (QUICK_SHORT_LONG if quick else SHORT_LONG)
     compile = (not quick) if compile is None else compile
     warmup, repeats = (1, 1) if quick else (1, 5)
     with cpu_threads(threads), shape_checks(False), torch.no_grad():
@@ -103,7 +109,9 @@ def run(
             for name, rows in cases.items()
         ]
         floor = _floor(params, model, cases["batch 1"], config, new_tokens, warmup, repeats)
-        long_config = dataclasses.replace(config, block_size=prompt_tokens + max(lengths))
+        long_config = dataclasses.replace(
+            config, block_size=prompt_tokens + max(*lengths, *short_long)
+        )
         long_params = {
             **params,
             "wpe.weight": torch.randn(long_config.block_size, config.n_embd) * 0.02,
@@ -127,6 +135,9 @@ def run(
                 }
             )
         steps = _step_times(long_params, long_model, prompt, long_config, max(lengths))
+        long_over_short = _long_over_short(
+            long_params, prompt, long_config, short_long, compile, warmup, repeats
+        )
     return {
         "benchmark": "generate",
         "config": config.to_dict(),
@@ -142,6 +153,7 @@ def run(
         "floor": floor,
         "growth": growth,
         "steps": steps,
+        "long_over_short": long_over_short,
     }
 
 
@@ -256,6 +268,50 @@ def _step_times(
     return result
 
 
+def _long_over_short(
+    params: gpt_fn.Params,
+    rows: list[list[int]],
+    config: gpt_fn.GPTConfig,
+    short_long: tuple[int, int],
+    compile: bool,
+    warmup: int,
+    repeats: int,
+) -> dict:
+    """Tokens/s of a long request over a short one's, eager (and compiled), taking turns.
+
+    `same_tokens`: the short request's tokens start the long one's, and compiled decoding
+    gives eager decoding's tokens."""
+    short, long = short_long
+    modes = {"gpt_fn cached": {}, **({"gpt_fn compiled": {"compile": True}} if compile else {})}
+    contenders = {
+        f"{mode}, {n} new": lambda n=n, options=options: _gpt_fn(params, rows, config, n, **options)
+        for mode, options in modes.items()
+        for n in short_long
+    }
+    outputs: dict[str, list[list[int]]] = {}
+    timings = take_turns(
+        contenders, warmup + repeats, device=torch.device("cpu"), record=outputs.__setitem__
+    )
+    speeds = {
+        mode: {
+            str(n): n / statistics.median(timings.seconds[f"{mode}, {n} new"][warmup:])
+            for n in short_long
+        }
+        for mode in modes
+    }
+    reference = outputs[f"gpt_fn cached, {long} new"]
+    expected = {long: reference, short: [row[:short] for row in reference]}
+    return {
+        "short": short,
+        "long": long,
+        "tokens_per_s": speeds,
+        "ratio": {mode: speeds[mode][str(long)] / speeds[mode][str(short)] for mode in modes},
+        "same_tokens": all(
+            outputs[f"{mode}, {n} new"] == expected[n] for mode in modes for n in short_long
+        ),
+    }
+
+
 def _gpt_fn(params, rows, config, new_tokens, **options) -> list[list[int]]:
     """The new tokens of each row (lists in, lists out)."""
     out = sampling.generate(params, rows, config, max_new_tokens=new_tokens, greedy=True, **options)
@@ -335,6 +391,18 @@ def markdown(result: dict) -> str:
             f"{name} {steps[name]['first_ms']:.2f} -> {steps[name]['last_ms']:.2f}"
             for name in ("gpt_fn cached", "HF generate")
         ),
+    ]
+    ratios = result["long_over_short"]
+    lines += [
+        "",
+        f"Tokens/s at {ratios['long']} new tokens over tokens/s at {ratios['short']} (same "
+        "model, taking turns): "
+        + "; ".join(
+            f"{name} {speeds[str(ratios['long'])]:.1f} / {speeds[str(ratios['short'])]:.1f} = "
+            f"**{ratios['ratio'][name]:.2f}x**"
+            for name, speeds in ratios["tokens_per_s"].items()
+        )
+        + f"; same tokens: {'yes' if ratios['same_tokens'] else 'NO'}",
     ]
     return "\n".join(lines) + "\n"
 

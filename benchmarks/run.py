@@ -41,6 +41,7 @@ BENCHMARKS = (
     "optimizer",
     "lm_head_loss",
     "patching",
+    "inspect_prompt",
     "activation_checkpointing",
     "choices",
     "prepare",

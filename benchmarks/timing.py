@@ -9,6 +9,7 @@
 - `DTYPES`, `check_dtypes`: the dtypes a benchmark may run in, by the names of `--dtypes`.
 - `peak_memory_growth_mb`: how far memory rises while a call runs (CUDA's allocator peak, or
   the CPU process's peak resident set).
+- `saved_for_backward_bytes`: what autograd keeps for backward (activation memory).
 - `native_bf16`: whether bf16 matmuls run natively. Where they do not (a CPU without
   AVX512-BF16/AMX), ATen's fallback runs at a few GFLOP/s, ~50x slower than fp32, and the
   benchmarks shrink or skip their bf16 cases.
@@ -129,3 +130,20 @@ def peak_memory_growth_mb(fn: Callable[[], Any], device: torch.device) -> float:
     before = _status_mb("VmRSS")
     fn()
     return _status_mb("VmHWM") - before
+
+
+def saved_for_backward_bytes(fn: Callable[[], Any], own: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn()` runs its forward (each
+    storage once, the tensors `own` (the params) left out)."""
+    storages: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in own}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())

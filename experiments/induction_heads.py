@@ -12,15 +12,17 @@ Setup. 64-token sequences of ids drawn uniformly from 64: a segment of random le
 then random filler; a 2-layer, 4-head, 64-wide GPT (vocabulary 64, block 64) trained with
 AdamW on fresh sequences every step. Induction score of a head: its mean attention from each
 query position `t` of the copy to position `t - L + 1` (the token after the query token's
-first occurrence), on held-out sequences, from `h.{i}.attn.pattern`. Then the loss on the
+first occurrence), on held-out sequences (`gpt_fn.inspect.attention_mass` of the cached
+`h.{i}.attn.pattern` against that key mask; the previous-token score likewise, against
+`previous_token_keys`). Then the loss on the
 segment and on its copy, clean and with the top-scoring heads zero-ablated
 (`hooks.ablate_heads`), and, as a control, with as many of the lowest-scoring heads ablated.
 
     python experiments/induction_heads.py            # 6k steps, ~4 CPU minutes
     python experiments/induction_heads.py --quick    # a smoke run
 
-Writes `induction_heads.png` (the training loss, the score heatmap, the top head's
-pattern, the ablation losses) and `results.json` into `--out`.
+Writes `induction_heads.png` (the training loss, the top head's pattern, the ablation
+losses), `induction_scores.png` (the score per head) and `results.json` into `--out`.
 """
 
 import sys
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 if __package__ in (None, ""):  # run as a script: import the package from one level up
@@ -37,7 +38,9 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 
 import gpt_fn
 from experiments import conventions
-from gpt_fn import hooks, optim
+from gpt_fn import eval as evaluation
+from gpt_fn import hooks, optim, plots
+from gpt_fn import inspect as inspection
 from gpt_fn.runtime import CPU_FP32
 from gpt_fn.shapes import shape_checks
 from gpt_fn.train import train_step
@@ -115,34 +118,20 @@ def segment_losses(
     hooks_: gpt_fn.Hooks | None = None,
 ) -> tuple[float, float]:
     """Mean next-token loss on the segment's first occurrence and on its copy."""
-    tokens = repeats.tokens
-    logits = gpt_fn.forward(params, tokens[:, :-1], config, hooks=hooks_)
-    per_token = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    losses = -evaluation.token_scores(params, repeats.tokens, config, hooks=hooks_).logprobs
     first, copy = copy_masks(repeats)
-    return per_token[first].mean().item(), per_token[copy].mean().item()
+    return losses[first].mean().item(), losses[copy].mean().item()
 
 
-def induction_scores(
-    params: gpt_fn.Params, repeats: Repeats, config: gpt_fn.GPTConfig
-) -> torch.Tensor:
-    """`(n_layer, n_head)`: mean attention from each query in the copy to the token after its
-    first occurrence (query `t` to key `t - L + 1`)."""
-    names = [f"h.{i}.attn.pattern" for i in range(config.n_layer)]
-    _, cache = gpt_fn.run_with_cache(params, repeats.tokens[:, :-1], config, names=names)
+def induction_keys(repeats: Repeats) -> torch.Tensor:
+    """`(batch, seq, seq)`: each query `t` of the copy marks key `t - L + 1`, the token after
+    the first occurrence of the query's token (the segment's own ids may repeat by chance;
+    this mask knows where the copy came from)."""
     _, copy = copy_masks(repeats)
-    rows, queries = copy.nonzero(as_tuple=True)
-    keys = queries - repeats.period[rows] + 1
-    return torch.stack([cache[name][rows, :, queries, keys].mean(dim=0) for name in names])
-
-
-def previous_token_scores(
-    params: gpt_fn.Params, repeats: Repeats, config: gpt_fn.GPTConfig
-) -> torch.Tensor:
-    """`(n_layer, n_head)`: mean attention from each position to the one before it."""
-    names = [f"h.{i}.attn.pattern" for i in range(config.n_layer)]
-    _, cache = gpt_fn.run_with_cache(params, repeats.tokens[:, :-1], config, names=names)
-    queries = torch.arange(1, repeats.tokens.shape[1] - 1)
-    return torch.stack([cache[name][:, :, queries, queries - 1].mean(dim=(0, 2)) for name in names])
+    length = copy.shape[1]
+    source = torch.arange(length)[None, :] - repeats.period[:, None] + 1
+    keys = source[..., None] == torch.arange(length)  # (batch, query, key)
+    return keys & copy[..., None]
 
 
 def run(quick: bool, seed: int) -> dict[str, Any]:
@@ -153,25 +142,27 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
         train_seconds = time.perf_counter() - started
         held_out = repeated_sequences(256, torch.Generator().manual_seed(seed + 1))
         with torch.no_grad():
-            scores = induction_scores(params, held_out, CONFIG)
+            inputs = held_out.tokens[:, :-1]
+            _, cache = gpt_fn.run_with_cache(
+                params, inputs, CONFIG, names=lambda site: site.endswith("attn.pattern")
+            )
+            scores = inspection.attention_mass(cache, induction_keys(held_out), CONFIG)
+            previous = inspection.attention_mass(
+                cache, inspection.previous_token_keys(inputs), CONFIG
+            )
             order = scores.flatten().argsort(descending=True).tolist()
             as_pairs = [divmod(i, CONFIG.n_head) for i in order]
             top = as_pairs[:heads_to_ablate]
             # Control: the other heads of the induction heads' own layer(s).
             layers = {layer for layer, _ in top}
             bottom = [pair for pair in as_pairs if pair[0] in layers and pair not in top]
-            previous = previous_token_scores(params, held_out, CONFIG)
-            before = [
-                divmod(int(previous[:-1].flatten().argmax()), CONFIG.n_head)
-            ]  # below the top layer
+            # The strongest previous-token head below the top layer.
+            before = [divmod(int(previous[:-1].flatten().argmax()), CONFIG.n_head)]
             clean = segment_losses(params, held_out, CONFIG)
             ablated = segment_losses(params, held_out, CONFIG, _ablate(top))
             control = segment_losses(params, held_out, CONFIG, _ablate(bottom))
             composed = segment_losses(params, held_out, CONFIG, _ablate(before))
             layer, head = top[0]
-            _, cache = gpt_fn.run_with_cache(
-                params, held_out.tokens[:1, :-1], CONFIG, names=[f"h.{layer}.attn.pattern"]
-            )
             pattern = cache[f"h.{layer}.attn.pattern"][0, head]
     return {
         "config": CONFIG.to_dict(),
@@ -206,39 +197,26 @@ def _ablate(heads: list[tuple[int, int]]) -> gpt_fn.Hooks:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig = Figure(figsize=(18, 4.2))
-    axes = fig.subplots(1, 4)
+    plots.head_heatmap(
+        torch.tensor(result["induction_scores"]),
+        title="induction score",
+        label="attention to the token after the first occurrence",
+        path=path.parent / "induction_scores.png",
+    )
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
     axes[0].plot(result["train_loss"], lw=0.8)
     axes[0].set(xlabel="step", ylabel="train loss (both halves)", title="training", yscale="log")
-    scores = torch.tensor(result["induction_scores"])
-    image = axes[1].imshow(scores, vmin=0, vmax=1, cmap="viridis")
-    axes[1].set(
-        xlabel="head",
-        ylabel="layer",
-        title="induction score",
-        xticks=range(scores.shape[1]),
-        yticks=range(scores.shape[0]),
-    )
-    for (i, j), value in zip(
-        torch.cartesian_prod(torch.arange(scores.shape[0]), torch.arange(scores.shape[1])).tolist(),
-        scores.flatten().tolist(),
-        strict=True,
-    ):
-        axes[1].text(
-            j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.5 else "k"
-        )
-    fig.colorbar(image, ax=axes[1])
     layer, head = result["induction_heads"][0]
-    axes[2].imshow(torch.tensor(result["top_head_pattern"]), cmap="magma")
-    axes[2].set(
+    axes[1].imshow(torch.tensor(result["top_head_pattern"]), cmap="magma")
+    axes[1].set(
         xlabel="key position", ylabel="query position", title=f"pattern of h.{layer} head {head}"
     )
     names = list(result["loss"])
-    axes[3].barh(range(len(names)), [result["loss"][n] for n in names])
-    axes[3].set_yticks(range(len(names)), names, fontsize="small")
-    axes[3].axvline(torch.log(torch.tensor(float(VOCAB))).item(), ls="--", c="gray", lw=1)
-    axes[3].set(xlabel="loss (nats); dashed: ln 64, a uniform guess", title="ablation")
-    fig.tight_layout()
+    axes[2].barh(range(len(names)), [result["loss"][n] for n in names])
+    axes[2].set_yticks(range(len(names)), names, fontsize="small")
+    axes[2].axvline(torch.log(torch.tensor(float(VOCAB))).item(), ls="--", c="gray", lw=1)
+    axes[2].set(xlabel="loss (nats); dashed: ln 64, a uniform guess", title="ablation")
     fig.savefig(path, dpi=110)
 
 

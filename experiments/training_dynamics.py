@@ -15,8 +15,9 @@ function of one checkpoint's params computes, and `vmap` maps it over the step a
   (`gpt_fn.data.eval_batch(seed, index)`, the run's batch size and seed);
 - induction score: on sequences of `L = block_size / 2` random GPT-2 token ids followed by
   their copy, each head's mean attention from a query `t` in the copy to key `t - L + 1` (the
-  token after the first occurrence of the query's token), from `h.{i}.attn.pattern`; a
-  checkpoint's score is its best head's (`induction_heads.py` measures the same thing);
+  token after the earlier occurrence of the query's token), from `h.{i}.attn.pattern`:
+  `gpt_fn.inspect.attention_mass` against `gpt_fn.inspect.induction_keys`, the metric
+  `induction_heads.py` uses; a checkpoint's score is its best head's;
 - logit-lens depth: the top token of the logit lens (`gpt_fn.logit_lens`, `ln="recompute"`)
   at each depth (0: the embeddings; i: after block i), against the answer: the next token of
   held-out text (`LENS_ROWS` rows of the first evaluation batch), and the copied token in
@@ -45,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 import gpt_fn
 from experiments import conventions
 from gpt_fn import data
+from gpt_fn import inspect as inspection
 from gpt_fn.checkpoint import load_series, read_checkpoint_info, series_path
 from gpt_fn.rundir import read_metrics
 from gpt_fn.settings import TrainSettings
@@ -92,6 +94,7 @@ def readouts(
     config: gpt_fn.GPTConfig,
     val_batches: list[tuple[torch.Tensor, torch.Tensor]],
     repeated: torch.Tensor,
+    induction_keys: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One checkpoint's val loss, induction scores `(n_layer, n_head)`, and logit-lens top
     tokens at each depth: `(depth, LENS_ROWS, seq)` on the text, `(depth, batch, L - 1)` at the
@@ -108,13 +111,7 @@ def readouts(
         names=lambda site: site in patterns or site.endswith(("resid_pre", "resid_post")),
         attention="manual",
     )
-    # Query t (from L - 1 on) against key t - L + 1; drop t = L - 1, the segment's last token.
-    induction = torch.stack(
-        [
-            cache[name].diagonal(offset=-(length - 1), dim1=-2, dim2=-1)[..., 1:].mean((0, 2))
-            for name in patterns
-        ]
-    )
+    induction = inspection.attention_mass(cache, induction_keys, config)
     lens, _ = gpt_fn.logit_lens(
         params, cache, config, ln="recompute", pos=slice(length, 2 * length - 1)
     )
@@ -159,10 +156,11 @@ def analyse(run: Path, seed: int) -> dict[str, Any]:
     ]
     length = config.block_size // 2
     repeated = copies(COPIES, length, torch.Generator().manual_seed(seed))
+    keys = inspection.induction_keys(repeated)  # query t in the copy -> key t - L + 1
     started = time.perf_counter()
     with torch.no_grad(), shape_checks(False):
         val_loss, induction, text_top, copy_top = torch.func.vmap(
-            lambda params: readouts(params, config, val_batches, repeated),
+            lambda params: readouts(params, config, val_batches, repeated, keys),
             chunk_size=STEPS_AT_ONCE,
         )(series.params)
     seconds = time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval` and `lm-eval`.
+"""The `gpt-fn` command: `train`, `prepare`, `sample`, `export`, `eval`, `lm-eval`, `inspect`,
+`sae`.
 
     gpt-fn train                          # cpu-small on the offline Shakespeare corpus, then samples
     gpt-fn train --config run.json --max-steps 2000
@@ -8,6 +9,9 @@
     gpt-fn export --checkpoint out --out gpt2-shakespeare --vocab-size 50257
     gpt-fn eval --checkpoint out --tokens data/shakespeare --choices hellaswag_val.jsonl
     gpt-fn lm-eval --model gpt_fn --model_args checkpoint=out --tasks lambada_openai
+    gpt-fn inspect --checkpoint out --prompt "ROMEO: But, soft! what light through yonder" \
+                   --answer " window" --out romeo
+    gpt-fn sae train --checkpoint out --site h.2.resid_post --d-sae 4096 --kind topk --k 32
 
 The command only parses, calls and reports. Every failure a user can cause ends in one line
 on stderr naming the problem and a non-zero exit: 2 for a bad flag, 1 for bad input or a
@@ -19,6 +23,7 @@ import codecs
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -30,8 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt_fn import data, hf, sampling
+from gpt_fn import data, hf, sae_cli, sampling
 from gpt_fn import eval as evaluation
+from gpt_fn.analysis import LN_MODES
 from gpt_fn.checkpoint import (
     CheckpointError,
     kept_checkpoint,
@@ -47,7 +53,7 @@ from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
+from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
@@ -85,6 +91,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"{command}: error: {_message(error)}", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        reason = _out_of_memory(error)
+        if reason is None:
+            raise
+        print(
+            f"{command}: error: out of memory ({reason}): ask for fewer rows, beams or tokens, "
+            "or a smaller batch",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _out_of_memory(error: RuntimeError) -> str | None:
+    """What an allocator that failed tried (CUDA's `torch.OutOfMemoryError`, or the CPU
+    allocator's RuntimeError: "DefaultCPUAllocator: can't allocate memory: you tried to
+    allocate N bytes"); `None` for any other error."""
+    text = _message(error)
+    cpu = re.search(
+        r"(?:can't allocate|not enough) memory: you tried to allocate (\d+) bytes", text
+    )
+    if cpu is not None:
+        return f"tried to allocate {int(cpu[1]) / 1e9:.1f} GB"
+    if isinstance(error, torch.OutOfMemoryError):
+        cuda = re.search(r"tried to allocate [\d.]+ \w+", text, re.IGNORECASE)
+        return cuda[0] if cuda is not None else text.split(". ")[0]
+    return None
 
 
 def _message(error: BaseException) -> str:
@@ -113,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--data-dir", help=field_help("data_dir"))
     prepare.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of the tokens held out for val"
+    )
+    prepare.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even when up to date (which checks shard sizes, not contents)",
     )
     prepare.set_defaults(run=_prepare)
 
@@ -173,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
     _add_eval_parsers(commands)
+    _add_inspect_parser(commands)
+    sae_cli.add_parser(commands)
     return parser
 
 
@@ -263,7 +302,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     data_dir = TrainSettings(data=args.data, data_dir=args.data_dir).data_path()
-    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction)
+    prepared = data.prepare(args.data, data_dir, val_fraction=args.val_fraction, force=args.force)
     meta = prepared.meta
     state = "prepared" if prepared.rebuilt else "up to date"
     print(
@@ -597,6 +636,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.stride is not None and args.stride < 1:
         parser.error(f"--stride must be >= 1, got {args.stride}")
     device = resolve_device(args.device)
+    _check_writable("--out", args.out)
     # Inputs first: a bad file fails before the model loads.
     text_path = args.text or args.tokens
     tokens = None
@@ -659,15 +699,33 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ("  seconds", f"{seconds:.1f}"),
         ]
     results["seconds"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    # The table first: were the file to fail now, the scores are not lost with it.
     print(f"model: {about['source']} ({about['description']})")
     if hooks is not None:
         print(f"hooks: {args.hooks}")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+        print(f"{name:<{width}}  {value}", flush=True)
+    try:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        raise OSError(
+            f"--out {args.out}: cannot write it ({error.strerror}); the results are above"
+        ) from None
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """`OSError` naming `flag` unless a file can be written at `path` (checked before work
+    whose results would go there)."""
+    folder = path.parent
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no folder {folder} to write it in")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable (permission denied)")
 
 
 def _read_text(path: Path) -> str:
@@ -688,8 +746,9 @@ def _read_token_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"--tokens {path}: no such file")
     with path.open("rb") as file:
-        if file.read(4) == np.int32(data.SHARD_MAGIC).tobytes():
-            return data.read_shard(path)
+        is_shard = file.read(4) == np.int32(data.SHARD_MAGIC).tobytes()
+    if is_shard:
+        return _gpt2_tokens(path, data.read_shard(path))
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--tokens {path} is empty: there is nothing to score")
@@ -697,11 +756,17 @@ def _read_token_file(path: Path) -> np.ndarray:
         raise ValueError(
             f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
         )
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if int(tokens.max()) >= GPT2_VOCAB_SIZE:
+    return _gpt2_tokens(path, np.memmap(path, dtype=np.uint16, mode="r"))
+
+
+def _gpt2_tokens(path: Path, tokens: np.ndarray) -> np.ndarray:
+    """`tokens` if every id is a GPT-2 token: an id the tokenizer never makes (a vocabulary's
+    padding, 50257 and up) has no bytes, so bits per byte would be wrong."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= GPT2_VOCAB_SIZE:
         raise ValueError(
-            f"--tokens {path} holds id {int(tokens.max())}, not a GPT-2 token (< "
-            f"{GPT2_VOCAB_SIZE}): is it a uint16 token file?"
+            f"--tokens {path} holds id {largest}, not a GPT-2 token (< {GPT2_VOCAB_SIZE}): is "
+            "it a GPT-2 token file?"
         )
     return tokens
 
@@ -730,6 +795,99 @@ def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"gpt-fn lm-eval needs lm-evaluation-harness: pip install 'gpt_fn[lm-eval]' ({error})"
         ) from error
     harness.main(args.args)
+    return 0
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def _add_inspect_parser(commands: Any) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="a report on one prompt: logit lens, DLA per head, previous/duplicate-token heads",
+    )
+    _add_model_source(inspect)
+    inspect.add_argument("--prompt", required=True, help="the text to inspect")
+    inspect.add_argument(
+        "--answer",
+        metavar="TOKEN",
+        help="the next token whose logit is attributed, a string that is one GPT-2 token "
+        "(e.g. ' Mary'; default: the model's most likely next token)",
+    )
+    inspect.add_argument(
+        "--wrong",
+        metavar="TOKEN",
+        help="a competing token, one GPT-2 token: attribute the answer's logit minus its logit",
+    )
+    inspect.add_argument(
+        "--ln",
+        choices=LN_MODES,
+        default="recompute",
+        help="the logit lens's final LayerNorm: each partial stream's own statistics "
+        "(recompute, default) or the full stream's scale (frozen)",
+    )
+    inspect.add_argument(
+        "--top", type=int, default=5, help="tokens and heads listed per table (default: 5)"
+    )
+    inspect.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    inspect.add_argument(
+        "--out", type=Path, default=Path("inspect"), help="the report folder (default: inspect)"
+    )
+    inspect.set_defaults(run=_inspect)
+
+
+def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.checkpoint is None and args.hf is None:
+        parser.error("give the model: --checkpoint DIR or --hf DIR")
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    from gpt_fn import inspect as inspection  # matplotlib loads only for this command
+
+    device = resolve_device(args.device)
+    # Inputs first: a bad prompt or token fails before the model loads.
+    prompt = gpt2().encode_ordinary(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty: give the text to inspect")
+    answer = None if args.answer is None else single_token(args.answer, name="--answer")
+    wrong = None if args.wrong is None else single_token(args.wrong, name="--wrong")
+    if answer is not None and answer == wrong:
+        raise ValueError(f"--answer and --wrong are the same token {args.answer!r}")
+    params, config, about = _eval_model(args)
+    if len(prompt) > config.block_size:
+        raise ValueError(
+            f"--prompt is {len(prompt)} tokens; the model reads at most {config.block_size}"
+        )
+    for flag, ids in (("--prompt", prompt), ("--answer", [answer]), ("--wrong", [wrong])):
+        outside = [i for i in ids if i is not None and i >= config.vocab_size]
+        if outside:
+            raise ValueError(
+                f"{flag} holds GPT-2 token {outside[0]} ({gpt2().decode([outside[0]])!r}), "
+                f"outside the model's vocabulary of {config.vocab_size}"
+            )
+    params = {name: value.to(device) for name, value in params.items()}
+    tokens = torch.tensor(prompt, device=device)
+    found = inspection.inspect_prompt(
+        params, tokens, config, answer=answer, wrong=wrong, ln=args.ln
+    )
+    with tqdm(unit="figure", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        written = inspection.write_report(
+            found,
+            args.out,
+            config,
+            title=f"gpt-fn inspect: {about['description']}",
+            about={"model": about, "prompt": args.prompt},
+            k=args.top,
+            progress=bar.update,
+        )
+    target = inspection.attributed(written)
+    print(f"{target}: logit{' difference' if wrong is not None else ''} "
+          f"{written['logit_difference']:.4f}")  # fmt: skip
+    for kind, scored in written["head_scores"].items():
+        best = "none (no such key in the prompt)" if scored is None else ", ".join(
+            f"L{layer}H{head} {score:.3f}" for layer, head, score in scored["top"][:3]
+        )  # fmt: skip
+        print(f"{kind.replace('_', '-')} heads: {best}")
+    print(f"wrote {args.out}/report.md, results.json and {len(written['figures'])} figures")
     return 0
 
 

@@ -79,7 +79,7 @@ import torch
 from jaxtyping import Int, UInt16
 from torch import Tensor
 
-from gpt_fn.files import write_atomic
+from gpt_fn.files import lock_folder, write_atomic
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2
 
 TINYSHAKESPEARE_URL = (
@@ -154,6 +154,10 @@ def load_corpus(corpus: str | os.PathLike[str], *, cache_dir: str | os.PathLike[
 
 
 def _open_corpus(corpus: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str]) -> _Source:
+    if not str(corpus).strip():  # Path("") is the current folder: never read it by accident
+        raise ValueError(
+            "the corpus is an empty string: name a built-in corpus, a file or a folder"
+        )
     if corpus == "shakespeare":
         plays = shakespeare_documents()
         return _Source("shakespeare", lambda: (_text_pieces(play) for play in plays))
@@ -679,14 +683,18 @@ def prepare(
     val_fraction: float = 0.1,
     num_threads: int | None = None,
     shard_tokens: int = SHARD_TOKENS,
+    force: bool = False,
 ) -> Prepared:
     """Tokenize `corpus` into `out_dir/tokens_{train,val}_*.bin` + `meta.json`; a no-op when up to date.
 
     Up to date means `meta.json` is complete and records the same source hash
     (`source_sha256`) and settings (format version, tokenizer, dtype, `val_fraction`,
-    `shard_tokens`) and every shard it lists has the recorded size. `num_threads` (default:
-    the cores this process may use) encode in parallel. Memory use does not depend on the corpus size (about
-    `4 * num_threads * PIECE_CHARS` characters of text and their tokens at a time).
+    `shard_tokens`) and every shard it lists has the recorded size; shards' contents are not
+    read, so `force=True` rebuilds a dataset whose shards were changed in place. `num_threads`
+    (default: the cores this process may use) encode in parallel. Memory use does not depend
+    on the corpus size (about `4 * num_threads * PIECE_CHARS` characters of text and their
+    tokens at a time). Processes preparing one `out_dir` take turns (`gpt_fn.files.lock_folder`):
+    the second finds the first's dataset up to date.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -717,47 +725,50 @@ def prepare(
         "shard_tokens": shard_tokens,
     }
     existing = _read_meta(out)
-    if existing is not None and _is_up_to_date(out, existing, settings):
-        return Prepared(existing, rebuilt=False)
-    out.mkdir(parents=True, exist_ok=True)
-    # An incomplete meta.json first: until the complete one replaces it, nothing reads the
-    # folder (not even as a folder of someone else's shards).
-    write_atomic(out / META_FILE, _meta_bytes({**settings, "complete": False}))
-    _remove_dataset(out, old_format=existing is not None)
+    if not force and existing is not None and _is_up_to_date(out, existing, settings):
+        return Prepared(existing, rebuilt=False)  # nothing to write: a read-only folder will do
+    with lock_folder(out):  # a second process waits here, then finds the dataset up to date
+        existing = _read_meta(out)
+        if not force and existing is not None and _is_up_to_date(out, existing, settings):
+            return Prepared(existing, rebuilt=False)
+        # An incomplete meta.json first: until the complete one replaces it, nothing reads the
+        # folder (not even as a folder of someone else's shards).
+        write_atomic(out / META_FILE, _meta_bytes({**settings, "complete": False}))
+        _remove_dataset(out, old_format=existing is not None)
 
-    start = time.perf_counter()
-    documents = [0]
-    seen = hashlib.sha256()
-    pieces = _hashed(_pieces(source), seen.update)
-    stream = _write_shards(
-        out, "train", _encoded(pieces, num_threads or _cores(), documents), shard_tokens
-    )
-    if seen.hexdigest() != sha256 or documents[0] != n_documents:
-        _remove_dataset(out, old_format=False)
-        raise RuntimeError(f"corpus {source.name!r} changed while it was being prepared")
-    total = sum(stream.values())
-    n_train = int(total * (1.0 - val_fraction))  # nanoGPT: the last tokens are val
-    if min(n_train, total - n_train) < 2:
-        _remove_dataset(out, old_format=False)
-        (out / META_FILE).unlink(missing_ok=True)
-        raise ValueError(
-            f"corpus {source.name!r} has {total} tokens: too few to give train and val "
-            f"at least 2 tokens each with val_fraction={val_fraction}"
+        start = time.perf_counter()
+        documents = [0]
+        seen = hashlib.sha256()
+        pieces = _hashed(_pieces(source), seen.update)
+        stream = _write_shards(
+            out, "train", _encoded(pieces, num_threads or _cores(), documents), shard_tokens
         )
-    train, val = _split_stream(out, list(stream), n_train, total, shard_tokens)
-    seconds = time.perf_counter() - start
-    meta = {
-        **settings,
-        "complete": True,
-        "corpus": source.name,
-        "documents": n_documents,
-        "train_tokens": n_train,
-        "val_tokens": total - n_train,
-        "shards": {"train": train, "val": val},
-        "tokenize_seconds": round(seconds, 3),
-    }
-    write_atomic(out / META_FILE, _meta_bytes(meta))
-    return Prepared(meta, rebuilt=True)
+        if seen.hexdigest() != sha256 or documents[0] != n_documents:
+            _remove_dataset(out, old_format=False)
+            raise RuntimeError(f"corpus {source.name!r} changed while it was being prepared")
+        total = sum(stream.values())
+        n_train = int(total * (1.0 - val_fraction))  # nanoGPT: the last tokens are val
+        if min(n_train, total - n_train) < 2:
+            _remove_dataset(out, old_format=False)
+            (out / META_FILE).unlink(missing_ok=True)
+            raise ValueError(
+                f"corpus {source.name!r} has {total} tokens: too few to give train and val "
+                f"at least 2 tokens each with val_fraction={val_fraction}"
+            )
+        train, val = _split_stream(out, list(stream), n_train, total, shard_tokens)
+        seconds = time.perf_counter() - start
+        meta = {
+            **settings,
+            "complete": True,
+            "corpus": source.name,
+            "documents": n_documents,
+            "train_tokens": n_train,
+            "val_tokens": total - n_train,
+            "shards": {"train": train, "val": val},
+            "tokenize_seconds": round(seconds, 3),
+        }
+        write_atomic(out / META_FILE, _meta_bytes(meta))
+        return Prepared(meta, rebuilt=True)
 
 
 def _cores() -> int:
@@ -953,7 +964,7 @@ def load_split(data_dir: str | os.PathLike[str], split: Split, *, block_size: in
         if not isinstance(vocab_size, int) or largest >= vocab_size:
             raise ValueError(
                 f"{Path(data_dir) / name} holds token id {largest}, not below the vocab size "
-                f"{vocab_size!r}: run `gpt-fn prepare` again"
+                f"{vocab_size!r}: changed in place? run `gpt-fn prepare --force` to rebuild it"
             )
         shards.append(shard)
     total = sum(len(shard) for shard in shards)

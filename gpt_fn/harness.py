@@ -18,7 +18,8 @@ that registers `gpt_fn`.
 `--model_args`: `checkpoint=DIR_OR_FILE` (a gpt_fn checkpoint) or `hf=DIR` (a Hugging Face
 GPT-2 directory), `device` (default: cuda if available, else cpu; a CUDA device on a machine
 without CUDA falls back to cpu, as lm-eval's `hf` model does, since lm-eval's CLI asks for
-`cuda:0` by default), `batch_size` (default 8), `dtype` (`float32`, the default, `bfloat16`,
+`cuda:0` by default), `batch_size` (default 8; given in `--model_args` it wins over
+`--batch_size`, which lm-eval's CLI always passes, 1 unless given), `dtype` (`float32`, the default, `bfloat16`,
 `float16`: the params are cast to it, as HF's `dtype=` loads a model; `auto`: as loaded),
 `max_length` (default `block_size`), `max_gen_toks` (default 256), `seed` (sampling only;
 default 1234, lm-eval's torch seed), `hooks=module:function` (every request runs under the
@@ -34,7 +35,9 @@ same weights score the same (tests hold them equal):
 - `loglikelihood_rolling`: lm-eval's own rolling windows (`get_rolling_token_windows` with
   `<|endoftext|>` as prefix and `make_disjoint_window`), each scored as above, summed.
 - `generate_until`: `gpt_fn.sampling.generate` over the batch's prompts as token lists
-  (left-truncated to `max_length - max_gen_toks`), greedy unless `do_sample`, stopping at
+  (left-truncated to `max_length - max_gen_toks`), greedy unless `do_sample`, making
+  `max_gen_toks` tokens or, where the request gives `max_length`, as many as bring the batch's
+  longest prompt to that length (HF's `generate(max_length=)`), stopping at
   `<|endoftext|>` or at the `until` strings across token boundaries; the text is cut before the
   first stop string, as lm-eval's `postprocess_generated_text` does. An empty prompt starts
   from `<|endoftext|>` (HF's model gets a row of nothing but padding there).
@@ -60,7 +63,11 @@ from lm_eval.models.utils import (
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 from tqdm import tqdm
 
 from gpt_fn import hf as hf_io
@@ -174,6 +181,30 @@ class GPTFnLM(TemplateLM):
             self.hooks = hooks
         self.encoding = gpt2()
         self._generate_calls = 0
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> "GPTFnLM":
+        """The model from `--model_args` (`arg_string`) and the CLI's own flags
+        (`additional_config`); a key in both is taken from `--model_args` (see
+        `create_from_arg_obj`)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> "GPTFnLM":
+        """The model from `arg_dict` (`--model_args`) and `additional_config` (lm-eval's
+        `--batch_size`, `--max_batch_size`, `--device`). lm-eval's CLI always passes
+        `batch_size` (1 unless given), so a `batch_size=` in `--model_args`, the more specific
+        of the two, wins rather than colliding with it."""
+        extra = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if value is not None and key not in arg_dict
+        }
+        return cls(**arg_dict, **extra)
 
     # --- what TemplateLM needs ------------------------------------------------------------
 
@@ -320,7 +351,7 @@ class GPTFnLM(TemplateLM):
                 value = kwargs.pop(key)
                 if value is not None:
                     options[_TRANSFORM_KWARGS[key]] = value
-        kwargs.pop("max_length", None)  # HF's prompt + new tokens: max_gen_toks says it here
+        total_length = kwargs.pop("max_length", None)
         if kwargs:
             raise ValueError(f"gpt_fn model: unsupported generation kwargs {sorted(kwargs)}")
         if not do_sample:
@@ -330,6 +361,8 @@ class GPTFnLM(TemplateLM):
         transform = sampling.make_transform(**options)
         room = self.max_length - max_gen_toks
         prompts = [(self.tok_encode(context) or [EOT_TOKEN])[-room:] for context in contexts]
+        if total_length is not None:
+            max_gen_toks = self._new_tokens_within(total_length, prompts)
         self._generate_calls += 1
         seed = None
         if do_sample:
@@ -355,6 +388,24 @@ class GPTFnLM(TemplateLM):
             )
             for row, prompt in zip(rows, prompts, strict=True)
         ]
+
+    def _new_tokens_within(self, total_length: Any, prompts: list[list[int]]) -> int:
+        """New tokens under a request's `max_length`, as lm-eval's `hf` model reads it: the
+        batch's longest prompt plus the new tokens make at most `max_length` (it replaces
+        `max_gen_toks`, as HF's `generate(max_length=)` replaces `max_new_tokens`)."""
+        check_int("generation kwarg max_length", total_length, at_least=1)
+        longest = max(len(prompt) for prompt in prompts)
+        if total_length > self.max_length:
+            raise ValueError(
+                f"generation kwarg max_length={total_length} is more than the model's "
+                f"max_length={self.max_length}"
+            )
+        if total_length <= longest:
+            raise ValueError(
+                f"generation kwarg max_length={total_length} leaves no room to generate after "
+                f"the batch's longest prompt ({longest} tokens)"
+            )
+        return total_length - longest
 
 
 if __name__ != "__main__":

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gpt_fn.config import GPTConfig
+from gpt_fn.files import write_folder_atomic
 from gpt_fn.model import check_params, check_shapes, param_shapes
 from gpt_fn.shapes import Params
 from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, write_tokenizer_files
@@ -385,7 +387,9 @@ def save(
     tokenizer: bool | None = None,
 ) -> None:
     """Write a directory that `GPT2LMHeadModel.from_pretrained` loads: `config.json`,
-    `model.safetensors` and (`tokenizer`) GPT-2's tokenizer files.
+    `model.safetensors` and (`tokenizer`) GPT-2's tokenizer files, atomically
+    (`gpt_fn.files.write_folder_atomic`): a full disk leaves `directory` as it was and raises
+    `OSError` naming it.
 
     `lm_head.weight` is left out: safetensors refuses tensors that share storage, and
     transformers re-ties the head to `wte` on load (`tie_word_embeddings=True`), as its own
@@ -402,11 +406,24 @@ def save(
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{str(out)!r} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is None:
         tokenizer = config.vocab_size >= GPT2_VOCAB_SIZE
-    if tokenizer:
-        write_tokenizer_files(out, model_max_length=config.block_size)
+
+    def fill(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        try:
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        except SafetensorError as error:  # an I/O error, as safetensors' Rust code words it
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
+        if tokenizer:
+            write_tokenizer_files(folder, model_max_length=config.block_size)
+
+    try:
+        write_folder_atomic(out, fill)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot write {out}: {reason}; nothing was written") from None

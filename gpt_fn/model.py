@@ -152,6 +152,10 @@ def check_shapes(
     if unexpected:
         raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
     for name, shape in expected.items():
+        if not isinstance(tensors[name], Tensor):
+            raise TypeError(
+                f"{what}: {name!r} is a {type(tensors[name]).__name__}, not a torch.Tensor"
+            )
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
@@ -219,8 +223,10 @@ class KVCache(NamedTuple):
 
     Row `b` holds its left padding in slots `0 .. starts[b] - 1` (masked out) and its real
     tokens from slot `starts[b]` up to `lengths[b] - 1`; the next token goes to slot
-    `lengths[b]`. Buffers never grow: a step writes its keys/values into them (`transformer`),
-    so its cost does not depend on how many tokens came before.
+    `lengths[b]`. A step writes its keys/values into the buffers (`transformer`, no copy of
+    the past) and attends over the slots up to the longest row's (a slice of the buffers), so
+    its cost follows the tokens written, not the capacity; traced code (a compiled step)
+    attends over the whole capacity, its shapes fixed. `grown` makes room for more slots.
     """
 
     keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
@@ -239,6 +245,23 @@ class KVCache(NamedTuple):
             tuple(v.index_select(0, rows) for v in self.values),
             self.starts.index_select(0, rows),
             self.lengths.index_select(0, rows),
+        )
+
+    def grown(self, capacity: int) -> "KVCache":
+        """The same cache with room for `capacity` slots per row (the new slots empty)."""
+        check_int("capacity", capacity, at_least=self.capacity)
+
+        def grow(buffer: Tensor) -> Tensor:
+            batch, n_head, filled, d_head = buffer.shape
+            larger = buffer.new_zeros(batch, n_head, capacity, d_head)
+            larger[:, :, :filled] = buffer
+            return larger
+
+        return KVCache(
+            tuple(grow(k) for k in self.keys),
+            tuple(grow(v) for v in self.values),
+            self.starts,
+            self.lengths,
         )
 
     def clone(self) -> "KVCache":
@@ -366,7 +389,8 @@ def transformer(
     hooks: Hooks | None = None,
     generator: torch.Generator | None = None,
     blocks: Sequence[BlockFn] | None = None,
-) -> tuple[Activations, KVCache | None]:
+    stop_at: str | None = None,
+) -> tuple[Float[Tensor, "batch ..."], KVCache | None]:
     """Final-LayerNormed hidden states of `tokens`, and the cache holding their keys/values.
 
     - `attention_mask` (`batch seq`, True = real): positions and attention follow it, so each
@@ -380,9 +404,29 @@ def transformer(
     - `generator` switches dropout on (config.dropout > 0); without one the function is
       deterministic.
     - `params` may hold only the top-level params when `blocks` runs the blocks itself.
+    - `stop_at`: a site (`embed` .. `ln_f`); the run stops right after it and returns the
+      activation there (after its hook) and no cache: no later site, block or LayerNorm runs.
 
     Inputs are not validated here: `forward`/`loss`/decoding do that once.
     """
+    if stop_at is not None:
+        if cache is not None:
+            raise ValueError("stop_at runs part of the model, which leaves no KV cache to return")
+        return _run_until(
+            stop_at,
+            config,
+            hooks,
+            lambda stopping: transformer(
+                params,
+                tokens,
+                config,
+                attention=attention,
+                attention_mask=attention_mask,
+                hooks=stopping,
+                generator=generator,
+                blocks=blocks,
+            ),
+        ), None
     top, block_params = _split(params, 0 if blocks is not None else config.n_layer)
     seq = tokens.shape[1]
     if cache is not None:
@@ -390,7 +434,8 @@ def transformer(
             cache.lengths[:, None] - cache.starts[:, None] + torch.arange(seq, device=tokens.device)
         )
         positions = positions.clamp(min=0)
-        mask = cache_attention_mask(cache.starts, cache.lengths, seq, cache.capacity)
+        slots = _attended_slots(cache, seq)
+        mask = cache_attention_mask(cache.starts, cache.lengths, seq, slots)
     elif attention_mask is not None:
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
     else:
@@ -403,7 +448,7 @@ def transformer(
     taps = layer_taps(hooks, config.n_layer)
     keys, values = [], []
     for i in range(config.n_layer):
-        kv = None if cache is None else _writer(cache, i, write, keys, values)
+        kv = None if cache is None else _writer(cache, i, write, keys, values, slots)
         if blocks is None:
             x = block(
                 block_params[i],
@@ -425,10 +470,57 @@ def transformer(
     return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
 
 
+def _attended_slots(cache: KVCache, seq: int) -> int:
+    """How many of the cache's first slots a chunk of `seq` new tokens attends over: up to the
+    longest row's last once the chunk is written (one host read), or, when the lengths cannot
+    be read (traced), the whole capacity."""
+    if is_traced(cache.lengths):
+        return cache.capacity
+    return min(cache.capacity, int(cache.lengths.max()) + seq)
+
+
+class _Stop(Exception):
+    """Raised by the hook at `stop_at` to end the run there, carrying the site's activation."""
+
+    def __init__(self, activation: Tensor) -> None:
+        super().__init__()
+        self.activation = activation
+
+
+def _run_until(
+    site: str, config: GPTConfig, hooks: Hooks | None, run: Callable[[Hooks], object]
+) -> Tensor:
+    """The activation at `site` of `run(hooks)`, which is ended there (its hook applied)."""
+    if not isinstance(site, str) or site not in site_names(config) or site == "logits":
+        raise ValueError(
+            f"stop_at must be an activation site from embed to ln_f, got {site!r} "
+            "(gpt_fn.site_names(config) lists them)"
+        )
+    user_hook = (hooks or {}).get(site)
+
+    def stop(activation: Tensor) -> Tensor:
+        if user_hook is not None:
+            activation = apply_hook(site, user_hook, activation)
+        raise _Stop(activation)
+
+    try:
+        run({**(hooks or {}), site: stop})
+    except _Stop as stopped:
+        return stopped.activation
+    raise AssertionError(f"the run never reached {site!r}")
+
+
 def _writer(
-    cache: KVCache, layer: int, write: str, keys: list[Tensor], values: list[Tensor]
+    cache: KVCache,
+    layer: int,
+    write: str,
+    keys: list[Tensor],
+    values: list[Tensor],
+    attended: int,
 ) -> KVWriter:
-    """Layer `layer`'s writer: the chunk's keys/values into the slots after each row's last."""
+    """Layer `layer`'s writer: the chunk's keys/values into the slots after each row's last.
+
+    The whole buffers go to the returned cache; attention reads their first `attended` (views)."""
 
     def store(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         batch, n_head, seq, d_head = k.shape
@@ -442,7 +534,7 @@ def _writer(
             all_v = cache.values[layer].scatter(2, index, v)
         keys.append(all_k)
         values.append(all_v)
-        return all_k, all_v
+        return all_k[:, :, :attended], all_v[:, :, :attended]
 
     return store
 
@@ -623,42 +715,70 @@ def run_with_cache(
     tokens: Tokens | TokenRows,
     config: GPTConfig,
     *,
-    names: Sequence[str] | Callable[[str], bool] | None = None,
+    names: str | Sequence[str] | Callable[[str], bool] | None = None,
     hooks: Hooks | None = None,
     attention: AttentionKernel = "sdpa",
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
-) -> tuple[Logits, dict[str, Tensor]]:
+    stop_at: str | None = None,
+) -> tuple[Float[Tensor, "batch ..."], dict[str, Tensor]]:
     """`forward`'s logits and the activations at the sites `names` asks for, by site.
 
-    `names`: a list of sites, a predicate on site names (`lambda n: n.endswith("resid_post")`),
-    or None for every site. Only those are kept. Each is the value that flows on there: after
-    `hooks`' own hook at that site, if any. Asking for `attn.scores`/`attn.pattern` computes
-    that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
+    `names`: a site, a list of sites, a predicate on site names
+    (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each
+    is the value that flows on there: after `hooks`' own hook at that site, if any. Asking for
+    `attn.scores`/`attn.pattern` computes that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
     `forward` (the activations are returned, not stashed).
+
+    `stop_at`: a site; the run stops right after it (see `transformer`) and returns the
+    activation there instead of the logits. `names` may then ask only for sites up to it
+    (None: every site up to it); each is bitwise what the full run records.
     """
     if hooks is not None:
         check_hooks(hooks, config)
     sites = site_names(config)
+    if stop_at is not None and stop_at in sites:
+        sites = sites[: sites.index(stop_at) + 1]
     if names is None:
         wanted = list(sites)
     elif callable(names):
         wanted = [site for site in sites if names(site)]
+    elif isinstance(names, str):  # one site, not a sequence of one-letter names
+        check_hooks({names: _identity}, config)
+        wanted = [names]
     else:
         check_hooks(dict.fromkeys(names, _identity), config)
         wanted = list(names)
+        later = [site for site in wanted if site not in sites]
+        if later:
+            raise ValueError(
+                f"{later[0]!r} comes after stop_at={stop_at!r}: the run ends before it"
+            )
     cache: dict[str, Tensor] = {}
     recording = dict(hooks or {})
     for site in wanted:
         recording[site] = _recorder(site, (hooks or {}).get(site), cache)
-    logits = forward(
-        params,
-        tokens,
-        config,
-        attention=attention,
-        attention_mask=attention_mask,
-        hooks=recording,
-    )
-    return logits, {site: cache[site] for site in wanted}
+    if stop_at is None or stop_at == "logits":
+        out = forward(
+            params,
+            tokens,
+            config,
+            attention=attention,
+            attention_mask=attention_mask,
+            hooks=recording,
+        )
+    else:
+        tokens, mask = _batch(tokens, attention_mask, params)
+        _check_inputs(params, tokens, config, recording, None)
+        out, _ = transformer(
+            params,
+            tokens,
+            config,
+            attention=attention,
+            attention_mask=mask,
+            hooks=recording,
+            stop_at=stop_at,
+        )
+    return out, {site: cache[site] for site in wanted}
 
 
 def _recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:

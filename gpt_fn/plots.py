@@ -9,13 +9,15 @@ Each function takes plain tensors (whatever computed them: `gpt_fn.patching`, th
 pyplot state) and, given `path`, writes it as a PNG. A tensor of the wrong shape, or labels
 that do not match it, is one `ValueError` naming both.
 
-Token strings are shown as text: newlines and tabs escaped, `$` never read as mathtext.
+Token strings are shown as text: newlines, tabs and other control characters escaped, `$`
+never read as mathtext.
 References: nostalgebraist, "interpreting GPT: the logit lens" (2020), for the table's layout;
 TransformerLens's demos (`imshow` of `(layer, head)` results, CircuitsVis attention patterns).
 """
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -136,6 +138,7 @@ def attention_patterns(
     *,
     heads: Sequence[int] | None = None,
     layer: int | None = None,
+    titles: Sequence[str] | None = None,
     example: int = 0,
     path: str | os.PathLike[str] | None = None,
 ) -> Figure:
@@ -144,7 +147,8 @@ def attention_patterns(
 
     `pattern`: `(n_head, seq, seq)`, or a cache's `h.{i}.attn.pattern` `(batch, n_head, seq,
     seq)`, of which row `example` is drawn. `heads`: which (default: all); `layer` titles the
-    panels `h.{layer} head {h}`.
+    panels `h.{layer} head {h}`; `titles` names them otherwise, one per chosen head (heads of
+    several layers stacked into one `pattern`).
     """
     if not isinstance(pattern, Tensor) or pattern.ndim not in (3, 4):
         shape = tuple(pattern.shape) if isinstance(pattern, Tensor) else None
@@ -170,14 +174,16 @@ def attention_patterns(
         check_int("head", head, at_least=0)
         if head >= n_head:
             raise ValueError(f"head {head} is outside the pattern's {n_head} heads")
+    if titles is None:
+        titles = [f"head {h}" if layer is None else f"h.{layer} head {h}" for h in chosen]
+    titles = _labels("titles", titles, len(chosen), "chosen head")
     weights = pattern.detach().cpu().float()
     side = max(2.5, 0.3 * seq_k + 1.0)
     figure = _figure(side * len(chosen) + 1.0, side + 0.5)
     panels = figure.subplots(1, len(chosen), squeeze=False)[0]
-    for axes, head in zip(panels, chosen, strict=True):
+    for axes, head, title in zip(panels, chosen, titles, strict=True):
         image = axes.imshow(weights[head].numpy(), cmap="Blues", vmin=0, vmax=1)
-        name = f"head {head}" if layer is None else f"h.{layer} head {head}"
-        axes.set(title=name, xlabel="key")
+        axes.set(title=title, xlabel="key")
         _ticks(axes, tokens, tokens)
     panels[0].set_ylabel("query")
     figure.colorbar(image, ax=list(panels), label="attention weight")
@@ -192,7 +198,12 @@ def _figure(width: float, height: float) -> Figure:
 
 def _saved(figure: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
-        write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=PNG_DPI))
+        with warnings.catch_warnings():
+            # Tokens in scripts the font lacks (CJK, emoji) are drawn as boxes, not warned about.
+            warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
+            write_atomic(
+                path, lambda temporary: figure.savefig(temporary, format="png", dpi=PNG_DPI)
+            )
     return figure
 
 
@@ -244,5 +255,6 @@ def _decoder(decode: Decode, *, vocab: int | None) -> Callable[[int], str]:
 
 
 def _shown(text: str) -> str:
-    """A token as one visible line: newlines and tabs escaped."""
-    return text.replace("\n", "\\n").replace("\t", "\\t")
+    """A token as one visible line: newlines, tabs and other control characters escaped
+    (`\\n`, `\\t`, `\\x00`), which no font draws."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

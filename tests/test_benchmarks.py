@@ -36,6 +36,9 @@ TOY_SIZES = {
     "optimizer": {"config": TOY},
     "lm_head_loss": {"d_model": 16, "vocab": 97},
     "patching": {"config": TOY, "seq": 5},
+    "inspect_prompt": {
+        "config": GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    },
     "activation_checkpointing": {"config": TOY, "cases": ((8, 2), (16, 1))},
     "choices": {
         "config": GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=16),
@@ -137,6 +140,15 @@ def test_generate_contenders_agree_and_the_floor_counts_every_weight(out_dir):
     for name in ("gpt_fn cached", "HF generate"):
         assert result["steps"][name]["first_ms"] > 0
         assert result["steps"][name]["last_ms"] > 0
+    # A long request against a short one, eager only in a quick run (no compiled contender):
+    # both timed, the ratio theirs, and the short request's tokens begin the long one's.
+    ratios = result["long_over_short"]
+    assert ratios["short"] < ratios["long"] <= result["long_block_size"] - result["prompt_tokens"]
+    speeds = ratios["tokens_per_s"]["gpt_fn cached"]
+    assert speeds[str(ratios["short"])] > 0 and speeds[str(ratios["long"])] > 0
+    ratio = speeds[str(ratios["long"])] / speeds[str(ratios["short"])]
+    assert ratios["ratio"] == {"gpt_fn cached": pytest.approx(ratio)}
+    assert ratios["same_tokens"]
 
 
 def test_patching_sweeps_equal_transformer_lens_and_every_contender_is_timed(out_dir):

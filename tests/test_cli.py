@@ -114,6 +114,15 @@ def test_out_dir_or_data_dir_naming_a_file(capsys, tmp_path, train_args):
     assert_one_line(code, err, "data dir .* is a file, not a folder")
 
 
+def test_prepare_refuses_an_empty_data_path_and_force_rebuilds(capsys, corpus, tmp_path):
+    code, _, err = run(capsys, "prepare", "--data", "", "--data-dir", tmp_path / "tokens")
+    assert_one_line(code, err, "gpt-fn prepare: error: data must not be empty")
+    args = ["prepare", "--data", corpus, "--data-dir", tmp_path / "tokens"]
+    assert "prepared" in run(capsys, *args)[1]
+    assert "up to date" in run(capsys, *args)[1]
+    assert ": prepared" in run(capsys, *args, "--force")[1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_a_cuda_device_without_cuda(capsys, train_args, device):
@@ -274,7 +283,7 @@ def test_a_run_too_large_for_memory_is_refused_before_allocating(
 ):
     code, _, err = run(capsys, *train_args(), flag, "--max-steps=1")
     pattern = (
-        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [TG]iB"
+        rf"training 1 layers x 32 on {rows} rows of {tokens} tokens needs at least [\d.,]+ [GM]B"
     )
     assert_one_line(code, err, pattern + ".*available on cpu: lower --batch-size")
 
@@ -388,6 +397,63 @@ def test_export_writes_a_hf_model_with_the_same_logits(capsys, checkpoint_dir, t
 
 def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+
+
+def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(checkpoint_dir, tmp_path):
+    resource = pytest.importorskip("resource")
+
+    def small_files():  # in the child: files of at most 64 KiB (config.json fits, weights not)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a kill
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "export", "--checkpoint", checkpoint_dir, "--out", tmp_path / "hf"],
+        capture_output=True, text=True, env=_environment(), preexec_fn=small_files, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr, r"gpt-fn export: error: cannot write .*hf: File too large; "
+        "nothing was written",
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no folder, no temporary
+
+
+@pytest.mark.parametrize("request_", [["--num-beams", "60000"], ["--num-samples", "100000"]])
+def test_a_request_beyond_the_memory_limit_is_refused_before_allocating(checkpoint_dir, request_):
+    resource = pytest.importorskip("resource")
+
+    def limited():  # in the child: `ulimit -v` of 8 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    done = subprocess.run(
+        [*ENTRY_POINT, "sample", "--checkpoint", checkpoint_dir, "--max-new-tokens", "4",
+         "--prompt", "Hi", *request_],
+        capture_output=True, text=True, env=_environment(), preexec_fn=limited, timeout=120,
+    )  # fmt: skip
+    assert_one_line(
+        done.returncode, done.stderr,
+        r"gpt-fn sample: error: (beam_search \(60000 beams\)|generate \(100000 rows\)) needs "
+        r"about [\d.]+ GB of memory, more than the [\d.]+ GB available on cpu",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                      "can't allocate memory: you tried to allocate 24000000000 bytes. Error "
+                      "code 12 (Cannot allocate memory)"), r"tried to allocate 24\.0 GB"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                "total capacity of 79.19 GiB"), "Tried to allocate 20.00 GiB"),
+    ],
+)  # fmt: skip
+def test_an_allocation_that_fails_anyway_is_one_line(capsys, checkpoint_dir, monkeypatch, error,
+                                                     reason):  # fmt: skip
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli.sampling, "beam_search", allocate)
+    code, _, err = run(capsys, "sample", "--checkpoint", checkpoint_dir, "--num-beams", "2")
+    assert_one_line(code, err, rf"gpt-fn sample: error: out of memory \({reason}\): ask for fewer")
 
 
 def test_a_closed_pipe_is_one_line(checkpoint_dir):
@@ -656,6 +722,46 @@ def test_eval_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, make, 
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("layout", ["llm.c shard", "raw uint16"])
+def test_eval_tokens_refuses_an_id_past_gpt2s_vocabulary_in_either_layout(
+    capsys, checkpoint_dir, tmp_path, layout
+):
+    import numpy as np
+
+    ids = np.array([*gpt2().encode_ordinary(EVAL_TEXT), 50300], dtype=np.uint16)  # a padding id
+    header = data.shard_header(len(ids)) if layout == "llm.c shard" else b""
+    (tmp_path / "val.bin").write_bytes(header + ids.tobytes())
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--tokens",
+                       tmp_path / "val.bin", "--out", tmp_path / "r.json")  # fmt: skip
+    assert_one_line(code, err, r"val.bin holds id 50300, not a GPT-2 token \(< 50257\)")
+
+
+@pytest.mark.parametrize(
+    ("out", "pattern"),
+    [
+        (".", r"--out \. is a folder; give a file name"),
+        ("no/such/folder/r.json", r"--out no/such/folder/r.json: no folder no/such/folder"),
+    ],
+)
+def test_eval_checks_out_before_scoring(capsys, checkpoint_dir, eval_files, monkeypatch, out,
+                                        pattern):  # fmt: skip
+    monkeypatch.chdir(eval_files[0].parent)
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", out)  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert stdout == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_eval_prints_the_table_before_an_out_file_that_fails(capsys, checkpoint_dir, eval_files):
+    code, stdout, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--text",
+                            eval_files[0], "--out", "/dev/full")  # fmt: skip
+    err = err.splitlines()[-1]  # after the progress bar
+    assert_one_line(code, err, r"--out /dev/full: cannot write it \(No space left on device\); "
+                    "the results are above")  # fmt: skip
+    assert "perplexity" in stdout and "bits/byte" in stdout
+
+
 @pytest.mark.parametrize(
     ("args", "pattern"),
     [
@@ -750,6 +856,112 @@ def test_eval_hooks_that_do_not_load_are_one_line(
                        "--hooks", spec, "--out", tmp_path / "r.json")  # fmt: skip
     assert_one_line(code, err, pattern)
     assert not (tmp_path / "r.json").exists()
+
+
+# --- gpt-fn inspect -------------------------------------------------------------------------
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+
+
+def test_inspect_reports_the_library_readouts_of_the_checkpoint(capsys, checkpoint_dir, tmp_path):
+    from gpt_fn import direct_logit_attribution, logit_lens, run_with_cache
+    from gpt_fn.tokenizer import single_token
+
+    out = tmp_path / "report"
+    code, stdout, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir, "--prompt", IOI,
+                            "--answer", " Mary", "--wrong", " John", "--out", out)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((out / "results.json").read_text())
+    checkpoint = load_checkpoint(checkpoint_dir)
+    params, config = checkpoint.params, checkpoint.model_config
+    tokens = torch.tensor([gpt2().encode_ordinary(IOI)])
+    mary, john = torch.tensor([single_token(" Mary")]), torch.tensor([single_token(" John")])
+    logits, cache = run_with_cache(params, tokens, config)
+    # The same readouts on a cache recorded with other sites: fp32 rounding (1e-6).
+    dla, labels = direct_logit_attribution(params, cache, mary, config, by="head", incorrect=john)
+    expected = dict(zip(labels, dla[:, 0].tolist(), strict=True))
+    assert saved["dla"]["by_head"] == pytest.approx(expected, abs=1e-6)
+    difference = (logits[0, -1, mary] - logits[0, -1, john]).item()
+    assert saved["logit_difference"] == pytest.approx(difference, abs=1e-5)
+    lens, layers = logit_lens(params, cache, config, ln="recompute")
+    top = torch.tensor(saved["logit_lens"]["top_tokens"])[..., :1]  # (layers, seq, 1)
+    assert saved["logit_lens"]["layers"] == layers
+    torch.testing.assert_close(  # each cell's top token has the cell's largest logit
+        lens[:, 0].gather(-1, top)[..., 0], lens[:, 0].amax(-1), rtol=0, atol=1e-5
+    )
+    assert saved["model"]["step"] == 5 and saved["prompt"] == IOI
+    for name in [*saved["figures"].values(), "report.md"]:
+        assert (out / name).is_file()
+    assert "' Mary' - ' John': logit difference" in stdout and f"wrote {out}" in stdout
+
+
+def test_inspect_reads_a_hf_directory_like_the_checkpoint(capsys, checkpoint_dir, tmp_path):
+    from gpt_fn import inspect as inspection
+
+    saved = load_checkpoint(checkpoint_dir)
+    params, config = saved.params, saved.model_config
+    hf.save(params, config, tmp_path / "exported")
+    code, _, err = run(capsys, "inspect", "--hf", tmp_path / "exported", "--prompt", "a b a b",
+                       "--out", tmp_path / "report")  # fmt: skip
+    assert code == 0, err
+    by_hf = json.loads((tmp_path / "report" / "results.json").read_text())
+    tokens = torch.tensor(gpt2().encode_ordinary("a b a b"))
+    expected = inspection.results(inspection.inspect_prompt(params, tokens, config), config)
+    # The HF save is GPT-2's layout of the same numbers: equal up to the order of a sum.
+    assert by_hf["answer"] == expected["answer"] and by_hf["answer"]["given"] is False
+    for got, want in ((by_hf["dla"]["heads"], expected["dla"]["heads"]),
+                      (by_hf["head_scores"]["induction"]["scores"],  # "a b a b" repeats
+                       expected["head_scores"]["induction"]["scores"])):  # fmt: skip
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-6)
+    assert by_hf["model"]["source"] == str(tmp_path / "exported")
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--answer", " Mary and"], r"--answer ' Mary and' is 2 GPT-2 tokens \[' Mary', ' and'\]"),
+        (["--wrong", "Johnathan"], r"--wrong 'Johnathan' is \d GPT-2 tokens"),
+        (["--answer", " Mary", "--wrong", " Mary"], "--answer and --wrong are the same token"),
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", IOI * 3], r"--prompt is \d+ tokens; the model reads at most 32"),
+    ],
+)
+def test_inspect_input_errors_are_one_line(capsys, checkpoint_dir, tmp_path, args, pattern):
+    prompt = [] if "--prompt" in args else ["--prompt", IOI]
+    code, _, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir, *prompt, *args,
+                       "--out", tmp_path / "report")  # fmt: skip
+    assert_one_line(code, err, pattern)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--prompt", "hi"], "give the model: --checkpoint DIR or --hf DIR"),
+        (["--checkpoint", "ckpt"], "the following arguments are required: --prompt"),
+        (["--checkpoint", "ckpt", "--prompt", "hi", "--top", "0"], "--top must be >= 1"),
+        (["--checkpoint", "ckpt", "--prompt", "hi", "--ln", "none"], "invalid choice"),
+    ],
+)
+def test_inspect_usage_errors_exit_2(capsys, args, pattern):
+    code, _, err = run(capsys, "inspect", *args)
+    assert code == 2 and re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_inspect_names_tokens_outside_a_small_vocabulary(capsys, tmp_path):
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "small", Checkpoint(init_params(config, seed=0), {}, 1, config, {}))
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "hello")
+    assert_one_line(code, err, r"--prompt holds GPT-2 token 31373 \('hello'\), outside the model's")
+    code, _, err = run(capsys, "inspect", "--checkpoint", tmp_path / "small", "--prompt", "!",
+                       "--answer", " Mary")  # fmt: skip
+    assert_one_line(code, err, r"--answer holds GPT-2 token 5335 \(' Mary'\), outside .* of 64")
+
+
+def test_inspect_of_a_missing_checkpoint_is_one_line(capsys, checkpoint_dir):
+    code, _, err = run(capsys, "inspect", "--checkpoint", checkpoint_dir / "nope", "--prompt", "hi")
+    assert_one_line(code, err, "no checkpoint at")
 
 
 # --- batches of prompts, stop strings, beams and drafts --------------------------------------

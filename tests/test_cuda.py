@@ -64,3 +64,22 @@ def test_nccl_training_runs_on_the_visible_gpus(corpus, tmp_path, parallel):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_inspect_on_cuda_reports_the_cpus_numbers(tmp_path):
+    from gpt_fn import inspect as inspection
+
+    config = gpt_fn.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    params = gpt_fn.init_params(config, seed=0)
+    tokens = torch.tensor([464, 3797, 3332, 319, 262, 3797, 3332])  # "The cat sat on the cat sat"
+    on_cpu = inspection.inspect_prompt(params, tokens, config, answer=319, wrong=262)
+    on_gpu = inspection.inspect_prompt(
+        {name: value.cuda() for name, value in params.items()}, tokens.cuda(), config,
+        answer=319, wrong=262,
+    )  # fmt: skip
+    # fp32 matmuls on another device (TF32 off by default): 1e-4 on logits of order 1.
+    torch.testing.assert_close(on_gpu.dla_by_head.cpu(), on_cpu.dla_by_head, rtol=0, atol=1e-4)
+    for kind, scores in on_cpu.head_scores.items():
+        torch.testing.assert_close(on_gpu.head_scores[kind].cpu(), scores, rtol=0, atol=1e-5)
+    written = inspection.write_report(on_gpu, tmp_path, config)
+    assert (tmp_path / "top_heads.png").is_file() and written["answer"]["token"] == 319

@@ -3,6 +3,7 @@
 import hashlib
 import itertools
 import json
+import threading
 
 import jaxtyping
 import numpy as np
@@ -278,6 +279,75 @@ def test_load_split_rejects_files_that_do_not_match_the_metadata(prepared_dir):
         data.load_split(prepared_dir, "train", block_size=8)
 
 
+def test_a_shard_changed_in_place_says_force_and_force_rebuilds_it(tmp_path):
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    out = tmp_path / "out"
+    data.prepare(source, out)
+    (out / ".lock").unlink()
+    assert not data.prepare(source, out).rebuilt
+    assert not (out / ".lock").exists()  # up to date: nothing written (a read-only copy will do)
+    train = out / TRAIN_SHARD
+    good = train.read_bytes()
+    tokens = np.frombuffer(good, dtype=np.uint16).copy()
+    tokens[data.SHARD_HEADER_BYTES // 2 + 3] = 50300  # same size, another id
+    train.write_bytes(tokens.tobytes())
+    with pytest.raises(ValueError, match=r"run `gpt-fn prepare --force` to rebuild it"):
+        data.load_split(out, "train", block_size=8)
+    assert not data.prepare(source, out).rebuilt  # sizes only: what the message says
+    assert data.prepare(source, out, force=True).rebuilt
+    assert train.read_bytes() == good
+    assert len(data.load_split(out, "train", block_size=8))
+
+
+def test_two_processes_preparing_one_new_folder_take_turns(tmp_path, monkeypatch):
+    """The first pauses between writing its train shards and splitting off val; the second,
+    started then, must wait for it rather than rebuild the folder under it."""
+    source = tmp_path / "romeo.txt"
+    source.write_text(SMALL_TEXT)
+    out = tmp_path / "new"
+    written, resume = threading.Event(), threading.Event()
+    split = data._split_stream
+
+    def paused_split(*args, **kwargs):
+        if not written.is_set():
+            written.set()
+            assert resume.wait(timeout=60)
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(data, "_split_stream", paused_split)
+    results: dict[str, object] = {}
+
+    def run(name):
+        try:
+            results[name] = data.prepare(source, out)
+        except Exception as error:  # noqa: BLE001 - the test reports what each run raised
+            results[name] = error
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert written.wait(timeout=60)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(timeout=2)  # without the lock it rebuilds the folder now; with it, it waits
+    resume.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert isinstance(results["first"], data.Prepared), results["first"]
+    assert isinstance(results["second"], data.Prepared), results["second"]
+    assert results["first"].rebuilt and not results["second"].rebuilt
+    assert len(data.load_split(out, "val", block_size=8))
+
+
+def test_an_empty_corpus_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text(SMALL_TEXT)
+    for corpus in ("", " "):
+        with pytest.raises(ValueError, match="the corpus is an empty string"):
+            data.prepare(corpus, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # Token i is i (mod 2**16), so a row's first token is its offset and every slice is visible.
 COUNTING_TOKENS = np.arange(5000, dtype=np.uint16)
 
@@ -481,10 +551,11 @@ def test_streamed_shards_hold_exactly_the_one_file_datasets_tokens_and_batches(
         assert torch.equal(
             x, data.eval_batch(whole, batch_size=8, block_size=32, seed=1, index=0)[0]
         )
-    # The shard files on disk are llm.c's format, and nothing but them and meta.json is left.
+    # The shard files on disk are llm.c's format, and nothing but them, meta.json and the
+    # folder's lock is left.
     names = {p.name for p in (tmp_path / "sharded").iterdir()}
     listed = {n for split in ("train", "val") for n in sharded.meta["shards"][split]}
-    assert names == listed | {"meta.json"}
+    assert names == listed | {"meta.json", ".lock"}
     assert not data.prepare(tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100).rebuilt
 
 

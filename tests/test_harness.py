@@ -367,6 +367,68 @@ def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_as_its_hf_model_does
     assert lm.params["wte.weight"].dtype == torch.float32
 
 
+def test_a_requests_max_length_bounds_prompt_and_new_tokens_as_lm_evals_hf_model_does(setup):
+    """lm-eval's `hf` model hands a request's `max_length` to HF's `generate`: the prompt and
+    the new tokens make at most that many, whatever `max_gen_toks` says."""
+    theirs = get_model("hf").create_from_arg_string(
+        f"pretrained={setup['root'] / 'hf'},dtype=float32", {"batch_size": 1, "device": "cpu"}
+    )
+    ours = GPTFnLM(checkpoint=str(setup["root"] / "ckpt"), device="cpu", batch_size=1)
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 2, "max_length": 4, "do_sample": False}
+    prompts = ["Hello", "The cat", "In 1492"]  # 1, 2 and 3 tokens
+    requests = [
+        Instance(request_type="generate_until", doc={}, arguments=(p, kwargs), idx=i)
+        for i, p in enumerate(prompts)
+    ]
+    texts = ours.generate_until(requests)
+    assert texts == theirs.generate_until(requests)
+    # "Hello" is 1 token: 3 new ones, more than max_gen_toks' 2.
+    two = {key: value for key, value in kwargs.items() if key != "max_length"}
+    (shorter,) = ours.generate_until(
+        [Instance(request_type="generate_until", doc={}, arguments=("Hello", two), idx=0)]
+    )
+    assert texts[0].startswith(shorter) and len(texts[0]) > len(shorter)
+    too_long = Instance(
+        request_type="generate_until",
+        doc={},
+        arguments=("one two three four", kwargs),
+        idx=0,
+    )
+    with pytest.raises(ValueError, match="max_length=4 leaves no room to generate"):
+        ours.generate_until([too_long])
+
+
+def test_batch_size_in_model_args_wins_over_the_batch_size_lm_evals_cli_passes(setup):
+    # What lm-eval's CLI calls: its --batch_size (1 unless given) always comes along.
+    cli_flags = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    checkpoint = setup["root"] / "ckpt"
+    lm = GPTFnLM.create_from_arg_string(f"checkpoint={checkpoint},batch_size=4", cli_flags)
+    assert lm.batch_size == 4
+    assert GPTFnLM.create_from_arg_string(f"checkpoint={checkpoint}", cli_flags).batch_size == 1
+    with pytest.raises(ValueError, match="batch_size=auto is not supported"):
+        GPTFnLM.create_from_arg_string(f"checkpoint={checkpoint},batch_size=auto", cli_flags)
+
+
+def test_gpt_fn_lm_eval_takes_batch_size_in_model_args(setup, tmp_path, capsys, monkeypatch):
+    init = TaskManager.__init__
+    monkeypatch.setattr(
+        TaskManager,
+        "__init__",
+        lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "include_defaults": False}),
+    )
+    args = run_args(setup, tmp_path / "out")
+    model_args = args.index("--model_args") + 1
+    args[model_args] += ",batch_size=auto"
+    assert cli.main(["lm-eval", *args]) == 1
+    assert "gpt-fn lm-eval: error: gpt_fn model: batch_size=auto is not supported" in (
+        capsys.readouterr().err
+    )
+    args[model_args] = args[model_args].replace("auto", "4")
+    assert cli.main(["lm-eval", *args]) == 0
+    (results,) = (tmp_path / "out").rglob("results*.json")
+    assert json.loads(results.read_text())["config"]["model_args"]["batch_size"] == 4
+
+
 # --- under interventions (hooks=) -----------------------------------------------------------
 
 STEERING = """

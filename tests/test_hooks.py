@@ -64,6 +64,22 @@ def test_unknown_sites_bad_hooks_and_wrong_shapes_are_named(params, tokens, tiny
         forward(params, tokens, tiny_config, hooks={"h.0.mlp.pre": lambda x: None})
 
 
+@pytest.mark.parametrize(
+    ("hook", "pattern"),
+    [
+        (lambda x: x.double(), "returned dtype torch.float64; it must keep the activation's "
+         "torch.float32"),
+        (lambda x: x.long(), "returned dtype torch.int64"),
+        (lambda x: torch.empty_like(x, device="meta"), "returned a tensor on meta; it must stay "
+         "on the activation's device, cpu"),
+    ],
+)  # fmt: skip
+def test_a_hook_that_changes_the_dtype_or_device_is_named(params, tokens, tiny_config, hook,
+                                                           pattern):  # fmt: skip
+    with pytest.raises(TypeError, match=f"the hook at 'h.1.resid_mid' {pattern}"):
+        forward(params, tokens, tiny_config, hooks={"h.1.resid_mid": hook})
+
+
 # --- exactness and the cache's identities ------------------------------------------------
 
 
@@ -184,6 +200,14 @@ def test_names_as_a_predicate_keep_only_the_matching_sites(params, tokens, tiny_
     assert list(cache) == [f"h.{i}.resid_post" for i in range(tiny_config.n_layer)]
     with pytest.raises(ValueError, match="unknown activation site 'h.0.resid'"):
         run_with_cache(params, tokens, tiny_config, names=["h.0.resid"])
+
+
+def test_names_as_one_string_is_that_site(params, tokens, tiny_config):
+    _, cache = run_with_cache(params, tokens, tiny_config, names="embed")
+    _, listed = run_with_cache(params, tokens, tiny_config, names=["embed"])
+    assert list(cache) == ["embed"] and torch.equal(cache["embed"], listed["embed"])
+    with pytest.raises(ValueError, match="unknown activation site 'h.0.resid'"):
+        run_with_cache(params, tokens, tiny_config, names="h.0.resid")
 
 
 def test_a_cache_records_what_flows_on_after_a_users_hook(params, tokens, tiny_config):
@@ -358,6 +382,68 @@ def test_hooks_see_the_positions_of_each_call_during_generation(params, tiny_con
     )
     assert seen == [5, 1, 1, 1]  # the prompt at prefill, then one position per step
     assert gpt_fn.site_names(tiny_config) == site_names(tiny_config)
+
+
+# --- stop_at -------------------------------------------------------------------------------
+
+
+def test_stop_at_returns_bitwise_the_full_runs_activations_up_to_the_site(
+    params, tokens, tiny_config
+):
+    _, full = run_with_cache(params, tokens, tiny_config)
+    sites = site_names(tiny_config)
+    for index, site in enumerate(sites[:-1]):
+        out, cache = run_with_cache(params, tokens, tiny_config, stop_at=site)
+        assert torch.equal(out, full[site]), site
+        assert list(cache) == list(sites[: index + 1])
+        assert all(torch.equal(cache[name], full[name]) for name in cache), site
+
+
+def test_stop_at_runs_no_later_site(params, tokens, tiny_config):
+    def never(x):
+        raise AssertionError("a site after stop_at ran")
+
+    later = {"h.1.resid_pre": never, "ln_f": never, "logits": never}
+    plain, _ = gpt_fn.model.transformer(params, tokens, tiny_config, stop_at="h.0.attn.z")
+    hooked, _ = gpt_fn.model.transformer(
+        params, tokens, tiny_config, hooks={**later, "h.0.mlp.pre": never}, stop_at="h.0.attn.z"
+    )
+    assert torch.equal(plain, hooked)
+    assert plain.shape == (2, 9, tiny_config.n_head, tiny_config.d_head)
+
+
+def test_stop_at_applies_the_hook_at_its_site_and_differentiates(params, tokens, tiny_config):
+    out, _ = run_with_cache(
+        params,
+        tokens,
+        tiny_config,
+        names=[],
+        stop_at="h.0.resid_post",
+        hooks={"h.0.resid_post": torch.neg},
+    )
+    _, full = run_with_cache(params, tokens, tiny_config, names=["h.0.resid_post"])
+    assert torch.equal(out, -full["h.0.resid_post"])
+    grad = torch.func.grad(
+        lambda w: gpt_fn.model.transformer(
+            {**params, "h.0.mlp.c_fc.weight": w}, tokens, tiny_config, stop_at="h.0.mlp.post"
+        )[0].sum()
+    )(params["h.0.mlp.c_fc.weight"])
+    assert grad.abs().sum() > 0
+
+
+def test_stop_at_logits_is_the_full_run(params, tokens, tiny_config):
+    out, _ = run_with_cache(params, tokens, tiny_config, names=[], stop_at="logits")
+    assert torch.equal(out, forward(params, tokens, tiny_config))
+
+
+def test_stop_at_errors_name_the_problem(params, tokens, tiny_config):
+    with pytest.raises(ValueError, match="stop_at must be an activation site"):
+        run_with_cache(params, tokens, tiny_config, stop_at="h.9.resid_post")
+    with pytest.raises(ValueError, match="comes after stop_at"):
+        run_with_cache(params, tokens, tiny_config, names=["h.1.mlp.out"], stop_at="h.0.ln_2")
+    cache = gpt_fn.model.empty_cache(tiny_config, batch=2, capacity=16)
+    with pytest.raises(ValueError, match="no KV cache"):
+        gpt_fn.model.transformer(params, tokens, tiny_config, cache=cache, stop_at="embed")
 
 
 # --- hooks named on a command line (module:function) ----------------------------------------

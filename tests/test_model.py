@@ -240,6 +240,10 @@ def test_params_of_mixed_dtypes_or_devices_or_not_floating_are_named(tiny_config
         ValueError, match="'h.0.mlp.c_fc.bias' is on meta but 'wte.weight' is on cpu"
     ):
         forward(on_meta, tokens, tiny_config)
+    with shape_checks(False):  # what a caller without jaxtyping's hook meets
+        for value in ([0.0] * tiny_config.n_embd, params["ln_f.bias"].numpy()):
+            with pytest.raises(TypeError, match=r"params: 'ln_f.bias' is a \w+, not a torch"):
+                forward({**params, "ln_f.bias": value}, tokens, tiny_config)
     integer = {**params, "ln_f.bias": params["ln_f.bias"].long()}
     with pytest.raises(
         TypeError, match="'ln_f.bias' has dtype torch.int64; params must be floating"

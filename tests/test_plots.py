@@ -109,6 +109,20 @@ def test_logit_lens_table_shows_the_top_tokens_shaded_by_probability(tmp_path):
     assert_png(tmp_path / "lens.png")
 
 
+def test_tokens_the_font_lacks_are_drawn_without_a_warning(tmp_path, recwarn):
+    ids = torch.tensor([[[0]]])
+    plots.logit_lens_table(ids, decode=["\u306e\U0001f600"], path=tmp_path / "lens.png")
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
+def test_control_characters_in_tokens_are_shown_escaped():
+    """Bytes no font draws (GPT-2 has tokens for \\x00 ... \\x1f) appear as escapes."""
+    ids = torch.tensor([[[0]]])
+    figure = plots.logit_lens_table(ids, decode=["\x00\x1b\u00e9"], tokens=["a\x07"])
+    assert texts(figure.axes[0]) == ["\\x00\\x1b\u00e9"]  # printable text (é) kept
+    assert ticks(figure.axes[0].get_xticklabels()) == ["a\\x07"]
+
+
 def test_logit_lens_table_from_ranked_ids_and_a_decode_function():
     ids = torch.tensor([[[1, 2]], [[7, 0]]])  # (layers, seq, k)
     figure = plots.logit_lens_table(ids, decode=lambda t: f"<{t}>", layer_labels=["embed", "h.0"])
@@ -155,6 +169,8 @@ def test_attention_patterns_draw_the_chosen_heads_of_a_cache_row(tiny_config, tm
     assert_png(tmp_path / "attn.png")
     every = plots.attention_patterns(pattern[0], words)  # (n_head, seq, seq): every head
     assert [p.get_title() for p in every.axes[:-1]] == ["head 0", "head 1", "head 2"]
+    named = plots.attention_patterns(pattern[0], words, heads=[1, 2], titles=["L1H1", "L0H2"])
+    assert [p.get_title() for p in named.axes[:-1]] == ["L1H1", "L0H2"]
 
 
 def test_attention_patterns_name_bad_inputs():
@@ -170,5 +186,7 @@ def test_attention_patterns_name_bad_inputs():
         plots.attention_patterns(torch.full((2, 1, 3), 1 / 3), words)
     with pytest.raises(ValueError, match="heads is empty"):
         plots.attention_patterns(pattern, words, heads=[])
+    with pytest.raises(ValueError, match="titles: 1 strings for 2 chosen heads"):
+        plots.attention_patterns(pattern, words, titles=["L0H0"])
     with shape_checks(False), pytest.raises(ValueError, match=r"got shape \(3, 3\)"):
         plots.attention_patterns(pattern[0], words)

@@ -144,6 +144,38 @@ def test_the_cache_is_preallocated_and_decode_step_in_place_equals_the_pure_one(
     assert in_place.tokens[1].tolist() == [PAD, PAD, 4, 6, 8, 10]
 
 
+def test_a_step_attends_over_the_filled_slots_whatever_the_capacity():
+    widths = []
+
+    def record(pattern):
+        widths.append(pattern.shape[-1])
+        return pattern
+
+    states = [prefill(PARAMS, [[1, 2, 3], [4]], CONFIG, capacity=c) for c in (4, 16)]
+    for token in ([5, 6], [7, 8], [9, 10]):
+        token = torch.tensor(token)
+        states = [decode_step_(PARAMS, s, token, CONFIG) for s in states]
+        # The same keys in the same slots: a larger buffer changes nothing, not even a bit.
+        torch.testing.assert_close(states[0].logits, states[1].logits, atol=0, rtol=0)
+        widths.clear()
+        decode_step(PARAMS, states[1], token, CONFIG, hooks={"h.0.attn.pattern": record})
+        # Keys are read up to the longest row's new token: a slice of the 16-slot buffer.
+        assert widths == [int(states[1].cache.lengths.max()) + 1]
+    # The 4-slot cache ran out of room and grew to the next bucket (block_size caps it).
+    assert [s.cache.capacity for s in states] == [16, 16]
+
+
+def test_a_grown_cache_keeps_its_slots_and_refuses_to_shrink():
+    state = prefill(PARAMS, [[1, 2, 3], [4]], CONFIG, capacity=3)
+    grown = state.cache.grown(8)
+    buffers = zip(state.cache.keys + state.cache.values, grown.keys + grown.values, strict=True)
+    for old, new in buffers:
+        assert torch.equal(new[:, :, :3], old) and not new[:, :, 3:].any()
+    assert torch.equal(grown.lengths, state.cache.lengths)
+    with pytest.raises(ValueError, match="capacity must be .*>= 3"):
+        state.cache.grown(2)
+
+
 def test_num_samples_prefill_once_and_sample_like_the_repeated_batch(monkeypatch):
     from gpt_fn.sampling import decoding
 
@@ -213,6 +245,35 @@ rows = [[1, 2, 3], [9]]
 eager = sampling.generate(params, rows, config, max_new_tokens=12, greedy=True)
 compiled = sampling.generate(params, rows, config, max_new_tokens=12, greedy=True, compile=True)
 assert compiled == eager, (compiled, eager)
+""")
+
+
+def test_the_compiled_step_compiles_once_per_cache_bucket_and_serves_several_batches(
+    plain_python,
+):
+    # Dynamo's tracing and guards decide when a step recompiles, whatever the backend: the
+    # "eager" backend counts the same compilations as inductor without its code generation.
+    plain_python("""
+import math, torch, gpt_fn
+from torch._dynamo.utils import counters
+from gpt_fn import sampling
+compile = torch.compile
+torch.compile = lambda fn, **options: compile(fn, **{**options, "backend": "eager"})
+config = gpt_fn.GPTConfig(vocab_size=101, block_size=256, n_layer=1, n_head=2, n_embd=16)
+params = gpt_fn.init_params(config, seed=0)
+rows = [[1, 2, 3], [9]]
+options = dict(max_new_tokens=130, greedy=True)  # 3 + 129 slots: past 128
+eager = sampling.generate(params, rows, config, **options)
+compiled = sampling.generate(params, rows, config, **options, compile=True)
+assert compiled == eager, (compiled, eager)
+# The cache went through the buckets of 64, 128 and 256 slots: one compilation each, within
+# the bound of log2(block_size) + 1.
+graphs = counters["stats"]["unique_graphs"]
+assert graphs == 3 <= math.log2(config.block_size) + 1, graphs
+# Two more batch sizes: 9 compiled steps in all, past dynamo's default limit of 8.
+for batch in (1, 3):
+    sampling.generate(params, [[5, 6, 7]] * batch, config, **options, compile=True)
+assert counters["stats"]["unique_graphs"] == 9, dict(counters["stats"])
 """)
 
 

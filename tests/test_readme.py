@@ -27,6 +27,17 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_the_sae_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text[text.index("## SAEs") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert namespace["features"].shape == (4, 64, 256)
+    assert (tmp_path / "sae_out" / "cfg.json").is_file()
+
+
 def test_the_analysis_example_runs():
     text = README.read_text()
     section = text[text.index("### Analysis") :]
@@ -124,3 +135,17 @@ def test_the_checkpoint_series_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     assert namespace["series"].steps == [1, 2, 4]
     assert namespace["losses"].shape == (3,) and namespace["patterns"].shape == (3, 4, 2, 32, 32)
+
+
+def test_the_inspect_example_runs(tmp_path, monkeypatch):
+    """The Inspect block writes its report and scores heads against its own key mask."""
+    text = README.read_text()
+    section = text[text.index("### Inspect a prompt") : text.index("### Shape checks")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "ioi" / "report.md").is_file()
+    assert (tmp_path / "ioi" / "results.json").is_file()
+    assert namespace["found"].head_scores["duplicate_token"] is not None
+    assert namespace["to_first"].shape == (2, 4)

@@ -26,6 +26,7 @@ from gpt_fn.settings import SettingsError, TrainSettings, resume_settings
         ({"n_layer": "4"}, "n_layer must be an int or null, got '4'"),
         ({"resume": True, "overwrite": True}, "pick one"),
         ({"allow_changes": True}, "allow_changes only applies with resume"),
+        ({"data": ""}, "data must not be empty"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(fields, message):

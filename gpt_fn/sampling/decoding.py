@@ -12,7 +12,12 @@ row of a ragged batch decodes what its prompt decodes alone.
 
 `DecodeState` is the whole state of a decode: tokens so far (left-padded with `PAD`, -1), the
 KV cache (`gpt_fn.model.KVCache`: per layer one preallocated key and value buffer, no copy
-of the past per step) or `None` when decoding without one, and the next-token logits.
+of the past per step) or `None` when decoding without one, and the next-token logits. A step
+attends over the slots filled so far (a slice of the buffers), so its cost follows the tokens
+written, not the capacity. A cache out of room grows to the next bucket (a power of two, at
+least 64 slots, at most `block_size`; the past copied once); `generate` starts each cache at
+its prompt's bucket, so a compiled step (fixed shapes: it attends over its whole bucket)
+compiles once per bucket, at most log2(block_size) + 1 times.
 `decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
 as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
 buffers the old state shares, so only the new state may be stepped on.
@@ -53,6 +58,7 @@ from gpt_fn.checks import (
     is_traced,
 )
 from gpt_fn.config import GPTConfig
+from gpt_fn.memory import check_sampling_fits, generate_bytes
 from gpt_fn.model import (
     KVCache,
     TokenRows,
@@ -147,9 +153,9 @@ def decode_step(
 ) -> DecodeState:
     """Append one token per row and compute the logits after it; `state` stays valid.
 
-    With a cache that has room, only the new tokens go through the model. Without a cache, or
-    once the longest row is full, each row's last `block_size` tokens run through it (see the
-    module docstring); a cached state stays cached.
+    With a cache, only the new tokens go through the model (a cache out of room grows first).
+    Without one, or once the longest row is full, each row's last `block_size` tokens run
+    through it (see the module docstring); a cached state stays cached.
     """
     _check_step(params, state, next_tokens, config, hooks)
     return _advance(
@@ -240,8 +246,8 @@ def generate(
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
       `hooks` intervene at every step (see the module docstring). `compile=True` runs the
-      cached decode step through `torch.compile` (fixed shapes: one compilation serves
-      every step).
+      cached decode step through `torch.compile` (fixed shapes: one compilation per cache
+      bucket, shared by later calls with the same batch size and options).
     """
     generation = _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options)
     return generation.assemble(list(generation.stream()))
@@ -316,24 +322,29 @@ def _advance(
     hooks: Hooks | None,
     head: LMHead,
     write: str,
-    capacity: int | None = None,
     step: Callable[..., tuple[Tensor, KVCache]] | None = None,
 ) -> DecodeState:
     """The state after `next_tokens`; `step` (the cached step, maybe compiled) does the work."""
     tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
     longest = state.longest + 1
     cache = state.cache
-    if cache is None or longest > config.block_size or tokens.shape[1] > cache.capacity:
+    if (
+        cache is None
+        or longest > config.block_size
+        or tokens.shape[1] > max(cache.capacity, config.block_size)
+    ):
         return _prefill(
             params,
             tokens,
             config,
-            capacity=capacity,
+            capacity=None,
             use_cache=cache is not None,
             attention=attention,
             hooks=hooks,
             head=head,
         )
+    if tokens.shape[1] > cache.capacity:  # out of room: the next bucket, the past copied in
+        cache = cache.grown(_cache_bucket(tokens.shape[1], config.block_size))
     if step is None:
         hidden, cache = _cached_step(
             params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
@@ -354,7 +365,8 @@ def _cached_step(
     hooks: Hooks | None,
     write: str,
 ) -> tuple[Tensor, KVCache]:
-    """One token per row through the blocks over a cache with room: fixed shapes, compilable.
+    """One token per row through the blocks over a cache with room: compilable (traced, it
+    attends over the whole capacity, so its shapes change only when the cache grows).
 
     The LM head stays outside (`_next_logits`): its packed CPU kernel is not inductor's."""
     return transformer(
@@ -400,6 +412,15 @@ class _Generation:
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.num_samples = check_int("num_samples", num_samples, at_least=1)
         rows = self.tokens.shape[0] * self.num_samples
+        self.use_cache = check_bool("use_cache", use_cache)
+        # Before anything grows with the rows (their generators, the cache, the logits).
+        batch, width = self.tokens.shape
+        need = generate_bytes(
+            config, batch=batch, prompt=width, max_new_tokens=self.max_new_tokens,
+            num_samples=self.num_samples, dtype=params["wte.weight"].dtype,
+            use_cache=self.use_cache,
+        )  # fmt: skip
+        check_sampling_fits(need, self.tokens.device, f"generate ({rows} rows)")
         choices = sampling_choices(
             config, rows=rows, device=self.tokens.device, transform=transform, greedy=greedy,
             seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
@@ -408,7 +429,6 @@ class _Generation:
         self.transform, self.generators = choices.transform, choices.generators
         self.eos_token_id, self.pad_token_id = choices.eos_token_id, choices.pad_token_id
         self.stops = choices.stops
-        self.use_cache = check_bool("use_cache", use_cache)
         self.attention = attention
         if hooks is not None:
             check_hooks(hooks, config)
@@ -428,9 +448,8 @@ class _Generation:
         with torch.no_grad():
             head = decoding_head(params, rows=self.tokens.shape[0] * self.num_samples)
             prompt_width = min(self.tokens.shape[1], config.block_size)
-            capacity = min(config.block_size, prompt_width + self.max_new_tokens - 1)
             state = _prefill(
-                params, self.tokens, config, capacity=max(capacity, prompt_width),
+                params, self.tokens, config, capacity=_cache_bucket(prompt_width, config.block_size),
                 use_cache=self.use_cache, attention=self.attention, hooks=self.hooks, head=head,
             )  # fmt: skip
             state = fan_out(state, self.num_samples)
@@ -652,6 +671,23 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+_SMALLEST_BUCKET = 64
+"""Cache slots a generation starts with at least: over 64 slots attention is a small part of a
+step (reading the weights dominates), and GPT-2's 1024 positions then need 5 buckets, not 11."""
+
+
+def _cache_bucket(slots: int, block_size: int) -> int:
+    """Capacity for `slots` (<= block_size) filled slots: the power of two at or above it, at
+    least `_SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
+    return min(max(_SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
+
+
+_COMPILED_SHAPES_LIMIT = 64
+"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
+per batch size, bucket, config and hooks): dynamo's default, 8, does not hold two batch sizes
+of GPT-2's 5 buckets, and past the limit `fullgraph=True` fails."""
+
+
 def _compiled_step(
     config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
 ) -> Callable[..., tuple[Tensor, KVCache]]:
@@ -661,7 +697,9 @@ def _compiled_step(
             write="in_place",
         )  # fmt: skip
 
-    return torch.compile(step, fullgraph=True, dynamic=False)
+    return torch.compile(
+        step, fullgraph=True, dynamic=False, recompile_limit=_COMPILED_SHAPES_LIMIT
+    )
 
 
 def _prompt_tokens(
