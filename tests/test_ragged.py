@@ -180,8 +180,8 @@ def test_num_samples_prefill_once_and_sample_like_the_repeated_batch(monkeypatch
     from gpt_fn.sampling import decoding
 
     calls = []
-    real = decoding._prefill
-    monkeypatch.setattr(decoding, "_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = decoding.prefill_state
+    monkeypatch.setattr(decoding, "prefill_state", lambda *a, **k: calls.append(1) or real(*a, **k))
     rows = [[1, 2, 3], [9]]
     fanned = generate(PARAMS, rows, CONFIG, max_new_tokens=6, seed=5, num_samples=3)
     assert len(calls) == 1  # the prompts ran once, however many samples

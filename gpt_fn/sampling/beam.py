@@ -47,10 +47,10 @@ from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.decoding import (
     StopStrings,
-    _advance,
-    _prefill,
-    _prompt_tokens,
+    advance_state,
     fan_out,
+    prefill_state,
+    prompt_tokens,
     text_choices,
 )
 from gpt_fn.sampling.head import decoding_head
@@ -109,7 +109,7 @@ def beam_search(
       hypothesis that ended early.
     """
     check_params(params, config)
-    tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
+    tokens = prompt_tokens(prompt, attention_mask, config, params, cropped=False)
     beams = check_int("num_beams", num_beams, at_least=1)
     max_new = check_int("max_new_tokens", max_new_tokens, at_least=1)
     min_new = check_int("min_new_tokens", min_new_tokens, at_least=0)
@@ -177,7 +177,7 @@ def _search(
     head = decoding_head(params, rows=batch * beams)
     prompt_width = min(width, config.block_size)
     capacity = max(min(config.block_size, prompt_width + max_new - 1), prompt_width)
-    state = _prefill(
+    state = prefill_state(
         params, tokens, config, capacity=capacity, use_cache=True, attention=attention,
         hooks=hooks, head=head,
     )  # fmt: skip
@@ -248,7 +248,7 @@ def _search(
         if not bool(improvable.any()) or all_in or bool(ends.all()):
             break
         state = state.select((first_row + parents).flatten())
-        state = _advance(
+        state = advance_state(
             params, state, next_tokens.flatten(), config, attention=attention, hooks=hooks,
             head=head, write="in_place",
         )  # fmt: skip

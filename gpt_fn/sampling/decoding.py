@@ -124,13 +124,13 @@ def prefill(
     full); a prompt needs at most that many after cropping.
     """
     check_params(params, config)
-    tokens = _prompt_tokens(prompt, attention_mask, config, params)
+    tokens = prompt_tokens(prompt, attention_mask, config, params)
     check_bool("use_cache", use_cache)
     if capacity is not None:
         check_int("capacity", capacity, at_least=1)
     if hooks is not None:
         check_hooks(hooks, config)
-    return _prefill(
+    return prefill_state(
         params,
         tokens,
         config,
@@ -158,7 +158,7 @@ def decode_step(
     through it (see the module docstring); a cached state stays cached.
     """
     _check_step(params, state, next_tokens, config, hooks)
-    return _advance(
+    return advance_state(
         params,
         state,
         next_tokens,
@@ -181,7 +181,7 @@ def decode_step_(
 ) -> DecodeState:
     """`decode_step` writing into the cache buffers `state` holds: no copy, `state` is used up."""
     _check_step(params, state, next_tokens, config, hooks)
-    return _advance(
+    return advance_state(
         params,
         state,
         next_tokens,
@@ -267,7 +267,7 @@ def row_generators(seed: int, batch: int, device: torch.device | str) -> list[to
     ]
 
 
-def _prefill(
+def prefill_state(
     params: Params,
     tokens: Tensor,
     config: GPTConfig,
@@ -278,7 +278,9 @@ def _prefill(
     hooks: Hooks | None,
     head: LMHead,
 ) -> DecodeState:
-    """A state for `tokens` (left-padded with PAD): each row's last <= block_size tokens run."""
+    """A state for `tokens` (left-padded with PAD, as `prompt_tokens` makes them): each row's
+    last <= block_size tokens run. `prefill` without its argument checks, for the decoders
+    (`generate`, `beam_search`, `speculative_generate`) that check once up front."""
     real = tokens != PAD
     longest = int(real.sum(dim=1).max())
     window = tokens[:, -min(longest, config.block_size) :]  # rows are right-aligned
@@ -312,7 +314,7 @@ def _prefill(
     return DecodeState(tokens, cache, _next_logits(params, hidden, head, hooks), longest)
 
 
-def _advance(
+def advance_state(
     params: Params,
     state: DecodeState,
     next_tokens: Tensor,
@@ -324,7 +326,8 @@ def _advance(
     write: str,
     step: Callable[..., tuple[Tensor, KVCache]] | None = None,
 ) -> DecodeState:
-    """The state after `next_tokens`; `step` (the cached step, maybe compiled) does the work."""
+    """The state after `next_tokens` (one per row); `step` (the cached step, maybe compiled)
+    does the work. The decoders' one step forward over a `DecodeState`."""
     tokens = torch.cat([state.tokens, next_tokens[:, None].to(state.tokens.dtype)], dim=1)
     longest = state.longest + 1
     cache = state.cache
@@ -333,7 +336,7 @@ def _advance(
         or longest > config.block_size
         or tokens.shape[1] > max(cache.capacity, config.block_size)
     ):
-        return _prefill(
+        return prefill_state(
             params,
             tokens,
             config,
@@ -408,7 +411,7 @@ class _Generation:
     ) -> None:
         check_params(params, config)
         self.params, self.config, self.prompt = params, config, prompt
-        self.tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
+        self.tokens = prompt_tokens(prompt, attention_mask, config, params, cropped=False)
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.num_samples = check_int("num_samples", num_samples, at_least=1)
         rows = self.tokens.shape[0] * self.num_samples
@@ -448,7 +451,7 @@ class _Generation:
         with torch.no_grad():
             head = decoding_head(params, rows=self.tokens.shape[0] * self.num_samples)
             prompt_width = min(self.tokens.shape[1], config.block_size)
-            state = _prefill(
+            state = prefill_state(
                 params, self.tokens, config, capacity=_cache_bucket(prompt_width, config.block_size),
                 use_cache=self.use_cache, attention=self.attention, hooks=self.hooks, head=head,
             )  # fmt: skip
@@ -470,7 +473,7 @@ class _Generation:
             if step + 1 == self.max_new_tokens or bool(finished.all()):
                 return
             with torch.no_grad():
-                state = _advance(
+                state = advance_state(
                     params, state, token, config, attention=self.attention, hooks=self.hooks,
                     head=head, write="in_place", step=self.step,
                 )  # fmt: skip
@@ -702,7 +705,7 @@ def _compiled_step(
     )
 
 
-def _prompt_tokens(
+def prompt_tokens(
     prompt: Tensor | TokenRows,
     attention_mask: Tensor | None,
     config: GPTConfig,

@@ -54,10 +54,10 @@ from gpt_fn.model import TokenRows, check_params, transformer
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.decoding import (
-    _advance,
-    _prefill,
-    _prompt_tokens,
+    advance_state,
     pick_tokens,
+    prefill_state,
+    prompt_tokens,
     sampling_choices,
 )
 from gpt_fn.sampling.head import decoding_head
@@ -172,7 +172,7 @@ class _Speculation:
         self.params, self.config = params, config
         self.draft_params, self.draft_config = draft_params, draft_config
         self.prompt = prompt
-        self.tokens = _prompt_tokens(prompt, attention_mask, config, params, cropped=False)
+        self.tokens = prompt_tokens(prompt, attention_mask, config, params, cropped=False)
         self.max_new = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.k = check_int("num_draft_tokens", num_draft_tokens, at_least=1)
         rows = self.tokens.shape[0]
@@ -205,7 +205,7 @@ class _Speculation:
         # block sizes while speculating, and below the prompt + max_new_tokens + k.
         width = tokens.shape[1]
         capacity = width + min(self.max_new + self.k, config.block_size)
-        target = _prefill(
+        target = prefill_state(
             self.params, tokens, config, capacity=capacity, use_cache=True,
             attention=self.attention, hooks=None, head=self.head,
         ).cache  # fmt: skip
@@ -215,7 +215,7 @@ class _Speculation:
         self.drafting = self._draft_length(longest, self.max_new) >= 1
         self.draft_width = 1  # tokens the draft reads at the start of a round (then 2)
         if self.drafting:
-            draft = _prefill(
+            draft = prefill_state(
                 self.draft_params, tokens, draft_config,
                 capacity=width + min(self.max_new + self.k, draft_config.block_size),
                 use_cache=True, attention=self.attention, hooks=None, head=self.draft_head,
@@ -412,7 +412,7 @@ class _Speculation:
         tokens, one token per row per step (as `generate` does)."""
         del self.target
         self.drafting = False
-        state = _prefill(
+        state = prefill_state(
             self.params, self.tokens, self.config, capacity=None, use_cache=True,
             attention=self.attention, hooks=None, head=self.head,
         )  # fmt: skip
@@ -432,7 +432,7 @@ class _Speculation:
             self.generated = self.generated.index_select(0, keep)
             if bool(done.any()):
                 state = state.select(keep)
-            state = _advance(
+            state = advance_state(
                 self.params, state, token.index_select(0, keep), self.config,
                 attention=self.attention, hooks=None, head=self.head, write="in_place",
             )  # fmt: skip
