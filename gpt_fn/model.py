@@ -9,7 +9,7 @@ final LayerNorm and the LM head tied to the token embedding (Radford et al. 2019
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ from gpt_fn.nn import (
     mlp,
     self_attention,
 )
+from gpt_fn.nn.kv_cache import KVCache
+from gpt_fn.nn.kv_cache import empty_cache as empty_cache  # importable from here too
 from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
@@ -218,85 +220,6 @@ def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor,
     return attention_mask
 
 
-class KVCache(NamedTuple):
-    """Preallocated keys and values of every block, and which slots of each row hold what.
-
-    Row `b` holds its left padding in slots `0 .. starts[b] - 1` (masked out) and its real
-    tokens from slot `starts[b]` up to `lengths[b] - 1`; the next token goes to slot
-    `lengths[b]`. A step writes its keys/values into the buffers (`transformer`, no copy of
-    the past) and attends over the slots up to the longest row's (a slice of the buffers), so
-    its cost follows the tokens written, not the capacity; traced code (a compiled step)
-    attends over the whole capacity, its shapes fixed. `grown` makes room for more slots.
-    """
-
-    keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
-    values: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
-    starts: Int[Tensor, " batch"]
-    lengths: Int[Tensor, " batch"]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def select(self, rows: Int[Tensor, " rows"]) -> "KVCache":
-        """The cache of `rows` (in that order, repeats allowed): fan-out, beam reordering."""
-        return KVCache(
-            tuple(k.index_select(0, rows) for k in self.keys),
-            tuple(v.index_select(0, rows) for v in self.values),
-            self.starts.index_select(0, rows),
-            self.lengths.index_select(0, rows),
-        )
-
-    def grown(self, capacity: int) -> "KVCache":
-        """The same cache with room for `capacity` slots per row (the new slots empty)."""
-        check_int("capacity", capacity, at_least=self.capacity)
-
-        def grow(buffer: Tensor) -> Tensor:
-            batch, n_head, filled, d_head = buffer.shape
-            larger = buffer.new_zeros(batch, n_head, capacity, d_head)
-            larger[:, :, :filled] = buffer
-            return larger
-
-        return KVCache(
-            tuple(grow(k) for k in self.keys),
-            tuple(grow(v) for v in self.values),
-            self.starts,
-            self.lengths,
-        )
-
-    def clone(self) -> "KVCache":
-        return KVCache(
-            tuple(k.clone() for k in self.keys),
-            tuple(v.clone() for v in self.values),
-            self.starts.clone(),
-            self.lengths.clone(),
-        )
-
-
-def empty_cache(
-    config: GPTConfig,
-    *,
-    batch: int,
-    capacity: int,
-    starts: Int[Tensor, " batch"] | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> KVCache:
-    """A cache with room for `capacity` slots per row and nothing written yet.
-
-    `starts`: each row's first real slot (its left padding), default 0.
-    """
-    check_int("capacity", capacity, at_least=1)
-    shape = (batch, config.n_head, capacity, config.d_head)
-    zeros = torch.zeros(batch, dtype=torch.long, device=device)
-    return KVCache(
-        tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)),
-        tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)),
-        zeros if starts is None else starts.to(device=device, dtype=torch.long),
-        zeros.clone(),
-    )
-
-
 BlockParams = dict[str, Params]
 """One block's params by part: `{"ln_1": {...}, "attn": {...}, "ln_2": {...}, "mlp": {...}}`."""
 
@@ -434,7 +357,7 @@ def transformer(
             cache.lengths[:, None] - cache.starts[:, None] + torch.arange(seq, device=tokens.device)
         )
         positions = positions.clamp(min=0)
-        slots = _attended_slots(cache, seq)
+        slots = cache.attended_slots(seq)
         mask = cache_attention_mask(cache.starts, cache.lengths, seq, slots)
     elif attention_mask is not None:
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
@@ -468,15 +391,6 @@ def transformer(
     if cache is None:
         return x, None
     return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
-
-
-def _attended_slots(cache: KVCache, seq: int) -> int:
-    """How many of the cache's first slots a chunk of `seq` new tokens attends over: up to the
-    longest row's last once the chunk is written (one host read), or, when the lengths cannot
-    be read (traced), the whole capacity."""
-    if is_traced(cache.lengths):
-        return cache.capacity
-    return min(cache.capacity, int(cache.lengths.max()) + seq)
 
 
 class _Stop(Exception):

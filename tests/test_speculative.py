@@ -216,7 +216,7 @@ def _wrong_correction(self, p, proposals, q_probs):
     """The rule with a plausible bug: on rejection, draw from p instead of norm(max(0, p - q))."""
     accepted, _ = _RIGHT_RULE(self, p, proposals, q_probs)
     index = accepted[:, None, None].expand(-1, 1, p.shape[-1])
-    return accepted, speculative_module.samplers._categorical(
+    return accepted, speculative_module.samplers.categorical_unchecked(
         p.gather(1, index)[:, 0].log(), self.gens
     )
 

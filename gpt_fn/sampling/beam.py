@@ -39,24 +39,25 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_number, check_token_id
+from gpt_fn.checks import check_int, check_number
 from gpt_fn.config import GPTConfig
 from gpt_fn.memory import beam_search_bytes, check_sampling_fits
 from gpt_fn.model import TokenRows, check_params
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
-from gpt_fn.sampling.decoding import (
-    StopStrings,
+from gpt_fn.sampling.engine import (
     advance_state,
+    decoding_head,
     fan_out,
+    in_prompt_kind,
     prefill_state,
     prompt_tokens,
-    text_choices,
 )
-from gpt_fn.sampling.head import decoding_head
+from gpt_fn.sampling.options import DecodeOptions, decode_choices, options_or_keywords
+from gpt_fn.sampling.stops import StopStrings
 from gpt_fn.sampling.transforms import Transform, apply_transform
 from gpt_fn.shapes import Params
-from gpt_fn.sites import Hooks, check_hooks
+from gpt_fn.sites import Hooks
 
 IMPOSSIBLE = -1.0e9
 """HF's score for a beam that must not be chosen (added, so such beams still rank among
@@ -85,13 +86,14 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool | Literal["never"] = False,
     num_return_sequences: int = 1,
+    options: DecodeOptions | None = None,
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    attention: AttentionKernel = "sdpa",
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     transform: Transform | None = None,
     stop: Sequence[str] | None = None,
     tokenizer: Any = None,
-    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
-    attention: AttentionKernel = "sdpa",
     hooks: Hooks | None = None,
 ) -> BeamSearchOutput:
     """The `num_return_sequences` best of `num_beams` beams per prompt (the module docstring
@@ -107,7 +109,16 @@ def beam_search(
       banned (`ban_padding_ids`).
     - `pad_token_id` (default: `eos_token_id`, else 0) fills a tensor result after a
       hypothesis that ended early.
+    - `options` (`DecodeOptions`), or its knobs as keywords (`eos_token_id` ... `hooks`, never
+      both); a search is deterministic, so `greedy` and `seed` do not apply.
     """
+    keywords = DecodeOptions(
+        transform=transform, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
+        tokenizer=tokenizer, hooks=hooks,
+    )  # fmt: skip
+    options = options_or_keywords(options, keywords)
+    if options.compile:
+        raise ValueError("compile=True compiles generate's decode step; beam_search runs eagerly")
     check_params(params, config)
     tokens = prompt_tokens(prompt, attention_mask, config, params, cropped=False)
     beams = check_int("num_beams", num_beams, at_least=1)
@@ -126,18 +137,7 @@ def beam_search(
             f"num_return_sequences ({returned}) must be <= num_beams ({beams}): beam search "
             "keeps num_beams hypotheses per prompt"
         )
-    if eos_token_id is not None:
-        check_token_id("eos_token_id", eos_token_id, vocab_size=config.vocab_size)
-    if pad_token_id is None:
-        pad_token_id = 0 if eos_token_id is None else eos_token_id
-    pad = check_token_id("pad_token_id", pad_token_id, vocab_size=config.vocab_size)
-    if transform is not None and not callable(transform):
-        raise ValueError(
-            f"transform must be a function (log_probs, context) -> log_probs, got {transform!r}"
-        )
-    transform, stops = text_choices(config, transform=transform, stop=stop, tokenizer=tokenizer)
-    if hooks is not None:
-        check_hooks(hooks, config)
+    choices = decode_choices(options, config, rows=None, device=tokens.device)
     need = beam_search_bytes(
         config, batch=tokens.shape[0], prompt=tokens.shape[1], max_new_tokens=max_new,
         num_beams=beams, dtype=params["wte.weight"].dtype,
@@ -146,11 +146,15 @@ def beam_search(
     with torch.no_grad():
         new, lengths, scores = _search(
             params, tokens, config, beams=beams, max_new=max_new, min_new=min_new,
-            penalty=penalty, early_stopping=early_stopping, eos=eos_token_id, pad=pad,
-            transform=transform, stops=stops, attention=attention, hooks=hooks,
+            penalty=penalty, early_stopping=early_stopping, eos=choices.eos_token_id,
+            pad=choices.pad_token_id, transform=choices.transform, stops=choices.stops,
+            attention=attention, hooks=options.hooks,
         )  # fmt: skip
     new, lengths, scores = new[:, :returned], lengths[:, :returned], scores[:, :returned]
-    return BeamSearchOutput(_assemble(prompt, new, lengths), scores.flatten())
+    sequences = in_prompt_kind(
+        prompt, new.flatten(0, 1), lengths.flatten().tolist(), repeats=returned
+    )
+    return BeamSearchOutput(sequences, scores.flatten())
 
 
 def _search(
@@ -271,20 +275,3 @@ def _stop_hits(
 def _gather(sequences: Tensor, index: Tensor) -> Tensor:
     """`sequences[b, index[b, j]]` for each prompt `b`: `(batch, beams, n)` by `(batch, k)`."""
     return sequences.gather(1, index[..., None].expand(-1, -1, sequences.shape[-1]))
-
-
-def _assemble(
-    prompt: Tensor | Sequence[Sequence[int]], new: Tensor, lengths: Tensor
-) -> Tensor | list[list[int]]:
-    """Prompts followed by their hypotheses, in the prompt's kind (see `BeamSearchOutput`)."""
-    returned = new.shape[1]
-    if isinstance(prompt, Tensor):
-        width = int(lengths.max())
-        repeated = prompt.long().repeat_interleave(returned, dim=0)
-        return torch.cat([repeated, new.flatten(0, 1)[:, :width].to(repeated.device)], dim=1)
-    rows = [list(row) for row in prompt for _ in range(returned)]
-    generated = new.flatten(0, 1).tolist()
-    return [
-        row + tokens[:length]
-        for row, tokens, length in zip(rows, generated, lengths.flatten().tolist(), strict=True)
-    ]

@@ -53,14 +53,16 @@ from gpt_fn.config import GPTConfig
 from gpt_fn.model import TokenRows, check_params, transformer
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.sampling import samplers
-from gpt_fn.sampling.decoding import (
+from gpt_fn.sampling.engine import (
     advance_state,
+    decoding_head,
+    in_prompt_kind,
     pick_tokens,
     prefill_state,
     prompt_tokens,
-    sampling_choices,
 )
-from gpt_fn.sampling.head import decoding_head
+from gpt_fn.sampling.options import DecodeOptions, decode_choices, options_or_keywords
+from gpt_fn.sampling.stops import RowStops
 from gpt_fn.sampling.transforms import PAD, Transform, apply_transform
 from gpt_fn.shapes import Params
 
@@ -104,29 +106,40 @@ def speculative_generate(
     draft_config: GPTConfig,
     max_new_tokens: int,
     num_draft_tokens: int = 4,
+    options: DecodeOptions | None = None,
     attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    attention: AttentionKernel = "sdpa",
     transform: Transform | None = None,
     greedy: bool = False,
     seed: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
     stop: Sequence[str] | None = None,
     tokenizer: Any = None,
-    pad_token_id: int | None = None,
-    attention: AttentionKernel = "sdpa",
 ) -> SpeculativeOutput:
     """The target's (`params`, `config`) continuations of the prompts, drafted by a smaller
     model (`draft_params`, `draft_config`) that shares its vocabulary.
 
     The arguments mean what they mean in `generate`; `num_draft_tokens` is how many tokens the
     draft proposes per round. Greedy tokens are the target's greedy tokens; samples follow the
-    target's distribution under `transform` (see the module docstring).
+    target's distribution under `transform` (see the module docstring). `options`
+    (`DecodeOptions`), or its knobs as keywords (`transform` ... `tokenizer`, never both);
+    hooks and a compiled step are `generate`'s alone.
     """
+    keywords = DecodeOptions(
+        transform=transform, greedy=greedy, seed=seed, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, stop=stop, tokenizer=tokenizer,
+    )  # fmt: skip
+    options = options_or_keywords(options, keywords)
+    if options.hooks is not None or options.compile:
+        raise ValueError(
+            "speculative_generate takes no hooks and no compile=True: the draft and the target "
+            "would need them apart; use generate"
+        )
     run = _Speculation(
         params, prompt, config, draft_params=draft_params, draft_config=draft_config,
-        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
-        attention_mask=attention_mask, transform=transform, greedy=greedy, seed=seed,
-        eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer, pad_token_id=pad_token_id,
-        attention=attention,
+        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, options=options,
+        attention_mask=attention_mask, attention=attention,
     )  # fmt: skip
     with torch.no_grad():
         run.decode()
@@ -146,14 +159,8 @@ class _Speculation:
         draft_config: GPTConfig,
         max_new_tokens: int,
         num_draft_tokens: int,
+        options: DecodeOptions,
         attention_mask: Tensor | None,
-        transform: Transform | None,
-        greedy: bool,
-        seed: int | None,
-        eos_token_id: int | None,
-        stop: Sequence[str] | None,
-        tokenizer: Any,
-        pad_token_id: int | None,
         attention: AttentionKernel,
     ) -> None:
         check_params(params, config)
@@ -176,13 +183,10 @@ class _Speculation:
         self.max_new = check_int("max_new_tokens", max_new_tokens, at_least=0)
         self.k = check_int("num_draft_tokens", num_draft_tokens, at_least=1)
         rows = self.tokens.shape[0]
-        choices = sampling_choices(
-            config, rows=rows, device=self.tokens.device, transform=transform, greedy=greedy,
-            seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop=stop,
-            tokenizer=tokenizer,
-        )  # fmt: skip
+        choices = decode_choices(options, config, rows=rows, device=self.tokens.device)
         self.transform, self.generators = choices.transform, choices.generators
-        self.eos, self.pad, self.stops = choices.eos_token_id, choices.pad_token_id, choices.stops
+        self.eos, self.pad = choices.eos_token_id, choices.pad_token_id
+        self.stops = None if choices.stops is None else RowStops(choices.stops, rows)
         self.attention = attention
         self.new: list[list[int]] = [[] for _ in range(rows)]
         self.proposed = self.accepted = self.rounds = self.row_rounds = self.draft_forwards = 0
@@ -277,7 +281,7 @@ class _Speculation:
             logits = flat.view(model_logits.shape)
         samplers.check_logits(logits.flatten(0, 1), model_logits=model_logits.flatten(0, 1))
         if self.gens is None:
-            choice = samplers._greedy(logits)
+            choice = samplers.greedy_unchecked(logits)
             matches = (proposals == choice[:, :k]).long()
             accepted = matches.cumprod(dim=1).sum(dim=1)
             last = choice.gather(1, accepted[:, None])[:, 0]
@@ -316,9 +320,9 @@ class _Speculation:
                 logits = apply_transform(self.transform, model_logits, context)
             samplers.check_logits(logits, model_logits=model_logits)
             if self.gens is None:
-                token = samplers._greedy(logits)
+                token = samplers.greedy_unchecked(logits)
             else:
-                token = samplers._categorical(logits, self.gens)
+                token = samplers.categorical_unchecked(logits, self.gens)
                 q_probs.append(logits.float().softmax(dim=-1))
             proposals.append(token)
             context = torch.cat([context, token[:, None]], dim=1)
@@ -351,7 +355,7 @@ class _Speculation:
         # After all k accepted, q_a is the zero row: the residual is p_{k+1} itself.
         residual = (p_a - q_a).clamp(min=0)
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
-        return accepted, samplers._categorical(residual.log(), self.gens)
+        return accepted, samplers.categorical_unchecked(residual.log(), self.gens)
 
     def _emit(self, emitted: Tensor, made: Tensor) -> Tensor:
         """Record each active row's `made` tokens (cut at eos, a stop or the budget); which
@@ -450,16 +454,13 @@ class _Speculation:
         )
 
     def assemble(self) -> Tensor | list[list[int]]:
-        """The result in the prompt's kind: a tensor (padded with `pad_token_id` after a row
-        that stopped early), or token lists cut where each row stopped."""
-        if isinstance(self.prompt, Tensor):
-            prompt = self.prompt.long()
-            width = max(len(new) for new in self.new)
-            new = torch.full((len(self.new), width), self.pad, dtype=torch.long)
-            for row, tokens in enumerate(self.new):
-                new[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            return torch.cat([prompt, new.to(prompt.device)], dim=1)
-        return [list(row) + new for row, new in zip(self.prompt, self.new, strict=True)]
+        """The result in the prompt's kind (`in_prompt_kind`): a tensor padded with
+        `pad_token_id` after a row that stopped early, or token lists cut where each stopped."""
+        lengths = [len(new) for new in self.new]
+        new = torch.full((len(self.new), max(lengths)), self.pad, dtype=torch.long)
+        for row, tokens in enumerate(self.new):
+            new[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return in_prompt_kind(self.prompt, new, lengths)
 
 
 def _append(tokens: Tensor, emitted: Tensor, made: Tensor) -> Tensor:
