@@ -344,28 +344,38 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{config.block_size}"
             )
     params = {k: v.to(device) for k, v in params.items()}
-    if args.num_beams is not None:
-        return _beam_search(args, params, config, texts, prompts, transform, encoding)
-    if args.draft_checkpoint is not None:
-        return _speculative(args, params, config, texts, prompts, transform, encoding, device)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
+    options = sampling.DecodeOptions(
         transform=transform,
-        greedy=args.greedy,
+        greedy=args.greedy,  # beam search reads neither greedy nor seed
         seed=None if args.greedy else args.seed,
         eos_token_id=EOT_TOKEN,
         stop=args.stop,
         tokenizer=encoding,  # ids past it (vocabulary padding) are never generated
     )
+    if args.num_beams is not None:
+        return _beam_search(args, params, config, texts, prompts, options, encoding)
+    if args.draft_checkpoint is not None:
+        return _speculative(args, params, config, texts, prompts, options, encoding, device)
     if len(prompts) == 1 and args.num_samples == 1:
         stream = sampling.generate_stream(
-            params, torch.tensor(prompts, device=device), config, **options
+            params,
+            torch.tensor(prompts, device=device),
+            config,
+            max_new_tokens=args.max_new_tokens,
+            options=options,
         )
         _print_stream(texts[0], (int(token) for token in stream), encoding, args.stop)
         return 0
     # One batch: row i's randomness depends only on (seed, i) (`sampling.row_generators`),
     # so sample 1 of `--num-samples 2 --seed 0` never repeats sample 0 of `--seed 1`.
-    rows = sampling.generate(params, prompts, config, num_samples=args.num_samples, **options)
+    rows = sampling.generate(
+        params,
+        prompts,
+        config,
+        max_new_tokens=args.max_new_tokens,
+        options=options,
+        num_samples=args.num_samples,
+    )
     _print_rows(args, texts, prompts, rows, encoding)
     return 0
 
@@ -417,7 +427,7 @@ def _beam_search(
     config: GPTConfig,
     texts: list[str],
     prompts: list[list[int]],
-    transform: sampling.Transform,
+    options: sampling.DecodeOptions,
     encoding: Any,
 ) -> int:
     out = sampling.beam_search(
@@ -427,10 +437,7 @@ def _beam_search(
         args.num_beams,
         max_new_tokens=args.max_new_tokens,
         num_return_sequences=args.num_samples,
-        eos_token_id=EOT_TOKEN,
-        transform=transform,
-        stop=args.stop,
-        tokenizer=encoding,
+        options=options,
     )
     for index, (row, score) in enumerate(zip(out.sequences, out.scores.tolist(), strict=True)):
         prompt, beam = divmod(index, args.num_samples)
@@ -446,7 +453,7 @@ def _speculative(
     config: GPTConfig,
     texts: list[str],
     prompts: list[list[int]],
-    transform: sampling.Transform,
+    options: sampling.DecodeOptions,
     encoding: Any,
     device: torch.device,
 ) -> int:
@@ -466,12 +473,7 @@ def _speculative(
         draft_config=draft.model_config,
         max_new_tokens=args.max_new_tokens,
         num_draft_tokens=args.num_draft_tokens,
-        transform=transform,
-        greedy=args.greedy,
-        seed=None if args.greedy else args.seed,
-        eos_token_id=EOT_TOKEN,
-        stop=args.stop,
-        tokenizer=encoding,
+        options=options,
     )
     _print_rows(args, texts, prompts, out.tokens, encoding)
     stats = out.stats

@@ -369,11 +369,7 @@ class GPTFnLM(TemplateLM):
             entropy = np.random.SeedSequence([self.seed, self._generate_calls])
             seed = int(entropy.generate_state(1, np.uint32)[0])
         stops = [s for s in until if s and s != eos]
-        rows = sampling.generate(
-            self.params,
-            prompts,
-            self.config,
-            max_new_tokens=max_gen_toks,
+        options = sampling.DecodeOptions(
             transform=transform,
             greedy=not do_sample,
             seed=seed,
@@ -381,6 +377,9 @@ class GPTFnLM(TemplateLM):
             stop=stops or None,
             tokenizer=self.encoding,  # ids past it (vocabulary padding) are never generated
             hooks=self.hooks,
+        )
+        rows = sampling.generate(
+            self.params, prompts, self.config, max_new_tokens=max_gen_toks, options=options
         )
         return [
             postprocess_generated_text(
