@@ -7,8 +7,7 @@ Two workloads on a 4-layer, 256-wide GPT with GPT-2's vocabulary:
 
 For each, three contenders take turns in one process: the model's own code with `hooks=None`
 (what every caller runs), a *plain* copy of the same computation written straight from the
-`gpt_fn.nn` layers with no hook plumbing at all (its params split by block once, outside the
-timed step, where the model splits its dict in every call),
+`gpt_fn.nn` layers with no hook plumbing at all (the model as it was before sites existed),
 and the model with an identity hook at every site but those computed on request
 (`gpt_fn.sites.ON_REQUEST_SITES`: they switch a layer to an explicit path, a different
 computation). `hooks=None` must cost nothing: its ratio to plain is within noise (the issue
@@ -30,9 +29,10 @@ if __package__ in (None, ""):  # run as a script: import the package from one le
 import gpt_fn
 from benchmarks.run import command_line, finish
 from benchmarks.timing import cpu_threads, take_turns
-from gpt_fn import sampling
+from gpt_fn import model
 from gpt_fn.nn import embed, layer_norm, linear_cross_entropy, mlp, self_attention
 from gpt_fn.nn.padding import cache_attention_mask
+from gpt_fn.sampling import engine
 from gpt_fn.shapes import shape_checks
 from gpt_fn.sites import ON_REQUEST_SITES
 
@@ -103,37 +103,22 @@ def _train_contenders(
 
         return run_step
 
-    ln_f, blocks = _layer_params(leaves, config.n_layer)
     return {
-        CONTENDERS[0]: step(lambda: _plain_loss(leaves, ln_f, blocks, x, y, config)),
+        CONTENDERS[0]: step(lambda: _plain_loss(leaves, x, y, config)),
         CONTENDERS[1]: step(lambda: gpt_fn.loss(leaves, x, y, config)),
         CONTENDERS[2]: step(lambda: gpt_fn.loss(leaves, x, y, config, hooks=hooks)),
     }
 
 
-def _layer_params(params: gpt_fn.Params, n_layer: int) -> tuple[dict, list[dict]]:
-    """`ln_f`'s params and each block's by part (`ln_1`, `attn`, `ln_2`, `mlp`), named relative
-    to it as the `gpt_fn.nn` layers read them; made once, outside the timed steps."""
-
-    def part(prefix: str) -> dict:
-        return {
-            name.removeprefix(prefix): value
-            for name, value in params.items()
-            if name.startswith(prefix)
-        }
-
-    parts = ("ln_1", "attn", "ln_2", "mlp")
-    return part("ln_f."), [{p: part(f"h.{i}.{p}.") for p in parts} for i in range(n_layer)]
-
-
-def _plain_loss(params, ln_f, blocks, x, y, config):
+def _plain_loss(params, x, y, config):
     """The loss as the model computed it before sites: nn layers, no hook plumbing."""
+    top, blocks = model._split(params, config.n_layer)
     eps = config.layer_norm_eps
     h = embed(params["wte.weight"], params["wpe.weight"], x)
     for p in blocks:
         h = h + self_attention(p["attn"], layer_norm(p["ln_1"], h, eps=eps), n_head=config.n_head)
         h = h + mlp(p["mlp"], layer_norm(p["ln_2"], h, eps=eps))
-    h = layer_norm(ln_f, h, eps=eps)
+    h = layer_norm(top["ln_f"], h, eps=eps)
     return linear_cross_entropy(h.flatten(0, 1), params["wte.weight"], y.flatten())
 
 
@@ -143,31 +128,31 @@ def _decode_contenders(
     prompt = torch.randint(
         0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)
     )
-    state = sampling.prefill(params, prompt, config, capacity=min(CAPACITY, config.block_size))
-    cache, head = state.cache, sampling.decoding_head(params)
-    ln_f, blocks = _layer_params(params, config.n_layer)
+    state = engine.prefill(params, prompt, config, capacity=min(CAPACITY, config.block_size))
+    cache, head = state.cache, engine.decoding_head(params)
     token = state.logits.argmax(-1)
 
     def model_step(step_hooks):
         # Writes the same slot every call (the returned cache is dropped): one step, repeated.
         def step():
-            hidden, _ = sampling.engine.cached_step(
+            hidden, _ = engine.cached_step(
                 params, cache, token, config=config, attention="sdpa", hooks=step_hooks,
                 write="in_place",
             )  # fmt: skip
-            return sampling.engine.next_logits(params, hidden, head, step_hooks)
+            return engine.next_logits(params, hidden, head, step_hooks)
 
         return step
 
     return {
-        CONTENDERS[0]: lambda: _plain_decode_step(params, ln_f, blocks, cache, token, head, config),
+        CONTENDERS[0]: lambda: _plain_decode_step(params, cache, token, head, config),
         CONTENDERS[1]: model_step(None),
         CONTENDERS[2]: model_step(hooks),
     }
 
 
-def _plain_decode_step(params, ln_f, blocks, cache, token, head, config):
+def _plain_decode_step(params, cache, token, head, config):
     """One cached step straight from the nn layers: the same ops as the model's, no hooks."""
+    top, blocks = model._split(params, config.n_layer)
     eps = config.layer_norm_eps
     positions = (cache.lengths - cache.starts)[:, None]
     mask = cache_attention_mask(cache.starts, cache.lengths, 1, cache.capacity)
@@ -183,7 +168,7 @@ def _plain_decode_step(params, ln_f, blocks, cache, token, head, config):
         )
         h = h + a
         h = h + mlp(p["mlp"], layer_norm(p["ln_2"], h, eps=eps))
-    return head(layer_norm(ln_f, h, eps=eps)[:, -1])
+    return head(layer_norm(top["ln_f"], h, eps=eps)[:, -1])
 
 
 def markdown(result: dict) -> str:

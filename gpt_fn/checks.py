@@ -19,6 +19,7 @@ from numbers import Real
 from typing import TypeVar
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 T = TypeVar("T")
@@ -146,6 +147,37 @@ def check_token_ids(name: str, tokens: Tensor, *, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} {bad} is outside [0, vocab_size={vocab_size})")
+
+
+def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor, "batch seq"]:
+    """The mask as bool, or `ValueError`/`TypeError` naming what is wrong with it.
+
+    It must be a `(batch, seq)` tensor of 0/1 (or bool) shaped like `tokens`, and every row
+    needs at least one real token (1).
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens "
+            f"{tuple(tokens.shape)}: one 0/1 per token"
+        )
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+        if not is_traced(attention_mask) and bool(
+            ((attention_mask != 0) & (attention_mask != 1)).any()
+        ):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        attention_mask = attention_mask.bool()
+    if not is_traced(attention_mask):
+        empty = (~attention_mask.any(dim=1)).nonzero()
+        if len(empty):
+            raise ValueError(
+                f"attention_mask row {int(empty[0, 0])} has no real token (all 0); every row "
+                "needs at least one"
+            )
+    return attention_mask
 
 
 def is_batched(t: Tensor) -> bool:

@@ -55,11 +55,10 @@ import torch
 from jaxtyping import Bool, Float, Int, Integer
 from torch import Tensor
 
-from gpt_fn.checks import check_bool, check_int, check_token_ids, check_token_tensor
+from gpt_fn.checks import check_bool, check_int, check_token_ids
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import (
     TokenRows,
-    check_attention_mask,
     check_params,
     check_tokens,
     empty_cache,
@@ -68,7 +67,7 @@ from gpt_fn.model import (
 )
 from gpt_fn.nn import AttentionKernel, TokenLogProbs, linear_log_probs
 from gpt_fn.nn.cross_entropy import DEFAULT_CHUNK_SIZE
-from gpt_fn.nn.padding import pad
+from gpt_fn.nn.padding import as_batch, pad
 from gpt_fn.shapes import Params
 from gpt_fn.sites import Hook, Hooks, apply_hook, check_hooks
 from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
@@ -117,18 +116,7 @@ def token_scores(
     if hooks is not None:
         check_hooks(hooks, config)
     wte = params["wte.weight"]
-    if isinstance(tokens, Tensor):
-        check_token_tensor("tokens", tokens)
-        mask = None if attention_mask is None else check_attention_mask(attention_mask, tokens)
-    else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask goes with a tokens tensor; token lists make their own")
-        if isinstance(tokens, str) or not isinstance(tokens, Sequence):
-            raise TypeError(
-                f"tokens must be a (batch, seq) tensor or a list of token lists, got "
-                f"{type(tokens).__name__}"
-            )
-        tokens, mask = pad(tokens, side="right", device=wte.device)
+    tokens, mask = as_batch(tokens, attention_mask, side="right", device=wte.device)
     if tokens.ndim == 2 and tokens.shape[1] > config.block_size + 1:
         raise ValueError(
             f"rows of {tokens.shape[1]} tokens are longer than block_size + 1 = "

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor, is_traced
+from gpt_fn.checks import check_attention_mask as check_attention_mask  # importable from here too
+from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
@@ -31,7 +32,7 @@ from gpt_fn.nn import (
 )
 from gpt_fn.nn.kv_cache import KVCache
 from gpt_fn.nn.kv_cache import empty_cache as empty_cache  # importable from here too
-from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
+from gpt_fn.nn.padding import as_batch, attention_mask_4d, cache_attention_mask
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
 from gpt_fn.sites import (
@@ -187,37 +188,6 @@ def check_tokens(
         )
     what = "token id" if name == "tokens" else f"{name}: token id"
     check_token_ids(what, tokens, vocab_size=config.vocab_size)
-
-
-def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor, "batch seq"]:
-    """The mask as bool, or `ValueError`/`TypeError` naming what is wrong with it.
-
-    It must be a `(batch, seq)` tensor of 0/1 (or bool) shaped like `tokens`, and every row
-    needs at least one real token (1).
-    """
-    if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-    if attention_mask.shape != tokens.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens "
-            f"{tuple(tokens.shape)}: one 0/1 per token"
-        )
-    if attention_mask.dtype != torch.bool:
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
-        if not is_traced(attention_mask) and bool(
-            ((attention_mask != 0) & (attention_mask != 1)).any()
-        ):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
-        attention_mask = attention_mask.bool()
-    if not is_traced(attention_mask):
-        empty = (~attention_mask.any(dim=1)).nonzero()
-        if len(empty):
-            raise ValueError(
-                f"attention_mask row {int(empty[0, 0])} has no real token (all 0); every row "
-                "needs at least one"
-            )
-    return attention_mask
 
 
 BlockParams = dict[str, Params]
@@ -712,21 +682,7 @@ def _identity(activation: Tensor) -> Tensor:
 def _batch(
     tokens: Tensor | TokenRows, attention_mask: Tensor | None, params: Params
 ) -> tuple[Tensor, Tensor | None]:
-    """Tokens as a tensor and the mask as bool (None: every token real); lists padded right."""
-    if isinstance(tokens, Tensor):
-        if attention_mask is None:
-            return tokens, None
-        check_token_tensor("tokens", tokens)
-        return tokens, check_attention_mask(attention_mask, tokens)
-    if attention_mask is not None:
-        raise ValueError("attention_mask goes with a tokens tensor; token lists make their own")
-    if not isinstance(tokens, Sequence) or isinstance(tokens, str):
-        raise TypeError(
-            f"tokens must be a (batch, seq) tensor or a list of token lists, got "
-            f"{type(tokens).__name__}"
-        )
-    padded, mask = pad(tokens, side="right", device=params["wte.weight"].device)
-    return padded, (None if bool(mask.all()) else mask)
+    return as_batch(tokens, attention_mask, side="right", device=params["wte.weight"].device)
 
 
 def _check_inputs(

@@ -15,7 +15,7 @@ import gpt_fn
 from gpt_fn import hf
 from gpt_fn import hooks as interventions
 from gpt_fn.eval import token_scores
-from gpt_fn.nn.padding import pad
+from gpt_fn.nn.padding import as_batch, pad
 from gpt_fn.sampling import (
     PAD,
     beam_search,
@@ -329,3 +329,19 @@ def test_token_lists_of_non_integers_or_wrong_nesting_are_refused_by_every_entry
                 run()
     tokens, mask = pad([(1, 2), [3]], side="left")  # tuples are token lists too
     assert tokens.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[True, True], [False, True]]
+
+
+def test_as_batch_is_every_entry_points_batch_a_tensor_as_given_and_lists_padded():
+    tokens = torch.tensor([[1, 2], [3, 4]])
+    assert as_batch(tokens, None, side="left") == (tokens, None)
+    _, mask = as_batch(tokens, torch.tensor([[0, 1], [1, 1]]), side="left")
+    assert mask.dtype == torch.bool and mask.tolist() == [[False, True], [True, True]]
+    padded, mask = as_batch([[1, 2], [3]], None, side="right")
+    assert padded.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[True, True], [True, False]]
+    assert as_batch([[1, 2], [3, 4]], None, side="left")[1] is None  # every token real
+    with pytest.raises(ValueError, match="attention_mask goes with a prompt tensor"):
+        generate(PARAMS, [[1]], CONFIG, attention_mask=tokens, max_new_tokens=1, greedy=True)
+    with pytest.raises(ValueError, match="attention_mask goes with a tokens tensor"):
+        token_scores(PARAMS, [[1, 2]], CONFIG, attention_mask=tokens)
+    with shape_checks(False), pytest.raises(TypeError, match="prompt must be a \\(batch, seq\\)"):
+        prefill(PARAMS, "abc", CONFIG)

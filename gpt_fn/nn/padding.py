@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from gpt_fn.checks import check_attention_mask, check_token_tensor
 from gpt_fn.nn.attention import Mask
 
 
@@ -42,6 +43,36 @@ def pad(
         tokens[i, span] = row
         mask[i, span] = True
     return tokens.to(device), mask.to(device)
+
+
+def as_batch(
+    tokens: Tensor | Sequence[Sequence[int]],
+    attention_mask: Tensor | None,
+    *,
+    side: Literal["left", "right"],
+    device: torch.device | str | None = None,
+    name: str = "tokens",
+) -> tuple[Tensor, Bool[Tensor, "batch seq"] | None]:
+    """A batch as one tensor and its mask as bool (None: every token real): a tensor as given,
+    with its `attention_mask` checked; token lists padded on `side` (on `device`).
+
+    `name` is what errors call the tokens (`"prompt"` in generation). The tokens' ids are the
+    caller's to check (against its config).
+    """
+    if isinstance(tokens, Tensor):
+        if attention_mask is None:
+            return tokens, None
+        check_token_tensor(name, tokens)
+        return tokens, check_attention_mask(attention_mask, tokens)
+    if attention_mask is not None:
+        raise ValueError(f"attention_mask goes with a {name} tensor; token lists make their own")
+    if not isinstance(tokens, Sequence) or isinstance(tokens, str):
+        raise TypeError(
+            f"{name} must be a (batch, seq) tensor or a list of token lists, got "
+            f"{type(tokens).__name__}"
+        )
+    padded, mask = pad(tokens, side=side, device=device)
+    return padded, (None if bool(mask.all()) else mask)
 
 
 def _row(i: int, row: object) -> Tensor:

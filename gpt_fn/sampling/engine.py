@@ -51,7 +51,6 @@ from gpt_fn.checks import check_bool, check_int, check_token_ids, check_token_te
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import (
     TokenRows,
-    check_attention_mask,
     check_params,
     check_tokens,
     lm_head,
@@ -59,7 +58,7 @@ from gpt_fn.model import (
 )
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.nn.kv_cache import KVCache, empty_cache
-from gpt_fn.nn.padding import pad
+from gpt_fn.nn.padding import as_batch
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.head import LMHead, decoding_head
 from gpt_fn.sampling.transforms import PAD, Transform, apply_transform
@@ -374,29 +373,21 @@ def prompt_tokens(
     cropped: bool = True,
 ) -> Tensor:
     """Prompts as one int64 tensor left-padded with PAD, checked; lists are padded here."""
-    if isinstance(prompt, Tensor):
-        check_tokens(prompt, config, cropped=cropped, name="prompt")
-        tokens = prompt.long()
-        if attention_mask is not None:
-            mask = check_attention_mask(attention_mask, prompt)
+    tokens, mask = as_batch(
+        prompt, attention_mask, side="left", device=params["wte.weight"].device, name="prompt"
+    )
+    given = isinstance(prompt, Tensor)
+    check_tokens(tokens, config, cropped=cropped or not given, name="prompt")
+    tokens = tokens.long()
+    if mask is not None:
+        if given and not is_traced(mask):  # lists are padded on the left here
             real = mask.long().sum(dim=1, keepdim=True)
-            left = torch.arange(prompt.shape[1], device=mask.device) >= prompt.shape[1] - real
-            if not is_traced(mask) and not torch.equal(mask, left):
+            left = torch.arange(tokens.shape[1], device=mask.device) >= tokens.shape[1] - real
+            if not torch.equal(mask, left):
                 raise ValueError(
                     "attention_mask must pad on the left (zeros before each row's tokens) for "
                     "generation, as HF's generate does; or pass token lists"
                 )
-            tokens = tokens.masked_fill(~mask, PAD)
-    else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask goes with a prompt tensor; token lists make their own")
-        if not isinstance(prompt, Sequence) or isinstance(prompt, str):
-            raise TypeError(
-                f"prompt must be a (batch, seq) tensor or a list of token lists, got "
-                f"{type(prompt).__name__}"
-            )
-        tokens, mask = pad(prompt, side="left", device=params["wte.weight"].device)
-        check_tokens(tokens, config, cropped=True, name="prompt")
         tokens = tokens.masked_fill(~mask, PAD)
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(
