@@ -5,11 +5,12 @@
     beams = beam_search(params, prompts, config, 4, max_new_tokens=50, options=options)
 
 `generate`, `generate_stream`, `beam_search` and `speculative_generate` take the options as
-`options=`; each also takes the same knobs as keywords (`generate(..., seed=0)`), which build
-a `DecodeOptions` (one of the two ways per call, never both). The constructor checks every
-value that needs no model (`ValueError`/`TypeError` naming it); `decode_choices` adds the
-checks against the model's config (ids within its vocabulary, hook sites) once per call and
-prepares what the decoding loop uses.
+`options=` (the documented way: one object, built and checked once, passed to any decoder).
+Each also reads the same knobs as keywords (`generate(..., seed=0)`), shorthand for
+`options=DecodeOptions(seed=0)`; a call uses one of the two, never both. The constructor
+checks every value that needs no model (`ValueError`/`TypeError` naming it); `decode_choices`
+adds the checks against the model's config (ids within its vocabulary, hook sites) once per
+call and prepares what the decoding loop uses.
 
 The one policy for every decoder, the CLI and the harness: with a tokenizer in use
 (`tokenizer` given, or GPT-2's for `stop`), ids past its vocabulary are never generated
