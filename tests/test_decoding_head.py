@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_fn.sampling import decoding_head
-from gpt_fn.sampling.head import _MKL_PACKING
+from gpt_fn.sampling.head import MKL_PACKING
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +42,7 @@ def test_the_head_gives_f_linears_logits_packed_or_not(rows):
 
 
 def test_packing_is_used_for_a_batch_on_an_mkl_build_in_fp32_only():
-    assert (decoding_head(_params(), rows=8).packed is not None) == _MKL_PACKING
+    assert (decoding_head(_params(), rows=8).packed is not None) == MKL_PACKING
     assert decoding_head(_params(), rows=1).packed is None
     assert decoding_head(_params(), rows=None).packed is None
     assert decoding_head(_params(dtype=torch.bfloat16), rows=8).packed is None
@@ -62,7 +62,7 @@ def test_the_head_is_remembered_for_a_weight_and_repacked_for_another_row_count(
     params = _params()
     first, again = decoding_head(params, rows=8), decoding_head(params, rows=8)
     assert first.matrix is again.matrix
-    if _MKL_PACKING:
+    if MKL_PACKING:
         assert first.packed is not None and again.packed is not None
         assert first.packed[1] is again.packed[1]
         assert decoding_head(params, rows=4).packed[0] == 4

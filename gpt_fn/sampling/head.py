@@ -27,7 +27,8 @@ from torch import Tensor
 from gpt_fn.checks import is_traced
 from gpt_fn.shapes import Params
 
-_MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+"""Whether this torch has MKL's prepacked GEMM (`decoding_head` packs the head for it)."""
 
 
 class LMHead:
@@ -84,7 +85,7 @@ def decoding_head(params: Params, rows: int | None = None) -> LMHead:
 def _packs(wte: Tensor, rows: int | None) -> bool:
     """Whether MKL's packing serves `rows` rows of `wte`'s head (one row gains nothing)."""
     return (
-        _MKL_PACKING
+        MKL_PACKING
         and rows is not None
         and rows >= 2
         and wte.device.type == "cpu"
