@@ -314,7 +314,7 @@ def cached_step(
     """One token per row through the blocks over a cache with room: compilable (traced, it
     attends over the whole capacity, so its shapes change only when the cache grows).
 
-    The LM head stays outside (`_next_logits`): its packed CPU kernel is not inductor's."""
+    The LM head stays outside (`next_logits`): its packed CPU kernel is not inductor's."""
     return transformer(
         params, next_tokens[:, None], config, attention=attention, cache=cache, write=write,
         hooks=hooks,
