@@ -194,7 +194,7 @@ BlockParams = dict[str, Params]
 """One block's params by part: `{"ln_1": {...}, "attn": {...}, "ln_2": {...}, "mlp": {...}}`."""
 
 
-def _split(params: Params, n_layer: int) -> tuple[dict[str, Params], list[BlockParams]]:
+def split_params(params: Params, n_layer: int) -> tuple[dict[str, Params], list[BlockParams]]:
     """One pass over the dict: top-level parts' params, and per block its parts' params.
 
     `blocks[i]["attn"]` maps `"c_attn.weight"` to `params["h.{i}.attn.c_attn.weight"]` and
@@ -320,7 +320,7 @@ def transformer(
                 blocks=blocks,
             ),
         ), None
-    top, block_params = _split(params, 0 if blocks is not None else config.n_layer)
+    top, block_params = split_params(params, 0 if blocks is not None else config.n_layer)
     seq = tokens.shape[1]
     if cache is not None:
         positions = (
@@ -511,7 +511,7 @@ def forward_from(
             raise ValueError(
                 f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
             )
-    top, block_params = _split(params, config.n_layer)
+    top, block_params = split_params(params, config.n_layer)
     taps = layer_taps(hooks, config.n_layer)
     x = resid_pre
     for i in range(layer, config.n_layer):
