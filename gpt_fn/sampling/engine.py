@@ -165,17 +165,7 @@ def decode_step(
     Without one, or once the longest row is full, each row's last `block_size` tokens run
     through it (see the module docstring); a cached state stays cached.
     """
-    _check_step(params, state, next_tokens, config, hooks)
-    return advance_state(
-        params,
-        state,
-        next_tokens,
-        config,
-        attention=attention,
-        hooks=hooks,
-        head=decoding_head(params, rows=state.tokens.shape[0]),
-        write="copy",
-    )
+    return _checked_step(params, state, next_tokens, config, attention, hooks, write="copy")
 
 
 def decode_step_(
@@ -188,17 +178,7 @@ def decode_step_(
     hooks: Hooks | None = None,
 ) -> DecodeState:
     """`decode_step` writing into the cache buffers `state` holds: no copy, `state` is used up."""
-    _check_step(params, state, next_tokens, config, hooks)
-    return advance_state(
-        params,
-        state,
-        next_tokens,
-        config,
-        attention=attention,
-        hooks=hooks,
-        head=decoding_head(params, rows=state.tokens.shape[0]),
-        write="in_place",
-    )
+    return _checked_step(params, state, next_tokens, config, attention, hooks, write="in_place")
 
 
 def fan_out(state: DecodeState, n: int) -> DecodeState:
@@ -426,9 +406,17 @@ def in_prompt_kind(
     ]
 
 
-def _check_step(
-    params: Params, state: DecodeState, next_tokens: Tensor, config: GPTConfig, hooks: Hooks | None
-) -> None:
+def _checked_step(
+    params: Params,
+    state: DecodeState,
+    next_tokens: Tensor,
+    config: GPTConfig,
+    attention: AttentionKernel,
+    hooks: Hooks | None,
+    *,
+    write: str,
+) -> DecodeState:
+    """`decode_step`/`decode_step_`: the arguments checked, then `advance_state`."""
     check_params(params, config)
     check_token_tensor("next_tokens", next_tokens)
     if next_tokens.ndim != 1:
@@ -444,6 +432,11 @@ def _check_step(
     _check_state_config(state, config)
     if hooks is not None:
         check_hooks(hooks, config)
+    head = decoding_head(params, rows=state.tokens.shape[0])
+    return advance_state(
+        params, state, next_tokens, config, attention=attention, hooks=hooks, head=head,
+        write=write,
+    )  # fmt: skip
 
 
 def _check_state_config(state: DecodeState, config: GPTConfig) -> None:
