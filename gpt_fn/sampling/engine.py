@@ -333,15 +333,15 @@ def pick_tokens(
     return samplers.categorical_unchecked(logits, generators)
 
 
-SMALLEST_BUCKET = 64
+_SMALLEST_BUCKET = 64
 """Cache slots a generation starts with at least: over 64 slots attention is a small part of a
 step (reading the weights dominates), and GPT-2's 1024 positions then need 5 buckets, not 11."""
 
 
 def cache_bucket(slots: int, block_size: int) -> int:
     """Capacity for `slots` (<= block_size) filled slots: the power of two at or above it, at
-    least `SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
-    return min(max(SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
+    least `_SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
+    return min(max(_SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
 
 
 def prompt_tokens(
