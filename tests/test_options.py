@@ -10,7 +10,6 @@ import torch
 import gpt_fn
 from gpt_fn import sampling
 from gpt_fn.sampling import DecodeOptions, beam_search, generate, speculative_generate
-from gpt_fn.sampling.engine import in_prompt_kind
 from gpt_fn.shapes import shape_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,13 +120,3 @@ def test_a_decoder_shows_every_parameter_in_its_signature(decoder):
     parameters = inspect.signature(decoder).parameters.values()
     assert not [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
     assert "options" in inspect.signature(decoder).parameters
-
-
-def test_results_come_back_in_the_prompts_kind_cut_at_each_rows_length():
-    new = torch.tensor([[4, 5, 9], [6, 9, 9]])
-    assert in_prompt_kind([[1, 2], [3]], new, [2, 1]) == [[1, 2, 4, 5], [3, 6]]
-    prompt = torch.tensor([[1, 2], [0, 3]], dtype=torch.int32)
-    out = in_prompt_kind(prompt, new, [2, 1])
-    assert out.dtype == torch.long
-    assert out.tolist() == [[1, 2, 4, 5], [0, 3, 6, 9]]
-    assert in_prompt_kind([[1]], new, [3, 1], repeats=2) == [[1, 4, 5, 9], [1, 6]]
