@@ -295,9 +295,7 @@ def test_log_probs_are_the_log_softmax_of_the_matmul_bit_for_bit(scale):
     # the answer is the same bits as the out-of-place formula on the same matmul's output.
     hidden, weight, targets = (t.detach() for t in _problem(16, 8, 29, scale=scale))
     logits = torch.mm(hidden, weight.T)
-    expected = (logits.gather(1, targets[:, None]) - torch.logsumexp(logits, 1, keepdim=True))[
-        :, 0
-    ]
+    expected = (logits.gather(1, targets[:, None]) - torch.logsumexp(logits, 1, keepdim=True))[:, 0]
     for greedy in (True, False):
         ours = linear_log_probs(hidden, weight, targets, chunk_size=16, greedy=greedy)
         assert torch.equal(ours.logprobs, expected)
