@@ -562,10 +562,11 @@ def score_endings(
 
     `batch_size` items run at a time, longest contexts first: their contexts as one
     left-padded batch, then their endings over the contexts' caches (a context's cache
-    repeated once per ending), longest first, as many to a call as the batch has items, and
-    one LM head pass scores every ending token of the batch. An item whose context plus longest ending does not fit
-    in `block_size + 1` tokens is scored by `score_continuations`, which cuts the context on
-    the left as lm-eval does. `progress(n)` counts endings. Runs without gradients.
+    repeated once per ending), longest first, as many to a call as the batch has items; one
+    LM head pass, without the argmax, scores every ending token of the batch. An item whose
+    context plus longest ending does not fit in `block_size + 1` tokens is scored by
+    `score_continuations`, which cuts the context on the left as lm-eval does. `progress(n)`
+    counts endings. Runs without gradients.
     """
     check_params(params, config)
     check_int("batch_size", batch_size, at_least=1)
@@ -685,13 +686,15 @@ def _shared_context_sums(
             group_index = torch.tensor(group, device=device)
             ending_of_row.append(group_index[:, None].expand_as(scored)[scored])
         rows = linear_log_probs(torch.cat(hidden), head, torch.cat(targets), greedy=False)
-    sums = torch.zeros(len(endings), dtype=torch.float64, device=device).index_add_(
-        0, torch.cat(ending_of_row), rows.logprobs.double()
+    sums = (
+        torch.zeros(len(endings), dtype=torch.float64, device=device)
+        .index_add_(0, torch.cat(ending_of_row), rows.logprobs.double())
+        .cpu()
+        .tolist()
     )
-    sums_list = sums.cpu().tolist()
     out, position = [], 0
     for _, item_endings in items:
-        out.append(sums_list[position : position + len(item_endings)])
+        out.append(sums[position : position + len(item_endings)])
         position += len(item_endings)
     return out
 
