@@ -1,0 +1,3 @@
+"""Corpora -> GPT-2 token shards -> batches (gpt_fn.data.preparation holds it all for now)."""
+
+from gpt_fn.data.preparation import *  # noqa: F403
