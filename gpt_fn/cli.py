@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,7 +52,7 @@ from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2, single_token
+from gpt_fn.tokenizer import EOT_TOKEN, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
@@ -643,7 +642,10 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.text is not None:
         tokens = evaluation.encode_text(_read_text(args.text))
     elif args.tokens is not None:
-        tokens = _read_token_file(args.tokens)
+        try:
+            tokens = data.read_token_file(args.tokens)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"--tokens {_message(error)}") from None
     items = evaluation.read_choices(args.choices) if args.choices is not None else None
     params, config, about = _eval_model(args)
     params = {name: value.to(device) for name, value in params.items()}
@@ -738,37 +740,6 @@ def _read_text(path: Path) -> str:
     if not text.strip():
         raise ValueError(f"--text {path} is empty: there is nothing to score")
     return text
-
-
-def _read_token_file(path: Path) -> np.ndarray:
-    if path.is_dir():  # `gpt-fn prepare`'s folder (or llm.c shards): its val split
-        return np.asarray(data.load_split(path, "val", block_size=1))
-    if not path.is_file():
-        raise FileNotFoundError(f"--tokens {path}: no such file")
-    with path.open("rb") as file:
-        is_shard = file.read(4) == np.int32(data.SHARD_MAGIC).tobytes()
-    if is_shard:
-        return _gpt2_tokens(path, data.read_shard(path))
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"--tokens {path} is empty: there is nothing to score")
-    if size % 2:
-        raise ValueError(
-            f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
-        )
-    return _gpt2_tokens(path, np.memmap(path, dtype=np.uint16, mode="r"))
-
-
-def _gpt2_tokens(path: Path, tokens: np.ndarray) -> np.ndarray:
-    """`tokens` if every id is a GPT-2 token: an id the tokenizer never makes (a vocabulary's
-    padding, 50257 and up) has no bytes, so bits per byte would be wrong."""
-    largest = int(tokens.max()) if len(tokens) else 0
-    if largest >= GPT2_VOCAB_SIZE:
-        raise ValueError(
-            f"--tokens {path} holds id {largest}, not a GPT-2 token (< {GPT2_VOCAB_SIZE}): is "
-            "it a GPT-2 token file?"
-        )
-    return tokens
 
 
 def _eval_model(args: argparse.Namespace) -> tuple[Params, GPTConfig, dict[str, Any]]:

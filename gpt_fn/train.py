@@ -90,7 +90,7 @@ Log = Callable[[str], None]
 LOSS_SCALE = "loss_scale."
 """Prefix of the fp16 loss scale's state among a checkpoint's optimizer tensors."""
 DROPOUT_STREAM = 2
-"""SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
+"""SeedSequence stream of dropout masks (gpt_fn.data.batches uses streams 0 and 1)."""
 SAMPLE_PROMPT = "ROMEO:"
 MEMORY_ADVICE = (
     "lower --batch-size (raise --grad-accum to keep the tokens per step) or --block-size"

@@ -79,7 +79,7 @@ def checkpoint_dir(tmp_path) -> Path:
 
 
 def test_tinyshakespeare_offline_is_one_line(capsys, train_args, monkeypatch):
-    monkeypatch.setattr(data.preparation, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     args = train_args()
     args[1] = "--data=tinyshakespeare"
     assert_one_line(*run(capsys, *args)[::2], "could not download tinyshakespeare")

@@ -209,7 +209,7 @@ def test_prepare_rejects_bad_settings(tmp_path):
 
 def test_tinyshakespeare_offline_fails_fast_and_names_the_alternatives(tmp_path, monkeypatch):
     # Port 9 (discard) on localhost refuses the connection at once: an offline machine.
-    monkeypatch.setattr(data.preparation, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(ConnectionError, match="'shakespeare'.*local text file"):
         data.prepare("tinyshakespeare", tmp_path)
     assert not (tmp_path / "tinyshakespeare.txt").exists()
@@ -220,7 +220,7 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):
     served.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setattr(data.preparation, "TINYSHAKESPEARE_URL", served.as_uri())
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", served.as_uri())
     with pytest.raises(ValueError, match="not tiny-shakespeare"):
         data.load_corpus("tinyshakespeare", cache_dir=cache)
     assert not (cache / "tinyshakespeare.txt").exists()
@@ -228,14 +228,12 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):
     # Pin the hash of the served file: the download passes, lands in the cache, and is used
     # from there once the network is gone.
     payload = served.read_bytes()
-    monkeypatch.setattr(
-        data.preparation, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest()
-    )
-    monkeypatch.setattr(data.preparation, "TINYSHAKESPEARE_BYTES", len(payload))
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_BYTES", len(payload))
     corpus = data.load_corpus("tinyshakespeare", cache_dir=cache)
     assert corpus == ("tinyshakespeare", (payload.decode(),))
     assert (cache / "tinyshakespeare.txt").read_bytes() == payload
-    monkeypatch.setattr(data.preparation, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     assert data.load_corpus("tinyshakespeare", cache_dir=cache) == corpus
 
 
@@ -471,7 +469,7 @@ PIECES_ALPHABET += ["\n\n", "\t", "\r\n", "\u00a0", "\u3000", "<|endoftext|>"]
 @given(st.lists(st.sampled_from(PIECES_ALPHABET), max_size=60).map("".join))
 def test_cutting_text_at_every_safe_cut_keeps_its_tokens(text):
     encoding = gpt2()
-    cuts = [m.end() for m in data.preparation._SAFE_CUT.finditer(text)]
+    cuts = [m.end() for m in data.corpora._SAFE_CUT.finditer(text)]
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert "".join(pieces) == text
     assert [t for piece in pieces for t in encoding.encode_ordinary(piece)] == (
@@ -521,7 +519,7 @@ def test_streamed_shards_hold_exactly_the_one_file_datasets_tokens_and_batches(
     one_file = data.prepare(tmp_path / "corpus", tmp_path / "one", num_threads=1)
     # Tiny pieces (documents cut in many places, files read in many blocks, multi-byte
     # characters split across reads), a thread pool and tiny shards: the same token stream.
-    monkeypatch.setattr(data.preparation, "PIECE_CHARS", 37)
+    monkeypatch.setattr(data.corpora, "PIECE_CHARS", 37)
     monkeypatch.setattr(data.preparation, "_COPY_TOKENS", 11)
     sharded = data.prepare(
         tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100, num_threads=3
