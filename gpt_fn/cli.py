@@ -43,10 +43,10 @@ from gpt_fn.checkpoint import (
     load_checkpoint,
     read_checkpoint_info,
 )
-from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.config import GPTConfig
 from gpt_fn.hooks import load_hooks
+from gpt_fn.loading import load_model
 from gpt_fn.memory import InsufficientMemoryError
-from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
@@ -334,7 +334,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as error:
         _usage_error(str(error))
-    params, config = _sampling_model(args)
+    params, config = _sampling_model(args, device)
     for index, ids in enumerate(prompts):
         if len(ids) > config.block_size:
             where = "--prompt" if args.prompt_file is None else f"--prompt-file line {index + 1}"
@@ -342,7 +342,6 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{where} is {len(ids)} tokens, longer than the model's block_size "
                 f"{config.block_size}"
             )
-    params = {k: v.to(device) for k, v in params.items()}
     if args.num_beams is not None:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
     if args.draft_checkpoint is not None:
@@ -537,17 +536,14 @@ def _usage_error(message: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
-def _sampling_model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:
-    if args.checkpoint is not None:
-        saved = load_checkpoint(args.checkpoint)
-        return saved.params, saved.model_config
-    if args.hf is not None:
-        return hf.load(args.hf)
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    config = GPTConfig.from_preset(args.preset)
+def _sampling_model(args: argparse.Namespace, device: torch.device) -> tuple[Params, GPTConfig]:
+    if args.checkpoint is not None or args.hf is not None:
+        model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=device)
+        return model.params, model.config
+    # --seed is the samples' seed, not the model's
+    model = load_model(preset=args.preset, seed=0, device=device)
     print(f"(no --checkpoint or --hf: a random {args.preset} model)", file=sys.stderr)
-    return init_params(config, seed=0), config  # --seed is the samples' seed, not the model's
+    return model.params, model.config
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -647,8 +643,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (OSError, ValueError) as error:
             raise type(error)(f"--tokens {_message(error)}") from None
     items = evaluation.read_choices(args.choices) if args.choices is not None else None
-    params, config, about = _eval_model(args)
-    params = {name: value.to(device) for name, value in params.items()}
+    params, config, about = _eval_model(args, device)
     hooks = None if args.hooks is None else load_hooks(args.hooks, params, config)
     about["hooks"] = args.hooks
     results: dict[str, Any] = {"model": about}
@@ -742,20 +737,20 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _eval_model(args: argparse.Namespace) -> tuple[Params, GPTConfig, dict[str, Any]]:
-    if args.checkpoint is not None:
-        saved = load_checkpoint(args.checkpoint)
-        params, config = saved.params, saved.model_config
-        about = {"source": str(args.checkpoint), "step": saved.step}
-    else:
-        params, config = hf.load(args.hf)
-        about = {"source": str(args.hf)}
+def _eval_model(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Params, GPTConfig, dict[str, Any]]:
+    model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=device)
+    config = model.config
+    about: dict[str, Any] = {"source": str(args.checkpoint if args.hf is None else args.hf)}
+    if model.step is not None:
+        about["step"] = model.step
     about["config"] = config.to_dict()
     about["description"] = (
         f"{config.n_layer} layers x {config.n_embd}, block {config.block_size}, "
-        f"vocab {config.vocab_size}" + (f", step {about['step']}" if "step" in about else "")
+        f"vocab {config.vocab_size}" + (f", step {model.step}" if model.step is not None else "")
     )
-    return params, config, about
+    return model.params, config, about
 
 
 def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -823,7 +818,7 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     wrong = None if args.wrong is None else single_token(args.wrong, name="--wrong")
     if answer is not None and answer == wrong:
         raise ValueError(f"--answer and --wrong are the same token {args.answer!r}")
-    params, config, about = _eval_model(args)
+    params, config, about = _eval_model(args, device)
     if len(prompt) > config.block_size:
         raise ValueError(
             f"--prompt is {len(prompt)} tokens; the model reads at most {config.block_size}"
@@ -835,7 +830,6 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{flag} holds GPT-2 token {outside[0]} ({gpt2().decode([outside[0]])!r}), "
                 f"outside the model's vocabulary of {config.vocab_size}"
             )
-    params = {name: value.to(device) for name, value in params.items()}
     tokens = torch.tensor(prompt, device=device)
     found = inspection.inspect_prompt(
         params, tokens, config, answer=answer, wrong=wrong, ln=args.ln
