@@ -67,6 +67,8 @@ USER_ERRORS = (
 )
 DEFAULT_PROMPT = "ROMEO:"
 DEFAULT_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 200
+"""The top-k of the samples `gpt-fn train` shows (`sample_text`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,8 +297,28 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    train(settings_from_args(args))
+    train(settings_from_args(args), sample=sample_text)
     return 0
+
+
+def sample_text(params: Params, config: GPTConfig, *, tokens: int, seed: int) -> str:
+    """A sample continuing `DEFAULT_PROMPT` ("ROMEO:") at temperature 0.8, top-k 200, ids past
+    GPT-2's tokenizer banned: what `gpt-fn train` shows during and after a run (`train`'s
+    `sample`)."""
+    encoding = gpt2()
+    prompt = [encoding.encode_ordinary(DEFAULT_PROMPT)]
+    with torch.no_grad():
+        out = sampling.generate(
+            params,
+            torch.tensor(prompt, device=params["wte.weight"].device),
+            config,
+            max_new_tokens=tokens,
+            transform=sampling.make_transform(temperature=DEFAULT_TEMPERATURE, top_k=SAMPLE_TOP_K),
+            seed=seed,
+            eos_token_id=EOT_TOKEN,
+            tokenizer=encoding,
+        )
+    return encoding.decode([t for t in out[0].tolist() if t != EOT_TOKEN])
 
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -66,13 +66,26 @@ def test_resumed_run_equals_an_uninterrupted_run(corpus, tmp_path):
 
 
 def test_metrics_plot_and_sample_are_written(corpus, tmp_path):
-    summary = train(_settings(corpus, tmp_path / "run", max_steps=6), log=_quiet)
+    asked = []
+
+    def sample(params, config, *, tokens, seed):
+        asked.append((tokens, seed, {p.dtype for p in params.values()}))
+        return cli.sample_text(params, config, tokens=tokens, seed=seed)
+
+    settings = _settings(corpus, tmp_path / "run", max_steps=6)
+    summary = train(settings, log=_quiet, sample=sample)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert "val_loss" in records[5]
     assert records[-1]["loss"] < records[0]["loss"]  # it learns the repeated speech
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     assert summary["sample"].startswith("ROMEO:")
+    assert asked == [(8, settings.seed, {torch.float32})]  # once, after the last step
+
+
+def test_a_run_without_a_sample_callback_samples_nothing(corpus, tmp_path):
+    summary = train(_settings(corpus, tmp_path / "run", max_steps=2, sample_every=1), log=_quiet)
+    assert "sample" not in summary
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
@@ -123,7 +136,7 @@ def test_bf16_autocast_and_grad_accumulation_train(corpus, tmp_path):
     settings = _settings(
         corpus, tmp_path / "run", max_steps=2, eval_interval=2, dtype="bfloat16", grad_accum=2
     )
-    summary = train(settings, log=_quiet)
+    summary = train(settings, log=_quiet, sample=cli.sample_text)
     assert torch.isfinite(torch.tensor(summary["loss"]))
 
 
