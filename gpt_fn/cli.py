@@ -50,7 +50,14 @@ from gpt_fn.memory import InsufficientMemoryError
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
-from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
+from gpt_fn.settings import (
+    DERIVED,
+    RENAMED,
+    SettingsError,
+    TrainSettings,
+    current_names,
+    field_help,
+)
 from gpt_fn.shapes import Params
 from gpt_fn.tokenizer import EOT_TOKEN, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
@@ -195,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round"
     )
-    sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    sample.add_argument("--device", default="auto", help=field_help("device"))
     sample.set_defaults(run=_sample)
 
     export = commands.add_parser(
@@ -223,26 +230,32 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`)."""
+    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`), and the
+    setting's former names (`settings.RENAMED`: `--dtype` is `--autocast-dtype`)."""
+    former = {new: old for old, new in RENAMED.items()}
     for field in dataclasses.fields(TrainSettings):
-        flag = "--" + field.name.replace("_", "-")
+        flags = [_flag(field.name)] + ([_flag(former[field.name])] if field.name in former else [])
         kind = _flag_type(field.type)
         help_text = field.metadata["help"]
         if field.default is not None and field.name not in DERIVED and kind is not bool:
             help_text += f" (default: {field.default})"
         if field.name == "log":  # repeatable: --log wandb --log tensorboard
             parser.add_argument(
-                flag, action="append", choices=LOGGERS, default=None, help=help_text
+                *flags, action="append", choices=LOGGERS, default=None, help=help_text
             )
         elif kind is bool:
             action = "store_true" if field.default is False else argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=None, help=help_text)
+            parser.add_argument(*flags, action=action, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=help_text)
+            parser.add_argument(*flags, choices=typing.get_args(kind), default=None, help=help_text)
         else:
             parser.add_argument(
-                flag, type=kind, default=None, metavar=field.name.upper(), help=help_text
+                *flags, type=kind, default=None, metavar=field.name.upper(), help=help_text
             )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _flag_type(hint: Any) -> Any:
@@ -292,7 +305,9 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
             base = read_checkpoint_info(source).train_settings
         except CheckpointError as error:
             raise CheckpointError(f"--resume: {error}") from None
-        base = {k: v for k, v in base.items() if k in TrainSettings.__dataclass_fields__}
+        base = {
+            k: v for k, v in current_names(base).items() if k in TrainSettings.__dataclass_fields__
+        }
     return TrainSettings.from_dict({**base, **given})
 
 
@@ -620,7 +635,7 @@ def _add_eval_parsers(commands: Any) -> None:
     evaluate.add_argument(
         "--batch-size", type=int, default=8, help="windows or endings per forward (default: 8)"
     )
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    evaluate.add_argument("--device", default="auto", help=field_help("device"))
     evaluate.add_argument(
         "--hooks",
         metavar="MODULE:FUNCTION",
@@ -817,7 +832,7 @@ def _add_inspect_parser(commands: Any) -> None:
     inspect.add_argument(
         "--top", type=int, default=5, help="tokens and heads listed per table (default: 5)"
     )
-    inspect.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    inspect.add_argument("--device", default="auto", help=field_help("device"))
     inspect.add_argument(
         "--out", type=Path, default=Path("inspect"), help="the report folder (default: inspect)"
     )

@@ -108,7 +108,7 @@ class GPTFnLM(TemplateLM):
         *,
         params: Params | None = None,
         config: GPTConfig | None = None,
-        device: str | None = None,
+        device: str = "auto",
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,
         dtype: str = "float32",
@@ -416,11 +416,9 @@ if __name__ != "__main__":
     register_model("gpt_fn", "gpt-fn")(GPTFnLM)
 
 
-def _device(spec: str | None) -> torch.device:
+def _device(spec: str) -> torch.device:
     """The device to run on. lm-eval's CLI asks for `cuda:0` unless `--device` is given; as
     its `hf` model does, a CUDA device without CUDA falls back to the CPU (with a warning)."""
-    if spec is None:
-        return resolve_device("auto")
     if str(spec).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("gpt_fn model: device %r, but CUDA is not available; running on cpu", spec)
         return torch.device("cpu")

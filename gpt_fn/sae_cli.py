@@ -37,7 +37,7 @@ from gpt_fn.sae import (
     site_width,
     train_sae,
 )
-from gpt_fn.settings import TrainSettings
+from gpt_fn.settings import TrainSettings, field_help
 from gpt_fn.shapes import Params
 
 DEFAULTS = SAETrainSettings()
@@ -104,7 +104,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=str(TrainSettings().data_path()), help="a prepared token folder"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    parser.add_argument("--device", default="auto", help=field_help("device"))
 
 
 def _model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:

@@ -223,7 +223,7 @@ def train(
         device = resolve_device(settings.device, local_rank=local_rank())
         with run_dir.lock() if rank == 0 else contextlib.nullcontext():
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
-            runtime = make_runtime(device, settings.dtype, rank, world_size)
+            runtime = make_runtime(device, settings.autocast_dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
             with (
                 shape_checks(False),
@@ -260,7 +260,7 @@ def _settings_for_this_run(
         raise ValueError(
             f"batch_size {settings.batch_size} must be divisible by the {_world_size()} ranks"
         )
-    return settings.resolved(resolve_dtype(settings.dtype, device))
+    return settings.resolved(resolve_dtype(settings.autocast_dtype, device))
 
 
 def _rewind(run_dir: RunDir, step: int, log: Log) -> None:

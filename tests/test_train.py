@@ -134,7 +134,12 @@ def test_resuming_from_a_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
 
 def test_bf16_autocast_and_grad_accumulation_train(corpus, tmp_path):
     settings = _settings(
-        corpus, tmp_path / "run", max_steps=2, eval_interval=2, dtype="bfloat16", grad_accum=2
+        corpus,
+        tmp_path / "run",
+        max_steps=2,
+        eval_interval=2,
+        autocast_dtype="bfloat16",
+        grad_accum=2,
     )
     summary = train(settings, log=_quiet, sample=cli.sample_text)
     assert torch.isfinite(torch.tensor(summary["loss"]))
@@ -188,6 +193,12 @@ def test_cli_train_flags_override_the_config_file(corpus, tmp_path):
         3,
         False,
     )
+
+
+def test_the_dtype_flag_is_the_autocast_dtype_setting():
+    for flag in ("--autocast-dtype", "--dtype"):
+        args = cli._parser().parse_args(["train", flag, "float16"])
+        assert cli.settings_from_args(args).autocast_dtype == "float16"
 
 
 def test_cli_bad_flags_exit_nonzero_with_a_message(capsys):
@@ -353,7 +364,7 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_its_loss_scale(corpus, tmp
 
     monkeypatch.setattr(gpt_fn.model, "loss", overflow_once)
     summary = train(
-        _settings(corpus, tmp_path / "run", dtype="float16", max_steps=5, eval_interval=5),
+        _settings(corpus, tmp_path / "run", autocast_dtype="float16", max_steps=5, eval_interval=5),
         log=_quiet,
     )
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
