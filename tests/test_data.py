@@ -1,6 +1,8 @@
 """Tests for gpt_fn.data: corpora, token files and the batch rule."""
 
+import ast
 import hashlib
+import inspect
 import itertools
 import json
 import threading
@@ -663,3 +665,38 @@ def test_bad_jsonl_lines_are_errors_naming_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         data.load_corpus(corpus, cache_dir=tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_token_file_reads_alike_as_a_folder_an_llmc_shard_or_raw_uint16(tmp_path):
+    write_llmc_shard(tmp_path / "x_val_000000.bin", COUNTING_TOKENS[:300])
+    write_llmc_shard(tmp_path / "x_train_000000.bin", COUNTING_TOKENS[:500])
+    (tmp_path / "raw.bin").write_bytes(COUNTING_TOKENS[:300].tobytes())
+    for source in (tmp_path, tmp_path / "x_val_000000.bin", tmp_path / "raw.bin"):
+        assert np.array_equal(data.read_token_file(source), COUNTING_TOKENS[:300]), source
+    (tmp_path / "odd.bin").write_bytes(b"\x01")
+    (tmp_path / "padding.bin").write_bytes(np.array([5, 50300], dtype=np.uint16).tobytes())
+    for name, match in (
+        ("missing.bin", r"missing\.bin: no such file"),
+        ("odd.bin", r"odd\.bin holds 1 bytes, not a whole number of uint16"),
+        ("padding.bin", r"padding\.bin holds id 50300, not a GPT-2 token \(< 50257\)"),
+    ):
+        with pytest.raises((OSError, ValueError), match=match):
+            data.read_token_file(tmp_path / name)
+
+
+def _top_level_names(module) -> set[str]:
+    """The names a module's own top-level statements define (functions, classes, assignments)."""
+    names = set()
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_every_public_name_of_the_data_modules_is_importable_from_gpt_fn_data():
+    for module in (data.corpora, data.shards, data.preparation, data.batches):
+        public = {name for name in _top_level_names(module) if not name.startswith("_")}
+        assert public and public <= set(data.__all__), (module.__name__, public - set(data.__all__))
+    assert all(hasattr(data, name) for name in data.__all__)
