@@ -584,14 +584,14 @@ def _sampling_model(args: argparse.Namespace, device: torch.device) -> tuple[Par
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    saved = load_checkpoint(args.checkpoint)
-    params, config = saved.params, saved.model_config
+    model = load_model(checkpoint=args.checkpoint)
+    params, config = model.params, model.config
     if args.vocab_size is not None:
         params, config = _crop_vocab(params, config, args.vocab_size)
     hf.save(params, config, args.out)
     print(
         f"wrote {args.out}: GPT-2 with {config.n_layer} layers x {config.n_embd}, vocab "
-        f"{config.vocab_size}, step {saved.step} of {args.checkpoint}"
+        f"{config.vocab_size}, step {model.step} of {args.checkpoint}"
     )
     return 0
 

@@ -5,8 +5,8 @@
     model = load_model(preset="cpu-tiny")           # fresh weights, `init_params(config, seed)`
     logits = forward(model.params, tokens, model.config)
 
-What the `gpt-fn` commands (`sample`, `eval`, `inspect`, `sae`) and the lm-eval model
-(`gpt_fn.harness`) load, through this one function.
+What the `gpt-fn` commands (`sample`, `eval`, `inspect`, `export`, `sae`), `train --init-from`
+and the lm-eval model (`gpt_fn.harness`) load, through this one function.
 """
 
 import os

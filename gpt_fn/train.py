@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_fn import data, flops, hf, memory
+from gpt_fn import data, flops, memory
 from gpt_fn.checkpoint import (
     SERIES,
     Checkpoint,
@@ -53,6 +53,7 @@ from gpt_fn.checkpoint import (
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import bits_per_byte, encode_text, multiple_choice, perplexity, read_choices
 from gpt_fn.files import write_atomic
+from gpt_fn.loading import load_model
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -819,7 +820,7 @@ def _initial_params(
         _check_memory(settings, config, runtime)
         return init_params(config, seed=settings.seed), config
     if pretrained:
-        weights, weights_config = hf.load(pretrained)
+        weights, weights_config, _ = load_model(hf=pretrained)
         config = settings.model_config(weights_config)
         log(
             f"init from {pretrained}: {config.n_layer} layers x {config.n_embd} wide, "
