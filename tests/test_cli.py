@@ -358,7 +358,7 @@ def test_train_samples_ban_the_ids_past_gpt2s_tokenizer_exactly_as_an_explicit_b
     wte[50257:] *= 100
     params = {**params, "wte.weight": wte}
     prompt = torch.tensor([gpt2().encode_ordinary("ROMEO:")])
-    tokens = 24
+    tokens = 12
 
     def generated(**transform):
         out = cli.sampling.generate(
