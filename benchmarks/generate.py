@@ -9,7 +9,8 @@ its own KV cache. Cases, 128 new greedy tokens each:
   prompts left-padded with their attention mask.
 
 Contenders: `gpt_fn cached` (`sampling.generate`), `gpt_fn compiled` (the same with
-`compile=True`: the cached step through `torch.compile`, fixed shapes, compiled in warm-up),
+`compile=True`: the cached step through `torch.compile` over the filled slots, compiled in
+warm-up),
 `gpt_fn uncached` (the whole context recomputed each step) and `HF generate`. Every run
 checks that all contenders produce the same tokens. A second table holds the cost of a step
 as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model with a
