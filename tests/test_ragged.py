@@ -272,7 +272,7 @@ compiled = sampling.generate(params, rows, config, **options, compile=True)
 assert compiled == eager, (compiled, eager)
 # One graph for every length and capacity: the step is given the slots it attends (a view of
 # the cache's buffers), their count symbolic; first the 3-token prompt and its next token's
-# slot, not the 64-slot bucket.
+# slot, not the 64-slot bucket. (Inductor adds one for a view of whole buffers: the next test.)
 assert len(graphs) == 1, len(graphs)
 graph, example_inputs = graphs[0]
 slots = [
@@ -286,6 +286,24 @@ assert [t.shape[2] for t in example_inputs if getattr(t, "ndim", 0) == 4] == [4,
 for batch in range(3, 11):
     sampling.generate(params, [[5, 6, 7]] * batch, config, max_new_tokens=2, greedy=True, compile=True)
 assert len(graphs) == 9, len(graphs)
+""")
+
+
+def test_the_inductor_step_compiles_twice_when_the_attended_slots_fill_the_cache(plain_python):
+    # The attended slots are a view of part of the buffers until they fill them: inductor
+    # compiles the non-contiguous view and the whole (contiguous) buffer apart, and no more.
+    plain_python("""
+import torch, gpt_fn
+from torch._dynamo.utils import counters
+from gpt_fn import sampling
+config = gpt_fn.GPTConfig(vocab_size=101, block_size=16, n_layer=2, n_head=3, n_embd=24)
+params = gpt_fn.init_params(config, seed=0)
+rows = [[1, 2, 3], [9]]
+options = dict(max_new_tokens=16, greedy=True)  # the 16-slot cache fills, then the crop
+eager = sampling.generate(params, rows, config, **options)
+compiled = sampling.generate(params, rows, config, **options, compile=True)
+assert compiled == eager, (compiled, eager)
+assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 """)
 
 

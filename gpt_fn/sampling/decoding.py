@@ -17,7 +17,8 @@ attends over the slots filled so far (a slice of the buffers), so its cost follo
 written, not the capacity. A cache out of room grows to the next bucket (a power of two, at
 least 64 slots, at most `block_size`; the past copied once); `generate` starts each cache at
 its prompt's bucket. A compiled step attends the filled slots too (their count a dynamic size),
-so it compiles once per batch size, whatever the lengths and capacities.
+so it compiles at most twice per batch size (the slots as part of the buffers, and as all of
+them), whatever the lengths and capacities.
 `decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
 as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
 buffers the old state shares, so only the new state may be stepped on.
@@ -247,8 +248,9 @@ def generate(
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
       `hooks` intervene at every step (see the module docstring). `compile=True` runs the
-      cached decode step through `torch.compile` (one compilation per batch size, shared by
-      later calls with the same options; it attends the filled slots, as eager decoding does).
+      cached decode step through `torch.compile` (at most two compilations per batch size,
+      shared by later calls with the same options; it attends the filled slots, as eager
+      decoding does).
     """
     generation = _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options)
     return generation.assemble(list(generation.stream()))
@@ -687,9 +689,9 @@ def _cache_bucket(slots: int, block_size: int) -> int:
 
 
 _COMPILED_SHAPES_LIMIT = 64
-"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
-per batch size, config and hooks): dynamo's default, 8, does not hold nine batch sizes, and
-past the limit `fullgraph=True` fails."""
+"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: up to
+two per batch size, config and hooks): dynamo's default, 8, does not hold five batch sizes,
+and past the limit `fullgraph=True` fails."""
 
 
 def _compiled_step(
@@ -698,9 +700,10 @@ def _compiled_step(
     """The cached step through `torch.compile`, over the slots it attends only.
 
     It is given views of the slots up to the longest row's new one (as eager attention reads),
-    their count marked dynamic: one compilation serves every length and cache capacity, and a
-    step costs what the filled slots cost, not the capacity. It writes through the views into
-    the cache's buffers, which the returned cache holds."""
+    their count marked dynamic: one compilation serves every length and cache capacity (and
+    inductor one more for views that cover whole buffers, contiguous), and a step costs what
+    the filled slots cost, not the capacity. It writes through the views into the cache's
+    buffers, which the returned cache holds."""
 
     def step(params: Params, cache: KVCache, next_tokens: Tensor):
         return _cached_step(
