@@ -409,11 +409,15 @@ def _writer(
     def store(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         batch, n_head, seq, d_head = k.shape
         slots = cache.lengths[:, None] + torch.arange(seq, device=k.device)
-        index = slots[:, None, :, None].expand(batch, n_head, seq, d_head)
         if write == "in_place":
-            all_k = cache.keys[layer].scatter_(2, index, k)
-            all_v = cache.values[layer].scatter_(2, index, v)
+            # Indexed assignment (index_put_), not scatter_: inductor writes it in place into a
+            # compiled step's cache inputs, where a scatter_ copies the whole buffer twice.
+            rows = torch.arange(batch, device=k.device)[:, None]
+            all_k, all_v = cache.keys[layer], cache.values[layer]
+            all_k[rows, :, slots] = k.transpose(1, 2)  # (batch, seq, n_head, d_head) slots
+            all_v[rows, :, slots] = v.transpose(1, 2)
         else:
+            index = slots[:, None, :, None].expand(batch, n_head, seq, d_head)
             all_k = cache.keys[layer].scatter(2, index, k)
             all_v = cache.values[layer].scatter(2, index, v)
         keys.append(all_k)

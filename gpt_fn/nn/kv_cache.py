@@ -23,7 +23,8 @@ class KVCache(NamedTuple):
     `lengths[b]`. A step writes its keys/values into the buffers (`transformer`, no copy of
     the past) and attends over the slots up to the longest row's (a slice of the buffers), so
     its cost follows the tokens written, not the capacity; traced code (a compiled step)
-    attends over the whole capacity, its shapes fixed. `grown` makes room for more slots.
+    attends over the whole capacity, so a compiled decoder passes a cache of views of the
+    attended slots. `grown` makes room for more slots.
     """
 
     keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]

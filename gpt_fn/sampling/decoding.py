@@ -127,8 +127,9 @@ def generate(
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
       `hooks` intervene at every step (see `gpt_fn.sampling.engine`). `compile=True` runs the
-      cached decode step through `torch.compile` (fixed shapes: one compilation per cache
-      bucket, shared by later calls with the same batch size and options).
+      cached decode step through `torch.compile` (at most two compilations per batch size,
+      shared by later calls with the same options; it attends the filled slots, as eager
+      decoding does).
     """
     keywords = DecodeOptions(
         transform=transform, greedy=greedy, seed=seed, eos_token_id=eos_token_id,
@@ -232,20 +233,43 @@ class _Generation:
 
 
 _COMPILED_SHAPES_LIMIT = 64
-"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
-per batch size, bucket, config and hooks): dynamo's default, 8, does not hold two batch sizes
-of GPT-2's 5 buckets, and past the limit `fullgraph=True` fails."""
+"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: up to
+two per batch size, config and hooks): dynamo's default, 8, does not hold five batch sizes,
+and past the limit `fullgraph=True` fails."""
 
 
 def _compiled_step(
     config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
 ) -> Callable[..., tuple[Tensor, KVCache]]:
+    """The cached step through `torch.compile`, over the slots it attends only.
+
+    It is given views of the slots up to the longest row's new one (as eager attention reads),
+    their count marked dynamic: one compilation serves every length and cache capacity (and
+    inductor one more for views that cover whole buffers, contiguous), and a step costs what
+    the filled slots cost, not the capacity. It writes through the views into the cache's
+    buffers, which the returned cache holds."""
+
     def step(params: Params, cache: KVCache, next_tokens: Tensor):
         return cached_step(
             params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
             write="in_place",
         )  # fmt: skip
 
-    return torch.compile(
+    compiled = torch.compile(
         step, fullgraph=True, dynamic=False, recompile_limit=_COMPILED_SHAPES_LIMIT
     )
+
+    def filled_step(params: Params, cache: KVCache, next_tokens: Tensor):
+        attended = cache.attended_slots(1)
+        window = KVCache(
+            tuple(k[:, :, :attended] for k in cache.keys),
+            tuple(v[:, :, :attended] for v in cache.values),
+            cache.starts,
+            cache.lengths,
+        )
+        for buffer in window.keys + window.values:
+            torch._dynamo.mark_dynamic(buffer, 2)
+        hidden, stepped = compiled(params, window, next_tokens)
+        return hidden, cache._replace(lengths=stepped.lengths)
+
+    return filled_step

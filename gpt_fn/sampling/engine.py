@@ -23,8 +23,9 @@ buffer, no copy of the past per step) or `None` when decoding without one, and t
 logits. A step attends over the slots filled so far (a slice of the buffers), so its cost
 follows the tokens written, not the capacity. A cache out of room grows to the next bucket
 (`cache_bucket`: a power of two, at least 64 slots, at most `block_size`; the past copied
-once); `generate` starts each cache at its prompt's bucket, so a compiled step (fixed shapes:
-it attends over its whole bucket) compiles once per bucket, at most log2(block_size) + 1 times.
+once); `generate` starts each cache at its prompt's bucket. A compiled step attends the
+filled slots too (their count a dynamic size), so it compiles at most twice per batch size
+(the slots as part of the buffers, and as all of them), whatever the lengths and capacities.
 `decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
 as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
 buffers the old state shares, so only the new state may be stepped on.
@@ -292,7 +293,7 @@ def cached_step(
     write: str,
 ) -> tuple[Tensor, KVCache]:
     """One token per row through the blocks over a cache with room: compilable (traced, it
-    attends over the whole capacity, so its shapes change only when the cache grows).
+    attends over the whole capacity: `generate`'s compiled step gives it the attended slots only).
 
     The LM head stays outside (`next_logits`): its packed CPU kernel is not inductor's."""
     return transformer(
@@ -334,13 +335,13 @@ def pick_tokens(
 
 
 _SMALLEST_BUCKET = 64
-"""Cache slots a generation starts with at least: over 64 slots attention is a small part of a
-step (reading the weights dominates), and GPT-2's 1024 positions then need 5 buckets, not 11."""
+"""Cache slots a generation starts with at least: GPT-2's 1024 positions then need 5 buckets
+(4 copies of the past as the cache grows), not 11."""
 
 
 def cache_bucket(slots: int, block_size: int) -> int:
     """Capacity for `slots` (<= block_size) filled slots: the power of two at or above it, at
-    least `_SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
+    least `_SMALLEST_BUCKET`, at most `block_size`."""
     return min(max(_SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
 
 
