@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from torch import Tensor
 
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import Tap
+from gpt_fn.nn import Kernel, Tap, manual_kernel
 
 Hook = Callable[[Tensor], Tensor]
 """`activation -> activation` at one site: what it returns flows on."""
@@ -148,7 +148,10 @@ class LayerTaps:
         self.attn = _tap(_under(entries, "attn."))  # q, k, v, scores, pattern, z, result
         self.ln_2 = _tap(_under(entries, "ln_2."))  # scale
         self.mlp = _tap(_under(entries, "mlp."))  # pre, post
-        self.explicit_attention = any(site in entries for site in EXPLICIT_ATTENTION_SITES)
+        self.kernel: Kernel | None = None
+        """The explicit kernel, tapped, where `scores`/`pattern` are hooked; else the run's."""
+        if any(site in entries for site in EXPLICIT_ATTENTION_SITES):
+            self.kernel = functools.partial(manual_kernel, tap=self.attn)
         self.head_results = "attn.result" in entries
 
 
