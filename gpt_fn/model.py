@@ -46,6 +46,7 @@ from gpt_fn.nn.padding import attention_mask_4d, cache_attention_mask, pad
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
 from gpt_fn.sites import (
+    UNHOOKED,
     Hook,
     Hooks,
     LayerTaps,
@@ -237,38 +238,24 @@ def block(
     `attention`/`mask`/`kv` as in `gpt_fn.nn.self_attention`; `taps` apply the block's hooks
     (a block whose scores or pattern are hooked runs the taps' explicit kernel).
     """
-    eps, rate = config.layer_norm_eps, config.dropout
-    tap = None if taps is None else taps.block
-    if tap is not None:
-        x = tap("resid_pre", x)
-    h = layer_norm(p["ln_1"], x, eps=eps, tap=None if taps is None else taps.ln_1)
-    if tap is not None:
-        h = tap("ln_1", h)
+    taps = UNHOOKED if taps is None else taps
+    tap, eps, rate = taps.block, config.layer_norm_eps, config.dropout
+    x = tap("resid_pre", x)
+    h = tap("ln_1", layer_norm(p["ln_1"], x, eps=eps, tap=taps.ln_1))
     a = self_attention(
         p["attn"],
         h,
         n_head=config.n_head,
-        attention=attention if taps is None or taps.kernel is None else taps.kernel,
+        attention=taps.kernel or attention,
         mask=mask,
         kv=kv,
-        tap=None if taps is None else taps.attn,
-        results=taps is not None and taps.head_results,
+        tap=taps.attn,
+        results=taps.head_results,
     )
-    if tap is not None:
-        a = tap("attn.out", a)
-    x = x + dropout(a, rate=rate, generator=generator)
-    if tap is not None:
-        x = tap("resid_mid", x)
-    h = layer_norm(p["ln_2"], x, eps=eps, tap=None if taps is None else taps.ln_2)
-    if tap is not None:
-        h = tap("ln_2", h)
-    m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
-    if tap is not None:
-        m = tap("mlp.out", m)
-    x = x + dropout(m, rate=rate, generator=generator)
-    if tap is not None:
-        x = tap("resid_post", x)
-    return x
+    x = tap("resid_mid", x + dropout(tap("attn.out", a), rate=rate, generator=generator))
+    h = tap("ln_2", layer_norm(p["ln_2"], x, eps=eps, tap=taps.ln_2))
+    m = tap("mlp.out", mlp(p["mlp"], h, tap=taps.mlp))
+    return tap("resid_post", x + dropout(m, rate=rate, generator=generator))
 
 
 BlockFn = Callable[..., Activations]
@@ -491,24 +478,6 @@ def forward_from(
     return logits
 
 
-_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
-"""The sites before every block: never reached from a residual stream."""
-
-
-def _layer_of(site: str) -> int | float:
-    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
-    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
-
-
-_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
-"""The sites before every block: never reached from a residual stream."""
-
-
-def _layer_of(site: str) -> int | float:
-    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
-    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
-
-
 def loss(
     params: Params,
     tokens: Tokens | TokenRows,
@@ -567,8 +536,9 @@ def run_with_cache(
     `names`: a site, a list of sites, a predicate on site names
     (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each
     is the value that flows on there: after `hooks`' own hook at that site, if any. Asking for
-    `attn.scores`/`attn.pattern` computes that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
-    `forward` (the activations are returned, not stashed).
+    `attn.scores`/`attn.pattern` runs that layer's attention through `manual_kernel`. Works
+    under `grad`, `vmap` and `compile` like `forward` (the activations are returned, not
+    stashed).
 
     `stop_at`: a site; the run stops right after it (see `transformer`) and returns the
     activation there instead of the logits. `names` may then ask only for sites up to it
@@ -666,6 +636,9 @@ def _run_until(
     raise AssertionError(f"the run never reached {site!r}")
 
 
+# The entry points' checks (the helpers of `gpt_fn.checks`, shaped by the config): once per call.
+
+
 def check_params(params: Params, config: GPTConfig, *, top_level: bool = False) -> None:
     """Raise naming the first param that does not fit `config` or the others.
 
@@ -761,6 +734,15 @@ def _targets(
         "targets: token id", targets.masked_fill(ignored, 0), vocab_size=config.vocab_size
     )
     return targets if mask is None else targets.masked_fill(~mask, IGNORE_INDEX)
+
+
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
+def _layer_of(site: str) -> int | float:
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
+    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
 def _check_stream(

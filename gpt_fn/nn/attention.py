@@ -1,10 +1,10 @@
 """Causal self-attention with a single QKV projection, interchangeable kernels, masks, KV storage.
 
-A kernel is a function with one signature (`Kernel`) and one masking rule. Without a mask, the `seq_q` queries
-are the *last* `seq_q` positions of the `seq_k` keys (causal, bottom-right aligned), so the
-same code serves training (seq_q == seq_k), cache prefill and one-token decode steps. With a
-boolean `mask` (`batch 1 seq_q seq_k`, True = may attend) the mask alone decides: padded
-batches and preallocated caches build it (`gpt_fn.model`).
+A kernel is a function with one signature (`Kernel`) and one masking rule. Without a mask,
+the `seq_q` queries are the *last* `seq_q` positions of the `seq_k` keys (causal,
+bottom-right aligned), so the same code serves training (seq_q == seq_k), cache prefill and
+one-token decode steps. With a boolean `mask` (`batch 1 seq_q seq_k`, True = may attend) the
+mask alone decides: padded batches and preallocated caches build it (`gpt_fn.model`).
 
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
   kernels where the device has them).
@@ -18,7 +18,8 @@ batches and preallocated caches build it (`gpt_fn.model`).
 
 `self_attention` computes q, k, v from `x`; a `kv` writer (a KV cache) stores this chunk's
 keys and values and returns every key and value it attends to; a `tap` sees (and may
-replace) q, k, v, the scores, the pattern and the per-head outputs `z` on the way.
+replace) q, k, v and the per-head outputs `z` on the way, and `manual_kernel`'s tap the
+scores and the pattern.
 """
 
 import math
@@ -116,6 +117,9 @@ def manual_kernel(
     mask: Mask | None = None,
     tap: Tap | None = None,
 ) -> Float[Tensor, "batch n_head seq_q d_head"]:
+    """The explicit kernel: `attention_pattern(attention_scores(q, k, mask)) @ v`; `tap` sees
+    (and may replace) the `scores` and the `pattern` (a layer whose scores or pattern are
+    hooked runs this kernel with its tap)."""
     scores = attention_scores(q, k, mask)
     if tap is not None:
         scores = tap("scores", scores)
