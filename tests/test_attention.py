@@ -1,6 +1,8 @@
 """The two attention kernels agree, in forward and backward, with and without a cache; a kernel
 is a function (named in `KERNELS`, or the user's own) that every entry point runs."""
 
+import typing
+
 import pytest
 import torch
 from jaxtyping import TypeCheckError
@@ -10,6 +12,7 @@ from gpt_fn.model import forward, init_params, loss, run_with_cache
 from gpt_fn.nn import (
     KERNELS,
     Kernel,
+    KernelName,
     attention,
     attention_kernel,
     manual_kernel,
@@ -129,6 +132,7 @@ def test_kernel_names_resolve_to_the_table_and_callables_pass_through():
     assert attention_kernel("sdpa") is sdpa_kernel
     assert attention_kernel("manual") is manual_kernel
     assert set(KERNELS) == {"sdpa", "manual"}
+    assert typing.get_args(KernelName) == tuple(KERNELS)  # a table entry is a name everywhere
     assert attention_kernel(_Counting(sdpa_kernel)).inner is sdpa_kernel
     assert all(isinstance(kernel, Kernel) for kernel in KERNELS.values())
 

@@ -59,10 +59,6 @@ class Kernel(Protocol):
     ) -> Float[Tensor, "batch n_head seq_q d_head"]: ...
 
 
-KernelName = Literal["sdpa", "manual"]
-"""The kernels known by name (`KERNELS`); what settings and the command line accept."""
-AttentionKernel = KernelName | Kernel
-"""The `attention=` knob of the model, the module, decoding and training: a name or a kernel."""
 Tap = Callable[[str, Tensor], Tensor]
 """`tap(site, activation) -> activation`: called at each named intermediate of a layer."""
 KVWriter = Callable[
@@ -138,8 +134,12 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
     return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril(diagonal=seq_k - seq_q)
 
 
-KERNELS: dict[KernelName, Kernel] = {"sdpa": sdpa_kernel, "manual": manual_kernel}
-"""The kernels `attention=` may name."""
+KERNELS: dict[str, Kernel] = {"sdpa": sdpa_kernel, "manual": manual_kernel}
+"""The kernels `attention=` may name: a kernel added here has a name everywhere."""
+KernelName = Literal[tuple(KERNELS)]
+"""A name in `KERNELS`; what settings and the command line accept."""
+AttentionKernel = KernelName | Kernel
+"""The `attention=` knob of the model, the module, decoding and training: a name or a kernel."""
 
 
 def attention_kernel(attention: object) -> Kernel:
