@@ -236,7 +236,7 @@ def block(
     """One pre-norm block: `x + attn(ln_1(x))`, then `+ mlp(ln_2(.))` (dropout on both branches).
 
     `attention`/`mask`/`kv` as in `gpt_fn.nn.self_attention`; `taps` apply the block's hooks
-    (a block whose scores or pattern are hooked runs the taps' explicit kernel).
+    (a block whose scores or pattern are hooked runs `manual_kernel` with its taps instead).
     """
     taps = UNHOOKED if taps is None else taps
     tap, eps, rate = taps.block, config.layer_norm_eps, config.dropout
