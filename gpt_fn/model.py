@@ -427,7 +427,7 @@ def forward(
     of any lengths, padded on the right. `hooks`: `{site: hook}` (`gpt_fn.sites`). `blocks`:
     see `transformer` (the `GPT` module's way in; `params` then holds the top-level params).
     """
-    tokens, mask = _inputs(params, tokens, config, attention_mask, hooks, blocks)
+    tokens, mask = _checked_inputs(params, tokens, config, attention_mask, hooks, blocks)
     hidden, _ = transformer(
         params,
         tokens,
@@ -462,7 +462,7 @@ def forward_from(
     `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
     `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
     """
-    mask = _check_stream(params, resid_pre, config, layer, attention_mask, hooks)
+    mask = _checked_stream(params, resid_pre, config, layer, attention_mask, hooks)
     attention = attention_kernel(attention)
     top, block_params = split_params(params, config.n_layer)
     taps = layer_taps(hooks, config.n_layer)
@@ -497,8 +497,8 @@ def loss(
     row) are padded on the right. A `logits` hook makes the loss go through materialised
     logits; otherwise the fused LM head + cross-entropy never builds them.
     """
-    tokens, mask = _inputs(params, tokens, config, attention_mask, hooks, blocks)
-    targets = _targets(targets, tokens, mask, params, config)
+    tokens, mask = _checked_inputs(params, tokens, config, attention_mask, hooks, blocks)
+    targets = _checked_targets(targets, tokens, mask, params, config)
     hidden, _ = transformer(
         params,
         tokens,
@@ -578,7 +578,7 @@ def run_with_cache(
             hooks=recording,
         )
     else:
-        tokens, mask = _inputs(params, tokens, config, attention_mask, recording, None)
+        tokens, mask = _checked_inputs(params, tokens, config, attention_mask, recording, None)
         out, _ = transformer(
             params,
             tokens,
@@ -671,7 +671,7 @@ def check_tokens(
     check_token_batch(tokens, vocab_size=config.vocab_size, block_size=block_size, name=name)
 
 
-def _inputs(
+def _checked_inputs(
     params: Params,
     tokens: Tensor | TokenRows,
     config: GPTConfig,
@@ -709,7 +709,7 @@ def _batch(
     return padded, (None if bool(mask.all()) else mask)
 
 
-def _targets(
+def _checked_targets(
     targets: Tensor | TokenRows,
     tokens: Tensor,
     mask: Tensor | None,
@@ -745,7 +745,7 @@ def _layer_of(site: str) -> int | float:
     return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
-def _check_stream(
+def _checked_stream(
     params: Params,
     resid_pre: Tensor,
     config: GPTConfig,
