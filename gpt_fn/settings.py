@@ -35,7 +35,7 @@ from beartype import BeartypeConf
 from beartype.door import is_bearable
 
 from gpt_fn.checkpoint import KeepSchedule
-from gpt_fn.checks import SEED_LIMIT, check_choice
+from gpt_fn.checks import SEED_LIMIT
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
 from gpt_fn.nn import KernelName
@@ -220,7 +220,7 @@ class TrainSettings:
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SettingsError(f"dropout must be in [0, 1), got {self.dropout!r}")
         try:
-            check_choice("preset", self.preset, sorted(PRESETS))
+            GPTConfig.from_preset(self.preset)  # where a preset's name is checked
         except ValueError as error:
             raise SettingsError(str(error)) from None
         warmup, decay = self.resolved_warmup_steps, self.resolved_lr_decay_steps
