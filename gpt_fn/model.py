@@ -126,7 +126,8 @@ class KVCache(NamedTuple):
     `lengths[b]`. A step writes its keys/values into the buffers (`transformer`, no copy of
     the past) and attends over the slots up to the longest row's (a slice of the buffers), so
     its cost follows the tokens written, not the capacity; traced code (a compiled step)
-    attends over the whole capacity, its shapes fixed. `grown` makes room for more slots.
+    attends over the whole capacity, so a compiled decoder passes a cache of views of the
+    attended slots. `grown` makes room for more slots.
     """
 
     keys: tuple[Float[Tensor, "batch n_head capacity d_head"], ...]
@@ -322,7 +323,7 @@ def transformer(
             cache.lengths[:, None] - cache.starts[:, None] + torch.arange(seq, device=tokens.device)
         )
         positions = positions.clamp(min=0)
-        slots = _attended_slots(cache, seq)
+        slots = attended_slots(cache, seq)
         mask = cache_attention_mask(cache.starts, cache.lengths, seq, slots)
     elif attention_mask is not None:
         positions, mask = padding_positions(attention_mask), attention_mask_4d(attention_mask)
@@ -358,7 +359,7 @@ def transformer(
     return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
 
 
-def _attended_slots(cache: KVCache, seq: int) -> int:
+def attended_slots(cache: KVCache, seq: int) -> int:
     """How many of the cache's first slots a chunk of `seq` new tokens attends over: up to the
     longest row's last once the chunk is written (one host read), or, when the lengths cannot
     be read (traced), the whole capacity."""
@@ -382,11 +383,15 @@ def _writer(
     def store(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         batch, n_head, seq, d_head = k.shape
         slots = cache.lengths[:, None] + torch.arange(seq, device=k.device)
-        index = slots[:, None, :, None].expand(batch, n_head, seq, d_head)
         if write == "in_place":
-            all_k = cache.keys[layer].scatter_(2, index, k)
-            all_v = cache.values[layer].scatter_(2, index, v)
+            # Indexed assignment (index_put_), not scatter_: inductor writes it in place into a
+            # compiled step's cache inputs, where a scatter_ copies the whole buffer twice.
+            rows = torch.arange(batch, device=k.device)[:, None]
+            all_k, all_v = cache.keys[layer], cache.values[layer]
+            all_k[rows, :, slots] = k.transpose(1, 2)  # (batch, seq, n_head, d_head) slots
+            all_v[rows, :, slots] = v.transpose(1, 2)
         else:
+            index = slots[:, None, :, None].expand(batch, n_head, seq, d_head)
             all_k = cache.keys[layer].scatter(2, index, k)
             all_v = cache.values[layer].scatter(2, index, v)
         keys.append(all_k)
