@@ -9,7 +9,7 @@ params, state = opt.update(grads, state, params)     # pure; opt.update_ writes 
 opt = optim.gpt_muon_adamw(optim.muon(0.02, split_fused=optim.FUSED_QKV), optim.adamw(6e-4))
 """
 
-from gpt_fn.optim.adamw import DecayMask, Optimizer, OptState, adamw, default_decay_mask
+from gpt_fn.optim.adamw import DecayMask, adamw, default_decay_mask
 from gpt_fn.optim.clipping import clip_by_global_norm, clip_by_global_norm_, global_norm
 from gpt_fn.optim.loss_scale import (
     LossScaleState,
@@ -28,6 +28,7 @@ from gpt_fn.optim.schedules import (
     linear_warmup,
     warmup_cosine,
 )
+from gpt_fn.optim.stateless import Optimizer, OptState
 
 __all__ = [
     "DecayMask",

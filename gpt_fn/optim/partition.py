@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
-from gpt_fn.optim.adamw import Optimizer, OptState
+from gpt_fn.checks import check_same_keys
+from gpt_fn.optim.stateless import Optimizer, OptState, check_grad_keys
 from gpt_fn.shapes import Params
 
 Label = Callable[[str, Tensor], str]
@@ -61,12 +62,8 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
 
     def groups(params: Params) -> dict[str, list[str]]:
         """Param names per label that has any, in the params' order."""
-        if isinstance(label, Mapping) and label.keys() != params.keys():
-            missing, extra = params.keys() - label.keys(), label.keys() - params.keys()
-            raise KeyError(
-                f"the label mapping must name exactly the params: no label for "
-                f"{sorted(missing)[:3]}, unknown {sorted(extra)[:3]}"
-            )
+        if isinstance(label, Mapping):
+            check_same_keys(label, params, what="the label mapping must name exactly the params")
         out: dict[str, list[str]] = {}
         for name, param in params.items():
             key = label[name] if isinstance(label, Mapping) else label(name, param)
@@ -103,7 +100,7 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
 
     def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         """Each optimizer's pure `update` on its own params; new params in the params' order."""
-        _check_grads(grads, params)
+        check_grad_keys(grads, params)
         used = groups(params)
         parts = split_state(state, used)
         new_params: Params = {}
@@ -120,7 +117,7 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
 
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """Each optimizer's in-place `update_`; what it returns is written back into `state`."""
-        _check_grads(grads, params)
+        check_grad_keys(grads, params)
         used = groups(params)
         parts = split_state(state, used)
         for key, names in used.items():
@@ -134,12 +131,3 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
         return state
 
     return Optimizer(init=init, update=update, update_=update_)
-
-
-def _check_grads(grads: Params, params: Params) -> None:
-    if grads.keys() != params.keys():
-        missing, extra = params.keys() - grads.keys(), grads.keys() - params.keys()
-        raise KeyError(
-            f"grads must have exactly the params' keys: missing {sorted(missing)[:3]}, "
-            f"unknown {sorted(extra)[:3]}"
-        )
