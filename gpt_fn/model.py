@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor, is_traced
+from gpt_fn.checks import (
+    check_int,
+    check_same_keys,
+    check_seed,
+    check_token_ids,
+    check_token_tensor,
+    is_traced,
+)
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
@@ -143,14 +150,7 @@ def check_shapes(
     tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
 ) -> None:
     """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        raise KeyError(
-            f"{what}: missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
-        )
-    unexpected = [name for name in tensors if name not in expected]
-    if unexpected:
-        raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
+    check_same_keys(tensors, expected, what=f"{what} for this config")
     for name, shape in expected.items():
         if not isinstance(tensors[name], Tensor):
             raise TypeError(
