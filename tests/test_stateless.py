@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt_fn.optim import adamw, muon
-from gpt_fn.optim.stateless import in_place, new_tensors
+from gpt_fn.optim.stateless import foreach, new_tensors
 from gpt_fn.shapes import Params
 
 
@@ -23,7 +23,7 @@ def tensors(generator: torch.Generator) -> list[torch.Tensor]:
         ("sqrt", (), {}),
     ],
 )
-def test_in_place_and_new_tensors_give_the_same_bits_and_only_in_place_writes(
+def test_foreach_and_new_tensors_give_the_same_bits_and_only_foreach_writes(
     generator, op, args, kwargs
 ):
     first = [t.abs() for t in tensors(generator)]
@@ -32,7 +32,7 @@ def test_in_place_and_new_tensors_give_the_same_bits_and_only_in_place_writes(
     before = [t.clone() for t in first]
     fresh = new_tensors(op, first, *resolved, **kwargs)
     assert all(torch.equal(t, b) for t, b in zip(first, before, strict=True))  # untouched
-    written = in_place(op, first, *resolved, **kwargs)
+    written = foreach(op, first, *resolved, **kwargs)
     assert all(torch.equal(f, w) for f, w in zip(fresh, written, strict=True))
     # An in-place op returns the very tensors it wrote into; an out-of-place one new tensors.
     assert all((w is t) == op.endswith("_") for w, t in zip(written, first, strict=True))

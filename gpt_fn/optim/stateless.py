@@ -9,10 +9,13 @@ safetensors checkpoint stores as it is.
 An optimizer writes its arithmetic once, as a `Step` that sends every elementwise op through
 an `Each`, and `from_step` makes both twins from it:
 
-- `update` runs the step with `new_tensors`: `torch.<op>` tensor by tensor, every result a new
-  tensor, so it works under `torch.func` (`vmap`, `grad`) like any pure function;
-- `update_` runs it with `in_place`: one `torch._foreach_<op>` over the whole list, written
+- `update` runs the step with `new_tensors`: `Tensor.<op>` (out of place) tensor by tensor,
+  every result a new tensor, so it works under `torch.func` (`vmap`, `grad`) like any pure
+  function;
+- `update_` runs it with `foreach`: one `torch._foreach_<op>_` over the whole list, written
   into the tensors, under `no_grad` (params may be `nn.Parameter`s).
+
+`gpt_fn.optim.clipping` uses the same two runners.
 
 On CPU a foreach op runs the same per-tensor kernel on each tensor, so the twins agree to the
 last bit (tests/test_adamw.py, tests/test_muon.py).
@@ -24,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gpt_fn.checks import check_number, check_same_keys
+from gpt_fn.checks import check_number, check_same_keys, is_batched
 from gpt_fn.optim.schedules import Schedule, constant
 from gpt_fn.shapes import Params
 
@@ -44,21 +47,37 @@ Each = Callable[..., list[Tensor]]
 """`each(op, tensors, *args, **kwargs)`: the elementwise op `op` on every tensor of `tensors`,
 with the matching tensor of each list among `args` (other args are passed as they are); returns
 the results in `tensors`' order. An op named in place (`"lerp_"`) writes into `tensors` under
-`in_place` and makes new tensors under `new_tensors`; one without (`"sqrt"`) makes new tensors
+`foreach` and makes new tensors under `new_tensors`; one without (`"sqrt"`) makes new tensors
 under both."""
 
 
-def in_place(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> list[Tensor]:
-    """`torch._foreach_<op>`: one call for the whole list; an in-place op returns `tensors`."""
-    result = getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
+def foreach(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> list[Tensor]:
+    """`torch._foreach_<op>`, one call for the whole list; an in-place op returns `tensors`.
+
+    Where a `vmap` batches the tensors, which foreach kernels have no batching rule for, the
+    same op runs one tensor at a time (`Tensor.<op>`).
+    """
+    batched = any(is_batched(t) for t in tensors) or any(
+        isinstance(arg, Tensor) and is_batched(arg) for arg in args
+    )
+    if batched:
+        result = _per_tensor(op, tensors, args, kwargs)
+    else:
+        result = getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
     return tensors if op.endswith("_") else list(result)
 
 
 def new_tensors(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> list[Tensor]:
-    """`torch.<op>` (without a trailing `_`) tensor by tensor: new tensors, inputs untouched."""
-    function = getattr(torch, op.removesuffix("_"))
+    """`Tensor.<op>` without its trailing `_`, one tensor at a time: new tensors, inputs untouched."""
+    return _per_tensor(op.removesuffix("_"), tensors, args, kwargs)
+
+
+def _per_tensor(
+    op: str, tensors: list[Tensor], args: tuple[object, ...], kwargs: dict[str, object]
+) -> list[Tensor]:
+    method = getattr(Tensor, op)
     return [
-        function(tensor, *(arg[i] if isinstance(arg, list) else arg for arg in args), **kwargs)
+        method(tensor, *(arg[i] if isinstance(arg, list) else arg for arg in args), **kwargs)
         for i, tensor in enumerate(tensors)
     ]
 
@@ -89,7 +108,7 @@ def from_step(
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """`update` written into `params` and `state`'s own tensors; returns `state`."""
         with torch.no_grad():
-            run(in_place, grads, state, params)
+            run(foreach, grads, state, params)
         return state
 
     return Optimizer(init=init, update=update, update_=update_)
