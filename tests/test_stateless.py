@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt_fn.optim import adamw, muon
+from gpt_fn.optim import adamw, from_step, muon
 from gpt_fn.optim.stateless import foreach, new_tensors
 from gpt_fn.shapes import Params
 
@@ -98,3 +98,29 @@ def test_pure_update_is_differentiable_and_decay_is_its_only_dependence_on_param
     sensitivity = torch.func.grad(total)(params)
     assert torch.equal(sensitivity["w"], torch.full((3, 4), 1 - lr * wd))
     assert torch.equal(sensitivity["b"], torch.ones(4))
+
+
+def test_an_optimizer_written_as_one_step_gets_both_twins_equal_to_torch_sgd(generator):
+    # A new optimizer is one `step`: plain SGD, `p - lr * g`, torch's single-tensor op.
+    lr = 0.1
+
+    def step(each, grads, state, params):
+        new = each("add_", list(params.values()), [grads[n] for n in params], alpha=-lr)
+        return dict(zip(params, new, strict=True)), {}
+
+    opt = from_step(lambda params: {"step": torch.zeros((), dtype=torch.int64)}, step, buffers=())
+    params = matrices(generator)
+    inplace = {k: v.clone() for k, v in params.items()}
+    state, inplace_state = opt.init(params), opt.init(inplace)
+    leaves = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    reference = torch.optim.SGD(leaves.values(), lr=lr, foreach=False)
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=generator) for k, v in params.items()}
+        params, state = opt.update(grads, state, params)
+        opt.update_(grads, inplace_state, inplace)
+        for k, leaf in leaves.items():
+            leaf.grad = grads[k].clone()
+        reference.step()
+    for k, leaf in leaves.items():
+        assert torch.equal(params[k], leaf.detach()) and torch.equal(inplace[k], leaf.detach())
+    assert int(state["step"]) == int(inplace_state["step"]) == 3
