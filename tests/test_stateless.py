@@ -108,7 +108,7 @@ def test_an_optimizer_written_as_one_step_gets_both_twins_equal_to_torch_sgd(gen
         new = each("add_", list(params.values()), [grads[n] for n in params], alpha=-lr)
         return dict(zip(params, new, strict=True)), {}
 
-    opt = from_step(lambda params: {"step": torch.zeros((), dtype=torch.int64)}, step, buffers=())
+    opt = from_step(step, buffers=())
     params = matrices(generator)
     inplace = {k: v.clone() for k, v in params.items()}
     state, inplace_state = opt.init(params), opt.init(inplace)

@@ -22,8 +22,6 @@ Neither twin looks at the gradient values: the training loop checks the norm ret
 
 from collections.abc import Callable, Mapping
 
-import torch
-
 from gpt_fn.checks import check_number, check_same_keys
 from gpt_fn.optim.schedules import Schedule
 from gpt_fn.optim.stateless import Each, Optimizer, OptState, as_schedule, from_step, lr_at
@@ -67,16 +65,6 @@ def adamw(
         check_same_keys(mask, params, what="decay_mask must name exactly the params")
         return mask
 
-    def init(params: Params) -> OptState:
-        decayed(params)  # a bad mask fails here, before any training
-        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
-        for name, value in params.items():
-            state[f"exp_avg.{name}"] = torch.zeros_like(value, memory_format=torch.preserve_format)
-            state[f"exp_avg_sq.{name}"] = torch.zeros_like(
-                value, memory_format=torch.preserve_format
-            )
-        return state
-
     def step(each: Each, grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         """One AdamW update, torch's ops in torch's order, each op over every param at once."""
         mask = decayed(params)
@@ -109,4 +97,5 @@ def adamw(
             buffers[f"exp_avg_sq.{name}"] = exp_avg_sq
         return dict(zip(names, new_params, strict=True)), buffers
 
-    return from_step(init, step, buffers=("exp_avg", "exp_avg_sq"))
+    # A bad mask fails at init, before any training.
+    return from_step(step, buffers=("exp_avg", "exp_avg_sq"), check=decayed)

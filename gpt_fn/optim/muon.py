@@ -188,15 +188,6 @@ def muon(
         update = ortho[0] if blocks == 1 else torch.cat(ortho)
         return update, adjusted_lr(lr, rows, cols, adjust_lr)
 
-    def init(params: Params) -> OptState:
-        blocks_of(params)  # a non-matrix or a bad split fails here, before any training
-        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
-        for name, value in params.items():
-            state[f"momentum_buffer.{name}"] = torch.zeros_like(
-                value, memory_format=torch.preserve_format
-            )
-        return state
-
     def step(each: Each, grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         """One Muon update; the orthogonalisation one param at a time, as torch: one
         orthogonalised update alive at a time."""
@@ -216,4 +207,4 @@ def muon(
         buffers = {f"momentum_buffer.{name}": buf for name, buf in zip(names, bufs, strict=True)}
         return new_params, buffers
 
-    return from_step(init, step, buffers=("momentum_buffer",))
+    return from_step(step, buffers=("momentum_buffer",), check=blocks_of)

@@ -88,13 +88,26 @@ elementwise op sent through `each`; the buffers exclude `"step"`, which `from_st
 
 
 def from_step(
-    init: Callable[[Params], OptState], step: Step, *, buffers: tuple[str, ...]
+    step: Step, *, buffers: tuple[str, ...], check: Callable[[Params], object] | None = None
 ) -> Optimizer:
     """The `Optimizer` whose `update` and `update_` both run `step` (see the module docstring).
 
-    Both check their arguments first (`check_update_inputs` with `buffers`, the state's
-    per-param entries) and add 1 to the state's `"step"`.
+    `init` makes the state: `"step"` (0) and, per param, one zero tensor like it for each of
+    `buffers` (`"<buffer>.<name>"`), after `check(params)` (which raises on params the
+    optimizer cannot take, before any training). Both updates check their arguments first
+    (`check_update_inputs`) and add 1 to `"step"`.
     """
+
+    def init(params: Params) -> OptState:
+        if check is not None:
+            check(params)
+        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
+        for name, value in params.items():
+            for buffer in buffers:
+                state[f"{buffer}.{name}"] = torch.zeros_like(
+                    value, memory_format=torch.preserve_format
+                )
+        return state
 
     def run(each: Each, grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
         check_update_inputs(grads, state, params, buffers=buffers)
