@@ -180,8 +180,8 @@ def measure(
     ).seconds
     tokens = batch * config.block_size
     # Without native bf16 the measured bf16 peak (one 1024^3 matmul on ATen's fallback) is
-    # slower than some of the model's own bf16 matmuls (MFU came out above 100%); the fastest
-    # this CPU multiplies is fp32, so bf16 MFU there is relative to the fp32 peak.
+    # slower than some of the model's own bf16 matmuls (MFU against it would exceed 100%); the
+    # fastest such a CPU multiplies is fp32, so bf16 MFU there is relative to the fp32 peak.
     peak_dtype = dtype if native_bf16(device) else torch.float32
     peak = flops.peak_flops(device, peak_dtype)
     tokens_per_s = {

@@ -9,8 +9,8 @@ safetensors metadata as JSON, and a second sha256 covers that metadata.
 `load_checkpoint` verifies what it reads: the format, the checksums (a flipped byte anywhere
 in the tensor data or in the metadata, e.g. a changed `min_lr`, is an error, not a silently
 different model or schedule), and that the params are exactly those of the recorded model
-config; `read_checkpoint_info` verifies the metadata's checksum. Older checkpoints still
-load: v2's checksum covers only its tensors, v1 has none. `save_checkpoint` refuses
+config; `read_checkpoint_info` verifies the metadata's checksum. Formats v1 and v2 load
+too: v2's checksum covers only its tensors, v1 has none. `save_checkpoint` refuses
 non-finite params, so a diverged run can never replace its last good checkpoint, and a
 failed write (a full disk) is a `CheckpointWriteError` that leaves the old file in place.
 

@@ -1,13 +1,16 @@
-"""README.md's Python API example runs as written (with its paths pointed at a temp folder)."""
+"""README.md's Python examples run as written (with their paths pointed at a temp folder); its
+site table lists exactly the sites `gpt_fn.sites` defines; its links lead somewhere."""
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
-from gpt_fn import GPTConfig, hf, init_params
+from gpt_fn import GPTConfig, hf, init_params, sites
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def test_the_python_api_example_runs(tmp_path, monkeypatch):
@@ -149,3 +152,57 @@ def test_the_inspect_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "ioi" / "results.json").is_file()
     assert namespace["found"].head_scores["duplicate_token"] is not None
     assert namespace["to_first"].shape == (2, 4)
+
+
+def site_table(text: str) -> dict[str, str]:
+    """The first markdown table in `text` whose header starts `| site | shape |`, as
+    `{site: shape}` with block sites relative to `h.{i}.`. A cell may name several sites
+    (`` `h.{i}.attn.q`, `.k`, `.v` ``: a leading dot replaces the previous name's last part)
+    with one shape for all or one shape each."""
+    table = text[text.index("| site | shape |") :].split("\n\n")[0].splitlines()[2:]
+    shapes_of = {}
+    for row in table:
+        names_cell, shapes_cell = row.split("|")[1:3]
+        names, shapes = re.findall(r"`([^`]+)`", names_cell), re.findall(r"`([^`]+)`", shapes_cell)
+        assert len(shapes) in (1, len(names)), row
+        full = []
+        for name in names:
+            full.append(full[-1].rsplit(".", 1)[0] + name if name.startswith(".") else name)
+        shapes = shapes * len(full) if len(shapes) == 1 else shapes
+        for name, shape in zip(full, shapes, strict=True):
+            site = name.removeprefix("h.{i}.")
+            assert site not in shapes_of, f"{site} is listed twice"
+            shapes_of[site] = shape
+    return shapes_of
+
+
+@pytest.mark.parametrize(
+    "where, text",
+    [
+        ("README.md", README.read_text().split("### Activation sites", 1)[1]),
+        ("gpt_fn/sites.py's docstring", sites.__doc__),
+    ],
+)
+def test_the_site_tables_list_every_site_with_one_shape(where, text):
+    table = site_table(text)
+    assert set(table) == {*sites.BLOCK_SITES, *sites.TOP_SITES}, where
+    assert table == site_table(sites.__doc__), f"{where} and gpt_fn.sites disagree on a shape"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lowercase, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md", "experiments/README.md"])
+def test_relative_links_reach_a_file_and_heading(doc):
+    path = ROOT / doc
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{doc} links to {file}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+            assert anchor in {_anchor(h) for h in headings}, f"{doc}: no heading #{anchor}"

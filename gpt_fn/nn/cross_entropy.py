@@ -41,9 +41,9 @@ from torch import Tensor
 from gpt_fn.checks import check_int, check_token_tensor, is_traced
 
 DEFAULT_CHUNK_SIZE = 512
-"""Rows per chunk. On a 2-core CPU at d_model 384, vocab 50304, 512 rows were as fast as 1024
-or 2048 and faster than 256 (smaller matmuls, more passes over weight's gradient) while the
-chunk buffer stays at 103 MB (benchmarks/lm_head_loss.py). Not yet tuned on a GPU."""
+"""Rows per chunk: chosen on a CPU at d_model 384, vocab 50304, where 512 rows are as fast as
+1024 or 2048 and faster than 256 (smaller matmuls, more passes over weight's gradient) with a
+103 MB chunk buffer (benchmarks/lm_head_loss.py times the chunk sizes). Untuned on a GPU."""
 
 
 def linear_cross_entropy(

@@ -4,12 +4,12 @@ A decode step multiplies one hidden vector per row by the `(vocab, d_model)` tok
 that product is most of a small model's step on CPU. Two layouts make it faster than
 `F.linear` over `wte` as stored; both give its logits to a few fp32 ulps:
 
-- a contiguous `(d_model, vocab)` copy of `wte`: a matrix-vector product against it runs ~3x
+- a contiguous `(d_model, vocab)` copy of `wte`: a matrix-vector product against it runs
   faster on CPU than against `wte`'s own layout;
 - for the row count of a decoding loop (`rows`, at least 2), MKL's prepacked GEMM (the
-  weight laid out once for MKL's kernel, what inductor uses for frozen linears on CPU): with
-  4 to 32 rows, 1.4-1.6x faster than the copy for a 50257 x 256 head on one thread, bitwise
-  the copy's logits with MKL's AVX-512 kernels. It needs an MKL build, fp32 and a CPU
+  weight laid out once for MKL's kernel, what inductor uses for frozen linears on CPU):
+  faster than the copy at 4 to 32 rows (benchmarks/README.md, `generate.py`), bitwise the
+  copy's logits with MKL's AVX-512 kernels. It needs an MKL build, fp32 and a CPU
   tensor; elsewhere the copy serves every row count.
 
 Both are made once per `wte` (remembered by identity and version, so an in-place update makes

@@ -258,7 +258,7 @@ class _Speculation:
             self.params, chunk, self.config, attention=self.attention, cache=self.target,
             write="in_place",
         )  # fmt: skip
-        # (rows, k + 1, vocab); a 2-D matmul: ~1.5x faster on CPU than the batched 3-D one.
+        # (rows, k + 1, vocab); a 2-D matmul: faster on CPU than the batched 3-D one.
         model_logits = self.head(hidden.flatten(0, 1)).view(rows, k + 1, -1)
         logits = model_logits
         if self.transform is not None:
