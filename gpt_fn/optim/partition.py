@@ -17,7 +17,7 @@ docs): Muon for the blocks' matrices (`h.{i}.attn.c_attn`, `attn.c_proj`, `mlp.c
 head) and `wpe`, LayerNorm gains and all biases. `gpt_muon_adamw(muon, adamw)` builds it.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor
 
@@ -94,40 +94,44 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
     def init(params: Params) -> OptState:
         state: OptState = {}
         for key, names in groups(params).items():
-            sub = optimizers[key].init({name: params[name] for name in names})
-            state |= {f"{key}{SEPARATOR}{k}": v for k, v in sub.items()}
+            state |= prefixed(key, optimizers[key].init({name: params[name] for name in names}))
         return state
 
-    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
-        """Each optimizer's pure `update` on its own params; new params in the params' order."""
+    def subsets(
+        grads: Params, state: OptState, params: Params
+    ) -> Iterator[tuple[str, Optimizer, Params, OptState, Params]]:
+        """Each label in use, its optimizer, and that optimizer's grads, state and params."""
         check_grad_keys(grads, params)
         used = groups(params)
         parts = split_state(state, used)
-        new_params: Params = {}
-        new_state: OptState = {}
         for key, names in used.items():
-            sub_params, sub_state = optimizers[key].update(
+            yield (
+                key,
+                optimizers[key],
                 {name: grads[name] for name in names},
                 parts[key],
                 {name: params[name] for name in names},
             )
-            new_params |= sub_params
-            new_state |= {f"{key}{SEPARATOR}{k}": v for k, v in sub_state.items()}
+
+    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        """Each optimizer's pure `update` on its own params; new params in the params' order."""
+        new_params: Params = {}
+        new_state: OptState = {}
+        for key, optimizer, sub_grads, sub_state, sub_params in subsets(grads, state, params):
+            updated, updated_state = optimizer.update(sub_grads, sub_state, sub_params)
+            new_params |= updated
+            new_state |= prefixed(key, updated_state)
         return {name: new_params[name] for name in params}, new_state
 
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """Each optimizer's in-place `update_`; what it returns is written back into `state`."""
-        check_grad_keys(grads, params)
-        used = groups(params)
-        parts = split_state(state, used)
-        for key, names in used.items():
-            returned = optimizers[key].update_(
-                {name: grads[name] for name in names},
-                parts[key],
-                {name: params[name] for name in names},
-            )
-            for k, v in returned.items():
-                state[f"{key}{SEPARATOR}{k}"] = v
+        for key, optimizer, sub_grads, sub_state, sub_params in subsets(grads, state, params):
+            state |= prefixed(key, optimizer.update_(sub_grads, sub_state, sub_params))
         return state
 
     return Optimizer(init=init, update=update, update_=update_)
+
+
+def prefixed(label: str, state: OptState) -> OptState:
+    """`state` with each key under `label` (`"muon/step"`): one optimizer's part of the whole."""
+    return {f"{label}{SEPARATOR}{key}": value for key, value in state.items()}
