@@ -189,21 +189,20 @@ def muon(
         return update, adjusted_lr(lr, rows, cols, adjust_lr)
 
     def step(each: Each, grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
-        """One Muon update: the elementwise ops over every param at once, the orthogonalisation
-        one param at a time as torch (one orthogonalised update alive at a time)."""
+        """One Muon update, one param at a time as torch: one orthogonalised update alive at a
+        time, and each param's tensors still in cache for its next op."""
         blocks = blocks_of(params)
         lr = lr_at(schedule, state)
-        names = list(params)
-        grad_list = [grads[name] for name in names]
-        buf_list = [state[f"momentum_buffer.{name}"] for name in names]
-        bufs = each("lerp_", buf_list, grad_list, 1 - momentum)
-        decayed = each("mul_", list(params.values()), 1 - lr * weight_decay)
         new_params: Params = {}
-        for name, grad, buf, param in zip(names, grad_list, bufs, decayed, strict=True):
+        buffers: OptState = {}
+        for name, param in params.items():
+            grad = grads[name]
+            (buf,) = each("lerp_", [state[f"momentum_buffer.{name}"]], [grad], 1 - momentum)
             direction = torch.lerp(grad, buf, momentum) if nesterov else buf
             ortho, step_lr = step_direction(direction, blocks[name], lr)
-            (new_params[name],) = each("add_", [param], [ortho], alpha=-step_lr)
-        buffers = {f"momentum_buffer.{name}": buf for name, buf in zip(names, bufs, strict=True)}
+            (decayed,) = each("mul_", [param], 1 - lr * weight_decay)
+            (new_params[name],) = each("add_", [decayed], [ortho], alpha=-step_lr)
+            buffers[f"momentum_buffer.{name}"] = buf
         return new_params, buffers
 
     return from_step(step, buffers=("momentum_buffer",), check=blocks_of)

@@ -55,12 +55,15 @@ def foreach(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> 
     """`torch._foreach_<op>`, one call for the whole list; an in-place op returns `tensors`.
 
     Where a `vmap` batches the tensors, which foreach kernels have no batching rule for, the
-    same op runs one tensor at a time (`Tensor.<op>`).
+    same op runs one tensor at a time (`Tensor.<op>`); so does an in-place op on one tensor.
     """
+    # One tensor written in place gains nothing from a list kernel: its own method runs the
+    # same elementwise kernel for less dispatch (a reduction such as "norm" keeps the list one).
+    one_in_place = len(tensors) == 1 and op.endswith("_")
     batched = any(is_batched(t) for t in tensors) or any(
         isinstance(arg, Tensor) and is_batched(arg) for arg in args
     )
-    if batched:
+    if one_in_place or batched:
         result = _per_tensor(op, tensors, args, kwargs)
     else:
         result = getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
