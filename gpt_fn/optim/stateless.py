@@ -59,15 +59,17 @@ def foreach(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> 
     """
     # One tensor written in place gains nothing from a list kernel: its own method runs the
     # same elementwise kernel for less dispatch (a reduction such as "norm" keeps the list one).
-    one_in_place = len(tensors) == 1 and op.endswith("_")
-    batched = any(is_batched(t) for t in tensors) or any(
-        isinstance(arg, Tensor) and is_batched(arg) for arg in args
-    )
-    if one_in_place or batched:
+    if (len(tensors) == 1 and op.endswith("_")) or _any_batched(tensors, args):
         result = _per_tensor(op, tensors, args, kwargs)
     else:
         result = getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
     return tensors if op.endswith("_") else list(result)
+
+
+def _any_batched(tensors: list[Tensor], args: tuple[object, ...]) -> bool:
+    return any(is_batched(t) for t in tensors) or any(
+        isinstance(arg, Tensor) and is_batched(arg) for arg in args
+    )
 
 
 def new_tensors(op: str, tensors: list[Tensor], *args: object, **kwargs: object) -> list[Tensor]:
