@@ -15,7 +15,7 @@ an `Each`, and `from_step` makes both twins from it:
 - `update_` runs it with `foreach`: one `torch._foreach_<op>_` over the whole list, written
   into the tensors, under `no_grad` (params may be `nn.Parameter`s).
 
-`gpt_fn.optim.clipping` uses the same two runners.
+`gpt_fn.optim.clipping` runs its ops through `foreach` too.
 
 On CPU a foreach op runs the same per-tensor kernel on each tensor, so the twins agree to the
 last bit (tests/test_adamw.py, tests/test_muon.py).
