@@ -125,7 +125,7 @@ def model(args: Any) -> tuple[dict, Any, dict[str, Any]]:
     settings = TrainSettings(
         data="shakespeare", data_dir=str(args.data_dir), out_dir=str(args.out / "model"),
         max_steps=steps, eval_interval=steps, sample_tokens=0, seed=args.seed, overwrite=True,
-        device="cpu", dtype="float32", compile=False,
+        device="cpu", autocast_dtype="float32", compile=False,
         **shape, **(dict(batch_size=2, eval_batches=1) if args.quick else {}),
     )  # fmt: skip
     print(f"training the model for {steps} steps into {args.out / 'model'}")

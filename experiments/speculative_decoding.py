@@ -62,7 +62,7 @@ SWEEP_K = (1, 2, 3, 4, 6, 8)
 def train_models(args: Any, steps: int, draft_steps: int) -> dict[str, dict[str, Any]]:
     """Train (or with --reuse-models, find) the target and the draft; their val losses."""
     common = dict(
-        data="shakespeare", data_dir=str(args.data_dir), dtype="float32", device="cpu",
+        data="shakespeare", data_dir=str(args.data_dir), autocast_dtype="float32", device="cpu",
         compile=False, sample_tokens=0, seed=args.seed, overwrite=True,
         optimizer="adamw",  # what the measured models were trained with (README)
     )  # fmt: skip

@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,16 +43,23 @@ from gpt_fn.checkpoint import (
     load_checkpoint,
     read_checkpoint_info,
 )
-from gpt_fn.config import PRESETS, GPTConfig
+from gpt_fn.config import GPTConfig
 from gpt_fn.hooks import load_hooks
+from gpt_fn.loading import load_model
 from gpt_fn.memory import InsufficientMemoryError
-from gpt_fn.model import init_params
 from gpt_fn.rundir import RunDirError
 from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
-from gpt_fn.settings import DERIVED, SettingsError, TrainSettings, field_help
+from gpt_fn.settings import (
+    DERIVED,
+    RENAMED,
+    SettingsError,
+    TrainSettings,
+    current_names,
+    field_help,
+)
 from gpt_fn.shapes import Params
-from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2, single_token
+from gpt_fn.tokenizer import EOT_TOKEN, gpt2, single_token
 from gpt_fn.train import TrainingDiverged, TrainingInterrupted, train
 
 # What a user can cause: bad values, missing or unreadable files, a failed download, a run
@@ -68,6 +74,8 @@ USER_ERRORS = (
 )
 DEFAULT_PROMPT = "ROMEO:"
 DEFAULT_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 200
+"""The top-k of the samples `gpt-fn train` shows (`sample_text`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per round"
     )
-    sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    sample.add_argument("--device", default="auto", help=field_help("device"))
     sample.set_defaults(run=_sample)
 
     export = commands.add_parser(
@@ -222,26 +230,32 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`)."""
+    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`), and the
+    setting's former names (`settings.RENAMED`: `--dtype` is `--autocast-dtype`)."""
+    former = {new: old for old, new in RENAMED.items()}
     for field in dataclasses.fields(TrainSettings):
-        flag = "--" + field.name.replace("_", "-")
+        flags = [_flag(field.name)] + ([_flag(former[field.name])] if field.name in former else [])
         kind = _flag_type(field.type)
         help_text = field.metadata["help"]
         if field.default is not None and field.name not in DERIVED and kind is not bool:
             help_text += f" (default: {field.default})"
         if field.name == "log":  # repeatable: --log wandb --log tensorboard
             parser.add_argument(
-                flag, action="append", choices=LOGGERS, default=None, help=help_text
+                *flags, action="append", choices=LOGGERS, default=None, help=help_text
             )
         elif kind is bool:
             action = "store_true" if field.default is False else argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=None, help=help_text)
+            parser.add_argument(*flags, action=action, default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=help_text)
+            parser.add_argument(*flags, choices=typing.get_args(kind), default=None, help=help_text)
         else:
             parser.add_argument(
-                flag, type=kind, default=None, metavar=field.name.upper(), help=help_text
+                *flags, type=kind, default=None, metavar=field.name.upper(), help=help_text
             )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _flag_type(hint: Any) -> Any:
@@ -291,13 +305,35 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
             base = read_checkpoint_info(source).train_settings
         except CheckpointError as error:
             raise CheckpointError(f"--resume: {error}") from None
-        base = {k: v for k, v in base.items() if k in TrainSettings.__dataclass_fields__}
+        base = {
+            k: v for k, v in current_names(base).items() if k in TrainSettings.__dataclass_fields__
+        }
     return TrainSettings.from_dict({**base, **given})
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    train(settings_from_args(args))
+    train(settings_from_args(args), sample=sample_text)
     return 0
+
+
+def sample_text(params: Params, config: GPTConfig, *, tokens: int, seed: int) -> str:
+    """A sample continuing `DEFAULT_PROMPT` ("ROMEO:") at temperature 0.8, top-k 200, ids past
+    GPT-2's tokenizer banned: what `gpt-fn train` shows during and after a run (`train`'s
+    `sample`)."""
+    encoding = gpt2()
+    prompt = [encoding.encode_ordinary(DEFAULT_PROMPT)]
+    with torch.no_grad():
+        out = sampling.generate(
+            params,
+            torch.tensor(prompt, device=params["wte.weight"].device),
+            config,
+            max_new_tokens=tokens,
+            transform=sampling.make_transform(temperature=DEFAULT_TEMPERATURE, top_k=SAMPLE_TOP_K),
+            seed=seed,
+            eos_token_id=EOT_TOKEN,
+            tokenizer=encoding,
+        )
+    return encoding.decode([t for t in out[0].tolist() if t != EOT_TOKEN])
 
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -335,7 +371,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as error:
         _usage_error(str(error))
-    params, config = _sampling_model(args)
+    params, config = _sampling_model(args, device)
     for index, ids in enumerate(prompts):
         if len(ids) > config.block_size:
             where = "--prompt" if args.prompt_file is None else f"--prompt-file line {index + 1}"
@@ -343,7 +379,6 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{where} is {len(ids)} tokens, longer than the model's block_size "
                 f"{config.block_size}"
             )
-    params = {k: v.to(device) for k, v in params.items()}
     if args.num_beams is not None:
         return _beam_search(args, params, config, texts, prompts, transform, encoding)
     if args.draft_checkpoint is not None:
@@ -538,28 +573,25 @@ def _usage_error(message: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
-def _sampling_model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:
-    if args.checkpoint is not None:
-        saved = load_checkpoint(args.checkpoint)
-        return saved.params, saved.model_config
-    if args.hf is not None:
-        return hf.load(args.hf)
-    if args.preset not in PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    config = GPTConfig.from_preset(args.preset)
+def _sampling_model(args: argparse.Namespace, device: torch.device) -> tuple[Params, GPTConfig]:
+    if args.checkpoint is not None or args.hf is not None:
+        model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=device)
+        return model.params, model.config
+    # --seed is the samples' seed, not the model's
+    model = load_model(preset=args.preset, seed=0, device=device)
     print(f"(no --checkpoint or --hf: a random {args.preset} model)", file=sys.stderr)
-    return init_params(config, seed=0), config  # --seed is the samples' seed, not the model's
+    return model.params, model.config
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    saved = load_checkpoint(args.checkpoint)
-    params, config = saved.params, saved.model_config
+    model = load_model(checkpoint=args.checkpoint)
+    params, config = model.params, model.config
     if args.vocab_size is not None:
         params, config = _crop_vocab(params, config, args.vocab_size)
     hf.save(params, config, args.out)
     print(
         f"wrote {args.out}: GPT-2 with {config.n_layer} layers x {config.n_embd}, vocab "
-        f"{config.vocab_size}, step {saved.step} of {args.checkpoint}"
+        f"{config.vocab_size}, step {model.step} of {args.checkpoint}"
     )
     return 0
 
@@ -603,7 +635,7 @@ def _add_eval_parsers(commands: Any) -> None:
     evaluate.add_argument(
         "--batch-size", type=int, default=8, help="windows or endings per forward (default: 8)"
     )
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    evaluate.add_argument("--device", default="auto", help=field_help("device"))
     evaluate.add_argument(
         "--hooks",
         metavar="MODULE:FUNCTION",
@@ -643,10 +675,12 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.text is not None:
         tokens = evaluation.encode_text(_read_text(args.text))
     elif args.tokens is not None:
-        tokens = _read_token_file(args.tokens)
+        try:
+            tokens = data.read_token_file(args.tokens)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"--tokens {_message(error)}") from None
     items = evaluation.read_choices(args.choices) if args.choices is not None else None
-    params, config, about = _eval_model(args)
-    params = {name: value.to(device) for name, value in params.items()}
+    params, config, about = _eval_model(args, device)
     hooks = None if args.hooks is None else load_hooks(args.hooks, params, config)
     about["hooks"] = args.hooks
     results: dict[str, Any] = {"model": about}
@@ -740,51 +774,20 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_token_file(path: Path) -> np.ndarray:
-    if path.is_dir():  # `gpt-fn prepare`'s folder (or llm.c shards): its val split
-        return np.asarray(data.load_split(path, "val", block_size=1))
-    if not path.is_file():
-        raise FileNotFoundError(f"--tokens {path}: no such file")
-    with path.open("rb") as file:
-        is_shard = file.read(4) == np.int32(data.SHARD_MAGIC).tobytes()
-    if is_shard:
-        return _gpt2_tokens(path, data.read_shard(path))
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"--tokens {path} is empty: there is nothing to score")
-    if size % 2:
-        raise ValueError(
-            f"--tokens {path} holds {size} bytes, not a whole number of uint16 token ids"
-        )
-    return _gpt2_tokens(path, np.memmap(path, dtype=np.uint16, mode="r"))
-
-
-def _gpt2_tokens(path: Path, tokens: np.ndarray) -> np.ndarray:
-    """`tokens` if every id is a GPT-2 token: an id the tokenizer never makes (a vocabulary's
-    padding, 50257 and up) has no bytes, so bits per byte would be wrong."""
-    largest = int(tokens.max()) if len(tokens) else 0
-    if largest >= GPT2_VOCAB_SIZE:
-        raise ValueError(
-            f"--tokens {path} holds id {largest}, not a GPT-2 token (< {GPT2_VOCAB_SIZE}): is "
-            "it a GPT-2 token file?"
-        )
-    return tokens
-
-
-def _eval_model(args: argparse.Namespace) -> tuple[Params, GPTConfig, dict[str, Any]]:
-    if args.checkpoint is not None:
-        saved = load_checkpoint(args.checkpoint)
-        params, config = saved.params, saved.model_config
-        about = {"source": str(args.checkpoint), "step": saved.step}
-    else:
-        params, config = hf.load(args.hf)
-        about = {"source": str(args.hf)}
+def _eval_model(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Params, GPTConfig, dict[str, Any]]:
+    model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=device)
+    config = model.config
+    about: dict[str, Any] = {"source": str(args.checkpoint if args.hf is None else args.hf)}
+    if model.step is not None:
+        about["step"] = model.step
     about["config"] = config.to_dict()
     about["description"] = (
         f"{config.n_layer} layers x {config.n_embd}, block {config.block_size}, "
-        f"vocab {config.vocab_size}" + (f", step {about['step']}" if "step" in about else "")
+        f"vocab {config.vocab_size}" + (f", step {model.step}" if model.step is not None else "")
     )
-    return params, config, about
+    return model.params, config, about
 
 
 def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -829,7 +832,7 @@ def _add_inspect_parser(commands: Any) -> None:
     inspect.add_argument(
         "--top", type=int, default=5, help="tokens and heads listed per table (default: 5)"
     )
-    inspect.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    inspect.add_argument("--device", default="auto", help=field_help("device"))
     inspect.add_argument(
         "--out", type=Path, default=Path("inspect"), help="the report folder (default: inspect)"
     )
@@ -852,7 +855,7 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     wrong = None if args.wrong is None else single_token(args.wrong, name="--wrong")
     if answer is not None and answer == wrong:
         raise ValueError(f"--answer and --wrong are the same token {args.answer!r}")
-    params, config, about = _eval_model(args)
+    params, config, about = _eval_model(args, device)
     if len(prompt) > config.block_size:
         raise ValueError(
             f"--prompt is {len(prompt)} tokens; the model reads at most {config.block_size}"
@@ -864,7 +867,6 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"{flag} holds GPT-2 token {outside[0]} ({gpt2().decode([outside[0]])!r}), "
                 f"outside the model's vocabulary of {config.vocab_size}"
             )
-    params = {name: value.to(device) for name, value in params.items()}
     tokens = torch.tensor(prompt, device=device)
     found = inspection.inspect_prompt(
         params, tokens, config, answer=answer, wrong=wrong, ln=args.ln

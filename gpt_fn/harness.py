@@ -70,13 +70,12 @@ from lm_eval.utils import (
 )
 from tqdm import tqdm
 
-from gpt_fn import hf as hf_io
 from gpt_fn import sampling
-from gpt_fn.checkpoint import load_checkpoint
 from gpt_fn.checks import check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import encode_pair, score_continuations
 from gpt_fn.hooks import load_hooks
+from gpt_fn.loading import load_model
 from gpt_fn.model import check_params
 from gpt_fn.runtime import DTYPES, resolve_device
 from gpt_fn.shapes import Params
@@ -109,7 +108,7 @@ class GPTFnLM(TemplateLM):
         *,
         params: Params | None = None,
         config: GPTConfig | None = None,
-        device: str | None = None,
+        device: str = "auto",
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,
         dtype: str = "float32",
@@ -125,7 +124,11 @@ class GPTFnLM(TemplateLM):
                 f"gpt_fn model: unknown model_args {sorted(unknown)}; it takes checkpoint=, "
                 "hf=, device=, batch_size=, dtype=, max_length=, max_gen_toks=, seed=, hooks="
             )
-        sources = [s for s in (checkpoint, hf) if s is not None]
+        sources = {
+            name: value
+            for name, value in (("checkpoint", checkpoint), ("hf", hf))
+            if value is not None
+        }
         if (params is None) == (not sources) or len(sources) > 1:
             raise ValueError(
                 "gpt_fn model: give exactly one of model_args checkpoint=DIR or hf=DIR (or, "
@@ -133,13 +136,12 @@ class GPTFnLM(TemplateLM):
             )
         if params is not None and config is None:
             raise ValueError("gpt_fn model: params= needs config=")
-        if checkpoint is not None:
-            saved = load_checkpoint(str(checkpoint))
-            params, config = saved.params, saved.model_config
-            self._source = f"checkpoint={checkpoint}"
-        elif hf is not None:
-            params, config = hf_io.load(str(hf))
-            self._source = f"hf={hf}"
+        if sources:
+            ((name, value),) = sources.items()
+            # lm-eval's argument parser may hand over a number: a path or hub name is text.
+            loaded = load_model(**{name: str(value)})
+            params, config = loaded.params, loaded.config
+            self._source = f"{name}={value}"
         else:
             self._source = "params"
         assert params is not None and config is not None
@@ -414,11 +416,9 @@ if __name__ != "__main__":
     register_model("gpt_fn", "gpt-fn")(GPTFnLM)
 
 
-def _device(spec: str | None) -> torch.device:
+def _device(spec: str) -> torch.device:
     """The device to run on. lm-eval's CLI asks for `cuda:0` unless `--device` is given; as
     its `hf` model does, a CUDA device without CUDA falls back to the CPU (with a warning)."""
-    if spec is None:
-        return resolve_device("auto")
     if str(spec).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("gpt_fn model: device %r, but CUDA is not available; running on cpu", spec)
         return torch.device("cpu")

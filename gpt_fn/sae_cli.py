@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gpt_fn import data, hf
-from gpt_fn.checkpoint import load_checkpoint
+from gpt_fn import data
 from gpt_fn.config import GPTConfig
+from gpt_fn.loading import load_model
 from gpt_fn.rundir import RunDir
 from gpt_fn.runtime import resolve_device
 from gpt_fn.sae import (
@@ -37,7 +37,7 @@ from gpt_fn.sae import (
     site_width,
     train_sae,
 )
-from gpt_fn.settings import TrainSettings
+from gpt_fn.settings import TrainSettings, field_help
 from gpt_fn.shapes import Params
 
 DEFAULTS = SAETrainSettings()
@@ -104,17 +104,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=str(TrainSettings().data_path()), help="a prepared token folder"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    parser.add_argument("--device", default="auto", help=field_help("device"))
 
 
 def _model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:
-    if args.checkpoint is not None:
-        saved = load_checkpoint(args.checkpoint)
-        params, config = saved.params, saved.model_config
-    else:
-        params, config = hf.load(args.hf)
-    device = resolve_device(args.device)
-    return {name: value.to(device) for name, value in params.items()}, config
+    model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=resolve_device(args.device))
+    return model.params, model.config
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -18,7 +18,7 @@ Each field has a kind, which decides what resuming may change (`resume_settings`
   end of its decay (if any) train at `min_lr`.
 
 Fields whose default is `None` (or `"auto"`) are derived (`resolved()`: the warmup scales with
-the run, the cosine ends at `max_steps`, the dtype follows the device); the checkpoint records
+the run, the cosine ends at `max_steps`, the autocast dtype follows the device); the checkpoint records
 the derived values, and on resume a derived field left unset keeps the run's value.
 """
 
@@ -120,7 +120,7 @@ class TrainSettings:
         0, "also print a sample every N steps (0: only at the end)", "execution"
     )
     sample_tokens: int = _setting(160, "tokens in each printed sample", "execution")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _setting(
+    autocast_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _setting(
         "auto",
         "autocast dtype (auto: bfloat16 on CUDA, float32 on CPU; float16 with dynamic loss "
         "scaling)",
@@ -153,7 +153,9 @@ class TrainSettings:
     eval_text: str | None = _setting(
         None, "a held-out text file whose bits per byte are measured at every eval", "execution"
     )
-    device: str = _setting("auto", "auto, cpu, cuda, cuda:1, ...", "execution")
+    device: str = _setting(
+        "auto", "auto (CUDA when present, else cpu), cpu, cuda, cuda:1, ...", "execution"
+    )
     parallel: Literal["ddp", "fsdp"] = _setting(
         "ddp",
         "under torchrun: ddp (every rank holds the model) or fsdp (params, grads and "
@@ -257,6 +259,7 @@ class TrainSettings:
                 f"training settings must be a JSON object of field: value, got a "
                 f"{type(fields).__name__}"
             )
+        fields = current_names(fields)
         unknown = sorted(set(fields) - set(FIELD_TYPES))
         if unknown:
             raise SettingsError(f"unknown training settings: {unknown}")
@@ -280,13 +283,14 @@ class TrainSettings:
     def resolved_lr_decay_steps(self) -> int:
         return self.lr_decay_steps if self.lr_decay_steps is not None else self.max_steps
 
-    def resolved(self, dtype: str) -> "TrainSettings":
-        """These settings with the derived fields filled in (`dtype`: what "auto" became)."""
+    def resolved(self, autocast_dtype: str) -> "TrainSettings":
+        """These settings with the derived fields filled in (`autocast_dtype`: what "auto"
+        became)."""
         return dataclasses.replace(
             self,
             warmup_steps=self.resolved_warmup_steps,
             lr_decay_steps=self.resolved_lr_decay_steps,
-            dtype=dtype,
+            autocast_dtype=autocast_dtype,
         )
 
     def model_config(self, base: GPTConfig | None = None) -> GPTConfig:
@@ -310,8 +314,15 @@ class TrainSettings:
 
 # Not typing.get_type_hints: it returns nothing for a no_type_check class.
 FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
-DERIVED = {"warmup_steps": None, "lr_decay_steps": None, "dtype": "auto"}
+DERIVED = {"warmup_steps": None, "lr_decay_steps": None, "autocast_dtype": "auto"}
 """Fields whose value is derived when unset, and the value that means unset."""
+RENAMED = {"dtype": "autocast_dtype"}
+"""Former names of settings, as older checkpoints and `--config` files hold them."""
+
+
+def current_names(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` with each former name (`RENAMED`) replaced by the setting's current name."""
+    return {RENAMED.get(name, name): value for name, value in fields.items()}
 
 
 def field_help(name: str) -> str:
@@ -341,7 +352,9 @@ def resume_settings(
         run = TrainSettings.from_dict({**saved, **flags})
     except (SettingsError, TypeError) as error:
         raise SettingsError(f"the checkpoint's training settings are unusable: {error}") from error
-    run = run.resolved(run.dtype)  # checkpoints record resolved settings; older ones may not
+    run = run.resolved(
+        run.autocast_dtype
+    )  # checkpoints record resolved settings; older ones may not
     merged: dict[str, Any] = {}
     refused: list[str] = []
     notes: list[str] = []

@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt_fn import data, flops, hf, memory, sampling
+from gpt_fn import data, flops, memory
 from gpt_fn.checkpoint import (
     SERIES,
     Checkpoint,
@@ -54,6 +54,7 @@ from gpt_fn.checks import check_same_keys
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import bits_per_byte, encode_text, multiple_choice, perplexity, read_choices
 from gpt_fn.files import write_atomic
+from gpt_fn.loading import load_model
 from gpt_fn.model import init_params
 from gpt_fn.module import GPT
 from gpt_fn.optim import (
@@ -85,17 +86,22 @@ from gpt_fn.runtime import (
 )
 from gpt_fn.settings import TrainSettings, resume_settings
 from gpt_fn.shapes import Params, shape_checks
-from gpt_fn.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2
+from gpt_fn.tokenizer import GPT2_VOCAB_SIZE
 
 Log = Callable[[str], None]
 LOSS_SCALE = "loss_scale."
 """Prefix of the fp16 loss scale's state among a checkpoint's optimizer tensors."""
 DROPOUT_STREAM = 2
-"""SeedSequence stream of dropout masks (data.py's batches use streams 0 and 1)."""
-SAMPLE_PROMPT = "ROMEO:"
+"""SeedSequence stream of dropout masks (gpt_fn.data.batches uses streams 0 and 1)."""
 MEMORY_ADVICE = (
     "lower --batch-size (raise --grad-accum to keep the tokens per step) or --block-size"
 )
+
+
+Sample = Callable[..., str]
+"""What `train` calls for a sample: `sample(params, config, *, tokens, seed) -> text`, with
+`params` detached, on the run's device, in its dtype, and `tokens` and `seed` the settings'
+`sample_tokens` and `seed` (`gpt_fn.cli.sample_text` is `gpt-fn train`'s)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -201,13 +207,15 @@ def evaluate(
     return total.item() / batches
 
 
-def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
+def train(
+    settings: TrainSettings, *, log: Log = print, sample: Sample | None = None
+) -> dict[str, Any]:
     """Run (or resume) training as `settings` says; returns a summary (steps, losses, speed).
 
     Writes `OUT/metrics.jsonl` (a line per step), `OUT/checkpoint.safetensors` (at every
     eval and at the end), with `keep_checkpoints` the series `OUT/checkpoints/step_*.safetensors`
-    (`gpt_fn.checkpoint.KeepSchedule`), and `OUT/loss.png`; prints a sample from "ROMEO:" at
-    the end.
+    (`gpt_fn.checkpoint.KeepSchedule`), and `OUT/loss.png`. With `sample`, logs its text every
+    `sample_every` steps and at the end (then also the summary's `"sample"`).
     With `settings.resume` the run continues from its checkpoint with the settings saved
     there (`gpt_fn.settings.resume_settings` says what may differ).
     """
@@ -217,7 +225,7 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
         device = resolve_device(settings.device, local_rank=local_rank())
         with run_dir.lock() if rank == 0 else contextlib.nullcontext():
             settings = _settings_for_this_run(settings, run_dir, device, rank, log)
-            runtime = make_runtime(device, settings.dtype, rank, world_size)
+            runtime = make_runtime(device, settings.autocast_dtype, rank, world_size)
             # Shape checks cost Python time every call and force recompiles under dynamo.
             with (
                 shape_checks(False),
@@ -225,7 +233,7 @@ def train(settings: TrainSettings, *, log: Log = print) -> dict[str, Any]:
                 contextlib.ExitStack() as logs,
             ):
                 with _stop_on_sigint(log) as stop_requested:
-                    run = _Run(settings, runtime, run_dir, log, stop_requested)
+                    run = _Run(settings, runtime, run_dir, log, stop_requested, sample)
                     logs.enter_context(run.run_logs())  # open until finish() is done
                     summary = run.train()
                 return run.finish(summary)
@@ -254,7 +262,7 @@ def _settings_for_this_run(
         raise ValueError(
             f"batch_size {settings.batch_size} must be divisible by the {_world_size()} ranks"
         )
-    return settings.resolved(resolve_dtype(settings.dtype, device))
+    return settings.resolved(resolve_dtype(settings.autocast_dtype, device))
 
 
 def _rewind(run_dir: RunDir, step: int, log: Log) -> None:
@@ -279,9 +287,10 @@ class _Run:
         run_dir: RunDir,
         log: Log,
         stop_requested: Callable[[], bool],
+        sample: Sample | None,
     ) -> None:
         self.settings, self.runtime, self.run_dir = settings, runtime, run_dir
-        self.log, self.stop_requested = log, stop_requested
+        self.log, self.stop_requested, self.sample_fn = log, stop_requested, sample
         self.sharded = settings.parallel == "fsdp" and runtime.world_size > 1
         self.keep = (
             KeepSchedule.parse(settings.keep_checkpoints) if settings.keep_checkpoints else None
@@ -432,7 +441,9 @@ class _Run:
                     self._keep(done)
                 sample_due = settings.sample_every and done % settings.sample_every == 0
                 if sample_due and done < settings.max_steps:
-                    say(self._logged_sample(done))
+                    text = self._logged_sample(done)
+                    if text is not None:
+                        say(text)
                 summary.update(record)
         return summary
 
@@ -626,19 +637,16 @@ class _Run:
             for name, value in self.module.params().items()
         }
 
-    def sample(self) -> str:
-        """A sample from the current weights (call on every rank: FSDP gathers its shards)."""
-        return sample_text(
-            self._full_params(),
-            self.config,
-            tokens=self.settings.sample_tokens,
-            seed=self.settings.seed,
-            runtime=self.runtime,
+    def _logged_sample(self, step: int) -> str | None:
+        """The `sample` callback's text from the current weights, also sent to the run logs at
+        `step`; None without a callback (call on every rank: FSDP gathers its shards)."""
+        if self.sample_fn is None:
+            return None
+        # Weights cast once to the run's dtype: autocast would re-cast every matmul at every step.
+        params = {k: v.detach().to(self.runtime.dtype) for k, v in self._full_params().items()}
+        text = self.sample_fn(
+            params, self.config, tokens=self.settings.sample_tokens, seed=self.settings.seed
         )
-
-    def _logged_sample(self, step: int) -> str:
-        """`sample()`, also sent to the run logs at `step`."""
-        text = self.sample()
         for run_log in self.logs:
             run_log.text("sample", text, step)
         return text
@@ -696,7 +704,7 @@ class _Run:
             self.logs = []
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """After the last step (saved): the speed, the loss plot and a sample from the weights.
+        """After the last step (saved): the speed, the loss plot and a sample (with a callback).
 
         Runs outside the loop's Ctrl-C handler: a Ctrl-C here (or one pressed during the last
         step) ends the run with `TrainingInterrupted`, its checkpoint complete.
@@ -723,7 +731,7 @@ class _Run:
             sample = self._logged_sample(steps)
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted after the last step: {saved}") from None
-        if self.runtime.is_main:
+        if self.runtime.is_main and sample is not None:
             summary["sample"] = sample
             self.log(f"--- sample at step {steps} ---\n{sample}")
         return summary
@@ -754,29 +762,6 @@ def _extra_evals_line(record: dict[str, Any]) -> str:
             f"eval text {record['text_bpb']:.3f} bits/byte ({record['text_seconds']:.1f} s)"
         )
     return "".join(", " + part for part in parts)
-
-
-def sample_text(
-    params: Params, config: GPTConfig, *, tokens: int, seed: int, runtime: Runtime = CPU_FP32
-) -> str:
-    """A sample continuing "ROMEO:" (temperature 0.8, top-k 200), ids past GPT-2's vocab banned."""
-    encoding = gpt2()
-    prompt = torch.tensor([encoding.encode_ordinary(SAMPLE_PROMPT)], device=runtime.device)
-    transform = sampling.make_transform(
-        temperature=0.8, top_k=200, ban_tokens=range(encoding.n_vocab, config.vocab_size)
-    )
-    # Weights cast once to the run's dtype: autocast would re-cast every matmul at every step.
-    with torch.no_grad():
-        out = sampling.generate(
-            {k: v.detach().to(runtime.dtype) for k, v in params.items()},
-            prompt,
-            config,
-            max_new_tokens=tokens,
-            transform=transform,
-            seed=seed,
-            eos_token_id=EOT_TOKEN,
-        )
-    return encoding.decode([t for t in out[0].tolist() if t != EOT_TOKEN])
 
 
 def _load_data(
@@ -836,7 +821,7 @@ def _initial_params(
         _check_memory(settings, config, runtime)
         return init_params(config, seed=settings.seed), config
     if pretrained:
-        weights, weights_config = hf.load(pretrained)
+        weights, weights_config, _ = load_model(hf=pretrained)
         config = settings.model_config(weights_config)
         log(
             f"init from {pretrained}: {config.n_layer} layers x {config.n_embd} wide, "

@@ -79,7 +79,7 @@ def checkpoint_dir(tmp_path) -> Path:
 
 
 def test_tinyshakespeare_offline_is_one_line(capsys, train_args, monkeypatch):
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     args = train_args()
     args[1] = "--data=tinyshakespeare"
     assert_one_line(*run(capsys, *args)[::2], "could not download tinyshakespeare")
@@ -346,6 +346,32 @@ def _samples(capsys, *argv: str) -> list[str]:
     code, out, err = run(capsys, "sample", "--max-new-tokens=12", *argv)
     assert code == 0, err
     return re.split(r"--- sample \d+ ---\n", out)[1:] or [out]
+
+
+def test_train_samples_ban_the_ids_past_gpt2s_tokenizer_exactly_as_an_explicit_ban():
+    """`sample_text` bans padding ids through the decoders' one policy (`ban_padding_ids`):
+    the same tokens, to the bit, as `ban_tokens` of them chained before temperature and top-k."""
+    config = GPTConfig(vocab_size=50304, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    params = init_params(config, seed=0)
+    # Long padding rows of the tied embedding give the padding ids the largest logits.
+    wte = params["wte.weight"].clone()
+    wte[50257:] *= 100
+    params = {**params, "wte.weight": wte}
+    prompt = torch.tensor([gpt2().encode_ordinary("ROMEO:")])
+    tokens = 12
+
+    def generated(**transform):
+        out = cli.sampling.generate(
+            params, prompt, config, max_new_tokens=tokens, seed=3, eos_token_id=EOT_TOKEN,
+            transform=cli.sampling.make_transform(temperature=0.8, top_k=200, **transform),
+        )  # fmt: skip
+        return [t for t in out[0, prompt.shape[1] :].tolist() if t != EOT_TOKEN]
+
+    assert any(t >= 50257 for t in generated())  # without a ban the padding ids win
+    explicit = generated(ban_tokens=range(50257, 50304))
+    assert cli.sample_text(params, config, tokens=tokens, seed=3) == gpt2().decode(
+        gpt2().encode_ordinary("ROMEO:") + explicit
+    )
 
 
 def test_num_samples_are_independent_of_other_seeds(capsys, checkpoint_dir):

@@ -1,6 +1,8 @@
 """Tests for gpt_fn.data: corpora, token files and the batch rule."""
 
+import ast
 import hashlib
+import inspect
 import itertools
 import json
 import threading
@@ -209,7 +211,7 @@ def test_prepare_rejects_bad_settings(tmp_path):
 
 def test_tinyshakespeare_offline_fails_fast_and_names_the_alternatives(tmp_path, monkeypatch):
     # Port 9 (discard) on localhost refuses the connection at once: an offline machine.
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(ConnectionError, match="'shakespeare'.*local text file"):
         data.prepare("tinyshakespeare", tmp_path)
     assert not (tmp_path / "tinyshakespeare.txt").exists()
@@ -220,7 +222,7 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):
     served.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", served.as_uri())
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", served.as_uri())
     with pytest.raises(ValueError, match="not tiny-shakespeare"):
         data.load_corpus("tinyshakespeare", cache_dir=cache)
     assert not (cache / "tinyshakespeare.txt").exists()
@@ -228,12 +230,12 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):
     # Pin the hash of the served file: the download passes, lands in the cache, and is used
     # from there once the network is gone.
     payload = served.read_bytes()
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_BYTES", len(payload))
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_BYTES", len(payload))
     corpus = data.load_corpus("tinyshakespeare", cache_dir=cache)
     assert corpus == ("tinyshakespeare", (payload.decode(),))
     assert (cache / "tinyshakespeare.txt").read_bytes() == payload
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpora, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     assert data.load_corpus("tinyshakespeare", cache_dir=cache) == corpus
 
 
@@ -307,7 +309,7 @@ def test_two_processes_preparing_one_new_folder_take_turns(tmp_path, monkeypatch
     source.write_text(SMALL_TEXT)
     out = tmp_path / "new"
     written, resume = threading.Event(), threading.Event()
-    split = data._split_stream
+    split = data.preparation._split_stream
 
     def paused_split(*args, **kwargs):
         if not written.is_set():
@@ -315,7 +317,7 @@ def test_two_processes_preparing_one_new_folder_take_turns(tmp_path, monkeypatch
             assert resume.wait(timeout=60)
         return split(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_split_stream", paused_split)
+    monkeypatch.setattr(data.preparation, "_split_stream", paused_split)
     results: dict[str, object] = {}
 
     def run(name):
@@ -469,7 +471,7 @@ PIECES_ALPHABET += ["\n\n", "\t", "\r\n", "\u00a0", "\u3000", "<|endoftext|>"]
 @given(st.lists(st.sampled_from(PIECES_ALPHABET), max_size=60).map("".join))
 def test_cutting_text_at_every_safe_cut_keeps_its_tokens(text):
     encoding = gpt2()
-    cuts = [m.end() for m in data._SAFE_CUT.finditer(text)]
+    cuts = [m.end() for m in data.corpora._SAFE_CUT.finditer(text)]
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert "".join(pieces) == text
     assert [t for piece in pieces for t in encoding.encode_ordinary(piece)] == (
@@ -519,8 +521,8 @@ def test_streamed_shards_hold_exactly_the_one_file_datasets_tokens_and_batches(
     one_file = data.prepare(tmp_path / "corpus", tmp_path / "one", num_threads=1)
     # Tiny pieces (documents cut in many places, files read in many blocks, multi-byte
     # characters split across reads), a thread pool and tiny shards: the same token stream.
-    monkeypatch.setattr(data, "PIECE_CHARS", 37)
-    monkeypatch.setattr(data, "_COPY_TOKENS", 11)
+    monkeypatch.setattr(data.corpora, "PIECE_CHARS", 37)
+    monkeypatch.setattr(data.preparation, "_COPY_TOKENS", 11)
     sharded = data.prepare(
         tmp_path / "corpus", tmp_path / "sharded", shard_tokens=100, num_threads=3
     )
@@ -629,7 +631,7 @@ def test_an_interrupted_prepare_leaves_no_dataset_that_loads(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "_encoded", interrupted)
+        patch.setattr(data.preparation, "_encoded", interrupted)
         with pytest.raises(KeyboardInterrupt):
             data.prepare(source, out, shard_tokens=20)
     assert list(out.glob("tokens_*.bin"))  # shards were written, but meta.json says incomplete
@@ -663,3 +665,38 @@ def test_bad_jsonl_lines_are_errors_naming_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         data.load_corpus(corpus, cache_dir=tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_token_file_reads_alike_as_a_folder_an_llmc_shard_or_raw_uint16(tmp_path):
+    write_llmc_shard(tmp_path / "x_val_000000.bin", COUNTING_TOKENS[:300])
+    write_llmc_shard(tmp_path / "x_train_000000.bin", COUNTING_TOKENS[:500])
+    (tmp_path / "raw.bin").write_bytes(COUNTING_TOKENS[:300].tobytes())
+    for source in (tmp_path, tmp_path / "x_val_000000.bin", tmp_path / "raw.bin"):
+        assert np.array_equal(data.read_token_file(source), COUNTING_TOKENS[:300]), source
+    (tmp_path / "odd.bin").write_bytes(b"\x01")
+    (tmp_path / "padding.bin").write_bytes(np.array([5, 50300], dtype=np.uint16).tobytes())
+    for name, match in (
+        ("missing.bin", r"missing\.bin: no such file"),
+        ("odd.bin", r"odd\.bin holds 1 bytes, not a whole number of uint16"),
+        ("padding.bin", r"padding\.bin holds id 50300, not a GPT-2 token \(< 50257\)"),
+    ):
+        with pytest.raises((OSError, ValueError), match=match):
+            data.read_token_file(tmp_path / name)
+
+
+def _top_level_names(module) -> set[str]:
+    """The names a module's own top-level statements define (functions, classes, assignments)."""
+    names = set()
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_every_public_name_of_the_data_modules_is_importable_from_gpt_fn_data():
+    for module in (data.corpora, data.shards, data.preparation, data.batches):
+        public = {name for name in _top_level_names(module) if not name.startswith("_")}
+        assert public and public <= set(data.__all__), (module.__name__, public - set(data.__all__))
+    assert all(hasattr(data, name) for name in data.__all__)

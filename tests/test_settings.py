@@ -50,11 +50,23 @@ def test_warmup_scales_with_short_runs_and_defaults_to_twenty_steps():
     assert TrainSettings(max_steps=50).resolved_warmup_steps == 5
     assert TrainSettings(max_steps=5).resolved_warmup_steps == 0  # a 5-step run is valid
     resolved = TrainSettings(max_steps=50).resolved("float32")
-    assert (resolved.warmup_steps, resolved.lr_decay_steps, resolved.dtype) == (5, 50, "float32")
+    assert (resolved.warmup_steps, resolved.lr_decay_steps, resolved.autocast_dtype) == (
+        5,
+        50,
+        "float32",
+    )
 
 
 def _saved(**fields):
     return TrainSettings(max_steps=300, **fields).resolved("float32").to_dict()
+
+
+def test_the_former_name_dtype_reads_as_autocast_dtype_in_a_config_and_a_checkpoint():
+    assert TrainSettings.from_dict({"dtype": "bfloat16"}).autocast_dtype == "bfloat16"
+    older = {("dtype" if k == "autocast_dtype" else k): v for k, v in _saved().items()}
+    requested = TrainSettings(max_steps=300, resume=True)
+    settings, notes = resume_settings(requested, older, step=300)
+    assert settings.autocast_dtype == "float32" and notes == []
 
 
 def test_resume_keeps_the_runs_settings_and_its_schedule_when_extended():
@@ -71,7 +83,11 @@ def test_resume_from_python_inherits_derived_fields_left_unset():
     saved = _saved()
     requested = TrainSettings(max_steps=600, resume=True)  # lr_decay_steps None: "unset"
     settings, _ = resume_settings(requested, saved, step=300)
-    assert (settings.lr_decay_steps, settings.warmup_steps, settings.dtype) == (300, 20, "float32")
+    assert (settings.lr_decay_steps, settings.warmup_steps, settings.autocast_dtype) == (
+        300,
+        20,
+        "float32",
+    )
 
 
 def test_resume_refuses_a_changed_run_setting_unless_allowed():

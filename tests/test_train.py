@@ -66,13 +66,26 @@ def test_resumed_run_equals_an_uninterrupted_run(corpus, tmp_path):
 
 
 def test_metrics_plot_and_sample_are_written(corpus, tmp_path):
-    summary = train(_settings(corpus, tmp_path / "run", max_steps=6), log=_quiet)
+    asked = []
+
+    def sample(params, config, *, tokens, seed):
+        asked.append((tokens, seed, {p.dtype for p in params.values()}))
+        return cli.sample_text(params, config, tokens=tokens, seed=seed)
+
+    settings = _settings(corpus, tmp_path / "run", max_steps=6)
+    summary = train(settings, log=_quiet, sample=sample)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert "val_loss" in records[5]
     assert records[-1]["loss"] < records[0]["loss"]  # it learns the repeated speech
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     assert summary["sample"].startswith("ROMEO:")
+    assert asked == [(8, settings.seed, {torch.float32})]  # once, after the last step
+
+
+def test_a_run_without_a_sample_callback_samples_nothing(corpus, tmp_path):
+    summary = train(_settings(corpus, tmp_path / "run", max_steps=2, sample_every=1), log=_quiet)
+    assert "sample" not in summary
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
@@ -135,9 +148,14 @@ def test_resuming_from_a_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
 
 def test_bf16_autocast_and_grad_accumulation_train(corpus, tmp_path):
     settings = _settings(
-        corpus, tmp_path / "run", max_steps=2, eval_interval=2, dtype="bfloat16", grad_accum=2
+        corpus,
+        tmp_path / "run",
+        max_steps=2,
+        eval_interval=2,
+        autocast_dtype="bfloat16",
+        grad_accum=2,
     )
-    summary = train(settings, log=_quiet)
+    summary = train(settings, log=_quiet, sample=cli.sample_text)
     assert torch.isfinite(torch.tensor(summary["loss"]))
 
 
@@ -189,6 +207,12 @@ def test_cli_train_flags_override_the_config_file(corpus, tmp_path):
         3,
         False,
     )
+
+
+def test_the_dtype_flag_is_the_autocast_dtype_setting():
+    for flag in ("--autocast-dtype", "--dtype"):
+        args = cli._parser().parse_args(["train", flag, "float16"])
+        assert cli.settings_from_args(args).autocast_dtype == "float16"
 
 
 def test_cli_bad_flags_exit_nonzero_with_a_message(capsys):
@@ -354,7 +378,7 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_its_loss_scale(corpus, tmp
 
     monkeypatch.setattr(gpt_fn.model, "loss", overflow_once)
     summary = train(
-        _settings(corpus, tmp_path / "run", dtype="float16", max_steps=5, eval_interval=5),
+        _settings(corpus, tmp_path / "run", autocast_dtype="float16", max_steps=5, eval_interval=5),
         log=_quiet,
     )
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
