@@ -4,12 +4,13 @@
 its endings from that context's KV cache (`score_endings`); the plain call runs the context
 again with every ending, as lm-evaluation-harness does. Items are HellaSwag-shaped: a context
 of about `CONTEXT_WORDS` words of Shakespeare and 4 endings of about `ENDING_WORDS` words (the
-following text and three others from elsewhere in the plays), scored by the train-step
-benchmark's model (6 layers, 384 wide, GPT-2's padded vocabulary) with random weights; the
-two ways' log-probs must agree (their largest difference is reported). Time is the median of
-repeats, the contenders taking turns.
+following text and three others from elsewhere in the plays: 71-110 and 21-43 tokens),
+scored by the train-step benchmark's model (6 layers, 384 wide, GPT-2's padded vocabulary) or,
+with `--model gpt2`, by one of GPT-2 small's shape, with random weights; the two ways'
+log-probs must agree (their largest difference is reported). Time is the median of repeats,
+the contenders taking turns.
 
-    python benchmarks/choices.py [--quick] [--threads N] [--out DIR]
+    python benchmarks/choices.py [--quick] [--model bench|gpt2] [--threads N] [--out DIR]
 """
 
 import random
@@ -31,6 +32,7 @@ from gpt_fn.shapes import shape_checks
 
 CONFIG = GPTConfig(vocab_size=50304, block_size=256, n_layer=6, n_head=6, n_embd=384)
 QUICK_CONFIG = GPTConfig(vocab_size=50304, block_size=128, n_layer=2, n_head=2, n_embd=64)
+MODELS = {"bench": CONFIG, "gpt2": GPTConfig.from_preset("gpt2")}
 ITEMS, ENDINGS, CONTEXT_WORDS, ENDING_WORDS, BATCH = 32, 4, 60, 20, 8
 
 
@@ -122,8 +124,16 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = command_line("choices", __doc__, quick="a 2-layer, 64-wide model, 8 items", threads=1)
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="bench",
+        help="bench: 6 layers x 384 (default); gpt2: GPT-2 small's shape (ignored with --quick)",
+    )
     args = parser.parse_args(argv)
-    finish("choices", run(args.quick, threads=args.threads), args.out, markdown=markdown)
+    config = None if args.quick else MODELS[args.model]
+    result = run(args.quick, threads=args.threads, config=config)
+    finish("choices", result, args.out, markdown=markdown)
 
 
 if __name__ == "__main__":

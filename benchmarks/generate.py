@@ -9,16 +9,18 @@ its own KV cache. Cases, 128 new greedy tokens each:
   prompts left-padded with their attention mask.
 
 Contenders: `gpt_fn cached` (`sampling.generate`), `gpt_fn compiled` (the same with
-`compile=True`: the cached step through `torch.compile`, fixed shapes, compiled in warm-up),
+`compile=True`: the cached step through `torch.compile` over the filled slots, compiled in
+warm-up),
 `gpt_fn uncached` (the whole context recomputed each step) and `HF generate`. Every run
 checks that all contenders produce the same tokens. A second table holds the cost of a step
 as the sequence grows: tokens/s at 64, 256 and 1024 new tokens on the same model with a
 1040-token block (batch 1), gpt_fn cached against HF, and the median step early and late in
 the longest request (the clock read at every token). On the same model, `long_over_short` is
 tokens/s at 768 new tokens over tokens/s at 64, eager and compiled (the four runs take turns,
-and each request's long and short tokens must agree): a step attends over the slots filled so
-far, so a long request should cost about what a short one does per token. Contenders take
-turns within each repeat; figures are medians.
+and each request's long and short tokens must agree; also per CPU-second, which a busy
+machine's waits for a core do not enter, and the compilations they took): a step attends
+over the slots filled so far, so a long request should cost about what a short one does per
+token. Contenders take turns within each repeat; figures are medians.
 
 A third figure bounds what any decoder could reach at batch 1: `matvecs only` times the
 matrix-vector products of a step and nothing else (one row times each block's four weight
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -280,7 +283,9 @@ def _long_over_short(
     """Tokens/s of a long request over a short one's, eager (and compiled), taking turns.
 
     `same_tokens`: the short request's tokens start the long one's, and compiled decoding
-    gives eager decoding's tokens."""
+    gives eager decoding's tokens. `cpu_ratio`: the same ratio in tokens per CPU-second of
+    this process (a busy machine's waits for a core left out). `compilations`: the graphs
+    dynamo compiled for them all."""
     short, long = short_long
     modes = {"gpt_fn cached": {}, **({"gpt_fn compiled": {"compile": True}} if compile else {})}
     contenders = {
@@ -289,16 +294,20 @@ def _long_over_short(
         for n in short_long
     }
     outputs: dict[str, list[list[int]]] = {}
+    graphs_before = counters["stats"]["unique_graphs"]
     timings = take_turns(
         contenders, warmup + repeats, device=torch.device("cpu"), record=outputs.__setitem__
     )
-    speeds = {
-        mode: {
-            str(n): n / statistics.median(timings.seconds[f"{mode}, {n} new"][warmup:])
-            for n in short_long
+    speeds, cpu_speeds = (
+        {
+            mode: {
+                str(n): n / statistics.median(times[f"{mode}, {n} new"][warmup:])
+                for n in short_long
+            }
+            for mode in modes
         }
-        for mode in modes
-    }
+        for times in (timings.seconds, timings.cpu_seconds)
+    )
     reference = outputs[f"gpt_fn cached, {long} new"]
     expected = {long: reference, short: [row[:short] for row in reference]}
     return {
@@ -306,9 +315,13 @@ def _long_over_short(
         "long": long,
         "tokens_per_s": speeds,
         "ratio": {mode: speeds[mode][str(long)] / speeds[mode][str(short)] for mode in modes},
+        "cpu_ratio": {
+            mode: cpu_speeds[mode][str(long)] / cpu_speeds[mode][str(short)] for mode in modes
+        },
         "same_tokens": all(
             outputs[f"{mode}, {n} new"] == expected[n] for mode in modes for n in short_long
         ),
+        "compilations": counters["stats"]["unique_graphs"] - graphs_before,
     }
 
 
@@ -402,7 +415,10 @@ def markdown(result: dict) -> str:
             f"**{ratios['ratio'][name]:.2f}x**"
             for name, speeds in ratios["tokens_per_s"].items()
         )
-        + f"; same tokens: {'yes' if ratios['same_tokens'] else 'NO'}",
+        + "; per CPU-second: "
+        + "; ".join(f"{name} **{ratio:.2f}x**" for name, ratio in ratios["cpu_ratio"].items())
+        + f"; same tokens: {'yes' if ratios['same_tokens'] else 'NO'}; compilations: "
+        f"{ratios['compilations']}",
     ]
     return "\n".join(lines) + "\n"
 

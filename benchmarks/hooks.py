@@ -112,7 +112,7 @@ def _train_contenders(
 
 def _plain_loss(params, x, y, config):
     """The loss as the model computed it before sites: nn layers, no hook plumbing."""
-    top, blocks = model._split(params, config.n_layer)
+    top, blocks = model.split_params(params, config.n_layer)
     eps = config.layer_norm_eps
     h = embed(params["wte.weight"], params["wpe.weight"], x)
     for p in blocks:
@@ -152,7 +152,7 @@ def _decode_contenders(
 
 def _plain_decode_step(params, cache, token, head, config):
     """One cached step straight from the nn layers: the same ops as the model's, no hooks."""
-    top, blocks = model._split(params, config.n_layer)
+    top, blocks = model.split_params(params, config.n_layer)
     eps = config.layer_norm_eps
     positions = (cache.lengths - cache.starts)[:, None]
     mask = cache_attention_mask(cache.starts, cache.lengths, 1, cache.capacity)

@@ -14,11 +14,12 @@ Data-dependent checks (reading tensor values) are skipped where values cannot be
 """
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from numbers import Real
 from typing import TypeVar
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 T = TypeVar("T")
@@ -146,6 +147,102 @@ def check_token_ids(name: str, tokens: Tensor, *, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} {bad} is outside [0, vocab_size={vocab_size})")
+
+
+def check_token_batch(
+    tokens: object, *, vocab_size: int, block_size: int | None = None, name: str = "tokens"
+) -> None:
+    """`TypeError`/`ValueError` naming what is wrong with a `(batch, seq)` token tensor.
+
+    It must be an int64/int32 tensor of ids in `[0, vocab_size)`, at most `block_size` long
+    (None: any length). The id range is not checked while compiling or under vmap.
+    """
+    check_token_tensor(name, tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
+    if block_size is not None and tokens.shape[1] > block_size:
+        raise ValueError(
+            f"sequence of {tokens.shape[1]} positions is longer than block_size={block_size}"
+        )
+    what = "token id" if name == "tokens" else f"{name}: token id"
+    check_token_ids(what, tokens, vocab_size=vocab_size)
+
+
+def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor, "batch seq"]:
+    """The mask as bool, or `ValueError`/`TypeError` naming what is wrong with it.
+
+    It must be a `(batch, seq)` tensor of 0/1 (or bool) shaped like `tokens`, and every row
+    needs at least one real token (1).
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens "
+            f"{tuple(tokens.shape)}: one 0/1 per token"
+        )
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+        if not is_traced(attention_mask) and bool(
+            ((attention_mask != 0) & (attention_mask != 1)).any()
+        ):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        attention_mask = attention_mask.bool()
+    if not is_traced(attention_mask):
+        empty = (~attention_mask.any(dim=1)).nonzero()
+        if len(empty):
+            raise ValueError(
+                f"attention_mask row {int(empty[0, 0])} has no real token (all 0); every row "
+                "needs at least one"
+            )
+    return attention_mask
+
+
+def check_shapes(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
+) -> None:
+    """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
+    check_same_keys(tensors, expected, what=f"{what} for this config")
+    for name, shape in expected.items():
+        if not isinstance(tensors[name], Tensor):
+            raise TypeError(
+                f"{what}: {name!r} is a {type(tensors[name]).__name__}, not a torch.Tensor"
+            )
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                "for this config"
+            )
+
+
+def check_one_dtype_and_device(tensors: Mapping[str, Tensor], *, reference: str, what: str) -> None:
+    """Every tensor is floating point, on `tensors[reference]`'s device and of its dtype.
+
+    `TypeError` for a non-floating tensor or another dtype, `ValueError` for another device;
+    errors name the tensor. Mixed dtypes are let through under autocast on that device, which
+    casts the matmuls' operands (fp16 weights with fp32 LayerNorms, apex's O2).
+    """
+    dtypes = {value.dtype for value in tensors.values()}
+    devices = {value.device for value in tensors.values()}
+    if len(dtypes) == 1 and len(devices) == 1 and next(iter(dtypes)).is_floating_point:
+        return  # the common case: one pass for each, no per-tensor comparisons
+    first = tensors[reference]
+    for name, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{what}: {name!r} has dtype {value.dtype}; {what} must be floating point"
+            )
+        if value.device != first.device:
+            raise ValueError(
+                f"{what}: {name!r} is on {value.device} but {reference!r} is on {first.device}; "
+                f"move all {what} to one device"
+            )
+        if value.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
+            raise TypeError(
+                f"{what}: {name!r} has dtype {value.dtype} but {reference!r} has {first.dtype}; "
+                f"cast all {what} to one dtype (or run under autocast)"
+            )
 
 
 def is_batched(t: Tensor) -> bool:

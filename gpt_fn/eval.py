@@ -560,11 +560,13 @@ def score_endings(
     the context: `score_continuations` over `(context, ending)` pairs, with each context run
     once and its endings scored from its KV cache.
 
-    `batch_size` items run at a time: their contexts as one left-padded batch, then every
-    ending of every item as one right-padded batch over the contexts' caches (a context's
-    cache repeated once per ending). An item whose context plus longest ending does not fit
-    in `block_size + 1` tokens is scored by `score_continuations`, which cuts the context on
-    the left as lm-eval does. `progress(n)` counts endings. Runs without gradients.
+    `batch_size` items run at a time, longest contexts first: their contexts as one
+    left-padded batch, then their endings over the contexts' caches (a context's cache
+    repeated once per ending), longest first, as many to a call as the batch has items; one
+    LM head pass, without the argmax, scores every ending token of the batch. An item whose
+    context plus longest ending does not fit in `block_size + 1` tokens is scored by
+    `score_continuations`, which cuts the context on the left as lm-eval does. `progress(n)`
+    counts endings. Runs without gradients.
     """
     check_params(params, config)
     check_int("batch_size", batch_size, at_least=1)
@@ -593,9 +595,9 @@ def score_endings(
         )
         for i in long:
             results[i] = [next(scores).logprob for _ in items[i][1]]
-    for chunk in _fitting_batches(
-        items, [i for i, fit in enumerate(fits) if fit], config, batch_size
-    ):
+    # Contexts of similar lengths share a batch: little of its left padding is computed.
+    fitting = sorted((i for i, fit in enumerate(fits) if fit), key=lambda i: -len(items[i][0]))
+    for chunk in _fitting_batches(items, fitting, config, batch_size):
         sums = _shared_context_sums(params, [items[i] for i in chunk], config, head, attention)
         for i, item_sums in zip(chunk, sums, strict=True):
             results[i] = item_sums
@@ -634,22 +636,18 @@ def _shared_context_sums(
     head: Tensor,
     attention: AttentionKernel,
 ) -> list[list[float]]:
-    """`score_endings` for items that fit in the model's window, as one batch."""
+    """`score_endings` for items that fit in the model's window: their contexts as one batch,
+    then their endings in groups of similar lengths, one LM head pass over every scored row."""
     device = params["wte.weight"].device
-    contexts = [list(context) for context, _ in items]
-    endings = [list(ending) for _, item_endings in items for ending in item_endings]
-    owner = torch.tensor(
-        [i for i, (_, item_endings) in enumerate(items) for _ in item_endings], device=device
-    )
-    context_tokens, context_mask = pad(contexts, side="left", device=device)
-    ending_tokens, ending_mask = pad(endings, side="right", device=device)
+    context_tokens, context_mask = pad([list(c) for c, _ in items], side="left", device=device)
     check_tokens(context_tokens, config)
-    check_tokens(ending_tokens, config)
+    endings = [list(ending) for _, item_endings in items for ending in item_endings]
+    owner = [i for i, (_, item_endings) in enumerate(items) for _ in item_endings]
     with torch.no_grad():
         cache = empty_cache(
             config,
-            batch=len(contexts),
-            capacity=context_tokens.shape[1] + ending_tokens.shape[1] - 1,
+            batch=len(items),
+            capacity=context_tokens.shape[1] + max(len(e) for e in endings) - 1,
             starts=(~context_mask).sum(1),
             dtype=params["wte.weight"].dtype,
             device=device,
@@ -658,23 +656,42 @@ def _shared_context_sums(
             params, context_tokens, config, attention=attention, cache=cache, write="in_place"
         )
         # Ending token j is predicted by the context's last position (j = 0) or by ending
-        # position j - 1, so the endings run without their last token, each continuing its
-        # item's context (the cache's rows repeated once per ending).
-        hidden = context_hidden[owner, -1:]
-        if ending_tokens.shape[1] > 1:
-            ending_hidden, _ = transformer(
+        # position j - 1: each ending's first token is scored from its item's last context
+        # row, the rest from the ending run without its last token after its context's cache.
+        hidden = [context_hidden[torch.tensor(owner, device=device), -1]]
+        targets = [torch.tensor([e[0] for e in endings], device=device)]
+        ending_of_row = [torch.arange(len(endings), device=device)]
+        # Endings run longest first, one item's count to a call, so few of their slots are
+        # padding (a batch's endings padded to its longest would be ~40% padding on
+        # HellaSwag-like lengths).
+        longest_first = sorted(
+            (j for j, e in enumerate(endings) if len(e) > 1), key=lambda j: -len(endings[j])
+        )
+        for start in range(0, len(longest_first), len(items)):
+            group = longest_first[start : start + len(items)]
+            tokens, mask = pad([endings[j] for j in group], side="right", device=device)
+            check_tokens(tokens, config)
+            rows = torch.tensor([owner[j] for j in group], device=device)
+            group_hidden, _ = transformer(
                 params,
-                ending_tokens[:, :-1],
+                tokens[:, :-1],
                 config,
                 attention=attention,
-                cache=cache.select(owner),
+                cache=cache.select(rows),  # a copy: written in place
+                write="in_place",
             )
-            hidden = torch.cat([hidden, ending_hidden], dim=1)
-        scored = hidden[ending_mask]
-        rows = linear_log_probs(scored, head, ending_tokens[ending_mask])
-    per_token = torch.zeros(ending_tokens.shape, dtype=torch.float64, device=device)
-    per_token[ending_mask] = rows.logprobs.double()
-    sums = per_token.sum(1).cpu().tolist()
+            scored = mask[:, 1:]
+            hidden.append(group_hidden[scored])
+            targets.append(tokens[:, 1:][scored])
+            group_index = torch.tensor(group, device=device)
+            ending_of_row.append(group_index[:, None].expand_as(scored)[scored])
+        rows = linear_log_probs(torch.cat(hidden), head, torch.cat(targets), greedy=False)
+    sums = (
+        torch.zeros(len(endings), dtype=torch.float64, device=device)
+        .index_add_(0, torch.cat(ending_of_row), rows.logprobs.double())
+        .cpu()
+        .tolist()
+    )
     out, position = [], 0
     for _, item_endings in items:
         out.append(sums[position : position + len(item_endings)])

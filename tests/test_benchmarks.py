@@ -148,7 +148,9 @@ def test_generate_contenders_agree_and_the_floor_counts_every_weight(out_dir):
     assert speeds[str(ratios["short"])] > 0 and speeds[str(ratios["long"])] > 0
     ratio = speeds[str(ratios["long"])] / speeds[str(ratios["short"])]
     assert ratios["ratio"] == {"gpt_fn cached": pytest.approx(ratio)}
+    assert ratios["cpu_ratio"]["gpt_fn cached"] > 0
     assert ratios["same_tokens"]
+    assert ratios["compilations"] == 0  # eager decoding compiles nothing
 
 
 def test_patching_sweeps_equal_transformer_lens_and_every_contender_is_timed(out_dir):

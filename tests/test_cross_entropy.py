@@ -289,6 +289,26 @@ def test_log_probs_and_greedy_equal_the_reference(n, chunk_size):
     assert torch.equal(ours.greedy, greedy) and bool(ours.greedy[::3].all())
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_log_probs_are_the_log_softmax_of_the_matmul_bit_for_bit(scale):
+    # The log-sum-exp runs in place in the logits buffer; it takes torch.logsumexp's steps, so
+    # the answer is the same bits as the out-of-place formula on the same matmul's output.
+    hidden, weight, targets = (t.detach() for t in _problem(16, 8, 29, scale=scale))
+    logits = torch.mm(hidden, weight.T)
+    expected = (logits.gather(1, targets[:, None]) - torch.logsumexp(logits, 1, keepdim=True))[:, 0]
+    for greedy in (True, False):
+        ours = linear_log_probs(hidden, weight, targets, chunk_size=16, greedy=greedy)
+        assert torch.equal(ours.logprobs, expected)
+        assert (ours.greedy is None) == (not greedy)
+
+
+def test_log_probs_refuse_a_greedy_flag_that_is_not_a_bool():
+    hidden, weight, targets = (t.detach() for t in _problem(2, 4, 5))
+    # beartype refuses it under pytest (TypeError); check_bool does for users (ValueError)
+    with pytest.raises((TypeError, ValueError), match="greedy"):
+        linear_log_probs(hidden, weight, targets, greedy=1)
+
+
 def test_log_probs_are_exact_and_finite_for_large_logits():
     hidden, weight, targets = (t.detach() for t in _problem(9, 4, 17, scale=1e4))
     ours = linear_log_probs(hidden, weight, targets, chunk_size=4)

@@ -404,6 +404,23 @@ def test_score_endings_equals_scoring_each_pair_alone(model, data):
         assert sums == pytest.approx([w.logprob for w in want], rel=1e-5, abs=1e-5)
 
 
+def test_score_endings_keeps_the_given_order_whatever_order_it_runs_in(model):
+    # score_endings runs longest contexts first and each batch's endings longest first, one
+    # item's count to a call, one-token endings in no call at all: the sums must still land
+    # on their own item and ending. Tolerance as in the property test above.
+    params, config = model
+    items = [
+        ([5, 6], [[1], [2, 3, 4, 5, 6, 7], [8, 9], [10]]),
+        ([11, 12, 13, 14, 15, 16, 17, 18], [[19], [20]]),
+        ([21, 22, 23, 24], [[25, 26, 27], [28], [29, 30, 31, 32, 33, 34, 35, 36], [37, 38]]),
+        ([40], [[41, 42]]),
+    ]
+    got = evaluation.score_endings(params, items, config, batch_size=3)
+    for (context, endings), sums in zip(items, got, strict=True):
+        want = evaluation.score_continuations(params, [(context, e) for e in endings], config)
+        assert sums == pytest.approx([w.logprob for w in want], rel=1e-5, abs=1e-5)
+
+
 def test_multiple_choice_sharing_contexts_gives_the_same_scores(model):
     params, config = model
     items = [

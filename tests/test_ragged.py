@@ -248,32 +248,62 @@ assert compiled == eager, (compiled, eager)
 """)
 
 
-def test_the_compiled_step_compiles_once_per_cache_bucket_and_serves_several_batches(
+def test_the_compiled_step_attends_the_filled_slots_and_compiles_once_per_batch_size(
     plain_python,
 ):
-    # Dynamo's tracing and guards decide when a step recompiles, whatever the backend: the
-    # "eager" backend counts the same compilations as inductor without its code generation.
+    # Dynamo's tracing and guards decide when a step recompiles, whatever the backend: a
+    # backend that records each graph and runs it eagerly counts the same compilations as
+    # inductor, without its code generation.
     plain_python("""
-import math, torch, gpt_fn
-from torch._dynamo.utils import counters
+import torch, gpt_fn
 from gpt_fn import sampling
+graphs = []
+def record(graph, example_inputs):
+    graphs.append((graph, example_inputs))
+    return graph.forward
 compile = torch.compile
-torch.compile = lambda fn, **options: compile(fn, **{**options, "backend": "eager"})
+torch.compile = lambda fn, **options: compile(fn, **{**options, "backend": record})
 config = gpt_fn.GPTConfig(vocab_size=101, block_size=256, n_layer=1, n_head=2, n_embd=16)
 params = gpt_fn.init_params(config, seed=0)
 rows = [[1, 2, 3], [9]]
-options = dict(max_new_tokens=130, greedy=True)  # 3 + 129 slots: past 128
+options = dict(max_new_tokens=130, greedy=True)  # 3 + 129 slots: buckets of 64, 128, 256
 eager = sampling.generate(params, rows, config, **options)
 compiled = sampling.generate(params, rows, config, **options, compile=True)
 assert compiled == eager, (compiled, eager)
-# The cache went through the buckets of 64, 128 and 256 slots: one compilation each, within
-# the bound of log2(block_size) + 1.
-graphs = counters["stats"]["unique_graphs"]
-assert graphs == 3 <= math.log2(config.block_size) + 1, graphs
-# Two more batch sizes: 9 compiled steps in all, past dynamo's default limit of 8.
-for batch in (1, 3):
-    sampling.generate(params, [[5, 6, 7]] * batch, config, **options, compile=True)
-assert counters["stats"]["unique_graphs"] == 9, dict(counters["stats"])
+# One graph for every length and capacity: the step is given the slots it attends (a view of
+# the cache's buffers), their count symbolic; first the 3-token prompt and its next token's
+# slot, not the 64-slot bucket. (Inductor adds one for a view of whole buffers: the next test.)
+assert len(graphs) == 1, len(graphs)
+graph, example_inputs = graphs[0]
+slots = [
+    node.meta["example_value"].shape[2]
+    for node in graph.graph.nodes
+    if node.op == "placeholder" and getattr(node.meta["example_value"], "ndim", 0) == 4
+]
+assert len(slots) == 2 and all(isinstance(n, torch.SymInt) for n in slots), slots
+assert [t.shape[2] for t in example_inputs if getattr(t, "ndim", 0) == 4] == [4, 4]
+# Eight more batch sizes: 9 compiled steps, past dynamo's default limit of 8.
+for batch in range(3, 11):
+    sampling.generate(params, [[5, 6, 7]] * batch, config, max_new_tokens=2, greedy=True, compile=True)
+assert len(graphs) == 9, len(graphs)
+""")
+
+
+def test_the_inductor_step_compiles_twice_when_the_attended_slots_fill_the_cache(plain_python):
+    # The attended slots are a view of part of the buffers until they fill them: inductor
+    # compiles the non-contiguous view and the whole (contiguous) buffer apart, and no more.
+    plain_python("""
+import torch, gpt_fn
+from torch._dynamo.utils import counters
+from gpt_fn import sampling
+config = gpt_fn.GPTConfig(vocab_size=101, block_size=16, n_layer=2, n_head=3, n_embd=24)
+params = gpt_fn.init_params(config, seed=0)
+rows = [[1, 2, 3], [9]]
+options = dict(max_new_tokens=16, greedy=True)  # the 16-slot cache fills, then the crop
+eager = sampling.generate(params, rows, config, **options)
+compiled = sampling.generate(params, rows, config, **options, compile=True)
+assert compiled == eager, (compiled, eager)
+assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 """)
 
 

@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_int, check_token_tensor, is_traced
+from gpt_fn.checks import check_bool, check_int, check_token_tensor, is_traced
 
 DEFAULT_CHUNK_SIZE = 512
 """Rows per chunk: chosen on a CPU at d_model 384, vocab 50304, where 512 rows are as fast as
@@ -89,8 +89,9 @@ class TokenLogProbs(NamedTuple):
 
     logprobs: Float[Tensor, " n"]
     """`log softmax(logits)[target]` in fp32 (fp64 for fp64 inputs); 0 for ignored rows."""
-    greedy: Bool[Tensor, " n"]
-    """Whether the target is the row's argmax (`logits.argmax() == target`); False if ignored."""
+    greedy: Bool[Tensor, " n"] | None
+    """Whether the target is the row's argmax (`logits.argmax() == target`); False if ignored.
+    None when not asked for (`greedy=False`)."""
 
 
 def linear_log_probs(
@@ -100,6 +101,7 @@ def linear_log_probs(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = -100,
+    greedy: bool = True,
 ) -> TokenLogProbs:
     """Each row's log-probability of its target under logits `hidden @ weight.T`, and whether
     the target is the argmax, computed `chunk_size` rows at a time: the `(n, vocab)` logits
@@ -107,10 +109,11 @@ def linear_log_probs(
 
     Equals `F.log_softmax(F.linear(hidden, weight).float(), -1).gather(1, targets[:, None])`
     and `logits.argmax(-1) == targets`, with the rounding `linear_cross_entropy` has under
-    autocast. Not differentiable: with grad mode on and an input that requires grad it raises
-    (use `linear_cross_entropy`, or `F.log_softmax` over materialised logits, for gradients).
-    Raises `ValueError`/`TypeError` for the arguments `linear_cross_entropy` rejects, except
-    that every target may be `ignore_index`.
+    autocast. `greedy=False` skips the argmax (a pass over the logits that scoring alone does
+    not need) and returns `greedy=None`. Not differentiable: with grad mode on and an input
+    that requires grad it raises (use `linear_cross_entropy`, or `F.log_softmax` over
+    materialised logits, for gradients). Raises `ValueError`/`TypeError` for the arguments
+    `linear_cross_entropy` rejects, except that every target may be `ignore_index`.
     """
     _check_arguments(
         hidden,
@@ -120,6 +123,7 @@ def linear_log_probs(
         ignore_index=ignore_index,
         need_counted=False,
     )
+    check_bool("greedy", greedy)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise RuntimeError(
             "linear_log_probs is not differentiable; call it under torch.no_grad() (or use "
@@ -136,7 +140,7 @@ def linear_log_probs(
     counted = targets != ignore_index
     safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
     logprobs = hidden.new_zeros(n, dtype=wide_dtype)
-    greedy = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    is_argmax = torch.zeros(n, dtype=torch.bool, device=hidden.device) if greedy else None
     with torch.autocast(device_type, enabled=False):
         h = hidden.to(operand_dtype).to(matmul_dtype).contiguous()
         w = weight.to(operand_dtype).to(matmul_dtype).contiguous()
@@ -148,12 +152,22 @@ def linear_log_probs(
             # Round where F.linear's output is rounded (operand precision), then widen.
             logits = product.to(operand_dtype).to(wide_dtype)
             target_c = safe_targets[start:stop]
-            # The argmax of the logits, not of the probabilities: exp can round ties into them.
-            greedy[start:stop] = logits.argmax(1) == target_c[:, 0]
-            logprobs[start:stop] = (
-                logits.gather(1, target_c) - torch.logsumexp(logits, 1, keepdim=True)
-            )[:, 0]
-    return TokenLogProbs(logprobs.masked_fill(~counted, 0.0), greedy & counted)
+            if is_argmax is not None:
+                # The argmax of the logits, not of the probabilities: exp can round ties in.
+                is_argmax[start:stop] = logits.argmax(1) == target_c[:, 0]
+            target_logits = logits.gather(1, target_c)
+            logprobs[start:stop] = (target_logits - _log_sum_exp_(logits))[:, 0]
+    return TokenLogProbs(
+        logprobs.masked_fill(~counted, 0.0), None if is_argmax is None else is_argmax & counted
+    )
+
+
+def _log_sum_exp_(logits: Tensor) -> Tensor:
+    """`torch.logsumexp(logits, 1, keepdim=True)`, bit for bit (its steps: max, shift, exp, sum,
+    log, shift back), overwriting `logits` instead of allocating a shifted copy of them."""
+    top = logits.amax(1, keepdim=True)
+    top.masked_fill_(top.abs() == torch.inf, 0)
+    return logits.sub_(top).exp_().sum(1, keepdim=True).log_().add_(top)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ of the past per step) or `None` when decoding without one, and the next-token lo
 attends over the slots filled so far (a slice of the buffers), so its cost follows the tokens
 written, not the capacity. A cache out of room grows to the next bucket (a power of two, at
 least 64 slots, at most `block_size`; the past copied once); `generate` starts each cache at
-its prompt's bucket, so a compiled step (fixed shapes: it attends over its whole bucket)
-compiles once per bucket, at most log2(block_size) + 1 times.
+its prompt's bucket. A compiled step attends the filled slots too (their count a dynamic size),
+so it compiles at most twice per batch size (the slots as part of the buffers, and as all of
+them), whatever the lengths and capacities.
 `decode_step` returns a new state and leaves the old one valid (it copies the cache buffers,
 as growing them with `torch.cat` did); `decode_step_` writes the new keys/values into the
 buffers the old state shares, so only the new state may be stepped on.
@@ -62,6 +63,7 @@ from gpt_fn.memory import check_sampling_fits, generate_bytes
 from gpt_fn.model import (
     KVCache,
     TokenRows,
+    attended_slots,
     check_attention_mask,
     check_params,
     check_tokens,
@@ -246,8 +248,9 @@ def generate(
       `[p0, p0, ..., p1, ...]`), the same tokens as a batch holding each prompt N times.
     - `use_cache=False` recomputes the (cropped) context each step: slower, same tokens.
       `hooks` intervene at every step (see the module docstring). `compile=True` runs the
-      cached decode step through `torch.compile` (fixed shapes: one compilation per cache
-      bucket, shared by later calls with the same batch size and options).
+      cached decode step through `torch.compile` (at most two compilations per batch size,
+      shared by later calls with the same options; it attends the filled slots, as eager
+      decoding does).
     """
     generation = _Generation(params, prompt, config, max_new_tokens=max_new_tokens, **options)
     return generation.assemble(list(generation.stream()))
@@ -369,7 +372,7 @@ def _cached_step(
     write: str,
 ) -> tuple[Tensor, KVCache]:
     """One token per row through the blocks over a cache with room: compilable (traced, it
-    attends over the whole capacity, so its shapes change only when the cache grows).
+    attends over the whole capacity: `_compiled_step` gives it the attended slots only).
 
     The LM head stays outside (`_next_logits`): its packed CPU kernel is not inductor's."""
     return transformer(
@@ -675,34 +678,57 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 _SMALLEST_BUCKET = 64
-"""Cache slots a generation starts with at least: over 64 slots attention is a small part of a
-step (reading the weights dominates), and GPT-2's 1024 positions then need 5 buckets, not 11."""
+"""Cache slots a generation starts with at least: GPT-2's 1024 positions then need 5 buckets
+(4 copies of the past as the cache grows), not 11."""
 
 
 def _cache_bucket(slots: int, block_size: int) -> int:
     """Capacity for `slots` (<= block_size) filled slots: the power of two at or above it, at
-    least `_SMALLEST_BUCKET`, at most `block_size`; a compiled step compiles once per bucket."""
+    least `_SMALLEST_BUCKET`, at most `block_size`."""
     return min(max(_SMALLEST_BUCKET, 1 << (slots - 1).bit_length()), block_size)
 
 
 _COMPILED_SHAPES_LIMIT = 64
-"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: one
-per batch size, bucket, config and hooks): dynamo's default, 8, does not hold two batch sizes
-of GPT-2's 5 buckets, and past the limit `fullgraph=True` fails."""
+"""Compiled decode steps a process keeps (all `generate(compile=True)` calls share them: up to
+two per batch size, config and hooks): dynamo's default, 8, does not hold five batch sizes,
+and past the limit `fullgraph=True` fails."""
 
 
 def _compiled_step(
     config: GPTConfig, attention: AttentionKernel, hooks: Hooks | None
 ) -> Callable[..., tuple[Tensor, KVCache]]:
+    """The cached step through `torch.compile`, over the slots it attends only.
+
+    It is given views of the slots up to the longest row's new one (as eager attention reads),
+    their count marked dynamic: one compilation serves every length and cache capacity (and
+    inductor one more for views that cover whole buffers, contiguous), and a step costs what
+    the filled slots cost, not the capacity. It writes through the views into the cache's
+    buffers, which the returned cache holds."""
+
     def step(params: Params, cache: KVCache, next_tokens: Tensor):
         return _cached_step(
             params, cache, next_tokens, config=config, attention=attention, hooks=hooks,
             write="in_place",
         )  # fmt: skip
 
-    return torch.compile(
+    compiled = torch.compile(
         step, fullgraph=True, dynamic=False, recompile_limit=_COMPILED_SHAPES_LIMIT
     )
+
+    def filled_step(params: Params, cache: KVCache, next_tokens: Tensor):
+        attended = attended_slots(cache, 1)
+        window = KVCache(
+            tuple(k[:, :, :attended] for k in cache.keys),
+            tuple(v[:, :, :attended] for v in cache.values),
+            cache.starts,
+            cache.lengths,
+        )
+        for buffer in window.keys + window.values:
+            torch._dynamo.mark_dynamic(buffer, 2)
+        hidden, stepped = compiled(params, window, next_tokens)
+        return hidden, cache._replace(lengths=stepped.lengths)
+
+    return filled_step
 
 
 def prompt_tokens(
