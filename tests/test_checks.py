@@ -215,9 +215,9 @@ def test_check_attention_mask_returns_bool_and_refuses_bad_values_and_empty_rows
 def test_check_shapes_names_the_missing_the_unexpected_and_the_misshapen_key():
     expected = {"a": (2,), "b": (1, 3)}
     check_shapes({"a": torch.zeros(2), "b": torch.zeros(1, 3)}, expected, what="state")
-    with pytest.raises(KeyError, match="state: missing 1 key\\(s\\) for this config, e.g. 'b'"):
+    with pytest.raises(KeyError, match=r"state for this config: missing 1 key \['b'\]"):
         check_shapes({"a": torch.zeros(2)}, expected, what="state")
-    with pytest.raises(KeyError, match="unexpected key\\(s\\) for this config, e.g. 'c'"):
+    with pytest.raises(KeyError, match=r"s for this config: 1 unexpected key \['c'\]"):
         check_shapes(
             {"a": torch.zeros(2), "b": torch.zeros(1, 3), "c": torch.zeros(1)}, expected, what="s"
         )
