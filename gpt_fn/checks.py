@@ -14,7 +14,7 @@ Data-dependent checks (reading tensor values) are skipped where values cannot be
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from numbers import Real
 from typing import TypeVar
 
@@ -203,14 +203,7 @@ def check_shapes(
     tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
 ) -> None:
     """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        raise KeyError(
-            f"{what}: missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
-        )
-    unexpected = [name for name in tensors if name not in expected]
-    if unexpected:
-        raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
+    check_same_keys(tensors, expected, what=f"{what} for this config")
     for name, shape in expected.items():
         if not isinstance(tensors[name], Tensor):
             raise TypeError(
@@ -267,3 +260,30 @@ def is_traced(t: Tensor) -> bool:
     Data-dependent input checks (token ids < vocab) are skipped then.
     """
     return torch.compiler.is_compiling() or is_batched(t)
+
+
+def check_same_keys(
+    got: Collection[str],
+    expected: Collection[str],
+    *,
+    what: str,
+    error: type[Exception] = KeyError,
+) -> None:
+    """`error` (a `KeyError` unless told) unless `got` has exactly the keys of `expected`.
+
+    `got` and `expected` are dicts, their keys or sets. The one line reads
+    `"{what}: missing 2 keys ['a', 'b']; 1 unexpected key ['c']"`, each list in its collection's
+    order and cut after three names.
+    """
+    missing = [key for key in expected if key not in got]
+    unexpected = [key for key in got if key not in expected]
+    if missing or unexpected:
+        problems = [f"missing {_some_keys(missing)}"] if missing else []
+        problems += [_some_keys(unexpected, "unexpected ")] if unexpected else []
+        raise error(f"{what}: {'; '.join(problems)}")
+
+
+def _some_keys(keys: list[str], kind: str = "") -> str:
+    """`"2 keys ['a', 'b']"`: the count, and the first three names."""
+    shown = ", ".join(repr(key) for key in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return f"{len(keys)} {kind}key{'' if len(keys) == 1 else 's'} [{shown}]"

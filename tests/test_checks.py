@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpt_fn.checks import (
     check_attention_mask,
@@ -12,6 +14,7 @@ from gpt_fn.checks import (
     check_int,
     check_number,
     check_one_dtype_and_device,
+    check_same_keys,
     check_shapes,
     check_token_batch,
     check_token_id,
@@ -135,6 +138,50 @@ def test_is_batched_sees_a_vmap_through_grad_wrappers_and_nothing_else():
     assert seen == {"batched": True, "traced": True}
 
 
+def test_check_same_keys_passes_equal_key_sets_in_any_order_and_container():
+    check_same_keys({"a": 1, "b": 2}, {"b": 3, "a": 4}, what="x")
+    check_same_keys({"a": 1}.keys(), {"a"}, what="x")
+    check_same_keys({}, set(), what="x")
+
+
+def test_check_same_keys_names_missing_then_unexpected_keys_first_three_in_order():
+    expected = {name: 0 for name in ["e", "d", "c", "b", "a"]}
+    with pytest.raises(KeyError) as caught:
+        check_same_keys({"a": 0, "z": 0}, expected, what="params for this config")
+    assert caught.value.args[0] == (
+        "params for this config: missing 4 keys ['e', 'd', 'c', ...]; 1 unexpected key ['z']"
+    )
+    with pytest.raises(ValueError, match=r"^grads: missing 1 key \['b'\]$"):
+        check_same_keys(["a"], ["a", "b"], what="grads", error=ValueError)
+    with pytest.raises(KeyError) as caught:
+        check_same_keys(dict.fromkeys("abc"), ["a"], what="grads")
+    assert caught.value.args[0] == "grads: 2 unexpected keys ['b', 'c']"
+
+
+@given(
+    got=st.sets(st.sampled_from("abcdefg")),
+    expected=st.sets(st.sampled_from("abcdefg")),
+)
+def test_check_same_keys_raises_exactly_when_the_sets_differ_and_names_a_differing_key(
+    got, expected
+):
+    if got == expected:
+        check_same_keys(got, expected, what="x")
+        return
+    with pytest.raises(KeyError) as caught:
+        check_same_keys(got, expected, what="x")
+    message = caught.value.args[0]
+    assert (
+        f"missing {len(expected - got)} " in message if expected - got else "missing" not in message
+    )
+    assert (
+        f"{len(got - expected)} unexpected " in message
+        if got - expected
+        else "unexpected" not in message
+    )
+    assert any(repr(key) in message for key in got ^ expected)
+
+
 def test_check_token_batch_names_the_shape_the_length_and_the_first_bad_id():
     tokens = torch.tensor([[1, 2, 3]])
     check_token_batch(tokens, vocab_size=4, block_size=3)
@@ -168,9 +215,9 @@ def test_check_attention_mask_returns_bool_and_refuses_bad_values_and_empty_rows
 def test_check_shapes_names_the_missing_the_unexpected_and_the_misshapen_key():
     expected = {"a": (2,), "b": (1, 3)}
     check_shapes({"a": torch.zeros(2), "b": torch.zeros(1, 3)}, expected, what="state")
-    with pytest.raises(KeyError, match="state: missing 1 key\\(s\\) for this config, e.g. 'b'"):
+    with pytest.raises(KeyError, match=r"state for this config: missing 1 key \['b'\]"):
         check_shapes({"a": torch.zeros(2)}, expected, what="state")
-    with pytest.raises(KeyError, match="unexpected key\\(s\\) for this config, e.g. 'c'"):
+    with pytest.raises(KeyError, match=r"s for this config: 1 unexpected key \['c'\]"):
         check_shapes(
             {"a": torch.zeros(2), "b": torch.zeros(1, 3), "c": torch.zeros(1)}, expected, what="s"
         )
