@@ -14,7 +14,7 @@ Data-dependent checks (reading tensor values) are skipped where values cannot be
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from numbers import Real
 from typing import TypeVar
 
@@ -149,6 +149,25 @@ def check_token_ids(name: str, tokens: Tensor, *, vocab_size: int) -> None:
         raise ValueError(f"{name} {bad} is outside [0, vocab_size={vocab_size})")
 
 
+def check_token_batch(
+    tokens: object, *, vocab_size: int, block_size: int | None = None, name: str = "tokens"
+) -> None:
+    """`TypeError`/`ValueError` naming what is wrong with a `(batch, seq)` token tensor.
+
+    It must be an int64/int32 tensor of ids in `[0, vocab_size)`, at most `block_size` long
+    (None: any length). The id range is not checked while compiling or under vmap.
+    """
+    check_token_tensor(name, tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
+    if block_size is not None and tokens.shape[1] > block_size:
+        raise ValueError(
+            f"sequence of {tokens.shape[1]} positions is longer than block_size={block_size}"
+        )
+    what = "token id" if name == "tokens" else f"{name}: token id"
+    check_token_ids(what, tokens, vocab_size=vocab_size)
+
+
 def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor, "batch seq"]:
     """The mask as bool, or `ValueError`/`TypeError` naming what is wrong with it.
 
@@ -180,6 +199,52 @@ def check_attention_mask(attention_mask: object, tokens: Tensor) -> Bool[Tensor,
     return attention_mask
 
 
+def check_shapes(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
+) -> None:
+    """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
+    check_same_keys(tensors, expected, what=f"{what} for this config")
+    for name, shape in expected.items():
+        if not isinstance(tensors[name], Tensor):
+            raise TypeError(
+                f"{what}: {name!r} is a {type(tensors[name]).__name__}, not a torch.Tensor"
+            )
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                "for this config"
+            )
+
+
+def check_one_dtype_and_device(tensors: Mapping[str, Tensor], *, reference: str, what: str) -> None:
+    """Every tensor is floating point, on `tensors[reference]`'s device and of its dtype.
+
+    `TypeError` for a non-floating tensor or another dtype, `ValueError` for another device;
+    errors name the tensor. Mixed dtypes are let through under autocast on that device, which
+    casts the matmuls' operands (fp16 weights with fp32 LayerNorms, apex's O2).
+    """
+    dtypes = {value.dtype for value in tensors.values()}
+    devices = {value.device for value in tensors.values()}
+    if len(dtypes) == 1 and len(devices) == 1 and next(iter(dtypes)).is_floating_point:
+        return  # the common case: one pass for each, no per-tensor comparisons
+    first = tensors[reference]
+    for name, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{what}: {name!r} has dtype {value.dtype}; {what} must be floating point"
+            )
+        if value.device != first.device:
+            raise ValueError(
+                f"{what}: {name!r} is on {value.device} but {reference!r} is on {first.device}; "
+                f"move all {what} to one device"
+            )
+        if value.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
+            raise TypeError(
+                f"{what}: {name!r} has dtype {value.dtype} but {reference!r} has {first.dtype}; "
+                f"cast all {what} to one dtype (or run under autocast)"
+            )
+
+
 def is_batched(t: Tensor) -> bool:
     """Whether `t` is batched by a `vmap` at any functorch level (`grad` layers may wrap it)."""
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
@@ -195,3 +260,30 @@ def is_traced(t: Tensor) -> bool:
     Data-dependent input checks (token ids < vocab) are skipped then.
     """
     return torch.compiler.is_compiling() or is_batched(t)
+
+
+def check_same_keys(
+    got: Collection[str],
+    expected: Collection[str],
+    *,
+    what: str,
+    error: type[Exception] = KeyError,
+) -> None:
+    """`error` (a `KeyError` unless told) unless `got` has exactly the keys of `expected`.
+
+    `got` and `expected` are dicts, their keys or sets. The one line reads
+    `"{what}: missing 2 keys ['a', 'b']; 1 unexpected key ['c']"`, each list in its collection's
+    order and cut after three names.
+    """
+    missing = [key for key in expected if key not in got]
+    unexpected = [key for key in got if key not in expected]
+    if missing or unexpected:
+        problems = [f"missing {_some_keys(missing)}"] if missing else []
+        problems += [_some_keys(unexpected, "unexpected ")] if unexpected else []
+        raise error(f"{what}: {'; '.join(problems)}")
+
+
+def _some_keys(keys: list[str], kind: str = "") -> str:
+    """`"2 keys ['a', 'b']"`: the count, and the first three names."""
+    shown = ", ".join(repr(key) for key in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return f"{len(keys)} {kind}key{'' if len(keys) == 1 else 's'} [{shown}]"

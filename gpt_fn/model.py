@@ -1,14 +1,16 @@
-"""The GPT-2 model as pure functions over a parameter dict: init, forward, loss, validation.
+"""The GPT-2 model as pure functions over a parameter dict: init, blocks, forward, loss.
 
 `forward(params, tokens, config)` is the whole model: embeddings, `n_layer` pre-norm blocks
 (LayerNorm -> causal self-attention -> residual, LayerNorm -> 4x GELU MLP -> residual), a
 final LayerNorm and the LM head tied to the token embedding (Radford et al. 2019; nanoGPT
 `model.py`). Parameter names are GPT-2's (`h.3.attn.c_attn.weight`), without HF's
-`transformer.` prefix.
+`transformer.` prefix. The file reads top to bottom as the math; the entry points (`forward`,
+`loss`, `run_with_cache`, `forward_from`) check their arguments once, with the helpers of
+`gpt_fn.checks` and the model-shaped checks at the end of this file.
 """
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -16,13 +18,22 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt_fn.checks import check_attention_mask as check_attention_mask  # importable from here too
-from gpt_fn.checks import check_int, check_seed, check_token_ids, check_token_tensor
+from gpt_fn.checks import (
+    check_attention_mask,
+    check_int,
+    check_one_dtype_and_device,
+    check_seed,
+    check_shapes,
+    check_token_batch,
+    check_token_ids,
+    check_token_tensor,
+)
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import (
     AttentionKernel,
     KVWriter,
     Mask,
+    attention_kernel,
     dropout,
     embed,
     layer_norm,
@@ -36,6 +47,7 @@ from gpt_fn.nn.padding import as_batch, attention_mask_4d, cache_attention_mask
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
 from gpt_fn.sites import (
+    UNHOOKED,
     Hook,
     Hooks,
     LayerTaps,
@@ -107,89 +119,6 @@ def init_params(
     return params
 
 
-def check_params(params: Params, config: GPTConfig, *, top_level: bool = False) -> None:
-    """Raise naming the first param that does not fit `config` or the others.
-
-    `KeyError` for a missing or unexpected key, `ValueError` for a wrong shape or a param on
-    another device than `wte.weight`, `TypeError` for a non-floating param or one whose dtype
-    differs from `wte.weight`'s. Mixed dtypes are let through under autocast on the params'
-    device, which casts the matmuls' operands (fp16 weights with fp32 LayerNorms, apex's O2).
-    `top_level=True`: only the params outside the blocks (`wte`, `wpe`, `ln_f`).
-    """
-    expected = param_shapes(config)
-    if top_level:
-        expected = {name: shape for name, shape in expected.items() if not name.startswith("h.")}
-    check_shapes(params, expected, what="params")
-    dtypes = {value.dtype for value in params.values()}
-    devices = {value.device for value in params.values()}
-    if len(dtypes) == 1 and len(devices) == 1 and next(iter(dtypes)).is_floating_point:
-        return  # the common case: one pass for each, no per-param comparisons
-    first = params["wte.weight"]
-    for name, value in params.items():
-        if not value.dtype.is_floating_point:
-            raise TypeError(
-                f"params: {name!r} has dtype {value.dtype}; params must be floating point"
-            )
-        if value.device != first.device:
-            raise ValueError(
-                f"params: {name!r} is on {value.device} but 'wte.weight' is on {first.device}; "
-                "move every param to one device"
-            )
-        if value.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
-            raise TypeError(
-                f"params: {name!r} has dtype {value.dtype} but 'wte.weight' has {first.dtype}; "
-                "cast every param to one dtype (or run under autocast)"
-            )
-
-
-def check_shapes(
-    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
-) -> None:
-    """`tensors` has exactly the keys of `expected`, with those shapes; errors name the key."""
-    missing = [name for name in expected if name not in tensors]
-    if missing:
-        raise KeyError(
-            f"{what}: missing {len(missing)} key(s) for this config, e.g. {missing[0]!r}"
-        )
-    unexpected = [name for name in tensors if name not in expected]
-    if unexpected:
-        raise KeyError(f"{what}: unexpected key(s) for this config, e.g. {unexpected[0]!r}")
-    for name, shape in expected.items():
-        if not isinstance(tensors[name], Tensor):
-            raise TypeError(
-                f"{what}: {name!r} is a {type(tensors[name]).__name__}, not a torch.Tensor"
-            )
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{what}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                "for this config"
-            )
-
-
-def check_tokens(
-    tokens: Tensor,
-    config: GPTConfig,
-    *,
-    cropped: bool = False,
-    name: str = "tokens",
-) -> None:
-    """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor.
-
-    It must be an int64/int32 tensor of ids in `[0, vocab_size)` that fits in `block_size`;
-    `cropped=True`: any length (the caller keeps only the last `block_size` tokens). The id
-    range is not checked while compiling or under vmap.
-    """
-    check_token_tensor(name, tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
-    if not cropped and tokens.shape[1] > config.block_size:
-        raise ValueError(
-            f"sequence of {tokens.shape[1]} positions is longer than block_size={config.block_size}"
-        )
-    what = "token id" if name == "tokens" else f"{name}: token id"
-    check_token_ids(what, tokens, vocab_size=config.vocab_size)
-
-
 BlockParams = dict[str, Params]
 """One block's params by part: `{"ln_1": {...}, "attn": {...}, "ln_2": {...}, "mlp": {...}}`."""
 
@@ -228,41 +157,27 @@ def block(
 ) -> Activations:
     """One pre-norm block: `x + attn(ln_1(x))`, then `+ mlp(ln_2(.))` (dropout on both branches).
 
-    `mask`/`kv` as in `gpt_fn.nn.self_attention`; `taps` apply the block's hooks.
+    `attention`/`mask`/`kv` as in `gpt_fn.nn.self_attention`; `taps` apply the block's hooks
+    (a block whose scores or pattern are hooked runs `manual_kernel` with its taps instead).
     """
-    eps, rate = config.layer_norm_eps, config.dropout
-    tap = None if taps is None else taps.block
-    if tap is not None:
-        x = tap("resid_pre", x)
-    h = layer_norm(p["ln_1"], x, eps=eps, tap=None if taps is None else taps.ln_1)
-    if tap is not None:
-        h = tap("ln_1", h)
+    taps = UNHOOKED if taps is None else taps
+    tap, eps, rate = taps.block, config.layer_norm_eps, config.dropout
+    x = tap("resid_pre", x)
+    h = tap("ln_1", layer_norm(p["ln_1"], x, eps=eps, tap=taps.ln_1))
     a = self_attention(
         p["attn"],
         h,
         n_head=config.n_head,
-        attention=attention,
+        attention=taps.kernel or attention,
         mask=mask,
         kv=kv,
-        tap=None if taps is None else taps.attn,
-        explicit=taps is not None and taps.explicit_attention,
-        results=taps is not None and taps.head_results,
+        tap=taps.attn,
+        results=taps.head_results,
     )
-    if tap is not None:
-        a = tap("attn.out", a)
-    x = x + dropout(a, rate=rate, generator=generator)
-    if tap is not None:
-        x = tap("resid_mid", x)
-    h = layer_norm(p["ln_2"], x, eps=eps, tap=None if taps is None else taps.ln_2)
-    if tap is not None:
-        h = tap("ln_2", h)
-    m = mlp(p["mlp"], h, tap=None if taps is None else taps.mlp)
-    if tap is not None:
-        m = tap("mlp.out", m)
-    x = x + dropout(m, rate=rate, generator=generator)
-    if tap is not None:
-        x = tap("resid_post", x)
-    return x
+    x = tap("resid_mid", x + dropout(tap("attn.out", a), rate=rate, generator=generator))
+    h = tap("ln_2", layer_norm(p["ln_2"], x, eps=eps, tap=taps.ln_2))
+    m = tap("mlp.out", mlp(p["mlp"], h, tap=taps.mlp))
+    return tap("resid_post", x + dropout(m, rate=rate, generator=generator))
 
 
 BlockFn = Callable[..., Activations]
@@ -300,8 +215,10 @@ def transformer(
     - `stop_at`: a site (`embed` .. `ln_f`); the run stops right after it and returns the
       activation there (after its hook) and no cache: no later site, block or LayerNorm runs.
 
-    Inputs are not validated here: `forward`/`loss`/decoding do that once.
+    `attention` is resolved here, once per call (`gpt_fn.nn.attention_kernel`); the other
+    inputs are not validated here: `forward`/`loss`/decoding do that once.
     """
+    attention = attention_kernel(attention)
     if stop_at is not None:
         if cache is not None:
             raise ValueError("stop_at runs part of the model, which leaves no KV cache to return")
@@ -361,37 +278,6 @@ def transformer(
     if cache is None:
         return x, None
     return x, KVCache(tuple(keys), tuple(values), cache.starts, cache.lengths + seq)
-
-
-class _Stop(Exception):
-    """Raised by the hook at `stop_at` to end the run there, carrying the site's activation."""
-
-    def __init__(self, activation: Tensor) -> None:
-        super().__init__()
-        self.activation = activation
-
-
-def _run_until(
-    site: str, config: GPTConfig, hooks: Hooks | None, run: Callable[[Hooks], object]
-) -> Tensor:
-    """The activation at `site` of `run(hooks)`, which is ended there (its hook applied)."""
-    if not isinstance(site, str) or site not in site_names(config) or site == "logits":
-        raise ValueError(
-            f"stop_at must be an activation site from embed to ln_f, got {site!r} "
-            "(gpt_fn.site_names(config) lists them)"
-        )
-    user_hook = (hooks or {}).get(site)
-
-    def stop(activation: Tensor) -> Tensor:
-        if user_hook is not None:
-            activation = apply_hook(site, user_hook, activation)
-        raise _Stop(activation)
-
-    try:
-        run({**(hooks or {}), site: stop})
-    except _Stop as stopped:
-        return stopped.activation
-    raise AssertionError(f"the run never reached {site!r}")
 
 
 def _writer(
@@ -458,8 +344,7 @@ def forward(
     of any lengths, padded on the right. `hooks`: `{site: hook}` (`gpt_fn.sites`). `blocks`:
     see `transformer` (the `GPT` module's way in; `params` then holds the top-level params).
     """
-    tokens, mask = _batch(tokens, attention_mask, params)
-    _check_inputs(params, tokens, config, hooks, blocks)
+    tokens, mask = _checked_inputs(params, tokens, config, attention_mask, hooks, blocks)
     hidden, _ = transformer(
         params,
         tokens,
@@ -494,27 +379,8 @@ def forward_from(
     `layer` on, `ln_f.scale`, `ln_f` and `logits` (the earlier ones are never reached).
     `attention_mask` (`batch seq`, True = real) as in `forward`, for a padded batch's stream.
     """
-    check_int("layer", layer, at_least=0)
-    if layer > config.n_layer:
-        raise ValueError(f"layer must be in [0, n_layer={config.n_layer}], got {layer}")
-    check_params(params, config)
-    if not isinstance(resid_pre, Tensor) or resid_pre.ndim != 3:
-        raise ValueError("resid_pre must be a (batch, seq, d_model) tensor")
-    if resid_pre.shape[2] != config.n_embd or resid_pre.shape[1] > config.block_size:
-        raise ValueError(
-            f"resid_pre has shape {tuple(resid_pre.shape)}; expected (batch, seq <= "
-            f"{config.block_size}, {config.n_embd}) for this config"
-        )
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
-    if hooks is not None:
-        check_hooks(hooks, config)
-        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
-        if unreached:
-            raise ValueError(
-                f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
-            )
+    mask = _checked_stream(params, resid_pre, config, layer, attention_mask, hooks)
+    attention = attention_kernel(attention)
     top, block_params = split_params(params, config.n_layer)
     taps = layer_taps(hooks, config.n_layer)
     x = resid_pre
@@ -527,15 +393,6 @@ def forward_from(
     if hooks and "logits" in hooks:
         logits = apply_hook("logits", hooks["logits"], logits)
     return logits
-
-
-_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
-"""The sites before every block: never reached from a residual stream."""
-
-
-def _layer_of(site: str) -> int | float:
-    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
-    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
 
 
 def loss(
@@ -557,26 +414,8 @@ def loss(
     row) are padded on the right. A `logits` hook makes the loss go through materialised
     logits; otherwise the fused LM head + cross-entropy never builds them.
     """
-    tokens, mask = _batch(tokens, attention_mask, params)
-    if not isinstance(targets, Tensor):
-        targets, target_mask = _batch(targets, None, params)
-        real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
-        if target_mask is None:
-            target_mask = torch.ones_like(targets, dtype=torch.bool)
-        if target_mask.shape != real.shape or not torch.equal(target_mask, real):
-            raise ValueError("targets must have as many tokens as tokens in every row")
-    _check_inputs(params, tokens, config, hooks, blocks)
-    check_token_tensor("targets", targets)
-    if targets.shape != tokens.shape:
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
-        )
-    ignored = targets == IGNORE_INDEX
-    check_token_ids(
-        "targets: token id", targets.masked_fill(ignored, 0), vocab_size=config.vocab_size
-    )
-    if mask is not None:
-        targets = targets.masked_fill(~mask, IGNORE_INDEX)
+    tokens, mask = _checked_inputs(params, tokens, config, attention_mask, hooks, blocks)
+    targets = _checked_targets(targets, tokens, mask, params, config)
     hidden, _ = transformer(
         params,
         tokens,
@@ -614,8 +453,9 @@ def run_with_cache(
     `names`: a site, a list of sites, a predicate on site names
     (`lambda n: n.endswith("resid_post")`), or None for every site. Only those are kept. Each
     is the value that flows on there: after `hooks`' own hook at that site, if any. Asking for
-    `attn.scores`/`attn.pattern` computes that layer's attention explicitly. Works under `grad`, `vmap` and `compile` like
-    `forward` (the activations are returned, not stashed).
+    `attn.scores`/`attn.pattern` runs that layer's attention through `manual_kernel`. Works
+    under `grad`, `vmap` and `compile` like `forward` (the activations are returned, not
+    stashed).
 
     `stop_at`: a site; the run stops right after it (see `transformer`) and returns the
     activation there instead of the logits. `names` may then ask only for sites up to it
@@ -655,8 +495,7 @@ def run_with_cache(
             hooks=recording,
         )
     else:
-        tokens, mask = _batch(tokens, attention_mask, params)
-        _check_inputs(params, tokens, config, recording, None)
+        tokens, mask = _checked_inputs(params, tokens, config, attention_mask, recording, None)
         out, _ = transformer(
             params,
             tokens,
@@ -683,20 +522,160 @@ def _identity(activation: Tensor) -> Tensor:
     return activation
 
 
+class _Stop(Exception):
+    """Raised by the hook at `stop_at` to end the run there, carrying the site's activation."""
+
+    def __init__(self, activation: Tensor) -> None:
+        super().__init__()
+        self.activation = activation
+
+
+def _run_until(
+    site: str, config: GPTConfig, hooks: Hooks | None, run: Callable[[Hooks], object]
+) -> Tensor:
+    """The activation at `site` of `run(hooks)`, which is ended there (its hook applied)."""
+    if not isinstance(site, str) or site not in site_names(config) or site == "logits":
+        raise ValueError(
+            f"stop_at must be an activation site from embed to ln_f, got {site!r} "
+            "(gpt_fn.site_names(config) lists them)"
+        )
+    user_hook = (hooks or {}).get(site)
+
+    def stop(activation: Tensor) -> Tensor:
+        if user_hook is not None:
+            activation = apply_hook(site, user_hook, activation)
+        raise _Stop(activation)
+
+    try:
+        run({**(hooks or {}), site: stop})
+    except _Stop as stopped:
+        return stopped.activation
+    raise AssertionError(f"the run never reached {site!r}")
+
+
+# The entry points' checks (the helpers of `gpt_fn.checks`, shaped by the config): once per call.
+
+
+def check_params(params: Params, config: GPTConfig, *, top_level: bool = False) -> None:
+    """Raise naming the first param that does not fit `config` or the others.
+
+    `KeyError` for a missing or unexpected key, `ValueError` for a wrong shape or a param on
+    another device than `wte.weight`, `TypeError` for a non-floating param or one whose dtype
+    differs from `wte.weight`'s (let through under autocast: `checks.check_one_dtype_and_device`).
+    `top_level=True`: only the params outside the blocks (`wte`, `wpe`, `ln_f`).
+    """
+    expected = param_shapes(config)
+    if top_level:
+        expected = {name: shape for name, shape in expected.items() if not name.startswith("h.")}
+    check_shapes(params, expected, what="params")
+    check_one_dtype_and_device(params, reference="wte.weight", what="params")
+
+
+def check_tokens(
+    tokens: Tensor,
+    config: GPTConfig,
+    *,
+    cropped: bool = False,
+    name: str = "tokens",
+) -> None:
+    """Raise `ValueError`/`TypeError` naming what is wrong with a `(batch, seq)` token tensor.
+
+    It must be an int64/int32 tensor of ids in `[0, vocab_size)` that fits in `block_size`;
+    `cropped=True`: any length (the caller keeps only the last `block_size` tokens). The id
+    range is not checked while compiling or under vmap.
+    """
+    block_size = None if cropped else config.block_size
+    check_token_batch(tokens, vocab_size=config.vocab_size, block_size=block_size, name=name)
+
+
+def _checked_inputs(
+    params: Params,
+    tokens: Tensor | TokenRows,
+    config: GPTConfig,
+    attention_mask: Tensor | None,
+    hooks: Hooks | None,
+    blocks: Sequence[BlockFn] | None,
+) -> tuple[Tensor, Tensor | None]:
+    """An entry point's checks: the tokens as a tensor and the mask as bool (`_batch`); the
+    params, the tokens and the hooks checked against `config`."""
+    tokens, mask = _batch(tokens, attention_mask, params)
+    check_params(params, config, top_level=blocks is not None)
+    check_tokens(tokens, config)
+    if hooks is not None:
+        check_hooks(hooks, config)
+    return tokens, mask
+
+
 def _batch(
     tokens: Tensor | TokenRows, attention_mask: Tensor | None, params: Params
 ) -> tuple[Tensor, Tensor | None]:
     return as_batch(tokens, attention_mask, side="right", device=params["wte.weight"].device)
 
 
-def _check_inputs(
-    params: Params,
+def _checked_targets(
+    targets: Tensor | TokenRows,
     tokens: Tensor,
+    mask: Tensor | None,
+    params: Params,
     config: GPTConfig,
+) -> Tensor:
+    """`loss`'s targets as a checked tensor shaped like `tokens`, `IGNORE_INDEX` where padded."""
+    if not isinstance(targets, Tensor):
+        targets, target_mask = _batch(targets, None, params)
+        real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+        if target_mask is None:
+            target_mask = torch.ones_like(targets, dtype=torch.bool)
+        if target_mask.shape != real.shape or not torch.equal(target_mask, real):
+            raise ValueError("targets must have as many tokens as tokens in every row")
+    check_token_tensor("targets", targets)
+    if targets.shape != tokens.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
+        )
+    ignored = targets == IGNORE_INDEX
+    check_token_ids(
+        "targets: token id", targets.masked_fill(ignored, 0), vocab_size=config.vocab_size
+    )
+    return targets if mask is None else targets.masked_fill(~mask, IGNORE_INDEX)
+
+
+_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block: never reached from a residual stream."""
+
+
+def _layer_of(site: str) -> int | float:
+    """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
+    return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
+
+
+def _checked_stream(
+    params: Params,
+    resid_pre: Tensor,
+    config: GPTConfig,
+    layer: int,
+    attention_mask: Tensor | None,
     hooks: Hooks | None,
-    blocks: Sequence[BlockFn] | None,
-) -> None:
-    check_params(params, config, top_level=blocks is not None)
-    check_tokens(tokens, config)
+) -> Mask | None:
+    """`forward_from`'s checks; the attention mask of the stream's padding (None: none)."""
+    check_int("layer", layer, at_least=0)
+    if layer > config.n_layer:
+        raise ValueError(f"layer must be in [0, n_layer={config.n_layer}], got {layer}")
+    check_params(params, config)
+    if not isinstance(resid_pre, Tensor) or resid_pre.ndim != 3:
+        raise ValueError("resid_pre must be a (batch, seq, d_model) tensor")
+    if resid_pre.shape[2] != config.n_embd or resid_pre.shape[1] > config.block_size:
+        raise ValueError(
+            f"resid_pre has shape {tuple(resid_pre.shape)}; expected (batch, seq <= "
+            f"{config.block_size}, {config.n_embd}) for this config"
+        )
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
     if hooks is not None:
         check_hooks(hooks, config)
+        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
+        if unreached:
+            raise ValueError(
+                f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"
+            )
+    return mask

@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from gpt_fn import model
-from gpt_fn.checks import check_bool, check_choice
+from gpt_fn.checks import check_bool
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import KERNELS, AttentionKernel, KVWriter, Mask
+from gpt_fn.nn import AttentionKernel, KVWriter, Mask, attention_kernel
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
 from gpt_fn.sites import LayerTaps
 
@@ -123,7 +123,7 @@ class GPT(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.attention = check_choice("attention kernel", attention, KERNELS)
+        self.attention = attention_kernel(attention)
         check_bool("checkpoint_blocks", checkpoint_blocks)
         if params is None:
             params = model.init_params(config, seed=seed, dtype=dtype, device=device)

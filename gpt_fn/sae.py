@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gpt_fn import optim
-from gpt_fn.checks import check_choice, check_int, check_number
+from gpt_fn.checks import check_choice, check_int, check_number, check_shapes
 from gpt_fn.config import GPTConfig
 from gpt_fn.data import TokenStream, get_batch
 from gpt_fn.eval import token_scores
@@ -114,21 +114,12 @@ def init_sae(
 
 
 def check_sae(sae: SAE, config: SAEConfig) -> None:
-    """Raise `KeyError`/`ValueError` naming the first tensor that does not fit `config`."""
+    """Raise `KeyError` naming missing or unexpected tensors, `ValueError` a misshapen one."""
     d_in, d_sae = config.d_in, config.d_sae
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if config.kind == "jumprelu":
         expected["threshold"] = (d_sae,)
-    for name in sae.keys() - expected.keys():
-        raise KeyError(f"sae: unexpected key {name!r} for a {config.kind} SAE")
-    for name, shape in expected.items():
-        if name not in sae:
-            raise KeyError(f"sae: missing {name!r} for a {config.kind} SAE")
-        if tuple(sae[name].shape) != shape:
-            raise ValueError(
-                f"sae: {name!r} has shape {tuple(sae[name].shape)}, expected {shape} "
-                f"(d_in={d_in}, d_sae={d_sae})"
-            )
+    check_shapes(sae, expected, what=f"sae ({config.kind}, d_in={d_in}, d_sae={d_sae})")
 
 
 def pre_activations(

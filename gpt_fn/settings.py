@@ -31,11 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from beartype import BeartypeConf
+from beartype.door import is_bearable
+
 from gpt_fn.checkpoint import KeepSchedule
 from gpt_fn.checks import SEED_LIMIT
 from gpt_fn.config import PRESETS, GPTConfig
 from gpt_fn.data import BUILTIN_CORPORA, is_shard_folder
-from gpt_fn.nn import AttentionKernel
+from gpt_fn.nn import KernelName
 from gpt_fn.runlog import LOGGERS, RunLogError, check_available
 
 Kind = Literal["run", "model", "execution", "length", "flag"]
@@ -79,7 +82,7 @@ class TrainSettings:
     init_from: str = _setting(
         "scratch", "scratch, or GPT-2 weights: a HF directory or hub name (e.g. gpt2)", "model"
     )
-    attention: AttentionKernel = _setting(
+    attention: KernelName = _setting(
         "sdpa", "attention kernel: sdpa (fused) or manual (explicit scores)", "execution"
     )
     batch_size: int = _setting(16, "rows per micro-step, summed over DDP ranks", "run")
@@ -216,8 +219,10 @@ class TrainSettings:
                 raise SettingsError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SettingsError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.preset not in PRESETS:
-            raise SettingsError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        try:
+            GPTConfig.from_preset(self.preset)  # where a preset's name is checked
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
         warmup, decay = self.resolved_warmup_steps, self.resolved_lr_decay_steps
         if warmup >= decay:
             raise SettingsError(
@@ -395,27 +400,23 @@ def resume_settings(
     return TrainSettings(**merged), notes
 
 
+_NUMBER_TOWER = BeartypeConf(is_pep484_tower=True)
+"""An int is a valid `float` setting (a JSON `"lr": 1`), as PEP 484's numeric tower says."""
+
+
 def _checked_type(name: str, value: Any, hint: Any) -> Any:
-    """`value` if it has the type `hint` names (an int is also a float); else `SettingsError`."""
+    """`value` if it has the type `hint` names (an int is also a float, a bool neither: a flag
+    is no count), as a float where a float is due; else one line of `SettingsError`."""
     options = (
         typing.get_args(hint)
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         else (hint,)
     )
-    for option in options:
-        if option is type(None) and value is None:
-            return value
-        literal = typing.get_origin(option) is Literal
-        if literal and isinstance(value, str) and value in typing.get_args(option):
-            return value
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
+    if is_bearable(value, hint, conf=_NUMBER_TOWER) and (
+        not isinstance(value, bool) or bool in options
+    ):
+        converts = float in options and int not in options and isinstance(value, int)
+        return float(value) if converts else value
     expected = " or ".join(_type_name(option) for option in options)
     raise SettingsError(f"{name} must be {expected}, got {value!r}")
 

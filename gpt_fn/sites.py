@@ -31,8 +31,8 @@ Head axes follow TransformerLens: `batch seq n_head ...` at q, k, v, z and resul
 
 A hook is `activation -> activation`: what it returns flows on, so it can read (return its
 input), patch, ablate or steer. The sites in `ON_REQUEST_SITES` exist only when hooked:
-asking for `scores` or `pattern` computes that layer's attention explicitly (every other
-layer keeps the fused kernel), `result` computes `c_proj` head by head, a `.scale` computes
+asking for `scores` or `pattern` runs that layer's attention through `manual_kernel` (every
+other layer keeps the run's kernel), `result` computes `c_proj` head by head, a `.scale` computes
 that LayerNorm explicitly; the values equal the fused path's to a few ulps, not bit for bit.
 With dropout on, `resid_mid` is `resid_pre` plus the *dropped-out* `attn.out` (and likewise
 `resid_post`).
@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from torch import Tensor
 
 from gpt_fn.config import GPTConfig
-from gpt_fn.nn import Tap
+from gpt_fn.nn import Kernel, Tap, manual_kernel
 
 Hook = Callable[[Tensor], Tensor]
 """`activation -> activation` at one site: what it returns flows on."""
@@ -138,18 +138,32 @@ def apply_hook(name: str, hook: Hook, activation: Tensor) -> Tensor:
 
 
 class LayerTaps:
-    """One block's hooks, split into the taps its sublayers call (`gpt_fn.nn.Tap`)."""
+    """One block's hooks, split into the taps its sublayers call (`gpt_fn.nn.Tap`).
+
+    `block` is always a tap (`untapped` where no hook is at the block's own sites); the
+    sublayers' taps are None where none of their sites is hooked, so they keep their fused
+    paths (`gpt_fn.nn.layer_norm`, `gpt_fn.nn.self_attention`).
+    """
 
     def __init__(self, index: int, hooks: Mapping[str, Hook]) -> None:
         prefix = f"h.{index}."
         entries = {name[len(prefix) :]: (name, hook) for name, hook in hooks.items()}
-        self.block = _tap(entries)  # resid_*, ln_*, attn.out, mlp.out
+        self.block = _tap(entries) or untapped  # resid_*, ln_*, attn.out, mlp.out
         self.ln_1 = _tap(_under(entries, "ln_1."))  # scale
         self.attn = _tap(_under(entries, "attn."))  # q, k, v, scores, pattern, z, result
         self.ln_2 = _tap(_under(entries, "ln_2."))  # scale
         self.mlp = _tap(_under(entries, "mlp."))  # pre, post
-        self.explicit_attention = any(site in entries for site in EXPLICIT_ATTENTION_SITES)
+        self.kernel: Kernel | None = None
+        """`manual_kernel` with the taps where `scores`/`pattern` are hooked; else None (the
+        block runs the call's kernel)."""
+        if any(site in entries for site in EXPLICIT_ATTENTION_SITES):
+            self.kernel = functools.partial(manual_kernel, tap=self.attn)
         self.head_results = "attn.result" in entries
+
+
+def untapped(site: str, activation: Tensor) -> Tensor:
+    """The tap of sites without hooks: the activation flows on as it is."""
+    return activation
 
 
 def layer_taps(hooks: Hooks | None, n_layer: int) -> list[LayerTaps | None]:
@@ -190,3 +204,7 @@ def _tap(entries: dict[str, tuple[str, Hook]]) -> Tap | None:
         return activation if entry is None else apply_hook(*entry, activation)
 
     return tap
+
+
+UNHOOKED = LayerTaps(0, {})
+"""The taps of a block without hooks: it runs exactly as unhooked."""

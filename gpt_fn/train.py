@@ -50,6 +50,7 @@ from gpt_fn.checkpoint import (
     series_path,
     series_steps,
 )
+from gpt_fn.checks import check_same_keys
 from gpt_fn.config import GPTConfig
 from gpt_fn.eval import bits_per_byte, encode_text, multiple_choice, perplexity, read_choices
 from gpt_fn.files import write_atomic
@@ -901,12 +902,12 @@ def _fit_pretrained(params: Params, pretrained: GPTConfig, config: GPTConfig) ->
 
 def _copy_into(targets: dict[str, Tensor], saved: dict[str, Tensor], what: str) -> None:
     """Copy a checkpoint's full tensors into a run's (shards of DTensors under FSDP)."""
-    if targets.keys() != saved.keys():
-        missing, extra = targets.keys() - saved.keys(), saved.keys() - targets.keys()
-        raise CheckpointError(
-            f"the checkpoint's {what} does not match this run: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]} (another --optimizer or --dtype?)"
-        )
+    check_same_keys(
+        saved,
+        targets,
+        what=f"the checkpoint's {what} does not match this run (another --optimizer or --dtype?)",
+        error=CheckpointError,
+    )
     with torch.no_grad():
         for name, target in targets.items():
             value = saved[name].to(target.device if not isinstance(target, DTensor) else "cpu")

@@ -1,10 +1,25 @@
-"""The two attention kernels agree, in forward and backward, with and without a cache."""
+"""The two attention kernels agree, in forward and backward, with and without a cache; a kernel
+is a function (named in `KERNELS`, or the user's own) that every entry point runs."""
+
+import typing
 
 import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from gpt_fn.nn import manual_kernel, sdpa_kernel, self_attention
+from gpt_fn import GPT
+from gpt_fn.model import forward, init_params, loss, run_with_cache
+from gpt_fn.nn import (
+    KERNELS,
+    Kernel,
+    KernelName,
+    attention,
+    attention_kernel,
+    manual_kernel,
+    sdpa_kernel,
+    self_attention,
+)
+from gpt_fn.sampling import generate
 from gpt_fn.shapes import shape_checks
 
 # fp32 attention with d_head <= 64: both kernels accumulate the same sums in a different
@@ -108,3 +123,126 @@ def test_unknown_kernel_is_rejected_with_and_without_shape_checks(generator):
         self_attention(p, x, n_head=3, attention="flash")
     with shape_checks(False), pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
         self_attention(p, x, n_head=3, attention="flash")
+
+
+# --- kernels as functions: a name resolves through KERNELS, a callable is used as it is ---
+
+
+def test_kernel_names_resolve_to_the_table_and_callables_pass_through():
+    assert attention_kernel("sdpa") is sdpa_kernel
+    assert attention_kernel("manual") is manual_kernel
+    assert set(KERNELS) == {"sdpa", "manual"}
+    assert typing.get_args(KernelName) == tuple(KERNELS)  # a table entry is a name everywhere
+    assert attention_kernel(_Counting(sdpa_kernel)).inner is sdpa_kernel
+    assert all(isinstance(kernel, Kernel) for kernel in KERNELS.values())
+
+
+@pytest.mark.parametrize(
+    ("attention", "error", "message"),
+    [
+        ("flash", ValueError, "unknown attention kernel 'flash'; choose one of 'sdpa', 'manual'"),
+        (3, TypeError, "attention must be a kernel name .* or a function .*, got int"),
+    ],
+)
+def test_a_bad_kernel_is_one_clear_error_at_every_entry_point(
+    tiny_config, attention, error, message
+):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    calls = [
+        lambda: attention_kernel(attention),
+        lambda: forward(params, tokens, tiny_config, attention=attention),
+        lambda: loss(params, tokens, tokens, tiny_config, attention=attention),
+        lambda: run_with_cache(params, tokens, tiny_config, attention=attention),
+        lambda: GPT(tiny_config, attention=attention),
+    ]
+    for call in calls:  # beartype refuses it first under pytest; users without it get these
+        with shape_checks(False), pytest.raises(error, match=message):
+            call()
+
+
+class _Counting:
+    """A user's kernel: `inner` with a count of its calls (any callable with Kernel's signature)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, q, k, v, mask=None):
+        self.calls += 1
+        return self.inner(q, k, v, mask)
+
+
+def test_a_user_kernel_runs_every_layer_of_forward_loss_run_with_cache_and_the_module(
+    tiny_config, generator
+):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 7), generator=generator)
+    kernel = _Counting(manual_kernel)
+    # The same kernel by name and as a wrapped function: the same ops, so bitwise equal.
+    assert torch.equal(
+        forward(params, tokens, tiny_config, attention=kernel),
+        forward(params, tokens, tiny_config, attention="manual"),
+    )
+    assert torch.equal(
+        loss(params, tokens, tokens, tiny_config, attention=kernel),
+        loss(params, tokens, tokens, tiny_config, attention="manual"),
+    )
+    _, cache = run_with_cache(params, tokens, tiny_config, attention=kernel, names=["logits"])
+    assert torch.equal(cache["logits"], forward(params, tokens, tiny_config, attention="manual"))
+    module = GPT.from_params(params, tiny_config, attention=kernel)
+    assert torch.equal(module(tokens), forward(params, tokens, tiny_config, attention="manual"))
+    assert kernel.calls == 4 * tiny_config.n_layer
+
+
+def test_a_layer_whose_pattern_is_hooked_runs_the_explicit_kernel_the_others_the_users(
+    tiny_config, generator
+):
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 7), generator=generator)
+    kernel = _Counting(sdpa_kernel)
+    _, cache = run_with_cache(
+        params, tokens, tiny_config, attention=kernel, names=["h.1.attn.pattern"]
+    )
+    assert kernel.calls == tiny_config.n_layer - 1
+    assert cache["h.1.attn.pattern"].shape == (2, tiny_config.n_head, 7, 7)
+
+
+def test_a_new_attention_variant_needs_no_edit_to_gpt_fn(tiny_config, generator):
+    # Sharper attention (scores x 2) as a kernel of its own: the model runs it, and it is not
+    # the stock kernel (the logits move).
+    def sharper(q, k, v, mask=None):
+        return sdpa_kernel(2 * q, k, v, mask)
+
+    params = init_params(tiny_config, seed=0)
+    tokens = torch.randint(0, tiny_config.vocab_size, (1, 9), generator=generator)
+    theirs = forward(params, tokens, tiny_config, attention=sharper)
+    stock = forward(params, tokens, tiny_config)
+    assert not torch.allclose(theirs, stock, atol=1e-4)
+    # It is `manual` with doubled scores: the scores of q k^T / sqrt(d) after q -> 2q.
+    doubled = {"h.0.attn.q": lambda q: 2 * q, "h.1.attn.q": lambda q: 2 * q}
+    torch.testing.assert_close(
+        theirs, forward(params, tokens, tiny_config, hooks=doubled), atol=ATOL, rtol=0
+    )
+
+
+def test_generation_uses_a_user_kernel_at_every_step(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    prompt = torch.tensor([[1, 2, 3]])
+    kernel = _Counting(sdpa_kernel)
+    ours = generate(params, prompt, tiny_config, max_new_tokens=4, greedy=True, attention=kernel)
+    assert torch.equal(ours, generate(params, prompt, tiny_config, max_new_tokens=4, greedy=True))
+    assert kernel.calls >= 4 * tiny_config.n_layer  # the prefill and a step per new token
+
+
+def test_a_kernel_name_is_checked_once_per_call_not_per_layer(tiny_config, monkeypatch):
+    params = init_params(tiny_config, seed=0)
+    seen = []
+    real = attention.check_choice
+
+    def counting(*args):
+        seen.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "check_choice", counting)
+    forward(params, torch.zeros(1, 4, dtype=torch.long), tiny_config, attention="manual")
+    assert len(seen) == 1

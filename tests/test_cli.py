@@ -567,13 +567,24 @@ def test_a_killed_series_run_resumes_and_rewrites_the_same_series(
         assert f"dropped the kept checkpoints of steps {replayed}" in stdout
 
 
+def _wait_until_torch_loads(process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Return once `process` has mapped torch's shared library: it is importing torch, which
+    takes seconds, from inside `gpt_fn.__main__.main` (a loaded machine can take longer than
+    any fixed sleep just to start Python)."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + timeout
+    while "libtorch" not in maps.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "torch never loaded"
+        time.sleep(0.01)
+
+
 def test_ctrl_c_while_the_command_imports_is_one_line(corpus, tmp_path):
     process = subprocess.Popen(
         [*ENTRY_POINT, "train", f"--data={corpus}", f"--data-dir={tmp_path / 'tokens'}",
          f"--out-dir={tmp_path / 'run'}", *TINY_RUN],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
     )  # fmt: skip
-    time.sleep(0.5)  # Python starts in ~0.05 s; importing torch and gpt_fn takes seconds
+    _wait_until_torch_loads(process)  # inside `main`: before that, Python itself gets the ^C
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert_one_line(process.returncode, err, "^gpt-fn: interrupted$", expected=130)

@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from jaxtyping import TypeCheckError
 
 import gpt_fn
-from gpt_fn import GPTConfig, check_params, forward, init_params, loss, param_shapes
+from gpt_fn import (
+    GPTConfig,
+    check_params,
+    forward,
+    init_params,
+    loss,
+    model,
+    param_shapes,
+    sampling,
+)
 from gpt_fn.shapes import shape_checks
 
 
@@ -333,3 +342,27 @@ def test_forward_from_takes_hooks_after_its_layer_and_a_padding_mask(tiny_config
         gpt_fn.forward_from(params, cache["h.1.resid_pre"], tiny_config, layer=3)
     with pytest.raises(ValueError, match="resid_pre has shape \\(2, 9, 8\\); expected"):
         gpt_fn.forward_from(params, torch.zeros(2, 9, 8), tiny_config, layer=1)
+
+
+def test_the_params_are_checked_once_per_call_not_per_layer_or_decode_step(
+    tiny_config, monkeypatch
+):
+    params = init_params(tiny_config, seed=0)
+    calls = []
+    real = model.check_shapes
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "check_shapes", counting)
+    forward(params, torch.zeros(1, 5, dtype=torch.long), tiny_config)
+    assert len(calls) == 1
+    counts = []
+    for new_tokens in (1, 6):
+        calls.clear()
+        sampling.generate(
+            params, torch.tensor([[1, 2]]), tiny_config, max_new_tokens=new_tokens, greedy=True
+        )
+        counts.append(len(calls))
+    assert counts[0] == counts[1] >= 1  # the same for 1 and 6 new tokens: none per step

@@ -175,6 +175,9 @@ def test_bad_configs_and_saes_raise_one_clear_error():
     config = SAEConfig(d_in=8, d_sae=20)
     with pytest.raises(ValueError, match="'W_dec' has shape"):
         splice(SITE, {**init_sae(config, seed=0), "W_dec": torch.zeros(20, 9)}, config)
+    no_bias = {name: value for name, value in init_sae(config, seed=0).items() if name != "b_dec"}
+    with pytest.raises(KeyError, match=r"missing 1 key \['b_dec'\]; 1 unexpected key \['scale'\]"):
+        splice(SITE, {**no_bias, "scale": torch.ones(20)}, config)
 
 
 # --- splicing -------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ from gpt_fn.settings import SettingsError, TrainSettings, resume_settings
         ({"resume": True, "overwrite": True}, "pick one"),
         ({"allow_changes": True}, "allow_changes only applies with resume"),
         ({"data": ""}, "data must not be empty"),
+        ({"attention": "flash"}, "attention must be one of 'sdpa', 'manual', got 'flash'"),
+        ({"lr": [1]}, "^lr must be a number, got \\[1\\]$"),
+        ({"dropout": True}, "^dropout must be a number or null, got True$"),
+        ({"preset": 2}, "^preset must be a string, got 2$"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(fields, message):
@@ -43,6 +47,9 @@ def test_a_config_that_is_not_an_object_or_names_unknown_fields_is_refused():
 
 def test_ints_are_accepted_where_a_number_is_expected():
     assert TrainSettings.from_dict({"lr": 1, "min_lr": 0}).lr == 1.0
+    settings = TrainSettings.from_dict({"lr": 1, "min_lr": 0, "dropout": 0, "max_steps": 7})
+    assert isinstance(settings.lr, float) and isinstance(settings.dropout, float)
+    assert settings.max_steps == 7 and isinstance(settings.max_steps, int)
 
 
 def test_warmup_scales_with_short_runs_and_defaults_to_twenty_steps():

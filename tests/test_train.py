@@ -123,6 +123,20 @@ def test_resuming_with_another_model_config_names_the_difference(corpus, tmp_pat
         train(_settings(corpus, out, max_steps=4, n_embd=48, resume=True), log=_quiet)
 
 
+def test_resuming_with_another_optimizer_names_the_state_keys_that_differ(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=2, eval_interval=2, optimizer="adamw"), log=_quiet)
+    with pytest.raises(
+        CheckpointError,
+        match=r"optimizer state does not match this run \(another --optimizer or --dtype\?\): "
+        r"missing \d+ keys \['adamw/step', .*, \.\.\.\]; \d+ unexpected keys \['exp_avg\.",
+    ):
+        train(
+            _settings(corpus, out, max_steps=4, optimizer="muon", resume=True, allow_changes=True),
+            log=_quiet,
+        )
+
+
 def test_resuming_from_a_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
     out = tmp_path / "run"
     train(_settings(corpus, out, max_steps=2, eval_interval=2), log=_quiet)

@@ -7,9 +7,12 @@ grads, norm = optim.clip_by_global_norm(grads, 1.0)
 params, state = opt.update(grads, state, params)     # pure; opt.update_ writes in place
 
 opt = optim.gpt_muon_adamw(optim.muon(0.02, split_fused=optim.FUSED_QKV), optim.adamw(6e-4))
+
+An optimizer is written once, as a `Step` whose elementwise ops go through an `Each`;
+`from_step` makes its pure `update` and in-place `update_` from it (`optim/stateless.py`).
 """
 
-from gpt_fn.optim.adamw import DecayMask, Optimizer, OptState, adamw, default_decay_mask
+from gpt_fn.optim.adamw import DecayMask, adamw, default_decay_mask
 from gpt_fn.optim.clipping import clip_by_global_norm, clip_by_global_norm_, global_norm
 from gpt_fn.optim.loss_scale import (
     LossScaleState,
@@ -28,14 +31,17 @@ from gpt_fn.optim.schedules import (
     linear_warmup,
     warmup_cosine,
 )
+from gpt_fn.optim.stateless import Each, Optimizer, OptState, Step, from_step
 
 __all__ = [
     "DecayMask",
+    "Each",
     "FUSED_QKV",
     "Label",
     "OptState",
     "Optimizer",
     "Schedule",
+    "Step",
     "adamw",
     "adjusted_lr",
     "clip_by_global_norm",
@@ -43,6 +49,7 @@ __all__ = [
     "constant",
     "cosine_decay",
     "default_decay_mask",
+    "from_step",
     "global_norm",
     "gpt_muon_adamw",
     "gpt_muon_label",

@@ -11,9 +11,10 @@ on the host would stall an accelerator every step; the caller checks it (the tra
 stops on a non-finite norm before updating), or passes `error_if_nonfinite=True` to get a
 `FloatingPointError` here instead.
 
-Under `torch.func.vmap` (per-example clipping, `vmap(lambda g: clip_by_global_norm(g, 1.0))`)
-the `torch._foreach_*` kernels have no batching rule, so the same arithmetic runs one tensor at
-a time; outside vmap the foreach kernels keep the result bitwise torch's.
+Both run their ops through `gpt_fn.optim.stateless.foreach`: torch's `torch._foreach_*` kernels,
+so the result is bitwise torch's, and one tensor at a time under `torch.func.vmap`
+(per-example clipping, `vmap(lambda g: clip_by_global_norm(g, 1.0))`), where foreach kernels
+have no batching rule.
 """
 
 import torch
@@ -21,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from gpt_fn.checks import check_bool, check_number, is_batched
+from gpt_fn.optim.stateless import foreach
 from gpt_fn.shapes import Params
 
 
@@ -30,10 +32,7 @@ def global_norm(grads: Params) -> Float[Tensor, ""]:
         raise ValueError("grads must not be empty")
     tensors = list(grads.values())
     # Per-tensor norms then the norm of those norms: torch's order, so the result is bitwise its.
-    if any(is_batched(t) for t in tensors):  # the foreach kernels have no batching rule
-        norms = [torch.linalg.vector_norm(t, 2.0) for t in tensors]
-    else:
-        norms = torch._foreach_norm(tensors, 2.0)
+    norms = foreach("norm", tensors, 2.0)
     return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]), 2.0)
 
 
@@ -42,11 +41,7 @@ def clip_by_global_norm(
 ) -> tuple[Params, Float[Tensor, ""]]:
     """`grads` scaled down to global norm at most `max_norm` (new tensors), and the norm before."""
     norm = _checked_norm(grads, max_norm, error_if_nonfinite)
-    tensors, coefficient = list(grads.values()), _clip_coefficient(norm, max_norm)
-    if is_batched(coefficient):  # some grad is batched by a vmap
-        scaled = [t * coefficient for t in tensors]
-    else:
-        scaled = torch._foreach_mul(tensors, coefficient)
+    scaled = foreach("mul", list(grads.values()), _clip_coefficient(norm, max_norm))
     return dict(zip(grads, scaled, strict=True)), norm
 
 
@@ -55,13 +50,8 @@ def clip_by_global_norm_(
 ) -> Float[Tensor, ""]:
     """Scale the tensors of `grads` in place to global norm at most `max_norm`; return the norm before."""
     norm = _checked_norm(grads, max_norm, error_if_nonfinite)
-    tensors, coefficient = list(grads.values()), _clip_coefficient(norm, max_norm)
     with torch.no_grad():
-        if is_batched(coefficient):  # some grad is batched by a vmap
-            for t in tensors:
-                t.mul_(coefficient)
-        else:
-            torch._foreach_mul_(tensors, coefficient)
+        foreach("mul_", list(grads.values()), _clip_coefficient(norm, max_norm))
     return norm
 
 

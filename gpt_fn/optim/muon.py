@@ -35,8 +35,8 @@ One deliberate difference: for a bfloat16 param with `nesterov=False`, torch 2.1
 normalises the *buffer* (pytorch/pytorch#194664 fixes this with a copy); here the buffer is
 never touched by the orthogonalisation. fp32 params, and bf16 ones with Nesterov, match torch.
 
-Two twins share the arithmetic: `update` is pure (new tensors, inputs untouched); `update_`
-writes into the params and buffers. The state is a flat dict of tensors a safetensors
+`update` (pure) and `update_` (in place) both run the one `step` below
+(`gpt_fn.optim.stateless.from_step`). The state is a flat dict of tensors a safetensors
 checkpoint stores as is::
 
     {"step": int64 scalar (updates applied so far, for the lr schedule),
@@ -52,8 +52,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from gpt_fn.optim.adamw import Optimizer, OptState, check_update_inputs
-from gpt_fn.optim.schedules import Schedule, constant
+from gpt_fn.checks import check_number
+from gpt_fn.optim.schedules import Schedule
+from gpt_fn.optim.stateless import Each, Optimizer, OptState, as_schedule, from_step, lr_at
 from gpt_fn.shapes import Params
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -129,18 +130,15 @@ def muon(
 
     Every param must be 2-D (`init` raises naming the first that is not).
     """
-    schedule = lr if callable(lr) else constant(lr)
-    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    schedule = as_schedule(lr)
+    weight_decay = check_number("weight_decay", weight_decay, at_least=0.0)
+    momentum = check_number("momentum", momentum, at_least=0.0, below=1.0)
     if len(ns_coefficients) != 3 or not all(math.isfinite(x) for x in ns_coefficients):
         raise ValueError(f"ns_coefficients must be 3 finite numbers, got {ns_coefficients!r}")
     # torch refuses 100 steps or more "for computational efficiency"; 0 would not orthogonalise.
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
         raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
-    if not (math.isfinite(eps) and eps > 0.0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    eps = check_number("eps", eps, above=0.0)
     if adjust_lr not in ("original", "match_rms_adamw"):
         raise ValueError(f"adjust_lr must be 'original' or 'match_rms_adamw', got {adjust_lr!r}")
     if not ns_dtype.is_floating_point:
@@ -172,13 +170,6 @@ def muon(
                 counts[name] = blocks
         return counts
 
-    def lr_now(state: OptState) -> float:
-        step = int(state["step"])
-        value = schedule(step)
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"the lr schedule gave {value!r} at step {step}; need finite >= 0")
-        return value
-
     def step_direction(direction: Tensor, blocks: int, lr: float) -> tuple[Tensor, float]:
         """The orthogonalised update (block by block) and the lr it is added with."""
         rows, cols = direction.shape[0] // blocks, direction.shape[1]
@@ -197,48 +188,21 @@ def muon(
         update = ortho[0] if blocks == 1 else torch.cat(ortho)
         return update, adjusted_lr(lr, rows, cols, adjust_lr)
 
-    def init(params: Params) -> OptState:
-        blocks_of(params)  # a non-matrix or a bad split fails here, before any training
-        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
-        for name, value in params.items():
-            state[f"momentum_buffer.{name}"] = torch.zeros_like(
-                value, memory_format=torch.preserve_format
-            )
-        return state
-
-    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
-        """One Muon step as new tensors; `grads`, `state` and `params` are left untouched."""
-        check_update_inputs(grads, state, params, buffers=("momentum_buffer",))
+    def step(each: Each, grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        """One Muon update, one param at a time as torch: one orthogonalised update alive at a
+        time, and each param's tensors still in cache for its next op."""
         blocks = blocks_of(params)
-        lr = lr_now(state)
+        lr = lr_at(schedule, state)
         new_params: Params = {}
-        new_state: OptState = {"step": state["step"] + 1}
+        buffers: OptState = {}
         for name, param in params.items():
             grad = grads[name]
-            buf = torch.lerp(state[f"momentum_buffer.{name}"], grad, 1 - momentum)
+            (buf,) = each("lerp_", [state[f"momentum_buffer.{name}"]], [grad], 1 - momentum)
             direction = torch.lerp(grad, buf, momentum) if nesterov else buf
             ortho, step_lr = step_direction(direction, blocks[name], lr)
-            decayed = param * (1 - lr * weight_decay)
-            new_params[name] = torch.add(decayed, ortho, alpha=-step_lr)
-            new_state[f"momentum_buffer.{name}"] = buf
-        return new_params, new_state
+            (decayed,) = each("mul_", [param], 1 - lr * weight_decay)
+            (new_params[name],) = each("add_", [decayed], [ortho], alpha=-step_lr)
+            buffers[f"momentum_buffer.{name}"] = buf
+        return new_params, buffers
 
-    def update_(grads: Params, state: OptState, params: Params) -> OptState:
-        """`update` written into `params` and `state`'s own tensors; returns `state`."""
-        check_update_inputs(grads, state, params, buffers=("momentum_buffer",))
-        blocks = blocks_of(params)
-        lr = lr_now(state)
-        with torch.no_grad():  # params may be nn.Parameters that require grad
-            # One param at a time, as torch: one orthogonalised update alive at a time.
-            for name, param in params.items():
-                grad = grads[name]
-                buf = state[f"momentum_buffer.{name}"]
-                buf.lerp_(grad, 1 - momentum)
-                direction = grad.lerp(buf, momentum) if nesterov else buf
-                ortho, step_lr = step_direction(direction, blocks[name], lr)
-                param.mul_(1 - lr * weight_decay)
-                param.add_(ortho, alpha=-step_lr)
-            state["step"].add_(1)
-        return state
-
-    return Optimizer(init=init, update=update, update_=update_)
+    return from_step(step, buffers=("momentum_buffer",), check=blocks_of)

@@ -17,11 +17,12 @@ docs): Muon for the blocks' matrices (`h.{i}.attn.c_attn`, `attn.c_proj`, `mlp.c
 head) and `wpe`, LayerNorm gains and all biases. `gpt_muon_adamw(muon, adamw)` builds it.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor
 
-from gpt_fn.optim.adamw import Optimizer, OptState
+from gpt_fn.checks import check_same_keys
+from gpt_fn.optim.stateless import Optimizer, OptState, check_grad_keys
 from gpt_fn.shapes import Params
 
 Label = Callable[[str, Tensor], str]
@@ -61,12 +62,8 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
 
     def groups(params: Params) -> dict[str, list[str]]:
         """Param names per label that has any, in the params' order."""
-        if isinstance(label, Mapping) and label.keys() != params.keys():
-            missing, extra = params.keys() - label.keys(), label.keys() - params.keys()
-            raise KeyError(
-                f"the label mapping must name exactly the params: no label for "
-                f"{sorted(missing)[:3]}, unknown {sorted(extra)[:3]}"
-            )
+        if isinstance(label, Mapping):
+            check_same_keys(label, params, what="the label mapping must name exactly the params")
         out: dict[str, list[str]] = {}
         for name, param in params.items():
             key = label[name] if isinstance(label, Mapping) else label(name, param)
@@ -97,49 +94,44 @@ def partition(optimizers: Mapping[str, Optimizer], label: Label | Mapping[str, s
     def init(params: Params) -> OptState:
         state: OptState = {}
         for key, names in groups(params).items():
-            sub = optimizers[key].init({name: params[name] for name in names})
-            state |= {f"{key}{SEPARATOR}{k}": v for k, v in sub.items()}
+            state |= prefixed(key, optimizers[key].init({name: params[name] for name in names}))
         return state
 
-    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
-        """Each optimizer's pure `update` on its own params; new params in the params' order."""
-        _check_grads(grads, params)
+    def subsets(
+        grads: Params, state: OptState, params: Params
+    ) -> Iterator[tuple[str, Optimizer, Params, OptState, Params]]:
+        """Each label in use, its optimizer, and that optimizer's grads, state and params."""
+        check_grad_keys(grads, params)
         used = groups(params)
         parts = split_state(state, used)
-        new_params: Params = {}
-        new_state: OptState = {}
         for key, names in used.items():
-            sub_params, sub_state = optimizers[key].update(
+            yield (
+                key,
+                optimizers[key],
                 {name: grads[name] for name in names},
                 parts[key],
                 {name: params[name] for name in names},
             )
-            new_params |= sub_params
-            new_state |= {f"{key}{SEPARATOR}{k}": v for k, v in sub_state.items()}
+
+    def update(grads: Params, state: OptState, params: Params) -> tuple[Params, OptState]:
+        """Each optimizer's pure `update` on its own params; new params in the params' order."""
+        new_params: Params = {}
+        new_state: OptState = {}
+        for key, optimizer, sub_grads, sub_state, sub_params in subsets(grads, state, params):
+            updated, updated_state = optimizer.update(sub_grads, sub_state, sub_params)
+            new_params |= updated
+            new_state |= prefixed(key, updated_state)
         return {name: new_params[name] for name in params}, new_state
 
     def update_(grads: Params, state: OptState, params: Params) -> OptState:
         """Each optimizer's in-place `update_`; what it returns is written back into `state`."""
-        _check_grads(grads, params)
-        used = groups(params)
-        parts = split_state(state, used)
-        for key, names in used.items():
-            returned = optimizers[key].update_(
-                {name: grads[name] for name in names},
-                parts[key],
-                {name: params[name] for name in names},
-            )
-            for k, v in returned.items():
-                state[f"{key}{SEPARATOR}{k}"] = v
+        for key, optimizer, sub_grads, sub_state, sub_params in subsets(grads, state, params):
+            state |= prefixed(key, optimizer.update_(sub_grads, sub_state, sub_params))
         return state
 
     return Optimizer(init=init, update=update, update_=update_)
 
 
-def _check_grads(grads: Params, params: Params) -> None:
-    if grads.keys() != params.keys():
-        missing, extra = params.keys() - grads.keys(), grads.keys() - params.keys()
-        raise KeyError(
-            f"grads must have exactly the params' keys: missing {sorted(missing)[:3]}, "
-            f"unknown {sorted(extra)[:3]}"
-        )
+def prefixed(label: str, state: OptState) -> OptState:
+    """`state` with each key under `label` (`"muon/step"`): one optimizer's part of the whole."""
+    return {f"{label}{SEPARATOR}{key}": value for key, value in state.items()}

@@ -40,29 +40,22 @@ def constant(lr: float) -> Schedule:
 
 def linear_warmup(init_lr: float, peak_lr: float, warmup_steps: int) -> Schedule:
     """`init_lr` at step 0 rising linearly to `peak_lr` at `warmup_steps`, `peak_lr` after."""
-    init_lr = check_number("init_lr", init_lr, at_least=0.0)
-    peak_lr = check_number("peak_lr", peak_lr, at_least=0.0)
-    if init_lr > peak_lr:
-        raise ValueError(f"init_lr ({init_lr}) must be <= peak_lr ({peak_lr}) for a warmup")
+    init_lr, peak_lr = _check_lrs(("init_lr", init_lr), ("peak_lr", peak_lr), " for a warmup")
     warmup_steps = check_int("warmup_steps", warmup_steps, at_least=1)
 
     def schedule(step: int) -> float:
-        fraction = min(_check_step(step), warmup_steps) / warmup_steps
-        return init_lr + fraction * (peak_lr - init_lr)
+        return init_lr + _fraction(step, warmup_steps) * (peak_lr - init_lr)
 
     return schedule
 
 
 def cosine_decay(init_lr: float, final_lr: float, decay_steps: int) -> Schedule:
     """Half a cosine from `init_lr` at step 0 down to `final_lr` at `decay_steps`, `final_lr` after."""
-    init_lr = check_number("init_lr", init_lr, at_least=0.0)
-    final_lr = check_number("final_lr", final_lr, at_least=0.0)
-    if final_lr > init_lr:
-        raise ValueError(f"final_lr ({final_lr}) must be <= init_lr ({init_lr}) for a decay")
+    final_lr, init_lr = _check_lrs(("final_lr", final_lr), ("init_lr", init_lr), " for a decay")
     decay_steps = check_int("decay_steps", decay_steps, at_least=1)
 
     def schedule(step: int) -> float:
-        fraction = min(_check_step(step), decay_steps) / decay_steps
+        fraction = _fraction(step, decay_steps)
         return final_lr + 0.5 * (1.0 + math.cos(math.pi * fraction)) * (init_lr - final_lr)
 
     return schedule
@@ -102,10 +95,7 @@ def warmup_cosine(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: 
     is shifted by one step (`s + 1`, so step 0 already trains) and its float operations are
     kept in the same order, so a run reproduces its learning rates bit for bit.
     """
-    max_lr = check_number("max_lr", max_lr, at_least=0.0)
-    min_lr = check_number("min_lr", min_lr, at_least=0.0)
-    if min_lr > max_lr:
-        raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
+    min_lr, max_lr = _check_lrs(("min_lr", min_lr), ("max_lr", max_lr))
     warmup_steps = check_int("warmup_steps", warmup_steps, at_least=0)
     decay_steps = check_int("decay_steps", decay_steps, at_least=1)
     # Equal steps would leave the cosine an empty interval (build-nanogpt divides by zero there).
@@ -128,3 +118,21 @@ def warmup_cosine(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: 
 def _check_step(step: int) -> int:
     # operator.index accepts any integer (numpy, 0-d integer tensors) and refuses floats.
     return check_int("step", operator.index(step), at_least=0)
+
+
+def _check_lrs(
+    low: tuple[str, float], high: tuple[str, float], purpose: str = ""
+) -> tuple[float, float]:
+    """The `(name, lr)` pairs' lrs as floats: `ValueError` unless each is finite and >= 0 and
+    `low`'s is <= `high`'s (the message ends with `purpose`, e.g. `" for a warmup"`)."""
+    (low_name, low_lr), (high_name, high_lr) = low, high
+    low_lr = check_number(low_name, low_lr, at_least=0.0)
+    high_lr = check_number(high_name, high_lr, at_least=0.0)
+    if low_lr > high_lr:
+        raise ValueError(f"{low_name} ({low_lr}) must be <= {high_name} ({high_lr}){purpose}")
+    return low_lr, high_lr
+
+
+def _fraction(step: int, steps: int) -> float:
+    """How far `step` is through `steps` steps: in [0, 1], 1 from `steps` on."""
+    return min(_check_step(step), steps) / steps
