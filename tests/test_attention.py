@@ -7,7 +7,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from gpt_fn import GPT
+from gpt_fn import GPT, sampling
 from gpt_fn.model import forward, init_params, loss, run_with_cache
 from gpt_fn.nn import (
     KERNELS,
@@ -245,4 +245,20 @@ def test_a_kernel_name_is_checked_once_per_call_not_per_layer(tiny_config, monke
 
     monkeypatch.setattr(attention, "check_choice", counting)
     forward(params, torch.zeros(1, 4, dtype=torch.long), tiny_config, attention="manual")
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("decoder", ["generate", "beam_search", "speculative_generate"])
+def test_a_kernel_name_is_checked_once_per_decode_call_not_per_step(
+    decoder, tiny_config, monkeypatch
+):
+    params = init_params(tiny_config, seed=0)
+    seen = []
+    real = attention.check_choice
+    monkeypatch.setattr(attention, "check_choice", lambda *args: seen.append(args) or real(*args))
+    draft = {"draft_params": params, "draft_config": tiny_config, "greedy": True}
+    extra = {"generate": {"greedy": True}, "beam_search": {"num_beams": 2}}.get(decoder, draft)
+    getattr(sampling, decoder)(
+        params, [[1, 2, 3]], tiny_config, max_new_tokens=6, attention="manual", **extra
+    )
     assert len(seen) == 1

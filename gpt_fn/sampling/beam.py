@@ -43,7 +43,7 @@ from gpt_fn.checks import check_int, check_number
 from gpt_fn.config import GPTConfig
 from gpt_fn.memory import beam_search_bytes, check_sampling_fits
 from gpt_fn.model import TokenRows, check_params
-from gpt_fn.nn import AttentionKernel
+from gpt_fn.nn import AttentionKernel, attention_kernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.engine import (
     advance_state,
@@ -148,7 +148,7 @@ def beam_search(
             params, tokens, config, beams=beams, max_new=max_new, min_new=min_new,
             penalty=penalty, early_stopping=early_stopping, eos=choices.eos_token_id,
             pad=choices.pad_token_id, transform=choices.transform, stops=choices.stops,
-            attention=attention, hooks=options.hooks,
+            attention=attention_kernel(attention), hooks=options.hooks,
         )  # fmt: skip
     new, lengths, scores = new[:, :returned], lengths[:, :returned], scores[:, :returned]
     sequences = in_prompt_kind(

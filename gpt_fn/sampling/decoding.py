@@ -30,7 +30,7 @@ from gpt_fn.checks import check_bool, check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.memory import check_sampling_fits, generate_bytes
 from gpt_fn.model import TokenRows, check_params
-from gpt_fn.nn import AttentionKernel
+from gpt_fn.nn import AttentionKernel, attention_kernel
 from gpt_fn.nn.kv_cache import KVCache
 from gpt_fn.sampling.engine import (
     advance_state,
@@ -178,9 +178,9 @@ class _Generation:
         self.transform, self.generators = choices.transform, choices.generators
         self.eos_token_id, self.pad_token_id = choices.eos_token_id, choices.pad_token_id
         self.stops = None if choices.stops is None else RowStops(choices.stops, rows)
-        self.attention = attention
+        self.attention = attention_kernel(attention)  # resolved once, not at every step
         self.hooks = options.hooks
-        self.step = _compiled_step(config, attention, self.hooks) if options.compile else None
+        self.step = _compiled_step(config, self.attention, self.hooks) if options.compile else None
         if self.step is not None and not use_cache:
             raise ValueError("compile=True compiles the cached decode step: it needs use_cache")
         self.finished_at: list[int | None] = [None] * rows

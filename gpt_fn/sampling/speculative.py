@@ -51,7 +51,7 @@ from torch import Tensor
 from gpt_fn.checks import check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.model import TokenRows, check_params, transformer
-from gpt_fn.nn import AttentionKernel
+from gpt_fn.nn import AttentionKernel, attention_kernel
 from gpt_fn.sampling import samplers
 from gpt_fn.sampling.engine import (
     advance_state,
@@ -187,7 +187,7 @@ class _Speculation:
         self.transform, self.generators = choices.transform, choices.generators
         self.eos, self.pad = choices.eos_token_id, choices.pad_token_id
         self.stops = None if choices.stops is None else RowStops(choices.stops, rows)
-        self.attention = attention
+        self.attention = attention_kernel(attention)  # resolved once, not at every step
         self.new: list[list[int]] = [[] for _ in range(rows)]
         self.proposed = self.accepted = self.rounds = self.row_rounds = self.draft_forwards = 0
 
