@@ -40,7 +40,6 @@ from gpt_fn.analysis import LN_MODES
 from gpt_fn.checkpoint import (
     CheckpointError,
     kept_checkpoint,
-    load_checkpoint,
     read_checkpoint_info,
 )
 from gpt_fn.config import GPTConfig
@@ -492,11 +491,11 @@ def _speculative(
     encoding: Any,
     device: torch.device,
 ) -> int:
-    draft = load_checkpoint(args.draft_checkpoint)
-    if draft.model_config.vocab_size != config.vocab_size:
+    draft = load_model(checkpoint=args.draft_checkpoint, device=device)
+    if draft.config.vocab_size != config.vocab_size:
         raise ValueError(
             f"--draft-checkpoint {args.draft_checkpoint} has vocab_size "
-            f"{draft.model_config.vocab_size}, the model {config.vocab_size}: a draft must "
+            f"{draft.config.vocab_size}, the model {config.vocab_size}: a draft must "
             "share the model's vocabulary"
         )
     rows = [ids for ids in prompts for _ in range(args.num_samples)]
@@ -504,8 +503,8 @@ def _speculative(
         params,
         rows,
         config,
-        draft_params={k: v.to(device) for k, v in draft.params.items()},
-        draft_config=draft.model_config,
+        draft_params=draft.params,
+        draft_config=draft.config,
         max_new_tokens=args.max_new_tokens,
         num_draft_tokens=args.num_draft_tokens,
         options=options,
