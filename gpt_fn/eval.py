@@ -166,10 +166,18 @@ def token_logprobs(
     params: Params,
     tokens: Int[Tensor, "batch seq"] | TokenRows,
     config: GPTConfig,
-    **options: Any,
+    *,
+    attention_mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"] | None = None,
+    vocab_size: int | None = None,
+    attention: AttentionKernel = "sdpa",
+    hooks: Hooks | None = None,
 ) -> Float[Tensor, "batch next"]:
     """`log p` of every next token, `(batch, seq - 1)`: `token_scores(...).logprobs`."""
-    return token_scores(params, tokens, config, **options).logprobs
+    scores = token_scores(
+        params, tokens, config, attention_mask=attention_mask, vocab_size=vocab_size,
+        attention=attention, hooks=hooks,
+    )  # fmt: skip
+    return scores.logprobs
 
 
 def _log_probs(
