@@ -6,9 +6,10 @@ killer ends the process, or end in an allocator's traceback. Each kind of reques
 estimate made from its sizes alone, before anything is allocated, and a check against
 `available_bytes(device)` that names both:
 
-- sampling: `generate_bytes`, `beam_search_bytes` (the peak its tensors reach) and
-  `check_sampling_fits` (a `ValueError`, as for any argument of `generate`/`beam_search`);
-- training: `training_bytes` (a lower bound) and `check_fits` (`InsufficientMemoryError`).
+- sampling: `generate_bytes`, `beam_search_bytes` (the peak its tensors reach);
+- training: `training_bytes` (a lower bound);
+- `check_fits`: `InsufficientMemoryError` naming the request, what it needs and what the
+  device has, before anything is allocated.
 
 An estimate may pass and the allocation still fail (allocators round up and keep freed
 blocks): `allocation_errors` turns an allocation failure (torch's CPU allocator, CUDA out of
@@ -189,19 +190,13 @@ def available_bytes(device: torch.device | str) -> int | None:
     return min(known) if known else None
 
 
-def check_sampling_fits(need: int, device: torch.device | str, request: str) -> None:
-    """`ValueError` naming `request`, what it needs and what `device` has, when `need` bytes
-    exceed `available_bytes(device)` (nothing is checked where that is unknown)."""
-    have = available_bytes(device)
-    if have is not None and need > have:
-        raise ValueError(
-            f"{request} needs about {_gb(need)} of memory, more than the {_gb(have)} "
-            f"available on {torch.device(device)}: ask for fewer rows, beams or tokens"
-        )
+SAMPLING_ADVICE = "ask for fewer rows, beams or tokens"
+"""What `check_fits` tells a sampling request that does not fit."""
 
 
-def check_fits(needed: int, device: torch.device, *, what: str, advice: str) -> None:
-    """Raise `InsufficientMemoryError` if `needed` bytes exceed what `device` has available."""
+def check_fits(needed: int, device: torch.device | str, *, what: str, advice: str) -> None:
+    """Raise `InsufficientMemoryError` if `needed` bytes exceed what `device` has available
+    (nothing is checked where that is unknown)."""
     free = available_bytes(device)
     if free is not None and needed > free:
         raise InsufficientMemoryError(

@@ -71,12 +71,12 @@ def test_generate_and_beam_search_refuse_what_does_not_fit_naming_the_need(monke
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10_000_000)  # 10 MB free
     need = memory.generate_bytes(CONFIG, batch=1, prompt=3, max_new_tokens=4, num_samples=5000)
     with pytest.raises(
-        ValueError,
-        match=rf"generate \(5000 rows\) needs about {need / 1e6:.1f} MB of memory, more than "
-        r"the 10.0 MB available on cpu",
+        InsufficientMemoryError,
+        match=rf"generate \(5000 rows\) needs at least {need / 1e6:.1f} MB of memory, more than "
+        r"the 10.0 MB available on cpu: ask for fewer rows, beams or tokens",
     ):
         sampling.generate(params, [[1, 2, 3]], CONFIG, max_new_tokens=4, num_samples=5000, seed=0)
-    with pytest.raises(ValueError, match=r"beam_search \(5000 beams\) needs about .* MB"):
+    with pytest.raises(InsufficientMemoryError, match=r"beam_search \(5000 beams\) needs at least"):
         sampling.beam_search(params, [[1, 2, 3]], CONFIG, 5000, max_new_tokens=4)
     # What fits runs as before.
     assert len(sampling.generate(params, [[1, 2, 3]], CONFIG, max_new_tokens=2, greedy=True)[0])

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from gpt_fn.checks import check_int, check_number
 from gpt_fn.config import GPTConfig
-from gpt_fn.memory import beam_search_bytes, check_sampling_fits
+from gpt_fn.memory import SAMPLING_ADVICE, beam_search_bytes, check_fits
 from gpt_fn.model import TokenRows, check_params
 from gpt_fn.nn import AttentionKernel, attention_kernel
 from gpt_fn.sampling import samplers
@@ -142,7 +142,12 @@ def beam_search(
         config, batch=tokens.shape[0], prompt=tokens.shape[1], max_new_tokens=max_new,
         num_beams=beams, dtype=params["wte.weight"].dtype,
     )  # fmt: skip
-    check_sampling_fits(need, tokens.device, f"beam_search ({tokens.shape[0] * beams} beams)")
+    check_fits(
+        need,
+        tokens.device,
+        what=f"beam_search ({tokens.shape[0] * beams} beams)",
+        advice=SAMPLING_ADVICE,
+    )
     with torch.no_grad():
         new, lengths, scores = _search(
             params, tokens, config, beams=beams, max_new=max_new, min_new=min_new,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from gpt_fn.checks import check_bool, check_int
 from gpt_fn.config import GPTConfig
-from gpt_fn.memory import check_sampling_fits, generate_bytes
+from gpt_fn.memory import SAMPLING_ADVICE, check_fits, generate_bytes
 from gpt_fn.model import TokenRows, check_params
 from gpt_fn.nn import AttentionKernel, attention_kernel
 from gpt_fn.nn.kv_cache import KVCache
@@ -173,7 +173,7 @@ class _Generation:
             num_samples=self.num_samples, dtype=params["wte.weight"].dtype,
             use_cache=self.use_cache,
         )  # fmt: skip
-        check_sampling_fits(need, self.tokens.device, f"generate ({rows} rows)")
+        check_fits(need, self.tokens.device, what=f"generate ({rows} rows)", advice=SAMPLING_ADVICE)
         choices = decode_choices(options, config, rows=rows, device=self.tokens.device)
         self.transform, self.generators = choices.transform, choices.generators
         self.eos_token_id, self.pad_token_id = choices.eos_token_id, choices.pad_token_id
