@@ -51,7 +51,6 @@ from gpt_fn.runlog import LOGGERS
 from gpt_fn.runtime import resolve_device
 from gpt_fn.settings import (
     DERIVED,
-    RENAMED,
     SettingsError,
     TrainSettings,
     current_names,
@@ -229,11 +228,9 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`), and the
-    setting's former names (`settings.RENAMED`: `--dtype` is `--autocast-dtype`)."""
-    former = {new: old for old, new in RENAMED.items()}
+    """One flag per `TrainSettings` field (`lr_decay_steps` -> `--lr-decay-steps`)."""
     for field in dataclasses.fields(TrainSettings):
-        flags = [_flag(field.name)] + ([_flag(former[field.name])] if field.name in former else [])
+        flags = [_flag(field.name)]
         kind = _flag_type(field.type)
         help_text = field.metadata["help"]
         if field.default is not None and field.name not in DERIVED and kind is not bool:

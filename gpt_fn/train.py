@@ -905,7 +905,7 @@ def _copy_into(targets: dict[str, Tensor], saved: dict[str, Tensor], what: str) 
     check_same_keys(
         saved,
         targets,
-        what=f"the checkpoint's {what} does not match this run (another --optimizer or --dtype?)",
+        what=f"the checkpoint's {what} does not match this run (another --optimizer or --autocast-dtype?)",
         error=CheckpointError,
     )
     with torch.no_grad():

@@ -128,7 +128,7 @@ def test_resuming_with_another_optimizer_names_the_state_keys_that_differ(corpus
     train(_settings(corpus, out, max_steps=2, eval_interval=2, optimizer="adamw"), log=_quiet)
     with pytest.raises(
         CheckpointError,
-        match=r"optimizer state does not match this run \(another --optimizer or --dtype\?\): "
+        match=r"optimizer state does not match this run \(another --optimizer or --autocast-dtype\?\): "
         r"missing \d+ keys \['adamw/step', .*, \.\.\.\]; \d+ unexpected keys \['exp_avg\.",
     ):
         train(
@@ -209,15 +209,14 @@ def test_cli_train_flags_override_the_config_file(corpus, tmp_path):
     )
 
 
-def test_the_dtype_flag_is_the_autocast_dtype_setting():
-    for flag in ("--autocast-dtype", "--dtype"):
-        args = cli._parser().parse_args(["train", flag, "float16"])
-        assert cli.settings_from_args(args).autocast_dtype == "float16"
+def test_the_autocast_dtype_flag_is_the_autocast_dtype_setting():
+    args = cli._parser().parse_args(["train", "--autocast-dtype", "float16"])
+    assert cli.settings_from_args(args).autocast_dtype == "float16"
 
 
 def test_cli_bad_flags_exit_nonzero_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--dtype", "float8"])
+        cli.main(["train", "--autocast-dtype", "float8"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'float8'" in capsys.readouterr().err
     assert cli.main(["train", "--batch-size", "0"]) == 1
