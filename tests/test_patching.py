@@ -26,9 +26,20 @@ CONFIG = gpt_fn.GPTConfig(vocab_size=101, block_size=16, n_layer=3, n_head=3, n_
 HEAD_SITES = ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z")
 
 
+def sharp_params() -> gpt_fn.Params:
+    """A random init whose attention depends on its input: `init_params`' small q/k weights
+    give near-uniform patterns, under which patching q, k, scores or pattern moves the metric
+    by only a few ATOL (a wrong head or position would pass)."""
+    params = gpt_fn.init_params(CONFIG, seed=0)
+    return {
+        name: value * 8 if name.endswith("attn.c_attn.weight") else value
+        for name, value in params.items()
+    }
+
+
 @pytest.fixture(scope="module")
 def params():
-    return gpt_fn.init_params(CONFIG, seed=0)
+    return sharp_params()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,7 @@ def test_chunk_size_changes_nothing_but_memory(params, pair):
         torch.testing.assert_close(other, runs[0], atol=ATOL, rtol=0)
 
 
-PARAMS = gpt_fn.init_params(CONFIG, seed=0)  # hypothesis tests take no fixtures
+PARAMS = sharp_params()  # hypothesis tests take no fixtures
 
 
 @settings(max_examples=12, deadline=None)
