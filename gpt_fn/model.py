@@ -466,13 +466,12 @@ def run_with_cache(
     sites = site_names(config)
     if stop_at is not None and stop_at in sites:
         sites = sites[: sites.index(stop_at) + 1]
+    if isinstance(names, str):  # one site, not a sequence of one-letter names
+        names = [names]
     if names is None:
         wanted = list(sites)
     elif callable(names):
         wanted = [site for site in sites if names(site)]
-    elif isinstance(names, str):  # one site, not a sequence of one-letter names
-        check_hooks({names: _identity}, config)
-        wanted = [names]
     else:
         check_hooks(dict.fromkeys(names, _identity), config)
         wanted = list(names)

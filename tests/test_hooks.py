@@ -441,6 +441,8 @@ def test_stop_at_errors_name_the_problem(params, tokens, tiny_config):
         run_with_cache(params, tokens, tiny_config, stop_at="h.9.resid_post")
     with pytest.raises(ValueError, match="comes after stop_at"):
         run_with_cache(params, tokens, tiny_config, names=["h.1.mlp.out"], stop_at="h.0.ln_2")
+    with pytest.raises(ValueError, match="comes after stop_at"):  # one site as a string
+        run_with_cache(params, tokens, tiny_config, names="h.1.mlp.out", stop_at="h.0.ln_2")
     cache = gpt_fn.model.empty_cache(tiny_config, batch=2, capacity=16)
     with pytest.raises(ValueError, match="no KV cache"):
         gpt_fn.model.transformer(params, tokens, tiny_config, cache=cache, stop_at="embed")
