@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 
@@ -63,13 +64,15 @@ class RowStops:
         self.stops = stops
         self.tails = [b""] * rows
 
-    def update(self, token: Tensor, finished: Tensor) -> Tensor:
+    def update(
+        self, token: Int[Tensor, " batch"], finished: Bool[Tensor, " batch"]
+    ) -> Bool[Tensor, " batch"]:
         """Which unfinished rows `token` (one per row) makes complete a stop string."""
-        hit = torch.zeros_like(finished)
+        hits = [False] * len(self.tails)
         for row, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
             if not done:
-                hit[row], self.tails[row] = self.stops.step(self.tails[row], t)
-        return hit
+                hits[row], self.tails[row] = self.stops.step(self.tails[row], t)
+        return torch.tensor(hits, device=finished.device)  # one host-to-device copy a step
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
