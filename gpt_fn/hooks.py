@@ -53,9 +53,10 @@ def ablate_heads(layer: int, heads: Sequence[int], *, means: Tensor | None = Non
     """
     site = f"h.{check_int('layer', layer, at_least=0)}.attn.z"
     chosen = _indices("heads", heads)
+    axes = site_axes(site)
 
     def hook(z: Tensor) -> Tensor:
-        selected = _selector(z, "attn.z", site, heads=chosen, positions=None)
+        selected = _selector(z, axes, site, heads=chosen, positions=None)
         replacement = torch.zeros((), dtype=z.dtype, device=z.device) if means is None else means
         return torch.where(selected, replacement.to(z.dtype), z)
 
@@ -71,10 +72,10 @@ def patch(
 ) -> Hooks:
     """Replace the activation at `site` by `source` (broadcast to it), optionally only at some
     `positions` and/or `heads` (sites with a head axis: `attn.q/k/v/scores/pattern/z/result`)."""
-    part = _part(site)
+    axes = site_axes(site)
     if not isinstance(source, Tensor):
         raise TypeError(f"patch source must be a tensor, got {type(source).__name__}")
-    if heads is not None and _AXES.get(part, (None, 1))[0] is None:
+    if heads is not None and axes[0] is None:
         raise ValueError(
             f"heads= needs a site with a head axis (attn.q/k/v/scores/pattern/z/result), not "
             f"{site!r}"
@@ -83,7 +84,7 @@ def patch(
     chosen_positions = None if positions is None else _indices("positions", positions, signed=True)
 
     def hook(activation: Tensor) -> Tensor:
-        selected = _selector(activation, part, site, heads=chosen_heads, positions=chosen_positions)
+        selected = _selector(activation, axes, site, heads=chosen_heads, positions=chosen_positions)
         return torch.where(selected, source.to(activation.dtype), activation)
 
     return {site: hook}
@@ -98,7 +99,7 @@ def add_vector(
 ) -> Hooks:
     """Add `scale * vector` to the activation at `site` (broadcast over batch and positions:
     a `(d_model,)` steering vector at a residual site), optionally only at `positions`."""
-    part = _part(site)
+    axes = site_axes(site)
     if not isinstance(vector, Tensor):
         raise TypeError(f"vector must be a tensor, got {type(vector).__name__}")
     scale = check_number("scale", scale)
@@ -108,7 +109,7 @@ def add_vector(
         delta = scale * vector.to(activation.dtype)
         if chosen_positions is None:
             return activation + delta
-        selected = _selector(activation, part, site, heads=None, positions=chosen_positions)
+        selected = _selector(activation, axes, site, heads=None, positions=chosen_positions)
         return activation + selected * delta
 
     return {site: hook}
@@ -206,14 +207,14 @@ def _indices(name: str, values: Sequence[int], *, signed: bool = False) -> list[
 
 def _selector(
     activation: Tensor,
-    part: str,
+    axes: tuple[int | None, int],
     site: str,
     *,
     heads: list[int] | None,
     positions: list[int] | None,
 ) -> Tensor:
     """A bool tensor broadcastable to `activation`: True at the chosen heads and positions."""
-    head_axis, position_axis = _AXES.get(part, (None, 1))
+    head_axis, position_axis = axes
     selected = torch.ones((1,) * activation.ndim, dtype=torch.bool, device=activation.device)
     for axis, chosen, what in ((head_axis, heads, "head"), (position_axis, positions, "position")):
         if chosen is None or axis is None:
