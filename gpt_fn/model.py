@@ -47,6 +47,7 @@ from gpt_fn.nn.padding import as_batch, attention_mask_4d, cache_attention_mask
 from gpt_fn.nn.padding import positions as padding_positions
 from gpt_fn.shapes import Activations, Logits, Params, Tokens
 from gpt_fn.sites import (
+    EMBED_SITES,
     UNHOOKED,
     Hook,
     Hooks,
@@ -638,10 +639,6 @@ def _checked_targets(
     return targets if mask is None else targets.masked_fill(~mask, IGNORE_INDEX)
 
 
-_EMBED_SITES = ("tok_embed", "pos_embed", "embed")
-"""The sites before every block: never reached from a residual stream."""
-
-
 def _layer_of(site: str) -> int | float:
     """A block site's layer (`h.3.attn.z` -> 3); `inf` for the sites outside the blocks."""
     return int(site.split(".", 2)[1]) if site.startswith("h.") else math.inf
@@ -672,7 +669,7 @@ def _checked_stream(
         mask = attention_mask_4d(check_attention_mask(attention_mask, resid_pre[..., 0]))
     if hooks is not None:
         check_hooks(hooks, config)
-        unreached = [s for s in hooks if s in _EMBED_SITES or _layer_of(s) < layer]
+        unreached = [s for s in hooks if s in EMBED_SITES or _layer_of(s) < layer]
         if unreached:
             raise ValueError(
                 f"hook at {unreached[0]!r}: forward_from(layer={layer}) starts after that site"

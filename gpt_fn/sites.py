@@ -73,8 +73,10 @@ BLOCK_SITES = (
 )
 """A block's sites, relative to `h.{i}.`, in the order the forward pass reaches them."""
 EXPLICIT_ATTENTION_SITES = ("attn.scores", "attn.pattern")
-TOP_SITES = ("tok_embed", "pos_embed", "embed", "ln_f.scale", "ln_f", "logits")
-"""The sites outside the blocks: the first three before them, the rest after."""
+EMBED_SITES = ("tok_embed", "pos_embed", "embed")
+"""The sites before every block."""
+TOP_SITES = (*EMBED_SITES, "ln_f.scale", "ln_f", "logits")
+"""The sites outside the blocks: `EMBED_SITES` before them, the rest after."""
 ON_REQUEST_SITES = (
     *EXPLICIT_ATTENTION_SITES,
     "attn.result",
@@ -89,7 +91,7 @@ ON_REQUEST_SITES = (
 def site_names(config: GPTConfig) -> tuple[str, ...]:
     """Every activation site of a model with `config`, in the order the forward pass reaches them."""
     blocks = tuple(f"h.{i}.{site}" for i in range(config.n_layer) for site in BLOCK_SITES)
-    return (*TOP_SITES[:3], *blocks, *TOP_SITES[3:])
+    return (*EMBED_SITES, *blocks, *TOP_SITES[len(EMBED_SITES) :])
 
 
 def check_hooks(hooks: object, config: GPTConfig) -> None:
