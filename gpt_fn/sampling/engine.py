@@ -42,7 +42,7 @@ adds a vector at every position gives the same tokens cached and uncached.
 """
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -193,7 +193,7 @@ def fan_out(state: DecodeState, n: int) -> DecodeState:
 
 def prefill_state(
     params: Params,
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch seq"],
     config: GPTConfig,
     *,
     capacity: int | None,
@@ -241,7 +241,7 @@ def prefill_state(
 def advance_state(
     params: Params,
     state: DecodeState,
-    next_tokens: Tensor,
+    next_tokens: Int[Tensor, " batch"],
     config: GPTConfig,
     *,
     attention: AttentionKernel,
@@ -285,13 +285,13 @@ def advance_state(
 def cached_step(
     params: Params,
     cache: KVCache,
-    next_tokens: Tensor,
+    next_tokens: Int[Tensor, " batch"],
     *,
     config: GPTConfig,
     attention: AttentionKernel,
     hooks: Hooks | None,
-    write: str,
-) -> tuple[Tensor, KVCache]:
+    write: Literal["copy", "in_place"],
+) -> tuple[Float[Tensor, "batch 1 d_model"], KVCache]:
     """One token per row through the blocks over a cache with room: compilable (traced, it
     attends over the whole capacity: `generate`'s compiled step gives it the attended slots only).
 
@@ -302,7 +302,9 @@ def cached_step(
     )  # fmt: skip
 
 
-def next_logits(params: Params, hidden: Tensor, head: LMHead, hooks: Hooks | None) -> Tensor:
+def next_logits(
+    params: Params, hidden: Float[Tensor, "batch seq d_model"], head: LMHead, hooks: Hooks | None
+) -> Float[Tensor, "batch vocab"]:
     """The logits after each row's last position (a `logits` hook sees this call's positions)."""
     if hooks and "logits" in hooks:
         return apply_hook("logits", hooks["logits"], lm_head(params, hidden))[:, -1]
@@ -352,7 +354,7 @@ def prompt_tokens(
     params: Params,
     *,
     cropped: bool = True,
-) -> Tensor:
+) -> Int[Tensor, "batch _"]:
     """Prompts as one int64 tensor left-padded with PAD, checked; lists are padded here."""
     tokens, mask = as_batch(
         prompt, attention_mask, side="left", device=params["wte.weight"].device, name="prompt"

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
-def greedy(logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
+def greedy(logits: Float[Tensor, "*batch vocab"]) -> Int[Tensor, "*batch"]:
     """The most likely token of each row; the lowest id among equal maxima."""
     check_logits(logits)
     return greedy_unchecked(logits)
@@ -39,7 +39,7 @@ def categorical(
     return categorical_unchecked(logits, generator)
 
 
-def greedy_unchecked(logits: Tensor) -> Tensor:
+def greedy_unchecked(logits: Float[Tensor, "*batch vocab"]) -> Int[Tensor, "*batch"]:
     """`greedy` without `check_logits`, for a caller that has checked the logits already."""
     # max(dim).indices is argmax with the same first-maximum rule, and faster on CPU for a few
     # rows of a GPT-2-sized vocabulary (argmax's reduction takes a slower path there).
@@ -47,8 +47,8 @@ def greedy_unchecked(logits: Tensor) -> Tensor:
 
 
 def categorical_unchecked(
-    logits: Tensor, generator: torch.Generator | Sequence[torch.Generator]
-) -> Tensor:
+    logits: Float[Tensor, "batch vocab"], generator: torch.Generator | Sequence[torch.Generator]
+) -> Int[Tensor, " batch"]:
     """`categorical` without `check_logits`, for a caller that has checked the logits already."""
     probs = logits.float().softmax(dim=-1)
     if isinstance(generator, torch.Generator):
