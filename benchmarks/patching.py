@@ -1,7 +1,7 @@
 """Activation patching sweeps: `gpt_fn.patching` against TransformerLens's loop, same process.
 
-One GPT-2-small-shaped model (12 layers, 768 wide, GPT-2's vocabulary; random weights saved
-by HF's `GPT2LMHeadModel` and loaded by both sides, as tests/test_transformer_lens.py does),
+One GPT-2-small-shaped model (12 layers, 768 wide, GPT-2's vocabulary; gpt_fn's random init,
+saved as an HF GPT-2 with `gpt_fn.hf.save` for TransformerLens to load),
 a clean and a corrupted prompt (1 x 10 tokens, IOI-sized) and a logit-difference
 metric at the last position. Two sweeps, each also checked for equal results:
 
@@ -20,8 +20,6 @@ forward of each model runs before the clock instead of a warm-up round.
     python benchmarks/patching.py [--quick] [--threads N] [--out DIR]
 """
 
-import contextlib
-import io
 import statistics
 import sys
 import tempfile
@@ -126,21 +124,12 @@ def run(
 
 
 def _models(config: gpt_fn.GPTConfig, directory: Path):
-    """gpt_fn's params and a TransformerLens bridge of the same random GPT-2 weights."""
+    """gpt_fn's random params and a TransformerLens bridge of the same weights, saved as an HF
+    GPT-2 (`hf.save`)."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    shape = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-    )
-    with contextlib.redirect_stderr(io.StringIO()):  # HF's "Writing model shards" bar
-        GPT2LMHeadModel(shape).save_pretrained(directory)
-    params, _ = hf.load(directory)
+    params = gpt_fn.init_params(config, seed=0)
+    hf.save(params, config, directory, tokenizer=False)
     bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
     bridge.enable_compatibility_mode(no_processing=True)
     return params, bridge

@@ -10,10 +10,9 @@ warm-up, contenders taking turns (`benchmarks.timing.take_turns`).
 
 Needs sae-lens, so it runs in the sae-interop venv (not in `python -m benchmarks`):
 
-    python benchmarks/sae.py [--quick] [--threads N]
+    python benchmarks/sae.py [--quick] [--threads N] [--out DIR]
 """
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 import gpt_fn
-from benchmarks.run import cpu_model
+from benchmarks.run import command_line, cpu_model, finish
 from benchmarks.timing import cpu_threads, take_turns
 from gpt_fn import sae as saes
 from gpt_fn.shapes import shape_checks
@@ -53,7 +52,16 @@ def run(quick: bool = False, *, threads: int | None = 1, config: gpt_fn.GPTConfi
             0, config.vocab_size, (200_000,), generator=torch.Generator().manual_seed(0)
         )
         corpus = corpus.numpy().astype("uint16")
-        results: dict = {"threads": threads, "cpu": cpu_model(), "steps": steps, "rows": []}
+        results: dict = {
+            "benchmark": "sae",
+            "config": config.to_dict(),
+            "site": SITE,
+            "threads": torch.get_num_threads() if threads is None else threads,
+            "torch": torch.__version__,
+            "cpu": cpu_model(),
+            "steps": steps,
+            "rows": [],
+        }
         for k, sizes in SIZES.items():
             if quick:
                 sizes = [(d_sae // 16, top // 4) for d_sae, top in sizes]
@@ -91,10 +99,10 @@ def _saelens(params, config, corpus, sae_config: saes.SAEConfig, settings: saes.
     return SAETrainer(trainer_config, sae, batches).fit()
 
 
-def table(results: dict) -> str:
+def markdown(results: dict) -> str:
     lines = [
-        f"TopK SAEs at {SITE}, {results['steps']} steps; tokens/s, {results['cpu']}, "
-        f"{results['threads']} thread(s)",
+        f"TopK SAEs at {results['site']}, {results['steps']} steps; tokens/s, {results['cpu']}, "
+        f"{results['threads']} thread(s), torch {results['torch']}",
         "",
         "| K SAEs | gpt_fn `train_sae` | SAELens `SAETrainer` (K runs) | gpt_fn / SAELens |",
         "| --- | --- | --- | --- |",
@@ -103,15 +111,13 @@ def table(results: dict) -> str:
         lines.append(
             f"| {row['K']} | {row['gpt_fn']:,.0f} | {row['SAELens']:,.0f} | {row['ratio']:.2f}x |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser = command_line("sae", __doc__, quick="tiny sizes: a smoke test", threads=1)
     args = parser.parse_args(argv)
-    print(table(run(args.quick, threads=args.threads)))
+    finish("sae", run(args.quick, threads=args.threads), args.out, markdown=markdown)
 
 
 if __name__ == "__main__":

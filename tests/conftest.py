@@ -70,6 +70,24 @@ def plain_python():
     return run
 
 
+@pytest.fixture(scope="session")
+def transformer_lens_bridge():
+    """`transformer_lens_bridge(directory, **compatibility)`: TransformerLens's
+    `TransformerBridge` over the HF GPT-2 saved in `directory`, on the CPU, in compatibility mode
+    (`enable_compatibility_mode(**compatibility)`: `no_processing=True` keeps HF's numerics).
+    Skips the test where transformer_lens is not installed."""
+
+    def boot(directory, **compatibility):
+        pytest.importorskip("transformer_lens")
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
+        bridge.enable_compatibility_mode(**compatibility)
+        return bridge
+
+    return boot
+
+
 @pytest.fixture
 def file_size_limit():
     """Within `with file_size_limit(n):` no file this process writes may grow past n bytes, as on

@@ -48,18 +48,18 @@ def gpt2(tmp_path_factory):
     return directory, params, config, tokens, logits, cache
 
 
-def bridge(directory, **processing):
-    pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
+@pytest.fixture(scope="module")
+def bridge(transformer_lens_bridge):
+    def boot(directory, **processing):
+        model = transformer_lens_bridge(directory, disable_warnings=True, **processing)
+        model.set_use_attn_result(True)
+        return model
 
-    model = TransformerBridge.boot_transformers(str(directory), device="cpu")
-    model.enable_compatibility_mode(disable_warnings=True, **processing)
-    model.set_use_attn_result(True)
-    return model
+    return boot
 
 
 @pytest.fixture(scope="module")
-def tl(gpt2):
+def tl(gpt2, bridge):
     directory, *_, tokens, _, _ = gpt2
     model = bridge(directory, no_processing=True)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def tl(gpt2):
 
 
 @pytest.fixture(scope="module")
-def tl_processed(gpt2):
+def tl_processed(gpt2, bridge):
     """TransformerLens with its default processing: fold_ln, center_writing_weights,
     center_unembed, fold_value_biases."""
     directory, *_, tokens, _, _ = gpt2

@@ -364,11 +364,10 @@ TRANSFORMER_LENS = {
 
 
 @pytest.fixture(scope="module")
-def lens(tmp_path_factory):
+def lens(tmp_path_factory, transformer_lens_bridge):
     """Our params and a TransformerLens bridge of the same random GPT-2-shaped weights (as in
     test_transformer_lens.py, at a tiny size: 3 layers, 3 heads, 24 wide)."""
     pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -376,9 +375,7 @@ def lens(tmp_path_factory):
     shape = {"vocab_size": 101, "n_positions": 16, "n_embd": 24, "n_layer": 3, "n_head": 3}
     GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(directory)
     params, config = hf.load(directory)
-    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
-    bridge.enable_compatibility_mode(no_processing=True)
-    return params, config, bridge
+    return params, config, transformer_lens_bridge(directory, no_processing=True)
 
 
 @pytest.mark.parametrize("function", list(TRANSFORMER_LENS))

@@ -15,7 +15,6 @@ import torch
 
 pytest.importorskip("transformer_lens")
 
-from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from gpt_fn import GPTConfig, hf, run_with_cache  # noqa: E402
@@ -49,13 +48,12 @@ TOP_MATCHING = {
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
+def both(tmp_path_factory, transformer_lens_bridge):
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("gpt2")
     GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 small, random weights
     params, config = hf.load(directory)
-    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
-    bridge.enable_compatibility_mode(no_processing=True)
+    bridge = transformer_lens_bridge(directory, no_processing=True)
     bridge.set_use_attn_result(True)  # their per-head results, off by default like ours
     tokens = torch.randint(
         0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)

@@ -2,6 +2,9 @@
 folder gpt_fn writes loads in SAELens. Runs in its own venv (`pip install -e ".[sae-interop]"`,
 `GPT_FN_SAE_INTEROP=1 python -m pytest tests/sae_interop`; .ci/run does both)."""
 
+import functools
+import json
+
 import pytest
 import torch
 from sae_lens import (
@@ -84,4 +87,17 @@ def test_the_benchmark_times_both_trainers_for_k_1_and_4():
     results = benchmark.run(quick=True, threads=1, config=toy)
     assert [row["K"] for row in results["rows"]] == [1, 4]
     assert all(row["gpt_fn"] > 0 and row["SAELens"] > 0 for row in results["rows"])
-    assert "| 4 |" in benchmark.table(results)
+    assert "| 4 |" in benchmark.markdown(results)
+
+
+def test_the_benchmarks_command_writes_the_runners_files(tmp_path, monkeypatch, capsys):
+    """`python benchmarks/sae.py --out DIR` as every benchmark's command: sae.json (with the
+    keys every result has) and sae.md, the table also printed."""
+    toy = GPTConfig(vocab_size=101, block_size=64, n_layer=3, n_head=2, n_embd=32)
+    monkeypatch.setattr(benchmark, "run", functools.partial(benchmark.run, config=toy))
+    benchmark.main(["--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "sae.json").read_text())
+    assert result["benchmark"] == "sae" and result["torch"] == torch.__version__
+    assert result["config"] == toy.to_dict() and result["threads"] == 1
+    table = (tmp_path / "sae.md").read_text()
+    assert "| 4 |" in table and table in capsys.readouterr().out
