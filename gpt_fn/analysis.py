@@ -33,6 +33,7 @@ from gpt_fn.checks import (
 from gpt_fn.config import GPTConfig
 from gpt_fn.nn import project_heads
 from gpt_fn.shapes import Params
+from gpt_fn.sites import resid_entering
 
 Cache = Mapping[str, Tensor]
 """Activations by site name, as `run_with_cache` returns them."""
@@ -66,11 +67,10 @@ def accumulated_resid(
     layer = _layer(layer, config)
     parts, labels = [], []
     for i in range(layer + 1):
+        parts.append(_site(cache, resid_entering(i, config), "accumulated_resid"))
         if i == config.n_layer:
-            parts.append(_site(cache, f"h.{i - 1}.resid_post", "accumulated_resid"))
             labels.append("final_post")
             continue
-        parts.append(_site(cache, f"h.{i}.resid_pre", "accumulated_resid"))
         labels.append(f"{i}_pre")
         if check_bool("incl_mid", incl_mid) and i < layer:
             parts.append(_site(cache, f"h.{i}.resid_mid", "accumulated_resid"))
@@ -156,7 +156,7 @@ def stack_head_results(
         parts.extend(result.unbind(-2))
         labels.extend(f"L{i}H{h}" for h in range(config.n_head))
     if check_bool("incl_remainder", incl_remainder):
-        stream = _at(_site(cache, _stream(layer, config), "stack_head_results"), pos)
+        stream = _at(_site(cache, resid_entering(layer, config), "stack_head_results"), pos)
         parts.append(stream - sum(parts) if parts else stream)
         labels.append("remainder")
     if not parts:
@@ -334,11 +334,6 @@ def _layer(layer: int | None, config: GPTConfig) -> int:
             f"got {layer!r}"
         )
     return layer
-
-
-def _stream(layer: int, config: GPTConfig) -> str:
-    """The site holding the residual stream entering block `layer` (or leaving the last)."""
-    return f"h.{layer - 1}.resid_post" if layer == config.n_layer else f"h.{layer}.resid_pre"
 
 
 def _reader(layer: int, config: GPTConfig) -> str:

@@ -34,7 +34,15 @@ from gpt_fn.hooks import merge, patch, site_axes
 from gpt_fn.model import check_tokens, forward_from, run_with_cache
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.shapes import Logits, Params, Tokens
-from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook, check_hooks, site_names
+from gpt_fn.sites import (
+    BLOCK_SITES,
+    Hook,
+    Hooks,
+    apply_hook,
+    check_hooks,
+    resid_entering,
+    site_names,
+)
 
 Metric = Callable[[Logits], Tensor]
 """The logits of one run (`batch seq vocab`) -> a scalar tensor (a logit difference, a loss)."""
@@ -232,7 +240,7 @@ def path_patch(
     first_sender, last_sender = min(by_layer), max(by_layer)
     first_receiver = _check_receivers(receivers, last_sender, config)
     outputs = [f"h.{i}.attn.z" for i in range(first_sender, config.n_layer)]
-    starts = {layer: _resid_entering(layer, config) for layer in (first_sender, first_receiver)}
+    starts = {layer: resid_entering(layer, config) for layer in (first_sender, first_receiver)}
     with torch.no_grad():
         _, sent = run_with_cache(
             params, clean, config, names=[f"h.{i}.attn.z" for i in by_layer], attention=attention
@@ -274,11 +282,6 @@ def path_patch(
             attention=attention,
         )
         return _scalar(metric(logits))
-
-
-def _resid_entering(layer: int, config: GPTConfig) -> str:
-    """The site holding the residual stream that enters block `layer` (`ln_f` at `n_layer`)."""
-    return f"h.{layer}.resid_pre" if layer < config.n_layer else f"h.{layer - 1}.resid_post"
 
 
 def _check_pair(clean: object, corrupted: object, config: GPTConfig) -> None:
