@@ -31,6 +31,7 @@ from gpt_fn.checks import (
     check_token_tensor,
 )
 from gpt_fn.config import GPTConfig
+from gpt_fn.model import lm_head
 from gpt_fn.nn import project_heads
 from gpt_fn.shapes import Params
 from gpt_fn.sites import resid_entering
@@ -219,7 +220,7 @@ def logit_lens(
     hidden = normed * params["ln_f.weight"]
     if "ln_f.bias" in params:
         hidden = hidden + params["ln_f.bias"]
-    return hidden @ params["wte.weight"].T, labels
+    return lm_head(params, hidden), labels
 
 
 def logit_attrs(
