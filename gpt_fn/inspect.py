@@ -458,4 +458,6 @@ def _markdown(found: Mapping[str, Any], *, k: int) -> str:
 
 
 def _shown(text: str) -> str:
-    return text.replace("\n", "\\n").replace("`", "'")
+    """A token inside a markdown code span: control characters escaped (`plots.shown`), and
+    backticks, which would end the span, as quotes."""
+    return plots.shown(text).replace("`", "'")
