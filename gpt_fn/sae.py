@@ -470,11 +470,7 @@ def train_sae(
     device = params["wte.weight"].device
     width = site_width(params, config, site)
     for sae_config in sae_configs:
-        if sae_config.d_in != width:
-            raise ValueError(
-                f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} "
-                "values per position"
-            )
+        _check_reads(sae_config, site, width)
     if settings.block_size > config.block_size:
         raise ValueError(
             f"block_size={settings.block_size} is longer than the model's {config.block_size}"
@@ -538,6 +534,15 @@ def site_width(params: Params, config: GPTConfig, site: str) -> int:
     return activation.flatten(2).shape[-1]
 
 
+def _check_reads(sae_config: SAEConfig, site: str, width: int) -> None:
+    """A `ValueError` unless the SAE reads `width` values per position, as `site` holds."""
+    if sae_config.d_in != width:
+        raise ValueError(
+            f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} values "
+            "per position"
+        )
+
+
 # --- evaluation (SAELens's definitions) -------------------------------------------------------
 
 
@@ -571,16 +576,12 @@ def evaluate_sae(
 ) -> SAEMetrics:
     """Metrics of `sae` at `site` on the rows `tokens` (each scored on its next tokens)."""
     check_sae(sae, sae_config)
-    width = site_width(params, config, site)
-    if width != sae_config.d_in:
-        raise ValueError(
-            f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} values "
-            "per position"
-        )
+    check_hooks({site: _keep}, config)
     inputs = tokens[:, :-1]
     with torch.no_grad():
         activation, _ = transformer(params, inputs, config, stop_at=site)
         x = activation.flatten(2).flatten(0, 1).float()
+        _check_reads(sae_config, site, x.shape[-1])
         features = encode(sae, x, sae_config)
         error = decode(sae, features, sae_config) - x
         fired = features > 0
