@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -38,7 +37,7 @@ from torch import Tensor
 from gpt_fn import optim
 from gpt_fn.checks import check_choice, check_int, check_number, check_shapes
 from gpt_fn.config import GPTConfig
-from gpt_fn.data import TokenStream, get_batch
+from gpt_fn.data import Tokens, get_batch
 from gpt_fn.eval import token_scores
 from gpt_fn.files import write_atomic
 from gpt_fn.model import transformer
@@ -390,7 +389,7 @@ def activation_batches(
     params: Params,
     config: GPTConfig,
     site: str,
-    data: np.ndarray | TokenStream,
+    data: Tokens,
     settings: SAETrainSettings,
 ) -> Iterator[Float[Tensor, "batch d_in"]]:
     """Shuffled batches of the activations at `site` over random rows of `data` (token ids).
@@ -444,7 +443,7 @@ def train_sae(
     params: Params,
     config: GPTConfig,
     site: str,
-    data: np.ndarray | TokenStream,
+    data: Tokens,
     sae_configs: Sequence[SAEConfig],
     *,
     settings: SAETrainSettings | None = None,
