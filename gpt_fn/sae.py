@@ -497,7 +497,8 @@ def train_sae(
             )
             since_fired[i] = torch.where(fired.any(0), 0, since_fired[i] + 1)
             losses.append(loss)
-            l0.append(float(fired.sum(-1).float().mean()))
+            if log is not None:  # float() waits for the device: only for a step that is logged
+                l0.append(float(fired.sum(-1).float().mean()))
         if log is not None:
             log(StepLog(step, losses, l0, list(trained)))
     return trained
