@@ -31,7 +31,7 @@ from torch import Tensor
 from gpt_fn.checks import check_choice, check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.hooks import merge, patch, site_axes
-from gpt_fn.model import check_tokens, forward_from, run_with_cache
+from gpt_fn.model import check_tokens, forward_from, recorder, run_with_cache
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.shapes import Logits, Params, Tokens
 from gpt_fn.sites import (
@@ -40,6 +40,7 @@ from gpt_fn.sites import (
     Hooks,
     apply_hook,
     check_hooks,
+    identity,
     resid_entering,
     site_names,
 )
@@ -186,7 +187,7 @@ def run_with_grads(
     elif callable(names):
         wanted = [site for site in site_names(config) if names(site)]
     else:
-        check_hooks(dict.fromkeys(names, _identity), config)
+        check_hooks(dict.fromkeys(names, identity), config)
         wanted = list(names)
     deltas: dict[str, Tensor] = {}
     probes = {site: _probe(site, (hooks or {}).get(site), deltas) for site in wanted}
@@ -261,7 +262,7 @@ def path_patch(
                 value = torch.where(heads.view(shape), sent[name], value)
             frozen[name] = _constant(value)
         recorded: dict[str, Tensor] = {}
-        recorders = {site: _recorder(site, recorded) for site in receivers}
+        recorders = {site: recorder(site, None, recorded) for site in receivers}
         forward_from(
             params,
             base[starts[first_sender]],
@@ -375,14 +376,6 @@ def _constant(value: Tensor) -> Hook:
     return hook
 
 
-def _recorder(site: str, recorded: dict[str, Tensor]) -> Hook:
-    def hook(activation: Tensor) -> Tensor:
-        recorded[site] = activation
-        return activation
-
-    return hook
-
-
 def _probe(site: str, hook: Hook | None, deltas: dict[str, Tensor]) -> Hook:
     """`hook` (if any), then `+ delta` with a zero `delta` that autograd differentiates at."""
 
@@ -418,7 +411,7 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
         raise ValueError(
             f"receivers must be a non-empty {{site: heads or None}} mapping, got {receivers!r}"
         )
-    check_hooks(dict.fromkeys(receivers, _identity), config)
+    check_hooks(dict.fromkeys(receivers, identity), config)
     layers = []
     for site, heads in receivers.items():
         layer = int(site.split(".")[1]) if site.startswith("h.") else config.n_layer
@@ -435,7 +428,3 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
             raise ValueError(f"receiver {site!r} has no head axis: give None, not {heads!r}")
         layers.append(layer)
     return min(layers)
-
-
-def _identity(activation: Tensor) -> Tensor:
-    return activation

@@ -42,7 +42,7 @@ from gpt_fn.eval import token_scores
 from gpt_fn.files import write_atomic
 from gpt_fn.model import transformer
 from gpt_fn.shapes import Params
-from gpt_fn.sites import Hooks, check_hooks
+from gpt_fn.sites import Hooks, check_hooks, identity
 
 SAE = dict[str, Tensor]
 """`W_enc` `(d_in, d_sae)`, `b_enc` `(d_sae,)`, `W_dec` `(d_sae, d_in)`, `b_dec` `(d_in,)`,
@@ -397,7 +397,7 @@ def activation_batches(
     The model runs to `site` and stops; a buffer of `buffer_batches` batches is filled, its
     rows shuffled and served, then filled again. A pure function of its arguments.
     """
-    check_hooks({site: _keep}, config)
+    check_hooks({site: identity}, config)
     generator = torch.Generator().manual_seed(settings.seed)
     device = params["wte.weight"].device
     buffer_rows = settings.buffer_batches * settings.batch_size
@@ -423,10 +423,6 @@ def activation_batches(
         order = torch.randperm(len(buffer), generator=generator).to(device)
         for start in range(0, buffer_rows, settings.batch_size):
             yield buffer[order[start : start + settings.batch_size]]
-
-
-def _keep(activation: Tensor) -> Tensor:
-    return activation
 
 
 class StepLog(NamedTuple):
@@ -527,7 +523,7 @@ def _step(
 
 def site_width(params: Params, config: GPTConfig, site: str) -> int:
     """Values per position at `site` (a head axis flattened), from one token's run."""
-    check_hooks({site: _keep}, config)
+    check_hooks({site: identity}, config)
     one = torch.zeros((1, 1), dtype=torch.long, device=params["wte.weight"].device)
     with torch.no_grad():
         activation, _ = transformer(params, one, config, stop_at=site)
@@ -576,7 +572,7 @@ def evaluate_sae(
 ) -> SAEMetrics:
     """Metrics of `sae` at `site` on the rows `tokens` (each scored on its next tokens)."""
     check_sae(sae, sae_config)
-    check_hooks({site: _keep}, config)
+    check_hooks({site: identity}, config)
     inputs = tokens[:, :-1]
     with torch.no_grad():
         activation, _ = transformer(params, inputs, config, stop_at=site)

@@ -108,6 +108,11 @@ def check_hooks(hooks: object, config: GPTConfig) -> None:
             raise TypeError(f"the hook at {name!r} is not callable: {hook!r}")
 
 
+def identity(activation: Tensor) -> Tensor:
+    """The hook that changes nothing (to check site names with `check_hooks`, or record)."""
+    return activation
+
+
 def resid_entering(layer: int, config: GPTConfig) -> str:
     """The site holding the residual stream entering block `layer`: `h.{layer}.resid_pre`, or
     `h.{n_layer-1}.resid_post` (the stream leaving the last block) for `layer == n_layer`."""
