@@ -68,13 +68,13 @@ def accumulated_resid(
     layer = _layer(layer, config)
     parts, labels = [], []
     for i in range(layer + 1):
-        parts.append(_site(cache, resid_entering(i, config), "accumulated_resid"))
+        parts.append(cached(cache, resid_entering(i, config), "accumulated_resid"))
         if i == config.n_layer:
             labels.append("final_post")
             continue
         labels.append(f"{i}_pre")
         if check_bool("incl_mid", incl_mid) and i < layer:
-            parts.append(_site(cache, f"h.{i}.resid_mid", "accumulated_resid"))
+            parts.append(cached(cache, f"h.{i}.resid_mid", "accumulated_resid"))
             labels.append(f"{i}_mid")
     stack = torch.stack([_at(part, pos) for part in parts])
     if check_bool("apply_ln", apply_ln):
@@ -114,7 +114,7 @@ def decompose_resid(
                 labels.append(f"{i}_{part}_out")
     if not sites:
         raise ValueError(f"decompose_resid(layer={layer}, embeds='none') has no component")
-    stack = torch.stack([_at(_site(cache, site, "decompose_resid"), pos) for site in sites])
+    stack = torch.stack([_at(cached(cache, site, "decompose_resid"), pos) for site in sites])
     if check_bool("apply_ln", apply_ln):
         stack = apply_ln_to_stack(stack, cache, config, at=_reader(layer, config), ln=ln, pos=pos)
     return stack, labels
@@ -131,7 +131,7 @@ def head_results(
     site = f"h.{layer}.attn.result"
     if site in cache:
         return cache[site]
-    z = _site(cache, f"h.{layer}.attn.z", "head_results", also=site)
+    z = cached(cache, f"h.{layer}.attn.z", "head_results", also=site)
     return project_heads(z, params[f"h.{layer}.attn.c_proj.weight"])
 
 
@@ -157,7 +157,7 @@ def stack_head_results(
         parts.extend(result.unbind(-2))
         labels.extend(f"L{i}H{h}" for h in range(config.n_head))
     if check_bool("incl_remainder", incl_remainder):
-        stream = _at(_site(cache, resid_entering(layer, config), "stack_head_results"), pos)
+        stream = _at(cached(cache, resid_entering(layer, config), "stack_head_results"), pos)
         parts.append(stream - sum(parts) if parts else stream)
         labels.append("remainder")
     if not parts:
@@ -189,7 +189,7 @@ def apply_ln_to_stack(
     centered = stack - stack.mean(-1, keepdim=True)
     if ln == "recompute":
         return centered / (centered.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps).sqrt()
-    scale = _at(_site(cache, f"{at}.scale", "apply_ln_to_stack(ln='frozen')"), pos)
+    scale = _at(cached(cache, f"{at}.scale", "apply_ln_to_stack(ln='frozen')"), pos)
     if scale.shape[:-1] != stack.shape[1:-1]:
         raise ValueError(
             f"the stack's positions {tuple(stack.shape[1:-1])} differ from {at}.scale's "
@@ -314,8 +314,9 @@ def _directions(
     return wte[tokens] if incorrect is None else wte[tokens] - wte[incorrect]
 
 
-def _site(cache: Cache, site: str, readout: str, *, also: str | None = None) -> Tensor:
-    """`cache[site]`, or a `ValueError` naming the site and how to record it."""
+def cached(cache: Cache, site: str, readout: str, *, also: str | None = None) -> Tensor:
+    """`cache[site]`, or a `ValueError` naming the site, the `readout` needing it and how to
+    record it."""
     if site in cache:
         return cache[site]
     other = "" if also is None else f" (or {also!r})"
