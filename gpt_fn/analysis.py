@@ -31,8 +31,10 @@ from gpt_fn.checks import (
     check_token_tensor,
 )
 from gpt_fn.config import GPTConfig
+from gpt_fn.model import lm_head
 from gpt_fn.nn import project_heads
 from gpt_fn.shapes import Params
+from gpt_fn.sites import resid_entering
 
 Cache = Mapping[str, Tensor]
 """Activations by site name, as `run_with_cache` returns them."""
@@ -66,14 +68,13 @@ def accumulated_resid(
     layer = _layer(layer, config)
     parts, labels = [], []
     for i in range(layer + 1):
+        parts.append(cached(cache, resid_entering(i, config), "accumulated_resid"))
         if i == config.n_layer:
-            parts.append(_site(cache, f"h.{i - 1}.resid_post", "accumulated_resid"))
             labels.append("final_post")
             continue
-        parts.append(_site(cache, f"h.{i}.resid_pre", "accumulated_resid"))
         labels.append(f"{i}_pre")
         if check_bool("incl_mid", incl_mid) and i < layer:
-            parts.append(_site(cache, f"h.{i}.resid_mid", "accumulated_resid"))
+            parts.append(cached(cache, f"h.{i}.resid_mid", "accumulated_resid"))
             labels.append(f"{i}_mid")
     stack = torch.stack([_at(part, pos) for part in parts])
     if check_bool("apply_ln", apply_ln):
@@ -113,7 +114,7 @@ def decompose_resid(
                 labels.append(f"{i}_{part}_out")
     if not sites:
         raise ValueError(f"decompose_resid(layer={layer}, embeds='none') has no component")
-    stack = torch.stack([_at(_site(cache, site, "decompose_resid"), pos) for site in sites])
+    stack = torch.stack([_at(cached(cache, site, "decompose_resid"), pos) for site in sites])
     if check_bool("apply_ln", apply_ln):
         stack = apply_ln_to_stack(stack, cache, config, at=_reader(layer, config), ln=ln, pos=pos)
     return stack, labels
@@ -130,7 +131,7 @@ def head_results(
     site = f"h.{layer}.attn.result"
     if site in cache:
         return cache[site]
-    z = _site(cache, f"h.{layer}.attn.z", "head_results", also=site)
+    z = cached(cache, f"h.{layer}.attn.z", "head_results", also=site)
     return project_heads(z, params[f"h.{layer}.attn.c_proj.weight"])
 
 
@@ -156,7 +157,7 @@ def stack_head_results(
         parts.extend(result.unbind(-2))
         labels.extend(f"L{i}H{h}" for h in range(config.n_head))
     if check_bool("incl_remainder", incl_remainder):
-        stream = _at(_site(cache, _stream(layer, config), "stack_head_results"), pos)
+        stream = _at(cached(cache, resid_entering(layer, config), "stack_head_results"), pos)
         parts.append(stream - sum(parts) if parts else stream)
         labels.append("remainder")
     if not parts:
@@ -188,7 +189,7 @@ def apply_ln_to_stack(
     centered = stack - stack.mean(-1, keepdim=True)
     if ln == "recompute":
         return centered / (centered.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps).sqrt()
-    scale = _at(_site(cache, f"{at}.scale", "apply_ln_to_stack(ln='frozen')"), pos)
+    scale = _at(cached(cache, f"{at}.scale", "apply_ln_to_stack(ln='frozen')"), pos)
     if scale.shape[:-1] != stack.shape[1:-1]:
         raise ValueError(
             f"the stack's positions {tuple(stack.shape[1:-1])} differ from {at}.scale's "
@@ -219,7 +220,7 @@ def logit_lens(
     hidden = normed * params["ln_f.weight"]
     if "ln_f.bias" in params:
         hidden = hidden + params["ln_f.bias"]
-    return hidden @ params["wte.weight"].T, labels
+    return lm_head(params, hidden), labels
 
 
 def logit_attrs(
@@ -313,8 +314,9 @@ def _directions(
     return wte[tokens] if incorrect is None else wte[tokens] - wte[incorrect]
 
 
-def _site(cache: Cache, site: str, readout: str, *, also: str | None = None) -> Tensor:
-    """`cache[site]`, or a `ValueError` naming the site and how to record it."""
+def cached(cache: Cache, site: str, readout: str, *, also: str | None = None) -> Tensor:
+    """`cache[site]`, or a `ValueError` naming the site, the `readout` needing it and how to
+    record it."""
     if site in cache:
         return cache[site]
     other = "" if also is None else f" (or {also!r})"
@@ -334,11 +336,6 @@ def _layer(layer: int | None, config: GPTConfig) -> int:
             f"got {layer!r}"
         )
     return layer
-
-
-def _stream(layer: int, config: GPTConfig) -> str:
-    """The site holding the residual stream entering block `layer` (or leaving the last)."""
-    return f"h.{layer - 1}.resid_post" if layer == config.n_layer else f"h.{layer}.resid_pre"
 
 
 def _reader(layer: int, config: GPTConfig) -> str:

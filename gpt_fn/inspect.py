@@ -28,7 +28,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt_fn import plots
-from gpt_fn.analysis import LN_MODES, LayerNormMode, direct_logit_attribution, logit_lens
+from gpt_fn.analysis import (
+    LN_MODES,
+    LayerNormMode,
+    cached,
+    direct_logit_attribution,
+    logit_lens,
+)
 from gpt_fn.checks import check_choice, check_int, check_token_id
 from gpt_fn.config import GPTConfig
 from gpt_fn.files import write_atomic
@@ -88,12 +94,7 @@ def attention_mass(
     scores = []
     for layer in range(config.n_layer):
         site = f"h.{layer}.attn.pattern"
-        if site not in cache:
-            raise ValueError(
-                f"attention_mass needs {site!r}, which the cache lacks: record it with "
-                f"run_with_cache(..., names=[{site!r}, ...])"
-            )
-        pattern = cache[site]
+        pattern = cached(cache, site, "attention_mass")
         if pattern.shape[-2:] != keys.shape[-2:] or pattern.shape[0] != keys.shape[0]:
             raise ValueError(
                 f"keys has shape {tuple(keys.shape)}; {site} is {tuple(pattern.shape)} "
@@ -458,4 +459,6 @@ def _markdown(found: Mapping[str, Any], *, k: int) -> str:
 
 
 def _shown(text: str) -> str:
-    return text.replace("\n", "\\n").replace("`", "'")
+    """A token inside a markdown code span: control characters escaped (`plots.shown`), and
+    backticks, which would end the span, as quotes."""
+    return plots.shown(text).replace("`", "'")

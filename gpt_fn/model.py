@@ -54,6 +54,7 @@ from gpt_fn.sites import (
     LayerTaps,
     apply_hook,
     check_hooks,
+    identity,
     layer_taps,
     site_names,
     top_taps,
@@ -474,7 +475,7 @@ def run_with_cache(
     elif callable(names):
         wanted = [site for site in sites if names(site)]
     else:
-        check_hooks(dict.fromkeys(names, _identity), config)
+        check_hooks(dict.fromkeys(names, identity), config)
         wanted = list(names)
         later = [site for site in wanted if site not in sites]
         if later:
@@ -484,7 +485,7 @@ def run_with_cache(
     cache: dict[str, Tensor] = {}
     recording = dict(hooks or {})
     for site in wanted:
-        recording[site] = _recorder(site, (hooks or {}).get(site), cache)
+        recording[site] = recorder(site, (hooks or {}).get(site), cache)
     if stop_at is None or stop_at == "logits":
         out = forward(
             params,
@@ -508,7 +509,9 @@ def run_with_cache(
     return out, {site: cache[site] for site in wanted}
 
 
-def _recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:
+def recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:
+    """A hook that applies `hook` (if any) at `site` and stores the result in `cache[site]`."""
+
     def record(activation: Tensor) -> Tensor:
         if hook is not None:
             activation = apply_hook(site, hook, activation)
@@ -516,10 +519,6 @@ def _recorder(site: str, hook: Hook | None, cache: dict[str, Tensor]) -> Hook:
         return activation
 
     return record
-
-
-def _identity(activation: Tensor) -> Tensor:
-    return activation
 
 
 class _Stop(Exception):

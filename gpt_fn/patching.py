@@ -31,10 +31,19 @@ from torch import Tensor
 from gpt_fn.checks import check_choice, check_int
 from gpt_fn.config import GPTConfig
 from gpt_fn.hooks import merge, patch, site_axes
-from gpt_fn.model import check_tokens, forward_from, run_with_cache
+from gpt_fn.model import check_tokens, forward_from, recorder, run_with_cache
 from gpt_fn.nn import AttentionKernel
 from gpt_fn.shapes import Logits, Params, Tokens
-from gpt_fn.sites import BLOCK_SITES, Hook, Hooks, apply_hook, check_hooks, site_names
+from gpt_fn.sites import (
+    BLOCK_SITES,
+    Hook,
+    Hooks,
+    apply_hook,
+    check_hooks,
+    identity,
+    resid_entering,
+    site_names,
+)
 
 Metric = Callable[[Logits], Tensor]
 """The logits of one run (`batch seq vocab`) -> a scalar tensor (a logit difference, a loss)."""
@@ -178,7 +187,7 @@ def run_with_grads(
     elif callable(names):
         wanted = [site for site in site_names(config) if names(site)]
     else:
-        check_hooks(dict.fromkeys(names, _identity), config)
+        check_hooks(dict.fromkeys(names, identity), config)
         wanted = list(names)
     deltas: dict[str, Tensor] = {}
     probes = {site: _probe(site, (hooks or {}).get(site), deltas) for site in wanted}
@@ -232,7 +241,7 @@ def path_patch(
     first_sender, last_sender = min(by_layer), max(by_layer)
     first_receiver = _check_receivers(receivers, last_sender, config)
     outputs = [f"h.{i}.attn.z" for i in range(first_sender, config.n_layer)]
-    starts = {layer: _resid_entering(layer, config) for layer in (first_sender, first_receiver)}
+    starts = {layer: resid_entering(layer, config) for layer in (first_sender, first_receiver)}
     with torch.no_grad():
         _, sent = run_with_cache(
             params, clean, config, names=[f"h.{i}.attn.z" for i in by_layer], attention=attention
@@ -253,7 +262,7 @@ def path_patch(
                 value = torch.where(heads.view(shape), sent[name], value)
             frozen[name] = _constant(value)
         recorded: dict[str, Tensor] = {}
-        recorders = {site: _recorder(site, recorded) for site in receivers}
+        recorders = {site: recorder(site, None, recorded) for site in receivers}
         forward_from(
             params,
             base[starts[first_sender]],
@@ -274,11 +283,6 @@ def path_patch(
             attention=attention,
         )
         return _scalar(metric(logits))
-
-
-def _resid_entering(layer: int, config: GPTConfig) -> str:
-    """The site holding the residual stream that enters block `layer` (`ln_f` at `n_layer`)."""
-    return f"h.{layer}.resid_pre" if layer < config.n_layer else f"h.{layer - 1}.resid_post"
 
 
 def _check_pair(clean: object, corrupted: object, config: GPTConfig) -> None:
@@ -372,14 +376,6 @@ def _constant(value: Tensor) -> Hook:
     return hook
 
 
-def _recorder(site: str, recorded: dict[str, Tensor]) -> Hook:
-    def hook(activation: Tensor) -> Tensor:
-        recorded[site] = activation
-        return activation
-
-    return hook
-
-
 def _probe(site: str, hook: Hook | None, deltas: dict[str, Tensor]) -> Hook:
     """`hook` (if any), then `+ delta` with a zero `delta` that autograd differentiates at."""
 
@@ -415,7 +411,7 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
         raise ValueError(
             f"receivers must be a non-empty {{site: heads or None}} mapping, got {receivers!r}"
         )
-    check_hooks(dict.fromkeys(receivers, _identity), config)
+    check_hooks(dict.fromkeys(receivers, identity), config)
     layers = []
     for site, heads in receivers.items():
         layer = int(site.split(".")[1]) if site.startswith("h.") else config.n_layer
@@ -432,7 +428,3 @@ def _check_receivers(receivers: object, last_sender: int, config: GPTConfig) -> 
             raise ValueError(f"receiver {site!r} has no head axis: give None, not {heads!r}")
         layers.append(layer)
     return min(layers)
-
-
-def _identity(activation: Tensor) -> Tensor:
-    return activation

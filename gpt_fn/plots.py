@@ -128,7 +128,7 @@ def logit_lens_table(
     _ticks(axes, tokens, layer_labels)
     for (i, j), cell in zip(_cells(n_layers, seq), ids.flatten(0, 1).tolist(), strict=True):
         dark = shade is not None and float(shade[i, j]) > 0.6
-        _write(axes, i, j, "\n".join(_shown(text_of(t)) for t in cell), dark=dark)
+        _write(axes, i, j, "\n".join(shown(text_of(t)) for t in cell), dark=dark)
     return _saved(figure, path)
 
 
@@ -214,7 +214,7 @@ def _labels(name: str, labels: Sequence[str] | None, count: int, unit: str) -> l
     if isinstance(labels, str) or len(labels) != count:
         got = "a string" if isinstance(labels, str) else f"{len(labels)} strings"
         raise ValueError(f"{name}: {got} for {count} {unit}s; give one string per {unit}")
-    return [_shown(str(label)) for label in labels]
+    return [shown(str(label)) for label in labels]
 
 
 def _ticks(axes: Axes, x_labels: list[str], y_labels: list[str]) -> None:
@@ -254,7 +254,7 @@ def _decoder(decode: Decode, *, vocab: int | None) -> Callable[[int], str]:
     return lookup
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
     """A token as one visible line: newlines, tabs and other control characters escaped
     (`\\n`, `\\t`, `\\x00`), which no font draws."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -38,12 +37,12 @@ from torch import Tensor
 from gpt_fn import optim
 from gpt_fn.checks import check_choice, check_int, check_number, check_shapes
 from gpt_fn.config import GPTConfig
-from gpt_fn.data import TokenStream, get_batch
+from gpt_fn.data import Tokens, get_batch
 from gpt_fn.eval import token_scores
 from gpt_fn.files import write_atomic
 from gpt_fn.model import transformer
 from gpt_fn.shapes import Params
-from gpt_fn.sites import Hooks, check_hooks
+from gpt_fn.sites import Hooks, check_hooks, identity
 
 SAE = dict[str, Tensor]
 """`W_enc` `(d_in, d_sae)`, `b_enc` `(d_sae,)`, `W_dec` `(d_sae, d_in)`, `b_dec` `(d_in,)`,
@@ -390,7 +389,7 @@ def activation_batches(
     params: Params,
     config: GPTConfig,
     site: str,
-    data: np.ndarray | TokenStream,
+    data: Tokens,
     settings: SAETrainSettings,
 ) -> Iterator[Float[Tensor, "batch d_in"]]:
     """Shuffled batches of the activations at `site` over random rows of `data` (token ids).
@@ -398,7 +397,7 @@ def activation_batches(
     The model runs to `site` and stops; a buffer of `buffer_batches` batches is filled, its
     rows shuffled and served, then filled again. A pure function of its arguments.
     """
-    check_hooks({site: _keep}, config)
+    check_hooks({site: identity}, config)
     generator = torch.Generator().manual_seed(settings.seed)
     device = params["wte.weight"].device
     buffer_rows = settings.buffer_batches * settings.batch_size
@@ -426,10 +425,6 @@ def activation_batches(
             yield buffer[order[start : start + settings.batch_size]]
 
 
-def _keep(activation: Tensor) -> Tensor:
-    return activation
-
-
 class StepLog(NamedTuple):
     """One training step of every SAE: `losses[i]`, `l0[i]` and `saes[i]` are SAE i's."""
 
@@ -444,7 +439,7 @@ def train_sae(
     params: Params,
     config: GPTConfig,
     site: str,
-    data: np.ndarray | TokenStream,
+    data: Tokens,
     sae_configs: Sequence[SAEConfig],
     *,
     settings: SAETrainSettings | None = None,
@@ -470,11 +465,7 @@ def train_sae(
     device = params["wte.weight"].device
     width = site_width(params, config, site)
     for sae_config in sae_configs:
-        if sae_config.d_in != width:
-            raise ValueError(
-                f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} "
-                "values per position"
-            )
+        _check_reads(sae_config, site, width)
     if settings.block_size > config.block_size:
         raise ValueError(
             f"block_size={settings.block_size} is longer than the model's {config.block_size}"
@@ -502,7 +493,8 @@ def train_sae(
             )
             since_fired[i] = torch.where(fired.any(0), 0, since_fired[i] + 1)
             losses.append(loss)
-            l0.append(float(fired.sum(-1).float().mean()))
+            if log is not None:  # float() waits for the device: only for a step that is logged
+                l0.append(float(fired.sum(-1).float().mean()))
         if log is not None:
             log(StepLog(step, losses, l0, list(trained)))
     return trained
@@ -531,11 +523,20 @@ def _step(
 
 def site_width(params: Params, config: GPTConfig, site: str) -> int:
     """Values per position at `site` (a head axis flattened), from one token's run."""
-    check_hooks({site: _keep}, config)
+    check_hooks({site: identity}, config)
     one = torch.zeros((1, 1), dtype=torch.long, device=params["wte.weight"].device)
     with torch.no_grad():
         activation, _ = transformer(params, one, config, stop_at=site)
     return activation.flatten(2).shape[-1]
+
+
+def _check_reads(sae_config: SAEConfig, site: str, width: int) -> None:
+    """A `ValueError` unless the SAE reads `width` values per position, as `site` holds."""
+    if sae_config.d_in != width:
+        raise ValueError(
+            f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} values "
+            "per position"
+        )
 
 
 # --- evaluation (SAELens's definitions) -------------------------------------------------------
@@ -571,16 +572,12 @@ def evaluate_sae(
 ) -> SAEMetrics:
     """Metrics of `sae` at `site` on the rows `tokens` (each scored on its next tokens)."""
     check_sae(sae, sae_config)
-    width = site_width(params, config, site)
-    if width != sae_config.d_in:
-        raise ValueError(
-            f"an SAE with d_in={sae_config.d_in} cannot read {site!r}, which has {width} values "
-            "per position"
-        )
+    check_hooks({site: identity}, config)
     inputs = tokens[:, :-1]
     with torch.no_grad():
         activation, _ = transformer(params, inputs, config, stop_at=site)
         x = activation.flatten(2).flatten(0, 1).float()
+        _check_reads(sae_config, site, x.shape[-1])
         features = encode(sae, x, sae_config)
         error = decode(sae, features, sae_config) - x
         fired = features > 0

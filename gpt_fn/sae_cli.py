@@ -107,8 +107,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=field_help("device"))
 
 
-def _model(args: argparse.Namespace) -> tuple[Params, GPTConfig]:
-    model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=resolve_device(args.device))
+def _model(args: argparse.Namespace, device: torch.device) -> tuple[Params, GPTConfig]:
+    model = load_model(checkpoint=args.checkpoint, hf=args.hf, device=device)
     return model.params, model.config
 
 
@@ -150,7 +150,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         seed=args.seed,
     )
     tokens = data.load_split(args.data, "train", block_size=settings.block_size)
-    params, config = _model(args)
+    params, config = _model(args, resolve_device(args.device))
     out = RunDir(args.out)
     with out.lock():
         out.start_fresh(overwrite=args.overwrite)
@@ -189,21 +189,25 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    sae, sae_config, saved_site = load_sae(args.sae)
+    device = resolve_device(args.device)
+    sae, sae_config, saved_site = load_sae(args.sae, device=device)
     site = args.site or saved_site
     if site is None:
         parser.error(f"{args.sae} names no site: give --site")
-    params, config = _model(args)
+    params, config = _model(args, device)
     block_size = config.block_size if args.block_size is None else args.block_size
     tokens = data.load_split(args.data, "val", block_size=block_size)
     rows = []
     for index in range(args.batches):
         x, y = data.eval_batch(
-            tokens, batch_size=args.batch_size, block_size=block_size, seed=0, index=index
+            tokens,
+            batch_size=args.batch_size,
+            block_size=block_size,
+            seed=0,
+            index=index,
+            device=device,
         )
         rows.append(torch.cat([x, y[:, -1:]], 1))
-    device = params["wte.weight"].device
-    sae = {name: value.to(device) for name, value in sae.items()}
-    metrics = evaluate_sae(params, config, site, sae, sae_config, torch.cat(rows).to(device))
+    metrics = evaluate_sae(params, config, site, sae, sae_config, torch.cat(rows))
     print(json.dumps({"sae": str(args.sae), "site": site, **metrics._asdict()}, indent=2))
     return 0

@@ -110,6 +110,17 @@ def check_hooks(hooks: object, config: GPTConfig) -> None:
             raise TypeError(f"the hook at {name!r} is not callable: {hook!r}")
 
 
+def identity(activation: Tensor) -> Tensor:
+    """The hook that changes nothing (to check site names with `check_hooks`, or record)."""
+    return activation
+
+
+def resid_entering(layer: int, config: GPTConfig) -> str:
+    """The site holding the residual stream entering block `layer`: `h.{layer}.resid_pre`, or
+    `h.{n_layer-1}.resid_post` (the stream leaving the last block) for `layer == n_layer`."""
+    return f"h.{layer}.resid_pre" if layer < config.n_layer else f"h.{layer - 1}.resid_post"
+
+
 @functools.cache
 def _site_set(config: GPTConfig) -> frozenset[str]:
     return frozenset(site_names(config))

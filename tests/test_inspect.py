@@ -274,3 +274,12 @@ def test_write_report_writes_the_figures_report_and_results(model, ioi, tmp_path
     assert "# IOI" in report and "' Mary' - ' John'" in report
     for name in saved["figures"].values():
         assert f"({name})" in report
+
+
+def test_the_report_escapes_every_control_character_in_token_text(model, ioi, tmp_path):
+    _, config = model
+    _, found = ioi
+    inspection.write_report(found, tmp_path, config, decode=lambda t: f"\t\x00\r`{t}`\n")
+    report = (tmp_path / "report.md").read_text()
+    assert "`\\t\\x00\\r'" in report and "'\\n`" in report
+    assert not {"\t", "\x00", "\r"} & set(report)

@@ -281,6 +281,15 @@ def test_training_an_sae_that_does_not_fit_the_site_fails_at_once(params, data):
         train_sae(params, CONFIG, "h.0.mlp", data, [SAEConfig(d_in=16, d_sae=8)])
 
 
+def test_evaluating_an_sae_that_does_not_fit_the_site_is_the_same_error(params, tokens):
+    sae_config = SAEConfig(d_in=16, d_sae=8)
+    sae = init_sae(sae_config, seed=0)
+    with pytest.raises(ValueError, match="d_in=16 cannot read 'h.0.mlp.pre', which has 128"):
+        evaluate_sae(params, CONFIG, "h.0.mlp.pre", sae, sae_config, tokens)
+    with pytest.raises(ValueError, match="unknown activation site"):
+        evaluate_sae(params, CONFIG, "h.0.mlp", sae, sae_config, tokens)
+
+
 # --- metrics --------------------------------------------------------------------------------
 
 
