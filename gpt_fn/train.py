@@ -84,7 +84,7 @@ from gpt_fn.runtime import (
     resolve_device,
     resolve_dtype,
 )
-from gpt_fn.settings import TrainSettings, resume_settings
+from gpt_fn.settings import TrainSettings, check_this_machine, resume_settings
 from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.tokenizer import GPT2_VOCAB_SIZE
 
@@ -253,7 +253,8 @@ def _settings_for_this_run(
         settings, notes = resume_settings(settings, info.train_settings, step=info.step)
         for note in notes:
             log(f"resume: {note}")
-    elif rank == 0:
+    check_this_machine(settings)  # before a fresh run's folder is cleared or any step runs
+    if not settings.resume and rank == 0:
         run_dir.start_fresh(overwrite=settings.overwrite)
     if rank == 0:
         for path in run_dir.clean():

@@ -502,3 +502,24 @@ def test_series_settings_are_checked_when_built(corpus, tmp_path):
         _settings(corpus, tmp_path, from_step=2)
     with pytest.raises(SettingsError, match="'every:0' is not one of every:N"):
         _settings(corpus, tmp_path, keep_checkpoints="every:0")
+
+
+def test_a_resume_does_not_need_the_eval_file_the_run_started_with(corpus, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(corpus.read_text()[:2000])
+    out = tmp_path / "run"
+    train(
+        _settings(corpus, out, max_steps=6, lr_decay_steps=12, eval_text=str(held_out)), log=_quiet
+    )
+    held_out.unlink()  # gone, and the resume does not ask for it
+    train(_settings(corpus, out, max_steps=8, lr_decay_steps=12, resume=True), log=_quiet)
+    assert load_checkpoint(out).step == 8
+
+
+def test_a_fresh_run_asking_for_a_missing_eval_file_fails_before_any_step(corpus, tmp_path):
+    out = tmp_path / "run"
+    missing = str(tmp_path / "missing.txt")
+    settings = _settings(corpus, out, max_steps=6, eval_text=missing)  # a value: accepted
+    with pytest.raises(SettingsError, match=r"^eval_text: no such file .*missing\.txt'$"):
+        train(settings, log=_quiet)
+    assert not (out / "metrics.jsonl").exists()
