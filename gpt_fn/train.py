@@ -16,6 +16,7 @@ last step the run is saved: Ctrl-C then ends the final sample at once.
 
 import contextlib
 import functools
+import shutil
 import signal
 import statistics
 import sys
@@ -274,7 +275,8 @@ def _rewind(run_dir: RunDir, step: int, log: Log) -> None:
             f"--from-step resumes single-file checkpoints; {run_dir.sharded_checkpoint} is sharded"
         )
     load_checkpoint(source)  # checksums verified before the run's checkpoint is replaced
-    write_atomic(run_dir.checkpoint, source.read_bytes())
+    # Copied file to file into write_atomic's temporary: a checkpoint may be GBs.
+    write_atomic(run_dir.checkpoint, functools.partial(shutil.copyfile, source))
     log(f"resume: the run goes back to its kept checkpoint of step {step} ({source})")
 
 
