@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpt_fn.model
-from gpt_fn import cli
+from gpt_fn import cli, runlog
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, load_series, series_steps
 from gpt_fn.rundir import read_metrics
 from gpt_fn.settings import SettingsError, TrainSettings
@@ -523,3 +523,18 @@ def test_a_fresh_run_asking_for_a_missing_eval_file_fails_before_any_step(corpus
     with pytest.raises(SettingsError, match=r"^eval_text: no such file .*missing\.txt'$"):
         train(settings, log=_quiet)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_resume_does_not_need_the_run_log_package_the_run_started_with(
+    corpus, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=6, lr_decay_steps=12, log="tensorboard"), log=_quiet)
+    monkeypatch.setattr(runlog.importlib.util, "find_spec", lambda name: None)  # uninstalled
+    train(_settings(corpus, out, max_steps=8, lr_decay_steps=12, resume=True), log=_quiet)
+    assert load_checkpoint(out).step == 8
+    with pytest.raises(SettingsError, match=r"--log tensorboard needs the tensorboard package"):
+        train(
+            _settings(corpus, out, max_steps=9, lr_decay_steps=12, resume=True, log="tensorboard")
+        )
