@@ -466,19 +466,29 @@ def load_series(
             f"no kept checkpoints in {Path(run_folder) / SERIES} (train with --keep-checkpoints)"
         )
     wanted = kept if steps is None else list(steps)
+    if not wanted:
+        raise CheckpointError(f"steps is empty: name at least one of the kept steps {kept}")
     missing = [step for step in wanted if step not in kept]
-    if missing or not wanted:
+    if missing:
         raise CheckpointError(
             f"{Path(run_folder) / SERIES} keeps no checkpoint of steps {missing}; "
             f"it keeps steps {kept}"
         )
-    loaded = [load_checkpoint(series_path(run_folder, step), device=device) for step in wanted]
-    config = loaded[0].model_config
-    for step, checkpoint in zip(wanted, loaded, strict=True):
-        if checkpoint.model_config != config:
+    # Only each step's params are kept while loading: a checkpoint's optimizer state (about
+    # 3x the params) goes as soon as its params are taken.
+    stacked: dict[str, list[torch.Tensor]] = {}
+    config = None
+    for step in wanted:
+        checkpoint = load_checkpoint(series_path(run_folder, step), device=device)
+        if config is None:
+            config = checkpoint.model_config
+        elif checkpoint.model_config != config:
             raise CheckpointError(
                 f"the kept checkpoint of step {step} is of another model config than that of "
                 f"step {wanted[0]}: a series stacks checkpoints of one model"
             )
-    params = {name: torch.stack([c.params[name] for c in loaded]) for name in loaded[0].params}
+        for name, value in checkpoint.params.items():
+            stacked.setdefault(name, []).append(value)
+        del checkpoint
+    params = {name: torch.stack(values) for name, values in stacked.items()}
     return Series(wanted, params, config)

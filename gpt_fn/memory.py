@@ -99,7 +99,7 @@ def training_bytes(
     `activation_checkpointing` (`GPT(checkpoint_blocks=True)`) keeps only each block's input.
     """
     params = sum(math.prod(shape) for shape in param_shapes(config).values())
-    state = params * 4 * (2 + OPTIMIZER_BUFFERS[optimizer])  # params, grads, buffers in fp32
+    state = params * _FP32 * (2 + OPTIMIZER_BUFFERS[optimizer])  # params, grads, buffers in fp32
     if sharded:
         state //= world_size
     tokens = max(batch_size // world_size, 1) * config.block_size
@@ -109,7 +109,7 @@ def training_bytes(
         else ACTIVATIONS_PER_BLOCK * config.n_layer
     )
     per_token = blocks * config.n_embd * dtype.itemsize
-    return state + tokens * (per_token + 2 * 8)  # and the int64 inputs and targets
+    return state + tokens * (per_token + 2 * _INT64)  # and the int64 inputs and targets
 
 
 def generate_bytes(
@@ -127,7 +127,7 @@ def generate_bytes(
     rows = _rows(batch, prompt, max_new_tokens, num_samples)
     width = min(prompt, config.block_size)
     capacity = max(min(config.block_size, width + max_new_tokens - 1), width)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     if use_cache:
         state = _cache_bytes(config, batch + rows, capacity, item)
         step = _forward_bytes(config, rows, 1, item) + _attention_bytes(config, rows, 1, capacity)
@@ -158,7 +158,7 @@ def beam_search_bytes(
     rows = _rows(batch, prompt, max_new_tokens, num_beams)
     width = min(prompt, config.block_size)
     capacity = max(min(config.block_size, width + max_new_tokens - 1), width)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     step = _forward_bytes(config, rows, 1, item) + _attention_bytes(config, rows, 1, capacity)
     # Running, grown (2 * beams candidates) and finished hypotheses, and their merge.
     hypotheses = 8 * rows * max_new_tokens * _INT64
@@ -211,21 +211,20 @@ def allocation_errors(what: str, advice: str) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as error:
-        raise InsufficientMemoryError(
-            f"{what} ran out of memory ({_first_line(error)}): {advice}"
-        ) from None
+        raise _out_of_memory(what, error, advice) from None
     except RuntimeError as error:
         if "can't allocate memory" not in str(error):  # torch's CPU allocator says this
             raise
-        raise InsufficientMemoryError(
-            f"{what} ran out of memory ({_first_line(error)}): {advice}"
-        ) from None
+        raise _out_of_memory(what, error, advice) from None
     except MemoryError as error:
         if isinstance(error, InsufficientMemoryError):
             raise
-        raise InsufficientMemoryError(
-            f"{what} ran out of memory ({_first_line(error) or 'MemoryError'}): {advice}"
-        ) from None
+        raise _out_of_memory(what, error, advice) from None
+
+
+def _out_of_memory(what: str, error: BaseException, advice: str) -> InsufficientMemoryError:
+    cause = _first_line(error) or type(error).__name__
+    return InsufficientMemoryError(f"{what} ran out of memory ({cause}): {advice}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -35,7 +35,6 @@ from typing import Any, Protocol, runtime_checkable
 
 LOGGERS = ("wandb", "tensorboard")
 """The sinks `--log` may name (repeatable)."""
-_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 WANDB_ID_FILE = "wandb-run-id"
 """In the run folder: the wandb run's id, so a resumed run continues it."""
 TENSORBOARD_DIR = "tensorboard"
@@ -66,7 +65,7 @@ def check_available(kinds: Sequence[str]) -> None:
     for kind in kinds:
         if kind not in LOGGERS:
             raise RunLogError(f"unknown run log {kind!r}: choose from {', '.join(LOGGERS)}")
-        if importlib.util.find_spec(_MODULES[kind]) is None:
+        if importlib.util.find_spec(kind) is None:
             raise RunLogError(
                 f'--log {kind} needs the {kind} package: pip install -e ".[{kind}]" '
                 f"(or pip install {kind})"

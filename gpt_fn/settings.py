@@ -232,14 +232,6 @@ class TrainSettings:
         for name in self.log_kinds:
             if name not in LOGGERS:
                 raise SettingsError(f"unknown --log {name!r}: choose from {', '.join(LOGGERS)}")
-        try:
-            check_available(self.log_kinds)
-        except RunLogError as error:
-            raise SettingsError(str(error)) from None
-        for name in ("eval_choices", "eval_text"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise SettingsError(f"{name}: no such file {path!r}")
         if self.allow_changes and not self.resume:
             raise SettingsError("allow_changes only applies with resume")
         if self.from_step is not None and not self.resume:
@@ -315,6 +307,20 @@ class TrainSettings:
         if self.data_dir is not None:
             return Path(self.data_dir)
         return Path("data") / (self.data if self.data in BUILTIN_CORPORA else Path(self.data).stem)
+
+
+def check_this_machine(settings: TrainSettings) -> None:
+    """`SettingsError` in one line if this machine lacks what `settings` asks for: a run log's
+    package, an eval file. Checked where a run starts, on its final (resumed: merged) settings,
+    not in `TrainSettings`: a checkpoint's saved settings must load on any machine."""
+    try:
+        check_available(settings.log_kinds)
+    except RunLogError as error:
+        raise SettingsError(str(error)) from None
+    for name in ("eval_choices", "eval_text"):
+        path = getattr(settings, name)
+        if path is not None and not Path(path).is_file():
+            raise SettingsError(f"{name}: no such file {path!r}")
 
 
 # Not typing.get_type_hints: it returns nothing for a no_type_check class.

@@ -16,6 +16,7 @@ last step the run is saved: Ctrl-C then ends the final sample at once.
 
 import contextlib
 import functools
+import shutil
 import signal
 import statistics
 import sys
@@ -84,7 +85,7 @@ from gpt_fn.runtime import (
     resolve_device,
     resolve_dtype,
 )
-from gpt_fn.settings import TrainSettings, resume_settings
+from gpt_fn.settings import TrainSettings, check_this_machine, resume_settings
 from gpt_fn.shapes import Params, shape_checks
 from gpt_fn.tokenizer import GPT2_VOCAB_SIZE
 
@@ -253,7 +254,8 @@ def _settings_for_this_run(
         settings, notes = resume_settings(settings, info.train_settings, step=info.step)
         for note in notes:
             log(f"resume: {note}")
-    elif rank == 0:
+    check_this_machine(settings)  # before a fresh run's folder is cleared or any step runs
+    if not settings.resume and rank == 0:
         run_dir.start_fresh(overwrite=settings.overwrite)
     if rank == 0:
         for path in run_dir.clean():
@@ -273,7 +275,8 @@ def _rewind(run_dir: RunDir, step: int, log: Log) -> None:
             f"--from-step resumes single-file checkpoints; {run_dir.sharded_checkpoint} is sharded"
         )
     load_checkpoint(source)  # checksums verified before the run's checkpoint is replaced
-    write_atomic(run_dir.checkpoint, source.read_bytes())
+    # Copied file to file into write_atomic's temporary: a checkpoint may be GBs.
+    write_atomic(run_dir.checkpoint, functools.partial(shutil.copyfile, source))
     log(f"resume: the run goes back to its kept checkpoint of step {step} ({source})")
 
 

@@ -205,6 +205,12 @@ def test_an_empty_or_mixed_series_and_a_missing_step_are_named(tmp_path, tiny_co
         load_series(run)
 
 
+def test_an_empty_list_of_steps_is_refused_in_its_own_words(tmp_path, tiny_config):
+    run = _series(tmp_path, tiny_config, [1, 2])
+    with pytest.raises(CheckpointError, match=r"steps is empty: .* kept steps \[1, 2\]"):
+        load_series(run, steps=[])
+
+
 def test_a_changed_metadata_byte_is_caught_by_the_checksum(tmp_path, tiny_config):
     path = save_checkpoint(tmp_path, _checkpoint(tiny_config))
     raw = path.read_bytes()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpt_fn.model
-from gpt_fn import cli
+from gpt_fn import cli, runlog
 from gpt_fn.checkpoint import CheckpointError, load_checkpoint, load_series, series_steps
 from gpt_fn.rundir import read_metrics
 from gpt_fn.settings import SettingsError, TrainSettings
@@ -502,3 +502,39 @@ def test_series_settings_are_checked_when_built(corpus, tmp_path):
         _settings(corpus, tmp_path, from_step=2)
     with pytest.raises(SettingsError, match="'every:0' is not one of every:N"):
         _settings(corpus, tmp_path, keep_checkpoints="every:0")
+
+
+def test_a_resume_does_not_need_the_eval_file_the_run_started_with(corpus, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(corpus.read_text()[:2000])
+    out = tmp_path / "run"
+    train(
+        _settings(corpus, out, max_steps=6, lr_decay_steps=12, eval_text=str(held_out)), log=_quiet
+    )
+    held_out.unlink()  # gone, and the resume does not ask for it
+    train(_settings(corpus, out, max_steps=8, lr_decay_steps=12, resume=True), log=_quiet)
+    assert load_checkpoint(out).step == 8
+
+
+def test_a_fresh_run_asking_for_a_missing_eval_file_fails_before_any_step(corpus, tmp_path):
+    out = tmp_path / "run"
+    missing = str(tmp_path / "missing.txt")
+    settings = _settings(corpus, out, max_steps=6, eval_text=missing)  # a value: accepted
+    with pytest.raises(SettingsError, match=r"^eval_text: no such file .*missing\.txt'$"):
+        train(settings, log=_quiet)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_resume_does_not_need_the_run_log_package_the_run_started_with(
+    corpus, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(_settings(corpus, out, max_steps=6, lr_decay_steps=12, log="tensorboard"), log=_quiet)
+    monkeypatch.setattr(runlog.importlib.util, "find_spec", lambda name: None)  # uninstalled
+    train(_settings(corpus, out, max_steps=8, lr_decay_steps=12, resume=True), log=_quiet)
+    assert load_checkpoint(out).step == 8
+    with pytest.raises(SettingsError, match=r"--log tensorboard needs the tensorboard package"):
+        train(
+            _settings(corpus, out, max_steps=9, lr_decay_steps=12, resume=True, log="tensorboard")
+        )
